@@ -1,0 +1,24 @@
+"""Policies: the YAML format, its loader and the deterministic validator."""
+
+from atm.policies._loader import PolicyError, load_policy, parse_policy, policy_json_schema, preset_names
+from atm.policies._schema import ActionRule, Limits, LLMSettings, ParamRule, Policy, Window
+from atm.policies._validator import DecisionContext, available_actions, available_choices, check, choices
+
+__all__ = [
+    "ActionRule",
+    "DecisionContext",
+    "LLMSettings",
+    "Limits",
+    "ParamRule",
+    "Policy",
+    "PolicyError",
+    "Window",
+    "available_actions",
+    "available_choices",
+    "check",
+    "choices",
+    "load_policy",
+    "parse_policy",
+    "policy_json_schema",
+    "preset_names",
+]

@@ -1,0 +1,90 @@
+"""Loading policies from YAML files or bundled presets, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from atm.policies._schema import Policy
+
+PRESETS = ("lm", "rl-ppo")
+
+
+class PolicyError(ValueError):
+    """A policy could not be loaded. The message names the file, the line and the field."""
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def load_policy(spec: str | Path) -> Policy:
+    """Load a policy from a preset name (``lm``, ``rl-ppo``) or a YAML file path.
+
+    Raises:
+        PolicyError: the file is missing, is not YAML, or breaks the schema; the message
+            says where and how to fix it.
+    """
+    spec_s = str(spec)
+    if spec_s in PRESETS:
+        text = resources.files("atm.policies").joinpath(f"presets/{spec_s}.yaml").read_text()
+        return parse_policy(text, source=f"<preset {spec_s}>")
+    path = Path(spec_s).expanduser()
+    if not path.is_file():
+        raise PolicyError(
+            f"policy {spec_s!r}: no such file, and not a preset name (presets: {', '.join(PRESETS)})"
+        )
+    return parse_policy(path.read_text(), source=str(path))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise PolicyError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}:1: a policy is a YAML mapping with at least `name:`, got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            line = _line_of(node, loc)
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"{source}:{line}: field `{field}`: {err['msg']}")
+        raise PolicyError("invalid policy\n  " + "\n  ".join(lines)) from exc
+
+
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int:
+    """The 1-based line of the deepest YAML node along ``loc`` (pydantic's error location)."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for key, value in node.value:
+                if str(key.value) == str(part):
+                    nxt = value
+                    line = key.start_mark.line + 1
+                    break
+            if nxt is None:
+                break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def policy_json_schema() -> str:
+    return json.dumps(Policy.model_json_schema(), indent=2)

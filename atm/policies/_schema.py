@@ -1,0 +1,138 @@
+"""The policy file format: what the manager may change, by how much, and how often."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from atm.schema import Action
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than not: refuse them with the field named.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Window(_Strict):
+    """A span of training, counted in logged steps or in evaluations (points of ``eval_metric``).
+
+    Evaluations make presets independent of how a script numbers its steps; steps are exact.
+    When both are set, both must have passed.
+    """
+
+    steps: int = Field(0, ge=0)
+    evals: int = Field(0, ge=0)
+
+
+class ParamRule(_Strict):
+    """Bounds and pace for one controllable parameter."""
+
+    description: str = ""
+    min: float
+    max: float
+    #: New value = current x one of these, clamped to [min, max].
+    multipliers: list[float] = Field(default_factory=list)
+    #: New value = one of these (how a parameter sitting at 0 is raised).
+    values: list[float] = Field(default_factory=list)
+    #: Largest |new - old| / |old| allowed in one intervention (ignored when old is 0).
+    max_relative_change: float | None = Field(None, gt=0)
+    #: Minimum distance between two changes of this parameter.
+    cooldown: Window = Field(default_factory=Window)
+    #: At most ``budget`` changes of this parameter within any ``budget_window``.
+    budget: int | None = Field(None, ge=0)
+    budget_window: Window | None = None
+    #: Values are whole numbers (epochs per update, ...).
+    integer: bool = False
+
+    @field_validator("multipliers")
+    @classmethod
+    def _positive_multipliers(cls, v: list[float]) -> list[float]:
+        bad = [m for m in v if not (math.isfinite(m) and m > 0)]
+        if bad:
+            raise ValueError(f"multipliers must be positive numbers, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ParamRule":
+        if not (math.isfinite(self.min) and math.isfinite(self.max)) or self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be a number no greater than max ({self.max})")
+        if not self.multipliers and not self.values:
+            raise ValueError("give `multipliers` or `values` (or both): the allowed moves for this parameter")
+        out = [v for v in self.values if not self.min <= v <= self.max]
+        if out:
+            raise ValueError(f"values {out} lie outside [min, max] = [{self.min}, {self.max}]")
+        if self.budget is not None and self.budget_window is None:
+            raise ValueError("`budget` needs a `budget_window` (for example {evals: 10})")
+        return self
+
+
+class ActionRule(_Strict):
+    description: str = ""
+    cooldown: Window = Field(default_factory=Window)
+    #: Not before this far into training.
+    not_before: Window = Field(default_factory=Window)
+
+
+class Limits(_Strict):
+    """Limits on the manager as a whole."""
+
+    #: Most parameters changed by one intervention.
+    max_changes: int = Field(2, ge=1)
+    #: No intervention before this far into training.
+    warmup: Window = Field(default_factory=Window)
+    #: Minimum distance between any two interventions.
+    cooldown: Window = Field(default_factory=Window)
+    #: A decision is discarded as stale when the run moved further than this while it was made.
+    stale_after: Window = Field(default_factory=lambda: Window(evals=2))
+    #: Most interventions in a run.
+    max_interventions: int | None = Field(None, ge=0)
+    #: The metric role whose logged points count as evaluations (``Window.evals``).
+    eval_metric: str = "val_loss"
+    #: A RUNNING run with no new metric for this long is treated as dead (killed jobs stay RUNNING).
+    idle_minutes: float = Field(30.0, gt=0)
+
+
+class LLMSettings(_Strict):
+    """Defaults for ``--proposer llm``; command-line flags and ``ATM_LLM*`` variables override them."""
+
+    model: str | None = None
+    base_url: str | None = None
+    timeout_s: float | None = Field(None, gt=0)
+    max_retries: int | None = Field(None, ge=0)
+
+
+class Policy(_Strict):
+    """A whole policy file. See ``atm policy schema`` for the JSON Schema."""
+
+    name: str
+    description: str = ""
+    #: Role -> metric keys to look for, first match wins (``train_loss: [train_loss, train/loss]``).
+    #: A key ending in ``*`` matches every metric with that prefix (``loss/*`` for loss components).
+    metrics: dict[str, list[str]] = Field(default_factory=dict)
+    params: dict[str, ParamRule] = Field(default_factory=dict)
+    actions: dict[Action, ActionRule] = Field(default_factory=dict)
+    #: Parameters the manager must never touch, even if ``params`` lists them.
+    frozen: list[str] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    #: Thresholds for the rules proposer (see ``atm.watcher.rules.Thresholds``).
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _one_key_is_a_list(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {role: [keys] if isinstance(keys, str) else keys for role, keys in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _frozen_known(self) -> "Policy":
+        unknown = [p for p in self.frozen if p not in self.params]
+        if unknown:
+            raise ValueError(f"frozen names {unknown} are not in `params` ({sorted(self.params)})")
+        return self
+
+    def controllable(self) -> list[str]:
+        return [p for p in self.params if p not in self.frozen]

@@ -1,0 +1,211 @@
+"""The deterministic policy validator: pure functions from (proposal, policy, context) to a verdict.
+
+Whatever a proposer says, only what passes :func:`check` reaches a training job. The same
+:func:`choices` that the validator accepts is what the LLM is offered, so the model is never
+shown a move the validator would refuse for its value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from atm.policies._schema import ActionRule, ParamRule, Policy, Window
+from atm.schema import Action, Change, DecisionRecord, Proposal, Status, Verdict, fmt
+
+#: Decisions that count against cooldowns and budgets: they reached (or would reach) the job.
+COUNTED = (Status.APPLIED, Status.PENDING, Status.DRY_RUN)
+
+_REL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """What the validator needs to know about the run, besides the proposal."""
+
+    step: int
+    #: Current parameter values as the job last reported them.
+    params: dict[str, float]
+    #: Earlier decisions for this run, any status, in seq order.
+    history: Sequence[DecisionRecord] = ()
+    #: Sorted steps at which the policy's ``eval_metric`` was logged.
+    eval_steps: Sequence[int] = field(default_factory=tuple)
+
+    def evals_between(self, start: int, end: int) -> int:
+        """Evaluations logged in the half-open span (start, end]."""
+        return bisect.bisect_right(self.eval_steps, end) - bisect.bisect_right(self.eval_steps, start)
+
+    def passed(self, since: int, window: Window) -> bool:
+        """Whether ``window`` has fully passed between step ``since`` and now."""
+        return self.step - since >= window.steps and self.evals_between(since, self.step) >= window.evals
+
+    def counted(self) -> list[DecisionRecord]:
+        return [r for r in self.history if r.status in COUNTED]
+
+
+def choices(rule: ParamRule, current: float) -> list[float]:
+    """The new values allowed for a parameter now at ``current``, sorted, excluding no-ops.
+
+    Multiplier moves are clamped to [min, max]; a move that changes nothing after clamping,
+    or that exceeds ``max_relative_change``, is not a choice.
+    """
+    raw = [min(max(current * m, rule.min), rule.max) for m in rule.multipliers] + list(rule.values)
+    out: list[float] = []
+    for v in raw:
+        if rule.integer:
+            v = float(round(v))
+            if not rule.min <= v <= rule.max:
+                continue
+        if _same(v, current):
+            continue
+        if rule.max_relative_change is not None and current != 0:
+            if abs(v - current) / abs(current) > rule.max_relative_change + _REL_TOL:
+                continue
+        if not any(_same(v, o) for o in out):
+            out.append(v)
+    return sorted(out)
+
+
+def available_choices(policy: Policy, ctx: DecisionContext) -> dict[str, list[float]]:
+    """Parameter -> allowed new values right now (cooldowns and budgets applied).
+
+    Parameters the job has not reported, or that have no allowed move, are left out.
+    """
+    if _global_block(policy, ctx) is not None:
+        return {}
+    out: dict[str, list[float]] = {}
+    for name in policy.controllable():
+        if name not in ctx.params:
+            continue
+        rule = policy.params[name]
+        if _param_block(name, rule, ctx) is not None:
+            continue
+        opts = choices(rule, ctx.params[name])
+        if opts:
+            out[name] = opts
+    return out
+
+
+def available_actions(policy: Policy, ctx: DecisionContext) -> list[Action]:
+    if _global_block(policy, ctx) is not None:
+        return []
+    return [a for a, rule in policy.actions.items() if _action_block(a, rule, ctx) is None]
+
+
+def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
+    """Validate a proposal against the policy. Pure: no I/O, no clock.
+
+    Changes are judged one by one; the verdict accepts the ones that pass (up to
+    ``limits.max_changes``, in the proposal's order) and names why each other one was dropped.
+    The proposal is accepted when at least one change or the action survives.
+    """
+    if proposal.is_noop:
+        return Verdict(accepted=False, reason="no change proposed")
+    block = _global_block(policy, ctx)
+    if block is not None:
+        dropped = {p: block for p in proposal.changes}
+        if proposal.action is not None:
+            dropped[proposal.action.value] = block
+        return Verdict(accepted=False, reason=block, dropped=dropped)
+
+    accepted: dict[str, Change] = {}
+    dropped: dict[str, str] = {}
+    for name, new in proposal.changes.items():
+        why = _change_block(name, new, policy, ctx)
+        if why is None and len(accepted) >= policy.limits.max_changes:
+            why = f"at most {policy.limits.max_changes} parameters may change at once"
+        if why is not None:
+            dropped[name] = why
+            continue
+        rule = policy.params[name]
+        accepted[name] = Change(old=ctx.params[name], new=float(round(new)) if rule.integer else float(new))
+
+    action = proposal.action
+    if action is not None:
+        rule = policy.actions.get(action)
+        why = f"action {action.value!r} is not allowed by this policy" if rule is None else _action_block(action, rule, ctx)
+        if why is not None:
+            dropped[action.value] = why
+            action = None
+
+    if not accepted and action is None:
+        reason = "; ".join(f"{k}: {v}" for k, v in dropped.items())
+        return Verdict(accepted=False, reason=f"rejected: {reason}", dropped=dropped)
+    what = [f"{k} {fmt(c.old)} -> {fmt(c.new)}" for k, c in accepted.items()]
+    if action is not None:
+        what.append(action.value)
+    reason = "within policy: " + ", ".join(what)
+    if dropped:
+        reason += "; dropped " + "; ".join(f"{k}: {v}" for k, v in dropped.items())
+    return Verdict(accepted=True, reason=reason, changes=accepted, action=action, dropped=dropped)
+
+
+# --------------------------------------------------------------------------- the rules themselves
+
+
+def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
+    lim = policy.limits
+    if not ctx.passed(0, lim.warmup):
+        return f"warm-up: no intervention before {_window(lim.warmup)} (now at step {ctx.step})"
+    counted = ctx.counted()
+    if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
+        return f"budget: the run already had {len(counted)} of {lim.max_interventions} interventions"
+    if counted and not ctx.passed(counted[-1].step, lim.cooldown):
+        return f"cooldown: last intervention at step {counted[-1].step}, wait {_window(lim.cooldown)}"
+    return None
+
+
+def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None:
+    mine = [r for r in ctx.counted() if name in r.changes]
+    if mine and not ctx.passed(mine[-1].step, rule.cooldown):
+        return f"cooldown: {name} last changed at step {mine[-1].step}, wait {_window(rule.cooldown)}"
+    if rule.budget is not None and rule.budget_window is not None:
+        recent = [r for r in mine if not ctx.passed(r.step, rule.budget_window)]
+        if len(recent) >= rule.budget:
+            return f"budget: {name} changed {len(recent)} times within {_window(rule.budget_window)} (limit {rule.budget})"
+    return None
+
+
+def _change_block(name: str, new: float, policy: Policy, ctx: DecisionContext) -> str | None:
+    rule = policy.params.get(name)
+    if rule is None:
+        return f"not a parameter of this policy (allowed: {', '.join(policy.controllable()) or 'none'})"
+    if name in policy.frozen:
+        return "frozen by the policy"
+    if name not in ctx.params:
+        return "the job has not registered this parameter (pass it to atm.listen)"
+    if not math.isfinite(new):
+        return f"value {new} is not a finite number"
+    if not rule.min <= new <= rule.max:
+        return f"{fmt(new)} is outside [{fmt(rule.min)}, {fmt(rule.max)}]"
+    current = ctx.params[name]
+    if _same(new, current):
+        return "no effect: already at that value"
+    opts = choices(rule, current)
+    if not any(_same(new, o) for o in opts):
+        return f"{fmt(new)} is not an allowed move from {fmt(current)} (allowed: {', '.join(fmt(o) for o in opts) or 'none'})"
+    return _param_block(name, rule, ctx)
+
+
+def _action_block(action: Action, rule: ActionRule, ctx: DecisionContext) -> str | None:
+    if not ctx.passed(0, rule.not_before):
+        return f"{action.value} not before {_window(rule.not_before)}"
+    mine = [r for r in ctx.counted() if r.action == action]
+    if mine and not ctx.passed(mine[-1].step, rule.cooldown):
+        return f"cooldown: {action.value} last at step {mine[-1].step}, wait {_window(rule.cooldown)}"
+    return None
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=_REL_TOL, abs_tol=1e-12)
+
+
+def _window(w: Window) -> str:
+    parts = []
+    if w.steps:
+        parts.append(f"{w.steps} steps")
+    if w.evals:
+        parts.append(f"{w.evals} evaluations")
+    return " and ".join(parts) or "nothing"

@@ -1,0 +1,277 @@
+"""The one contract between the daemon (``atm.watcher``) and the in-job listener (``atm.training``).
+
+Both sides import this module and nothing else of each other. Every message carries
+``schema_version`` so a listener and a daemon of different releases can tell when they
+cannot understand each other, instead of guessing.
+
+Rules both sides keep:
+
+- An :class:`Update` is identified by ``(run_id, seq)``. ``seq`` is monotonic per run (gaps
+  are allowed: rejected decisions consume a number too). The listener applies updates in
+  ascending ``seq`` order, at most once each, and acknowledges each with an :class:`Ack`.
+- Updates carry absolute target values (``Change.new``), never deltas, so re-applying one
+  after a crash is harmless, and the listener still refuses to do it.
+- Messages are small JSON documents: an update must fit one MLflow tag (8000 characters)
+  or one inbox file; long text (prompts, raw LLM answers) lives in the decision record.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+#: Longest rationale carried inside an update message; the full text is in the decision record.
+MAX_MESSAGE_RATIONALE = 600
+
+
+class Diagnosis(str, enum.Enum):
+    """What a proposer believes is going on. Shared by the rules and the LLM proposers."""
+
+    HEALTHY = "healthy"
+    OVERFITTING = "overfitting"
+    PLATEAU = "plateau"
+    DIVERGENCE = "divergence"
+    LOSS_IMBALANCE = "loss_imbalance"
+    OVER_REGULARIZATION = "over_regularization"
+    EXPLORATION_COLLAPSE = "exploration_collapse"
+    UNSAFE_EXPLORATION = "unsafe_exploration"
+    CONVERGED = "converged"
+    INSUFFICIENT_DATA = "insufficient_data"
+
+
+class Action(str, enum.Enum):
+    """Discrete actions besides parameter changes. The listener maps them to user handlers."""
+
+    STOP = "stop"
+    ROLLBACK = "rollback"
+
+
+class Status(str, enum.Enum):
+    """Where a decision stands. ``pending``: published, not yet acknowledged by the job."""
+
+    PENDING = "pending"
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    STALE = "stale"
+    DRY_RUN = "dry-run"
+    FAILED = "failed"
+    NOOP = "noop"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+    schema_version: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class SeriesStats(BaseModel):
+    """Windowed statistics of one metric series. Slopes are per 1000 steps."""
+
+    key: str
+    n: int
+    first_step: int
+    last_step: int
+    latest: float
+    ema: float
+    slope: float
+    window_mean: float
+    window_std: float
+    best: float
+    best_step: int
+    steps_since_best: int
+    min: float
+    max: float
+    nonfinite: bool
+    #: A few (step, value) points spread over the history, for trend tables.
+    trail: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class Effect(BaseModel):
+    """What happened to the watched metrics after an applied intervention."""
+
+    seq: int
+    applied_step: int | None
+    changes: dict[str, "Change"]
+    diagnosis: Diagnosis | None = None
+    #: Metric role -> (value at decision, value now).
+    before_after: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+
+class TelemetrySnapshot(_Message):
+    """Everything a proposer may look at, rebuilt from the metrics the job already logs."""
+
+    run_id: str
+    run_name: str = ""
+    step: int
+    taken_at: float = Field(default_factory=time.time)
+    #: Role (``train_loss``, ``val_loss``, ``return`` ...) -> stats of the mapped metric.
+    series: dict[str, SeriesStats] = Field(default_factory=dict)
+    #: Derived signals: ``gap`` (val - train), ``gap_slope``, ``plateau``, ``diverging``, ...
+    signals: dict[str, float | bool] = Field(default_factory=dict)
+    #: Current values of the controllable parameters, as the listener last reported them.
+    params: dict[str, float] = Field(default_factory=dict)
+    #: Recent interventions and their measured effects, newest last.
+    recent: list[Effect] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+class Change(BaseModel):
+    old: float
+    new: float
+
+    @field_validator("old", "new")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"parameter values must be finite, got {v}")
+        return v
+
+
+Effect.model_rebuild()
+
+
+class Proposal(BaseModel):
+    """A proposer's answer: a diagnosis and what to change, in absolute new values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    diagnosis: Diagnosis
+    #: Parameter -> proposed new value. Empty means "do nothing".
+    changes: dict[str, float] = Field(default_factory=dict)
+    action: Action | None = None
+    rationale: str = ""
+    expected_outcome: str = ""
+    watch_next: str = ""
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.changes and self.action is None
+
+
+class Verdict(BaseModel):
+    """The policy validator's answer, with a reason a person can read."""
+
+    accepted: bool
+    reason: str
+    #: The changes that passed, with the values they replace.
+    changes: dict[str, Change] = Field(default_factory=dict)
+    action: Action | None = None
+    #: Parameter -> why that one change was dropped (cooldown, budget, not allowed ...).
+    dropped: dict[str, str] = Field(default_factory=dict)
+
+
+class Update(_Message):
+    """An accepted decision as sent to the job. Small: it must fit one MLflow tag."""
+
+    run_id: str
+    seq: int
+    #: The metric step the decision was based on.
+    step: int
+    changes: dict[str, Change] = Field(default_factory=dict)
+    action: Action | None = None
+    diagnosis: Diagnosis
+    rationale: str = ""
+    source: str
+    created_at: float = Field(default_factory=time.time)
+
+    @field_validator("rationale")
+    @classmethod
+    def _short(cls, v: str) -> str:
+        return v if len(v) <= MAX_MESSAGE_RATIONALE else v[: MAX_MESSAGE_RATIONALE - 1] + "…"
+
+
+class Ack(_Message):
+    """The listener's receipt for one update."""
+
+    run_id: str
+    seq: int
+    status: Literal["applied", "failed"]
+    #: The job's step when the update took effect.
+    applied_step: int | None
+    applied_at: float = Field(default_factory=time.time)
+    #: Parameter -> value actually in force after applying (may differ if a knob rounds).
+    values: dict[str, float] = Field(default_factory=dict)
+    error: str = ""
+
+
+class ListenerInfo(_Message):
+    """What a listener announces about itself when it attaches, and refreshes as values change."""
+
+    run_id: str
+    knobs: list[str]
+    values: dict[str, float]
+    actions: list[str] = Field(default_factory=list)
+    apply_mode: str
+    pid: int
+    host: str = ""
+    started_at: float
+    last_applied_seq: int = 0
+    step: int | None = None
+
+
+class DecisionRecord(_Message):
+    """One line of ``atm/interventions.jsonl``: everything needed to review a decision later."""
+
+    run_id: str
+    seq: int
+    step: int
+    status: Status
+    source: str
+    diagnosis: Diagnosis
+    changes: dict[str, Change] = Field(default_factory=dict)
+    action: Action | None = None
+    rationale: str = ""
+    expected_outcome: str = ""
+    watch_next: str = ""
+    reason: str = ""
+    dropped: dict[str, str] = Field(default_factory=dict)
+    proposal: Proposal | None = None
+    snapshot: TelemetrySnapshot | None = None
+    decided_at: float = Field(default_factory=time.time)
+    applied_step: int | None = None
+    applied_at: float | None = None
+    #: Proposer-specific audit detail: prompt, raw answers, validation errors, latency, tokens.
+    audit: dict[str, Any] = Field(default_factory=dict)
+
+    def to_update(self) -> Update:
+        return Update(
+            run_id=self.run_id,
+            seq=self.seq,
+            step=self.step,
+            changes=self.changes,
+            action=self.action,
+            diagnosis=self.diagnosis,
+            rationale=self.rationale,
+            source=self.source,
+            created_at=self.decided_at,
+        )
+
+    def summary(self) -> str:
+        """One line for tags, logs and tables."""
+        parts = [f"#{self.seq} @{self.step} {self.status.value} {self.diagnosis.value}"]
+        if self.changes:
+            parts.append(", ".join(f"{k} {fmt(c.old)}->{fmt(c.new)}" for k, c in self.changes.items()))
+        if self.action:
+            parts.append(self.action.value)
+        if self.applied_step is not None:
+            parts.append(f"applied@{self.applied_step}")
+        return " ".join(parts)
+
+
+def fmt(x: float) -> str:
+    """Compact number formatting for tables and tags (3 significant digits)."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        return f"{x:.3g}"
+    return f"{x:.4g}"

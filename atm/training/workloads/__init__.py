@@ -1,0 +1,1 @@
+"""Reference workloads that reproduce the paper: user code that logs like users do."""

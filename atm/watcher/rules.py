@@ -1,0 +1,252 @@
+"""The ``rules`` proposer: deterministic heuristics, the baseline and the fallback for the LLM.
+
+Each diagnosis is a pure test on the snapshot's series and signals; each remedy is a ranked
+list of moves, taken from the offer (what the policy allows right now) until the policy's
+``max_changes`` is reached. Thresholds can be overridden per policy (``thresholds:``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from atm.policies import DecisionContext, Policy
+from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot, fmt
+from atm.watcher.proposer import Offer, ProposalResult
+
+Direction = Literal["up", "down"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    #: Points of the primary metric needed before any diagnosis.
+    min_points: int = 4
+    #: Overfitting: validation loss this far (relative) above its best ...
+    overfit_rise: float = 0.03
+    #: ... while the train/val gap keeps widening (gap slope per 1000 steps above this).
+    overfit_gap_slope: float = 0.0
+    #: Divergence: training loss this far above its best, or a gradient-norm spike this large.
+    diverge_rise: float = 0.5
+    grad_spike: float = 5.0
+    #: Plateau: relative improvement across the trailing window below this.
+    plateau_improvement: float = 0.01
+    #: Over-regularization: a plateau with the val/train gap ratio under this (train no better than val).
+    over_reg_gap_ratio: float = 1.02
+    #: Loss imbalance: largest/smallest loss component above this.
+    imbalance_ratio: float = 20.0
+    #: RL: safe success and collision rate that count as solved.
+    solved_success: float = 0.85
+    solved_collision: float = 0.15
+    #: RL: collision rate that counts as unsafe exploration.
+    unsafe_collision: float = 0.3
+    #: RL: entropy falling faster than this relative drop across the window, with no progress.
+    collapse_entropy_drop: float = 0.3
+    #: RL: below this safe success, a run that stopped improving is stalled.
+    stalled_success: float = 0.5
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> "Thresholds":
+        known = {f.name for f in fields(cls)}
+        unknown = set(policy.thresholds) - known
+        if unknown:
+            raise ValueError(f"policy {policy.name!r}: unknown thresholds {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in policy.thresholds.items()})
+
+
+@dataclass(frozen=True)
+class Move:
+    param: str
+    direction: Direction
+    #: Preferred size of the move as a factor of the current value (0.5 = halve, 2 = double).
+    factor: float
+
+
+class RulesProposer:
+    """Deterministic heuristics over the snapshot. Stateless; safe to share between runs."""
+
+    name = "rules"
+
+    def propose(self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer) -> ProposalResult:
+        t = Thresholds.from_policy(policy)
+        diagnosis, evidence = diagnose(snapshot, t)
+        changes, action = remedy(diagnosis, snapshot, policy, offer)
+        rationale = evidence
+        if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
+            rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
+        proposal = Proposal(
+            diagnosis=diagnosis,
+            changes=changes,
+            action=action,
+            rationale=rationale,
+            expected_outcome=_EXPECTED.get(diagnosis, ""),
+            watch_next=_WATCH.get(diagnosis, ""),
+        )
+        return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
+
+
+def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Diagnosis, str]:
+    """The most pressing problem in the snapshot and the evidence for it, in words."""
+    s, sig = snap.series, snap.signals
+    if sig.get("nonfinite"):
+        bad = [r for r, st in s.items() if st.nonfinite]
+        return Diagnosis.DIVERGENCE, f"non-finite values in {', '.join(bad)}"
+    if "safe_success" in s or "success" in s or "return" in s:
+        return _diagnose_rl(snap, t)
+
+    train, val = s.get("train_loss"), s.get("val_loss")
+    primary = val or train
+    if primary is None or primary.n < t.min_points:
+        n = primary.n if primary else 0
+        return Diagnosis.INSUFFICIENT_DATA, f"{n} points of the primary metric; need {t.min_points}"
+    if float(sig.get("train_rise_over_best", 0.0)) > t.diverge_rise:
+        assert train is not None
+        return Diagnosis.DIVERGENCE, (
+            f"train loss {fmt(train.latest)} is {float(sig['train_rise_over_best']):.0%} above its best {fmt(train.best)}"
+        )
+    if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike:
+        return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"
+    if val is not None and train is not None:
+        rise = float(sig.get("rise_over_best", 0.0))
+        gap_slope = float(sig.get("gap_slope", 0.0))
+        if rise > t.overfit_rise and gap_slope > t.overfit_gap_slope and val.steps_since_best > 0:
+            return Diagnosis.OVERFITTING, (
+                f"val loss {fmt(val.latest)} is {rise:.1%} above its best {fmt(val.best)} (step {val.best_step}) "
+                f"while train loss falls to {fmt(train.latest)}; the gap {fmt(float(sig.get('gap', 0)))} is widening"
+            )
+    ratio = float(sig.get("loss_component_ratio", 0.0))
+    if ratio > t.imbalance_ratio:
+        return Diagnosis.LOSS_IMBALANCE, f"largest loss component is {ratio:.0f}x the smallest"
+    improvement = float(sig.get("window_improvement", 1.0))
+    if improvement < t.plateau_improvement and primary.steps_since_best > 0:
+        gap_ratio = float(sig.get("gap_ratio", 2.0))
+        if val is not None and train is not None and gap_ratio < t.over_reg_gap_ratio and _regularized(snap):
+            return Diagnosis.OVER_REGULARIZATION, (
+                f"{primary.key} stalled ({improvement:.1%} over the window) with train loss no lower than val "
+                f"(ratio {gap_ratio:.2f}) under {_regularizers(snap)}"
+            )
+        return Diagnosis.PLATEAU, f"{primary.key} improved {improvement:.1%} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
+    return Diagnosis.HEALTHY, f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
+
+
+def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str]:
+    s = snap.series
+    goal = s.get("safe_success") or s.get("success") or s.get("return")
+    assert goal is not None
+    if goal.n < t.min_points // 2 + 1:
+        return Diagnosis.INSUFFICIENT_DATA, f"{goal.n} evaluations so far"
+    coll = s.get("collision")
+    succ = s.get("safe_success") or s.get("success")
+    if succ is not None and coll is not None:
+        if succ.latest >= t.solved_success and coll.latest <= t.solved_collision and succ.window_mean >= t.solved_success - 0.05:
+            return Diagnosis.CONVERGED, f"safe success {succ.latest:.2f} with collisions {coll.latest:.2f}"
+    if coll is not None and coll.latest > t.unsafe_collision:
+        return Diagnosis.UNSAFE_EXPLORATION, f"collision rate {coll.latest:.2f} (limit {t.unsafe_collision})"
+    ent = s.get("entropy") or s.get("action_std")
+    progressing = float(snap.signals.get("window_improvement", 0.0))
+    if goal is not None and ent is not None and ent.n >= 3 and ent.trail:
+        start = ent.trail[0][1]
+        if start != 0 and (start - ent.latest) / abs(start) > t.collapse_entropy_drop and goal.slope <= 0:
+            return Diagnosis.EXPLORATION_COLLAPSE, f"{ent.key} fell from {fmt(start)} to {fmt(ent.latest)} with no progress"
+    if succ is not None and succ.latest < t.stalled_success and succ.slope * max(1, succ.last_step - succ.first_step) / 1000 < 0.1:
+        return Diagnosis.PLATEAU, f"safe success {succ.latest:.2f}, not improving ({progressing:+.2f} over the window)"
+    return Diagnosis.HEALTHY, f"{goal.key} {fmt(goal.latest)}, trend {fmt(goal.slope)} per 1k steps"
+
+
+def _regularized(snap: TelemetrySnapshot) -> bool:
+    p = snap.params
+    return p.get("weight_decay", 0) > 0.05 or p.get("dropout", 0) > 0.15
+
+
+def _regularizers(snap: TelemetrySnapshot) -> str:
+    return ", ".join(f"{k}={fmt(snap.params[k])}" for k in ("weight_decay", "dropout") if k in snap.params)
+
+
+#: Ranked moves per diagnosis. The first ones that the offer allows are taken.
+_REMEDIES: dict[Diagnosis, list[Move]] = {
+    Diagnosis.OVERFITTING: [Move("dropout", "up", 2.0), Move("weight_decay", "up", 2.0), Move("lr", "down", 0.5)],
+    Diagnosis.DIVERGENCE: [Move("lr", "down", 0.25)],
+    Diagnosis.PLATEAU: [Move("lr", "down", 0.5)],
+    Diagnosis.OVER_REGULARIZATION: [Move("weight_decay", "down", 0.5), Move("dropout", "down", 0.5)],
+    Diagnosis.EXPLORATION_COLLAPSE: [Move("ent_coef", "up", 2.0), Move("clip_range", "up", 1.5)],
+    Diagnosis.UNSAFE_EXPLORATION: [
+        Move("reward.collision_penalty", "up", 2.0),
+        Move("lr", "down", 0.5),
+        Move("ent_coef", "down", 0.5),
+    ],
+}
+
+#: RL stalls are the opposite of supervised plateaus: a cautious recipe needs bolder updates.
+_RL_PLATEAU = [Move("lr", "up", 3.0), Move("n_epochs", "up", 2.0), Move("clip_range", "up", 2.0)]
+
+
+def remedy(
+    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
+) -> tuple[dict[str, float], Action | None]:
+    """The changes (and action) that answer ``diagnosis``, restricted to the offer."""
+    rl = any(r in snap.series for r in ("safe_success", "success", "return"))
+    if diagnosis == Diagnosis.CONVERGED:
+        return {}, Action.STOP if Action.STOP in offer.actions else None
+    moves = _RL_PLATEAU if (rl and diagnosis == Diagnosis.PLATEAU) else _REMEDIES.get(diagnosis, [])
+    if diagnosis == Diagnosis.LOSS_IMBALANCE:
+        moves = _imbalance_moves(snap, offer)
+    changes: dict[str, float] = {}
+    for mv in moves:
+        if len(changes) >= policy.limits.max_changes:
+            break
+        opts = offer.choices.get(mv.param)
+        cur = snap.params.get(mv.param)
+        if not opts or cur is None:
+            continue
+        value = pick(opts, cur, mv.direction, mv.factor)
+        if value is not None:
+            changes[mv.param] = value
+    action = None
+    if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions:
+        val = snap.series.get("val_loss") or snap.series.get("train_loss")
+        if diagnosis == Diagnosis.DIVERGENCE or (val is not None and float(snap.signals.get("rise_over_best", 0)) > 0.1):
+            action = Action.ROLLBACK
+    return changes, action
+
+
+def _imbalance_moves(snap: TelemetrySnapshot, offer: Offer) -> list[Move]:
+    comps = {r[len("loss_components[") : -1]: st.ema for r, st in snap.series.items() if r.startswith("loss_components[")}
+    if not comps:
+        return []
+    dominant = max(comps, key=lambda k: abs(comps[k]))
+    tail = dominant.rsplit("/", 1)[-1].removeprefix("loss_")
+    moves = [Move(p, "down", 0.5) for p in offer.choices if p.startswith("loss_weight.") and p.split(".", 1)[1] in tail]
+    return moves or [Move(p, "up", 2.0) for p in offer.choices if p.startswith("loss_weight.")]
+
+
+def pick(options: list[float], current: float, direction: Direction, factor: float) -> float | None:
+    """The allowed value in ``direction`` closest (in log scale) to ``current * factor``."""
+    side = [o for o in options if (o > current if direction == "up" else o < current)]
+    if not side:
+        return None
+    if current > 0 and all(o > 0 for o in side):
+        target = math.log(current * factor)
+        return min(side, key=lambda o: abs(math.log(o) - target))
+    # From zero (or to zero), take the gentlest step.
+    return min(side) if direction == "up" else max(side)
+
+
+_EXPECTED = {
+    Diagnosis.OVERFITTING: "validation loss stops rising within two evaluations; the train/val gap narrows",
+    Diagnosis.DIVERGENCE: "training loss returns to its recent range; no more non-finite values",
+    Diagnosis.PLATEAU: "the primary metric starts improving again",
+    Diagnosis.OVER_REGULARIZATION: "training loss falls below its plateau",
+    Diagnosis.LOSS_IMBALANCE: "loss components move to a comparable scale",
+    Diagnosis.EXPLORATION_COLLAPSE: "entropy stops falling and success resumes improving",
+    Diagnosis.UNSAFE_EXPLORATION: "collision rate falls within two evaluations",
+    Diagnosis.CONVERGED: "training stops with the best checkpoint kept",
+}
+_WATCH = {
+    Diagnosis.OVERFITTING: "val_loss and the train/val gap",
+    Diagnosis.DIVERGENCE: "train_loss, grad_norm",
+    Diagnosis.PLATEAU: "the primary metric's slope",
+    Diagnosis.OVER_REGULARIZATION: "train_loss",
+    Diagnosis.LOSS_IMBALANCE: "each loss component",
+    Diagnosis.EXPLORATION_COLLAPSE: "entropy, success",
+    Diagnosis.UNSAFE_EXPLORATION: "collision rate, safe success",
+}

@@ -1,0 +1,222 @@
+"""Snapshot building: pure functions from metric history to a :class:`TelemetrySnapshot`.
+
+No I/O here. The daemon hands in what the backend read; tests hand in lists.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+
+from atm.policies import Policy
+from atm.schema import DecisionRecord, Effect, SeriesStats, Status, TelemetrySnapshot
+
+Points = Sequence[tuple[int, float]]
+
+#: Roles where a larger value is better; every other role is better smaller (losses, collisions).
+HIGHER_IS_BETTER = frozenset({"return", "success", "safe_success", "explained_variance", "entropy", "action_std"})
+
+#: Points in the trailing window used for slopes and spreads. Counted in points, not steps,
+#: so the statistics mean the same thing whether a script logs every step or every epoch.
+WINDOW = 8
+TRAIL = 8
+EMA_ALPHA = 0.3
+
+
+def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
+    """Map each policy role to the metric key it reads (first candidate present wins).
+
+    A candidate ending in ``*`` matches every key with that prefix; those roles map as
+    ``role[key]`` so that several components (``loss/*``) stay apart.
+    """
+    present = set(keys)
+    out: dict[str, str] = {}
+    for role, candidates in policy.metrics.items():
+        for cand in candidates:
+            if any(ch in cand for ch in "*?["):
+                for k in sorted(fnmatch.filter(keys, cand)):
+                    out[f"{role}[{k}]"] = k
+            elif cand in present:
+                out[role] = cand
+                break
+    return out
+
+
+def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
+    """Windowed statistics of one series (points sorted by step). ``None`` for an empty series."""
+    if not points:
+        return None
+    pts = sorted(points, key=lambda p: p[0])
+    finite = [(s, v) for s, v in pts if math.isfinite(v)]
+    nonfinite = len(finite) < len(pts)
+    last_step, latest = pts[-1]
+    if not finite:
+        return SeriesStats(
+            key=key, n=len(pts), first_step=pts[0][0], last_step=last_step, latest=latest, ema=latest,
+            slope=0.0, window_mean=latest, window_std=0.0, best=latest, best_step=last_step,
+            steps_since_best=0, min=latest, max=latest, nonfinite=True, trail=[],
+        )
+    ema = finite[0][1]
+    for _, v in finite[1:]:
+        ema = EMA_ALPHA * v + (1 - EMA_ALPHA) * ema
+    window = finite[-WINDOW:]
+    mean = sum(v for _, v in window) / len(window)
+    std = math.sqrt(sum((v - mean) ** 2 for _, v in window) / len(window))
+    pick = max if higher_is_better else min
+    best_step, best = pick(finite, key=lambda p: p[1])
+    # Ties: the earliest step that reached the best value.
+    best_step = next(s for s, v in finite if v == best)
+    return SeriesStats(
+        key=key,
+        n=len(pts),
+        first_step=pts[0][0],
+        last_step=last_step,
+        latest=latest,
+        ema=ema,
+        slope=slope(window) * 1000.0,
+        window_mean=mean,
+        window_std=std,
+        best=best,
+        best_step=best_step,
+        steps_since_best=last_step - best_step,
+        min=min(v for _, v in finite),
+        max=max(v for _, v in finite),
+        nonfinite=nonfinite,
+        trail=trail(finite, TRAIL),
+    )
+
+
+def slope(points: Points) -> float:
+    """Least-squares slope (value per step); 0 for fewer than two distinct steps."""
+    if len(points) < 2:
+        return 0.0
+    xs = [float(s) for s, _ in points]
+    ys = [v for _, v in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def trail(points: Points, n: int) -> list[tuple[int, float]]:
+    """``n`` points spread evenly over the series, always ending with the latest."""
+    if len(points) <= n:
+        return [(int(s), float(v)) for s, v in points]
+    idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
+    return [(int(points[i][0]), float(points[i][1])) for i in idx]
+
+
+def value_at(points: Points, step: int) -> float | None:
+    """The last value logged at or before ``step``."""
+    best = None
+    for s, v in points:
+        if s <= step:
+            best = v
+        else:
+            break
+    return best
+
+
+def eval_steps(policy: Policy, history: Mapping[str, Points]) -> list[int]:
+    """Steps at which the policy's ``eval_metric`` was logged (what ``Window.evals`` counts)."""
+    key = resolve_roles(policy, list(history)).get(policy.limits.eval_metric)
+    if key is None:
+        return []
+    return sorted({int(s) for s, _ in history[key]})
+
+
+def build_snapshot(
+    run_id: str,
+    policy: Policy,
+    history: Mapping[str, Points],
+    params: Mapping[str, float],
+    records: Sequence[DecisionRecord] = (),
+    run_name: str = "",
+    now: float | None = None,
+    recent: int = 3,
+) -> TelemetrySnapshot:
+    """Rebuild the snapshot a proposer sees from metric history (key -> sorted (step, value))."""
+    roles = resolve_roles(policy, list(history))
+    series: dict[str, SeriesStats] = {}
+    for role, key in roles.items():
+        base = role.split("[", 1)[0]
+        st = series_stats(key, history[key], higher_is_better=base in HIGHER_IS_BETTER)
+        if st is not None:
+            series[role] = st
+    step = max((s.last_step for s in series.values()), default=0)
+    if not series:
+        step = max((int(pts[-1][0]) for pts in history.values() if pts), default=0)
+    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles})
+    effects = measured_effects(records, history, roles, recent)
+    kw = {} if now is None else {"taken_at": now}
+    return TelemetrySnapshot(
+        run_id=run_id,
+        run_name=run_name,
+        step=step,
+        series=series,
+        signals=signals,
+        params=dict(params),
+        recent=effects,
+        **kw,
+    )
+
+
+def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Points]) -> dict[str, float | bool]:
+    """Named signals the rules read and the LLM is shown: gaps, flags, ratios."""
+    sig: dict[str, float | bool] = {}
+    sig["nonfinite"] = any(s.nonfinite for s in series.values())
+    train, val = series.get("train_loss"), series.get("val_loss")
+    if train and val:
+        train_pts = by_key[train.key]
+        val_pts = [p for p in by_key[val.key] if math.isfinite(p[1])]
+        gaps = []
+        for s, v in val_pts:
+            t = value_at(train_pts, s)
+            if t is not None and math.isfinite(t):
+                gaps.append((s, v - t))
+        if gaps:
+            sig["gap"] = gaps[-1][1]
+            sig["gap_slope"] = slope(gaps[-WINDOW:]) * 1000.0
+            sig["gap_ratio"] = val.latest / train.ema if train.ema > 0 else float("inf")
+            sig["gap_at_best"] = next((g for s, g in gaps if s == val.best_step), gaps[0][1])
+    primary = val or train
+    if primary is not None and primary.n >= 3 and not primary.nonfinite:
+        # Rise of the latest value over the best one, relative to the best.
+        scale = max(abs(primary.best), 1e-8)
+        sig["rise_over_best"] = (primary.latest - primary.best) / scale
+        window = [v for _, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
+        # Relative improvement across the trailing window (positive: still getting better).
+        sig["window_improvement"] = (window[0] - window[-1]) / scale
+    if train is not None and train.n >= 3 and not train.nonfinite:
+        sig["train_rise_over_best"] = (train.latest - train.best) / max(abs(train.best), 1e-8)
+    gn = series.get("grad_norm")
+    if gn is not None and gn.window_mean > 0:
+        sig["grad_norm_ratio"] = gn.latest / gn.window_mean
+    comps = {r: s for r, s in series.items() if r.startswith("loss_components[")}
+    if len(comps) >= 2:
+        vals = [abs(s.ema) for s in comps.values()]
+        sig["loss_component_ratio"] = max(vals) / max(min(vals), 1e-12)
+    return sig
+
+
+def measured_effects(
+    records: Sequence[DecisionRecord],
+    history: Mapping[str, Points],
+    roles: Mapping[str, str],
+    recent: int,
+) -> list[Effect]:
+    """Before/after values of the watched metrics for the last ``recent`` applied interventions."""
+    applied = [r for r in records if r.status == Status.APPLIED][-recent:]
+    out = []
+    watch = [r for r in ("val_loss", "train_loss", "safe_success", "success", "collision", "return") if r in roles]
+    for rec in applied:
+        ba: dict[str, tuple[float, float]] = {}
+        for role in watch:
+            pts = history[roles[role]]
+            before = value_at(pts, rec.step)
+            if before is not None and pts:
+                ba[role] = (before, pts[-1][1])
+        out.append(Effect(seq=rec.seq, applied_step=rec.applied_step, changes=rec.changes, diagnosis=rec.diagnosis, before_after=ba))
+    return out
