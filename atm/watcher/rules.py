@@ -26,8 +26,8 @@ class Thresholds:
     overfit_rise: float = 0.03
     #: ... while the train/val gap keeps widening (gap slope per 1000 steps above this).
     overfit_gap_slope: float = 0.0
-    #: Divergence: training loss this far above its best, or a gradient-norm spike this large.
-    diverge_rise: float = 0.5
+    #: Divergence: training loss gave back this share of its progress, or a gradient-norm spike this large.
+    diverge_lost: float = 0.5
     grad_spike: float = 5.0
     #: Plateau: relative improvement across the trailing window below this.
     plateau_improvement: float = 0.01
@@ -99,10 +99,11 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if primary is None or primary.n < t.min_points:
         n = primary.n if primary else 0
         return Diagnosis.INSUFFICIENT_DATA, f"{n} points of the primary metric; need {t.min_points}"
-    if float(sig.get("train_rise_over_best", 0.0)) > t.diverge_rise:
+    if float(sig.get("train_lost_progress", 0.0)) > t.diverge_lost:
         assert train is not None
         return Diagnosis.DIVERGENCE, (
-            f"train loss {fmt(train.latest)} is {float(sig['train_rise_over_best']):.0%} above its best {fmt(train.best)}"
+            f"train loss {fmt(train.latest)} gave back {float(sig['train_lost_progress']):.0%} of its progress "
+            f"(best {fmt(train.best)}, worst {fmt(train.max)})"
         )
     if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike:
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"

@@ -190,7 +190,10 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         # Relative improvement across the trailing window (positive: still getting better).
         sig["window_improvement"] = (window[0] - window[-1]) / scale
     if train is not None and train.n >= 3 and not train.nonfinite:
-        sig["train_rise_over_best"] = (train.latest - train.best) / max(abs(train.best), 1e-8)
+        # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
+        # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence".
+        span = max(train.max - train.best, 1e-8)
+        sig["train_lost_progress"] = (train.latest - train.best) / span
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

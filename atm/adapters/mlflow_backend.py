@@ -1,0 +1,276 @@
+"""The MLflow backend (daemon side) and channel (listener side).
+
+On the run, atm keeps:
+
+- ``atm.update.NNNNNN`` tags: one :class:`~atm.schema.Update` each, the messages the listener applies;
+- ``atm.ack.NNNNNN`` tags: the listener's :class:`~atm.schema.Ack` for each;
+- ``atm.listener``: what the listener announced (knobs, current values);
+- ``atm.seq`` (last number taken) and ``atm.latest`` (a one-line summary for the runs table);
+- the artifact ``atm/interventions.jsonl``: every decision with its full context;
+- metrics ``atm/<param>`` logged by the listener at the step each change took effect.
+
+Reading is incremental: one ``get_run`` per poll gives the latest step of every metric; only
+keys that moved are read, and only the new step window of each (through the store's
+step-window query, the same one MLflow's UI uses), falling back to the full history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from atm.adapters.base import (
+    LATEST_KEY,
+    LISTENER_KEY,
+    LOG_ARTIFACT,
+    SEQ_KEY,
+    BackendUnavailable,
+    Points,
+    RunNotFound,
+    RunView,
+    ack_key,
+    parse_messages,
+    records_from_jsonl,
+    records_to_jsonl,
+    update_key,
+)
+from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+
+try:
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the MLflow backend needs mlflow: pip install 'atm[mlflow]'") from exc
+
+log = logging.getLogger("atm.mlflow")
+
+#: MLflow caps tag values at 8000 characters (older servers at 5000) and truncates silently.
+TAG_LIMIT = 5000
+#: Most points the step-window query returns before it starts to downsample.
+WINDOW_MAX = 2500
+
+T = TypeVar("T")
+
+
+def _translate(what: str, fn: Callable[[], T]) -> T:
+    """Run one MLflow call, mapping its errors onto the backend contract."""
+    try:
+        return fn()
+    except MlflowException as exc:
+        code = getattr(exc, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower():
+            raise RunNotFound(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+        raise BackendUnavailable(f"{what}: {exc}") from exc
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise BackendUnavailable(f"{what}: {exc}") from exc
+    except Exception as exc:  # requests' and sqlalchemy's errors: all transient from our side
+        if type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy"):
+            raise BackendUnavailable(f"{what}: {exc}") from exc
+        raise
+
+
+@dataclass
+class _RunCache:
+    history: dict[str, Points] = field(default_factory=dict)
+    #: key -> (step, timestamp ms) of the newest point read.
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Keys logged without ``step=`` (every point at step 0): numbered by arrival instead.
+    stepless: set[str] = field(default_factory=set)
+    log_records: list[DecisionRecord] | None = None
+
+
+class MlflowBackend:
+    """The daemon's MLflow access. One instance may serve many runs."""
+
+    name = "mlflow"
+
+    def __init__(self, tracking_uri: str | None = None):
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._cache: dict[str, _RunCache] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ discovery
+
+    def running_runs(self, experiment: str) -> list[str]:
+        exp = _translate(f"experiment {experiment!r}", lambda: self.client.get_experiment_by_name(experiment))
+        if exp is None:
+            raise RunNotFound(f"no MLflow experiment named {experiment!r} at {self.tracking_uri}")
+        runs = _translate(
+            "search runs",
+            lambda: self.client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000),
+        )
+        return [r.info.run_id for r in runs]
+
+    # ------------------------------------------------------------------ reading
+
+    def poll(self, run_id: str) -> RunView:
+        run = _translate(f"run {run_id}", lambda: self.client.get_run(run_id))
+        with self._lock:
+            cache = self._cache.setdefault(run_id, _RunCache())
+        moved = False
+        last_time = 0.0
+        for m in run.data._metric_objs:
+            last_time = max(last_time, m.timestamp / 1000.0)
+            prev = cache.seen.get(m.key)
+            if prev is not None and (m.step, m.timestamp) <= prev:
+                continue
+            self._read_new(run_id, m.key, m.step, m.timestamp, cache)
+            moved = True
+        updates, acks, listener, seq = parse_messages(run.data.tags)
+        return RunView(
+            run_id=run_id,
+            name=run.info.run_name or "",
+            status=run.info.status,
+            history=cache.history,
+            last_metric_time=last_time,
+            moved=moved,
+            listener=listener,
+            acks=acks,
+            updates=updates,
+            last_seq=seq,
+        )
+
+    def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
+        pts = cache.history.setdefault(key, [])
+        prev_step, prev_ts = cache.seen.get(key, (-1, -1))
+        if key in cache.stepless or (pts and latest_step <= prev_step):
+            # Logged without step=: the window query cannot find new points by step.
+            full = self._full_history(run_id, key)
+            cache.stepless.add(key)
+            cache.history[key] = [(i, v) for i, (_, v, _) in enumerate(full)]
+        else:
+            got = self._window(run_id, key, prev_step + 1, latest_step)
+            if got is None:
+                got = [p for p in self._full_history(run_id, key) if p[0] > prev_step]
+            pts.extend((s, v) for s, v, _ in got)
+            pts.sort(key=lambda p: p[0])
+        cache.seen[key] = (latest_step, latest_ts)
+
+    def _window(self, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]] | None:
+        """Points with start <= step <= end, or None when the fast path is unavailable or downsampled."""
+        store = self.client._tracking_client.store
+        try:
+            if hasattr(store, "get_host_creds"):
+                rows = self._window_rest(store, run_id, key, start, end)
+            elif type(store).__name__ == "SqlAlchemyStore":
+                rows = [
+                    (m.metric.step, m.metric.value, m.metric.timestamp)
+                    for m in store.get_metric_history_bulk_interval([run_id], key, WINDOW_MAX, start, end)
+                ]
+            else:
+                return None
+        except Exception as exc:  # an optimisation only: any failure means "use the public API"
+            log.debug("step-window read of %s failed (%s); using full history", key, exc)
+            return None
+        if len(rows) >= WINDOW_MAX:
+            return None  # the window was downsampled: read everything instead
+        return rows
+
+    @staticmethod
+    def _window_rest(store: Any, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]]:
+        from mlflow.utils.rest_utils import http_request
+
+        resp = http_request(
+            store.get_host_creds(),
+            "/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+            "GET",
+            params={"run_ids": run_id, "metric_key": key, "start_step": start, "end_step": end, "max_results": WINDOW_MAX},
+            timeout=10,
+        )
+        resp.raise_for_status()
+        return [(int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0))) for m in resp.json().get("metrics", [])]
+
+    def _full_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        ms = _translate(f"metric history {key}", lambda: self.client.get_metric_history(run_id, key))
+        rows = [(m.step, _as_float(m.value), m.timestamp) for m in ms]
+        rows.sort(key=lambda r: (r[2], r[0]))
+        return rows
+
+    # ------------------------------------------------------------------ writing
+
+    def reserve_seq(self, run_id: str, seq: int) -> None:
+        _translate("set tag", lambda: self.client.set_tag(run_id, SEQ_KEY, str(seq)))
+
+    def publish(self, record: DecisionRecord) -> None:
+        run_id = record.run_id
+        if record.status == Status.PENDING:
+            msg = record.to_update().model_dump_json()
+            if len(msg) > TAG_LIMIT:
+                raise ValueError(f"update #{record.seq} is {len(msg)} characters; tags hold {TAG_LIMIT}")
+            _translate("set tag", lambda: self.client.set_tag(run_id, update_key(record.seq), msg))
+        _translate("set tag", lambda: self.client.set_tag(run_id, LATEST_KEY, record.summary()[:TAG_LIMIT]))
+
+    def write_log(self, run_id: str, records: Sequence[DecisionRecord]) -> None:
+        text = records_to_jsonl(records)
+        _translate("log artifact", lambda: self.client.log_text(run_id, text, LOG_ARTIFACT))
+        with self._lock:
+            self._cache.setdefault(run_id, _RunCache()).log_records = list(records)
+
+    def read_log(self, run_id: str) -> list[DecisionRecord]:
+        folder = LOG_ARTIFACT.rsplit("/", 1)[0]
+        listed = _translate("list artifacts", lambda: self.client.list_artifacts(run_id, folder))
+        if LOG_ARTIFACT not in {f.path for f in listed}:
+            return []
+        with tempfile.TemporaryDirectory(prefix="atm-") as tmp:
+            path = _translate("download log", lambda: self.client.download_artifacts(run_id, LOG_ARTIFACT, tmp))
+            with open(path) as fh:
+                return records_from_jsonl(fh.read())
+
+
+class MlflowChannel:
+    """The listener's MLflow access: reads update tags, writes acks, info and ``atm/*`` metrics."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+
+    @classmethod
+    def from_environment(cls) -> "MlflowChannel | None":
+        """The job's active MLflow run, or ``MLFLOW_RUN_ID``; None when there is neither."""
+        run = mlflow.active_run()
+        run_id = run.info.run_id if run is not None else os.environ.get("MLFLOW_RUN_ID")
+        return cls(run_id) if run_id else None
+
+    def _tags(self) -> Mapping[str, str]:
+        return _translate(f"run {self.run_id}", lambda: self.client.get_run(self.run_id)).data.tags
+
+    def announce(self, info: ListenerInfo) -> None:
+        _translate("set tag", lambda: self.client.set_tag(self.run_id, LISTENER_KEY, info.model_dump_json()[:TAG_LIMIT]))
+
+    def fetch(self, after_seq: int) -> list[Update]:
+        updates, _, _, _ = parse_messages(self._tags())
+        return [updates[s] for s in sorted(updates) if s > after_seq]
+
+    def acked(self) -> dict[int, Ack]:
+        _, acks, _, _ = parse_messages(self._tags())
+        return acks
+
+    def ack(self, ack: Ack) -> None:
+        _translate("set tag", lambda: self.client.set_tag(self.run_id, ack_key(ack.seq), ack.model_dump_json()[:TAG_LIMIT]))
+
+    def log_values(self, values: Mapping[str, float], step: int | None) -> None:
+        ts = int(time.time() * 1000)
+        metrics = [Metric(f"atm/{k}", float(v), ts, int(step or 0)) for k, v in values.items() if math.isfinite(v)]
+        if metrics:
+            _translate("log metrics", lambda: self.client.log_batch(self.run_id, metrics=metrics))
+
+    def close(self) -> None:
+        pass
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+

@@ -1,0 +1,318 @@
+"""The in-job listener: receives updates from the daemon and applies them inside the training job.
+
+Threads: a background thread talks to the tracker (fetch updates, write acks and ``atm/*``
+metrics); the training thread only takes updates off an in-memory queue, at the next
+``optimizer.step()`` (a step pre-hook), at ``apply_pending()``, or, with no optimizer and
+``apply="auto"``, from the background thread itself. So the training loop never waits on the
+network, and nothing the listener does raises into it.
+
+Updates are applied in ascending ``seq``, each at most once: a restarted listener resumes after
+the highest ``seq`` it has acknowledged on the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from atm.schema import Ack, Action, ListenerInfo, Update
+
+log = logging.getLogger("atm.listener")
+
+ApplyMode = Literal["auto", "manual"]
+
+
+@dataclass
+class Knob:
+    """A named parameter the manager may change: a setter, and a getter for its current value.
+
+    Without a getter the manager cannot see the current value, so it cannot propose relative
+    moves for it; give ``get`` (or use :func:`attr`) whenever you can.
+    """
+
+    set: Callable[[float], Any]
+    get: Callable[[], float] | None = None
+
+
+def attr(obj: Any, name: str) -> Knob:
+    """A knob bound to ``obj.name``: ``atm.listen(knobs={"actor_lr": atm.attr(recipe, "actor_lr")})``."""
+    getattr(obj, name)  # fail now, with Python's own message, if the attribute does not exist
+    return Knob(set=lambda v: setattr(obj, name, type(getattr(obj, name))(v)), get=lambda: float(getattr(obj, name)))
+
+
+def as_knob(name: str, spec: Any) -> Knob:
+    if isinstance(spec, Knob):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and all(callable(f) for f in spec):
+        return Knob(get=spec[0], set=spec[1])
+    if callable(spec):
+        return Knob(set=spec)
+    raise TypeError(
+        f"knob {name!r}: expected a setter, a (getter, setter) pair or atm.attr(obj, 'name'); got {type(spec).__name__}"
+    )
+
+
+class Listener:
+    """Applies the daemon's updates to a running job. Create it with :func:`atm.listen`."""
+
+    def __init__(
+        self,
+        channel: Any,
+        knobs: Mapping[str, Knob],
+        actions: Mapping[str, Callable[[], Any]] | None = None,
+        apply: ApplyMode = "auto",
+        step: Callable[[], int] | None = None,
+        poll_interval: float = 1.0,
+        in_training_thread: bool = False,
+    ):
+        if apply not in ("auto", "manual"):
+            raise ValueError(f"apply must be 'auto' or 'manual', got {apply!r}")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        self.channel = channel
+        self.knobs = dict(knobs)
+        self.actions = dict(actions or {})
+        self.apply_mode: ApplyMode = apply
+        self.poll_interval = poll_interval
+        #: Updates applied so far, in order.
+        self.applied: list[Update] = []
+        #: Set when the manager asked the job to stop (a ``stop`` action).
+        self.stop_requested = False
+        self._step_fn = step
+        self._steps_seen = 0
+        self._in_training_thread = in_training_thread or apply == "manual"
+        self._pending: list[Update] = []
+        self._last_applied = 0
+        self._lock = threading.Lock()
+        self._outbox: list[tuple[Ack, dict[str, float], int | None]] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._announce_needed = True
+        self._started_at = time.time()
+        self._thread: threading.Thread | None = None
+        self._errors_logged: set[str] = set()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def attached(self) -> bool:
+        return self.channel is not None
+
+    @property
+    def run_id(self) -> str | None:
+        return getattr(self.channel, "run_id", None)
+
+    def start(self) -> "Listener":
+        if self.channel is None or self._thread is not None:
+            return self
+        try:
+            acked = self.channel.acked()
+            self._last_applied = max(acked, default=0)
+        except Exception as exc:  # keep going: the thread retries the tracker
+            self._note("resume", f"could not read earlier acks yet ({exc}); will retry")
+            self._last_applied = -1  # unknown: do not apply anything until the acks were read
+        self._thread = threading.Thread(target=self._run, name="atm-listener", daemon=True)
+        self._thread.start()
+        return self
+
+    def apply_pending(self, step: int | None = None) -> list[Update]:
+        """Apply every update received so far, now, in this thread. Returns what was applied.
+
+        Call it at a boundary of your choice (after an evaluation, at an epoch end) when the
+        listener was created with ``apply="manual"``. Never raises.
+        """
+        try:
+            return self._apply_ready(step)
+        except Exception as exc:  # contained: training goes on
+            self._note("apply", f"applying updates failed: {exc!r}")
+            return []
+
+    def current_values(self) -> dict[str, float]:
+        out = {}
+        for name, knob in self.knobs.items():
+            if knob.get is None:
+                continue
+            try:
+                out[name] = float(knob.get())
+            except Exception as exc:
+                self._note(f"get:{name}", f"reading knob {name!r} failed: {exc!r}")
+        return out
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the background thread after flushing acks and metrics still in the outbox."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_optimizer_step(self, *_: Any, **__: Any) -> None:
+        # Runs in the training thread before every optimizer.step(): keep it cheap.
+        self._steps_seen += 1
+        if self._pending and self.apply_mode == "auto":
+            self.apply_pending()
+
+    def _step(self, explicit: int | None = None) -> int | None:
+        if explicit is not None:
+            return int(explicit)
+        if self._step_fn is not None:
+            try:
+                return int(self._step_fn())
+            except Exception as exc:
+                self._note("step", f"step callable failed: {exc!r}")
+        return self._steps_seen or None
+
+    # ------------------------------------------------------------------ applying
+
+    def _apply_ready(self, step: int | None) -> list[Update]:
+        with self._lock:
+            ready, self._pending = sorted(self._pending, key=lambda u: u.seq), []
+        done = []
+        for update in ready:
+            if update.seq <= self._last_applied:
+                continue  # already applied (by an earlier process or a duplicate fetch)
+            done.append(self._apply_one(update, self._step(step)))
+        return done
+
+    def _apply_one(self, update: Update, step: int | None) -> Update:
+        values: dict[str, float] = {}
+        errors: list[str] = []
+        for name, change in update.changes.items():
+            knob = self.knobs.get(name)
+            if knob is None:
+                errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
+                continue
+            try:
+                knob.set(change.new)
+                values[name] = float(knob.get()) if knob.get is not None else change.new
+            except Exception as exc:
+                errors.append(f"{name}: setter raised {exc!r}")
+        if update.action is not None:
+            try:
+                self._run_action(update.action)
+            except Exception as exc:
+                errors.append(f"{update.action.value}: handler raised {exc!r}")
+        ok = bool(values) or (update.action is not None and not any(e.startswith(update.action.value) for e in errors))
+        self._last_applied = update.seq
+        self.applied.append(update)
+        ack = Ack(
+            run_id=update.run_id,
+            seq=update.seq,
+            status="applied" if ok else "failed",
+            applied_step=step,
+            values=values,
+            error="; ".join(errors),
+        )
+        if errors:
+            log.warning("atm update #%d: %s", update.seq, ack.error)
+        else:
+            log.info("atm update #%d applied at step %s: %s", update.seq, step, values)
+        with self._lock:
+            self._outbox.append((ack, values, step))
+            self._announce_needed = True
+        self._wake.set()
+        return update
+
+    def _run_action(self, action: Action) -> None:
+        handler = self.actions.get(action.value)
+        if action == Action.STOP:
+            self.stop_requested = True
+        if handler is not None:
+            handler()
+        elif action != Action.STOP:
+            raise RuntimeError(f"no handler registered (atm.listen(actions={{'{action.value}': fn}}))")
+
+    # ------------------------------------------------------------------ background thread
+
+    def _run(self) -> None:
+        self._send_initial()
+        while not self._stop.is_set():
+            self._cycle()
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+        self._flush()
+
+    def _send_initial(self) -> None:
+        try:
+            values = self.current_values()
+            self.channel.log_values(values, self._step())
+        except Exception as exc:
+            self._note("initial", f"could not log initial values: {exc!r}")
+
+    def _cycle(self) -> None:
+        try:
+            if self._last_applied < 0:
+                self._last_applied = max(self.channel.acked(), default=0)
+            self._flush()
+            if self._announce_needed:
+                self._announce()
+            known = max([self._last_applied, *(u.seq for u in self._pending)])
+            fresh = self.channel.fetch(known)
+            if fresh:
+                with self._lock:
+                    have = {u.seq for u in self._pending}
+                    self._pending.extend(u for u in fresh if u.seq not in have)
+                if not self._in_training_thread:
+                    self._apply_ready(None)
+                    self._flush()
+        except Exception as exc:  # the tracker may be down; keep trying, quietly
+            self._note("poll", f"tracker not reachable ({exc!r}); retrying every {self.poll_interval}s")
+
+    def _announce(self) -> None:
+        info = ListenerInfo(
+            run_id=self.channel.run_id,
+            knobs=sorted(self.knobs),
+            values=self.current_values(),
+            actions=sorted({*self.actions, Action.STOP.value}),
+            apply_mode=self.apply_mode,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=self._started_at,
+            last_applied_seq=max(self._last_applied, 0),
+            step=self._step(),
+        )
+        self.channel.announce(info)
+        self._announce_needed = False
+
+    def _flush(self) -> None:
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    return
+                ack, values, step = self._outbox[0]
+            try:
+                self.channel.ack(ack)
+                if values:
+                    self.channel.log_values(values, step)
+            except Exception as exc:
+                self._note("ack", f"could not write ack #{ack.seq} yet ({exc!r}); will retry")
+                return
+            with self._lock:
+                self._outbox.pop(0)
+
+    def _note(self, kind: str, message: str) -> None:
+        # Log each kind of trouble once at WARNING, then at DEBUG: a tracker outage must not flood the job's log.
+        if kind in self._errors_logged:
+            log.debug(message)
+        else:
+            self._errors_logged.add(kind)
+            log.warning("atm: %s", message)

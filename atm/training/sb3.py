@@ -1,0 +1,176 @@
+"""Stable-Baselines3 hooks for the listener: the knobs of a PPO model and where to apply them.
+
+Every knob here is read by SB3 at the start of ``train()``, so a change made at
+:data:`APPLY_HOOK` (``BaseCallback._on_rollout_end``: the rollout is complete and the update has not
+started) takes effect in the very next update and never splits a rollout. Rules each setter keeps:
+
+- ``lr`` sets ``model.learning_rate`` and ``model.lr_schedule`` (a constant schedule) and the
+  optimizer's param groups: SB3 rewrites the optimizer's LR from ``lr_schedule`` at every update,
+  so writing the optimizer alone is silently undone.
+- ``clip_range`` stays a schedule (PPO calls it with the progress remaining).
+- ``ent_coef``, ``n_epochs`` and ``target_kl`` are plain attributes.
+- ``reward.<name>`` is set in every sub-env through ``VecEnv.env_method`` (works for
+  ``DummyVecEnv`` and ``SubprocVecEnv``); its getter reads env 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.callbacks import BaseCallback
+
+__all__ = ["APPLY_HOOK", "Knob", "constant_schedule", "manager_callback", "sb3_knobs"]
+
+Getter = Callable[[], Any]
+Setter = Callable[[float], None]
+Knob = tuple[Getter, Setter]
+
+APPLY_HOOK = "_on_rollout_end"
+"""The ``BaseCallback`` hook at which queued updates must be applied: between rollouts, before the
+update that follows, never mid-rollout."""
+
+
+def constant_schedule(value: float) -> Callable[[float], float]:
+    """A constant SB3 schedule, built with the installed SB3's own helper (picklable for ``save``)."""
+    try:  # SB3 >= 2.6
+        from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule
+
+        return FloatSchedule(ConstantSchedule(float(value)))
+    except ImportError:  # older SB3
+        from stable_baselines3.common.utils import get_schedule_fn
+
+        return get_schedule_fn(float(value))
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _ppo_knobs(model: BaseAlgorithm) -> dict[str, Knob]:
+    def progress() -> float:
+        return float(model._current_progress_remaining)
+
+    def get_lr() -> float:
+        return float(model.lr_schedule(progress()))
+
+    def set_lr(value: float) -> None:
+        value = _finite("lr", value)
+        if value <= 0:
+            raise ValueError(f"lr must be positive, got {value}")
+        model.learning_rate = value
+        model.lr_schedule = constant_schedule(value)
+        # Also write the optimizer now, so that anything reading it before the next update agrees.
+        for group in model.policy.optimizer.param_groups:
+            group["lr"] = value
+
+    def get_clip() -> float:
+        return float(model.clip_range(progress()))  # type: ignore[attr-defined]
+
+    def set_clip(value: float) -> None:
+        value = _finite("clip_range", value)
+        if value <= 0:
+            raise ValueError(f"clip_range must be positive, got {value}")
+        model.clip_range = constant_schedule(value)  # type: ignore[attr-defined]
+
+    def set_ent(value: float) -> None:
+        model.ent_coef = _finite("ent_coef", value)  # type: ignore[attr-defined]
+
+    def set_epochs(value: float) -> None:
+        epochs = int(round(_finite("n_epochs", value)))
+        if epochs < 1:
+            raise ValueError(f"n_epochs must be at least 1, got {value}")
+        model.n_epochs = epochs  # type: ignore[attr-defined]
+
+    def get_target_kl() -> float | None:
+        kl = model.target_kl  # type: ignore[attr-defined]
+        return None if kl is None else float(kl)
+
+    def set_target_kl(value: float) -> None:
+        value = _finite("target_kl", value)
+        if value <= 0:
+            raise ValueError(f"target_kl must be positive, got {value}")
+        model.target_kl = value  # type: ignore[attr-defined]
+
+    return {
+        "lr": (get_lr, set_lr),
+        "ent_coef": (lambda: float(model.ent_coef), set_ent),  # type: ignore[attr-defined]
+        "clip_range": (get_clip, set_clip),
+        "n_epochs": (lambda: int(model.n_epochs), set_epochs),  # type: ignore[attr-defined]
+        "target_kl": (get_target_kl, set_target_kl),
+    }
+
+
+def _reward_knobs(model: BaseAlgorithm, getter_method: str, setter_method: str) -> dict[str, Knob]:
+    venv = model.get_env()
+    if venv is None:
+        return {}
+    try:
+        weights = venv.env_method(getter_method, indices=[0])[0]
+    except AttributeError:
+        return {}  # this env has no run-time reward weights
+
+    def knob(name: str) -> Knob:
+        def get() -> float:
+            return float(venv.env_method(getter_method, indices=[0])[0][name])
+
+        def set_(value: float) -> None:
+            venv.env_method(setter_method, name, _finite(f"reward.{name}", value))
+
+        return get, set_
+
+    return {f"reward.{name}": knob(name) for name in weights}
+
+
+def sb3_knobs(
+    model: BaseAlgorithm,
+    *,
+    reward_getter: str = "get_reward_weights",
+    reward_setter: str = "set_reward_weight",
+) -> dict[str, Knob]:
+    """The run-time knobs of an SB3 PPO model, as ``{name: (getter, setter)}``.
+
+    Args:
+        model: a ``stable_baselines3.PPO`` (or subclass) with its env attached.
+        reward_getter: env method returning ``{weight name: value}``; when the env lacks it, no
+            ``reward.*`` knobs are returned.
+        reward_setter: env method ``(name, value)`` setting one weight.
+
+    Returns:
+        ``lr``, ``ent_coef``, ``clip_range``, ``n_epochs``, ``target_kl`` and ``reward.<name>`` per
+        weight. Getters return the value SB3 will use next (``target_kl`` may be None: disabled).
+        Setters raise ``ValueError`` on a non-finite or out-of-domain value. Apply them at
+        :data:`APPLY_HOOK`.
+
+    Raises:
+        TypeError: for an algorithm that is not PPO-like (no ``clip_range`` / ``n_epochs``).
+    """
+    missing = [a for a in ("clip_range", "n_epochs", "ent_coef", "target_kl") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"sb3_knobs supports PPO-like models; {type(model).__name__} has no {', '.join(missing)}"
+        )
+    return {**_ppo_knobs(model), **_reward_knobs(model, reward_getter, reward_setter)}
+
+
+def manager_callback(
+    model: BaseAlgorithm, *, actions: dict[str, Callable[[], Any]] | None = None, **listen_kwargs: Any
+) -> BaseCallback:
+    """The atm callback for ``model``: the listener with this model's knobs, applied at :data:`APPLY_HOOK`.
+
+    Raises:
+        ImportError: when the installed atm has no ``atm.sb3_callback`` (install atm with the
+            listener, or train without it).
+    """
+    import atm
+
+    make = getattr(atm, "sb3_callback", None)
+    if make is None:
+        raise ImportError("this atm install has no atm.sb3_callback; reinstall atm or train without the listener")
+    return make(knobs=sb3_knobs(model), actions=actions, step=lambda: model.num_timesteps, **listen_kwargs)

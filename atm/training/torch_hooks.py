@@ -1,0 +1,115 @@
+"""PyTorch appliers: optimizer parameter groups (and the LR scheduler on top of them), dropout."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from atm.training.listener import Knob
+
+log = logging.getLogger("atm.listener")
+
+#: Param-group keys that hold a learning rate which a scheduler may read back later.
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
+    """Knobs for every hyperparameter the optimizer's groups carry: lr, weight_decay, momentum, betas.
+
+    A change is applied to every parameter group as a ratio of group 0's value, so groups with
+    different learning rates (a backbone at lr/10) keep their proportions. Learning-rate changes
+    also scale the scheduler's ``base_lrs`` so LambdaLR, CosineAnnealingLR, OneCycleLR and friends
+    do not silently undo them at their next step.
+    """
+    groups = optimizer.param_groups
+    knobs: dict[str, Knob] = {}
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False) and scheduler is None:
+        log.warning(
+            "atm: an LR scheduler is attached to this optimizer; pass it as atm.listen(optimizer, scheduler=sched) "
+            "so learning-rate changes scale its base values instead of being undone at its next step"
+        )
+
+    def scale_lr(value: float) -> None:
+        ratio = _ratio(float(value), float(groups[0]["lr"]))
+        for g in groups:
+            for key in _LR_KEYS:
+                if isinstance(g.get(key), (int, float)):
+                    g[key] = g[key] * ratio
+        if scheduler is not None:
+            for attr in ("base_lrs", "max_lrs", "min_lrs"):
+                vals = getattr(scheduler, attr, None)
+                if isinstance(vals, list):
+                    setattr(scheduler, attr, [v * ratio for v in vals])
+            # ReduceLROnPlateau keeps its own floor per group.
+            if isinstance(getattr(scheduler, "min_lrs", None), list) and hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [g["lr"] for g in groups]
+
+    knobs["lr"] = Knob(get=lambda: float(groups[0]["lr"]), set=scale_lr)
+    for key in ("weight_decay", "momentum"):
+        if key in groups[0]:
+            knobs[key] = Knob(get=_getter(groups, key), set=_group_setter(groups, key))
+    if "betas" in groups[0]:
+        for i, name in enumerate(("beta1", "beta2")):
+            knobs[name] = Knob(get=lambda i=i: float(groups[0]["betas"][i]), set=_beta_setter(groups, i))
+    return knobs
+
+
+def _ratio(new: float, old: float) -> float:
+    if old == 0:
+        raise ValueError("learning rate is 0 in group 0; cannot scale the groups proportionally")
+    return new / old
+
+
+def _reference(groups: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The group whose value stands for the knob: the first non-zero one (no-decay groups sit at 0)."""
+    return next((g for g in groups if g[key] != 0), groups[0])
+
+
+def _getter(groups: list[dict[str, Any]], key: str) -> Any:
+    return lambda: float(_reference(groups, key)[key])
+
+
+def _group_setter(groups: list[dict[str, Any]], key: str) -> Any:
+    def set_all(value: float) -> None:
+        old = float(_reference(groups, key)[key])
+        if old == 0:
+            # Every group is at 0, so none can be told apart as a deliberate no-decay group.
+            for g in groups:
+                g[key] = float(value)
+            return
+        for g in groups:
+            if g[key] != 0:  # groups that opted out stay out; the others keep their proportions
+                g[key] = g[key] * (float(value) / old)
+
+    return set_all
+
+
+def _beta_setter(groups: list[dict[str, Any]], i: int) -> Any:
+    def set_beta(value: float) -> None:
+        for g in groups:
+            b = list(g["betas"])
+            b[i] = float(value)
+            g["betas"] = tuple(b)
+    return set_beta
+
+
+def dropout_knob(model: Any) -> Knob:
+    """A knob that sets ``p`` of every ``nn.Dropout*`` module in ``model`` (and attention dropout of
+    ``nn.MultiheadAttention``). ``atm.listen(opt, knobs={"dropout": atm.dropout(model)})``."""
+    import torch.nn as nn
+
+    mods = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mods and not attn:
+        raise ValueError("the model has no nn.Dropout or nn.MultiheadAttention modules to control")
+
+    def get() -> float:
+        return float(mods[0].p if mods else attn[0].dropout)
+
+    def set_p(value: float) -> None:
+        for m in mods:
+            m.p = float(value)
+        for m in attn:
+            m.dropout = float(value)
+
+    return Knob(get=get, set=set_p)

@@ -1,0 +1,1 @@
+"""Manipulation workload: a two-link MuJoCo arm reaching around an obstacle, trained with SB3 PPO."""

@@ -1,0 +1,469 @@
+"""Training loop of the TinyStories workload: user code that logs to MLflow or W&B and lets atm steer it.
+
+``train(TrainConfig(...))`` runs one arm of the supervised benchmark and returns its curves. The
+``overfit`` recipe is the paper's fixed baseline (constant lr 2e-3, no dropout, no weight decay on a
+corpus small enough to memorise); ``plateau`` adds ``ReduceLROnPlateau`` on validation loss. Early
+stopping with restore needs no run of its own: :func:`early_stop_with_restore` reads it off the
+fixed run's validation curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+import atm
+from atm.training.workloads.tinystories.data import DEFAULT_CORPUS_KB, Prepared, load_corpus, prepare
+from atm.training.workloads.tinystories.model import GPT, GPTConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///atm-demo/mlflow.db"
+RECIPES = ("overfit", "plateau")
+#: Knobs a scripted intervention may set (the same names the lm policy uses).
+SCRIPT_KNOBS = ("lr", "weight_decay", "dropout")
+
+
+class ScriptedIntervention(BaseModel):
+    """A change made by the job itself at a fixed step (after that step's evaluation).
+
+    Used to measure what a hand-made fix achieves (for instance restore the best checkpoint, lr/3 and
+    dropout 0.1 once validation loss has turned), through the same code paths the listener uses.
+    """
+
+    step: int = Field(gt=0)
+    changes: dict[str, float] = Field(default_factory=dict)
+    rollback: bool = False
+
+    @field_validator("changes")
+    @classmethod
+    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(SCRIPT_KNOBS))
+        if unknown:
+            raise ValueError(f"scripted changes can set {', '.join(SCRIPT_KNOBS)}; got {', '.join(unknown)}")
+        return v
+
+    @classmethod
+    def parse(cls, text: str) -> ScriptedIntervention:
+        """``"STEP:rollback,lr=6e-4,dropout=0.1"`` -> an intervention (the CLI's ``--script`` form)."""
+        m = re.fullmatch(r"\s*(\d+)\s*:(.*)", text)
+        if not m:
+            raise ValueError(f"expected STEP:item,item,... (e.g. 200:rollback,lr=6e-4,dropout=0.1), got {text!r}")
+        changes: dict[str, float] = {}
+        rollback = False
+        for item in filter(None, (s.strip() for s in m.group(2).split(","))):
+            if item == "rollback":
+                rollback = True
+            elif "=" in item:
+                key, value = item.split("=", 1)
+                changes[key.strip()] = float(value)
+            else:
+                raise ValueError(f"unknown script item {item!r} in {text!r}; use rollback or KNOB=VALUE")
+        return cls(step=int(m.group(1)), changes=changes, rollback=rollback)
+
+
+class TrainConfig(BaseModel):
+    """Everything one run needs. Defaults are the calibrated ``overfit`` recipe (about 2-3 min, 1 thread)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Literal["overfit", "plateau"] = "overfit"
+    steps: int = Field(default=600, gt=0)
+    eval_every: int = Field(default=15, gt=0)
+    batch: int = Field(default=16, gt=0)
+    # Model
+    context: int = Field(default=128, gt=1)
+    n_layer: int = Field(default=4, gt=0)
+    n_head: int = Field(default=4, gt=0)
+    width: int = Field(default=128, gt=0)
+    # Optimisation (the recipe's starting values; the manager may change lr, weight_decay, dropout)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    threads: int = Field(default=1, gt=0)
+    # Data
+    data: str = "generated"
+    corpus_kb: int = Field(default=DEFAULT_CORPUS_KB, gt=0)
+    data_seed: int = 0
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    # ReduceLROnPlateau (recipe "plateau"); patience counts evaluations
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    plateau_patience: int = Field(default=2, ge=0)
+    # Early stopping derived from the curve (see early_stop_with_restore); patience counts evaluations
+    early_stop_patience: int = Field(default=4, gt=0)
+    early_stop_min_delta: float = Field(default=0.0, ge=0)
+    # Tracking
+    tracking: Literal["mlflow", "wandb", "none"] = "none"
+    tracking_uri: str | None = None
+    experiment: str = "atm-tinystories"
+    run_name: str | None = None
+    #: Attach atm's listener (with a tracker). Off for arms that must stay unmanaged.
+    listen: bool = True
+    script: list[ScriptedIntervention] = Field(default_factory=list)
+
+    def run_params(self) -> dict[str, Any]:
+        """Flat params for the tracker (the scripted interventions as their CLI form)."""
+        params = self.model_dump(exclude={"script", "tracking_uri"})
+        if self.script:
+            params["script"] = "; ".join(
+                f"{s.step}:" + ",".join((["rollback"] if s.rollback else []) + [f"{k}={v:g}" for k, v in s.changes.items()])
+                for s in self.script
+            )
+        return params
+
+
+class EvalPoint(BaseModel):
+    step: int
+    train_loss: float
+    val_loss: float
+    grad_norm: float
+    lr: float
+    weight_decay: float
+    dropout: float
+    elapsed_s: float
+
+
+class TrainResult(BaseModel):
+    """What one run did. ``final_val_loss`` is the last evaluation (after any rollback the manager made)."""
+
+    config: TrainConfig
+    evals: list[EvalPoint]
+    steps_done: int
+    stopped_by_manager: bool
+    interventions: int
+    rollbacks: int
+    wall_time_s: float
+    tokens_per_s: float
+    n_params: int
+    data_source: str
+    run_id: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def val_curve(self) -> list[tuple[int, float]]:
+        return [(e.step, e.val_loss) for e in self.evals]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def train_curve(self) -> list[tuple[int, float]]:
+        return [(e.step, e.train_loss) for e in self.evals]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def final_val_loss(self) -> float:
+        return self.evals[-1].val_loss
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def best_val_loss(self) -> float:
+        return min(e.val_loss for e in self.evals)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def best_step(self) -> int:
+        return min(self.evals, key=lambda e: e.val_loss).step
+
+
+class EarlyStopOutcome(BaseModel):
+    """Early stopping with restore, replayed on a validation curve."""
+
+    stopped: bool
+    #: Step at which training would have stopped (the curve's last step if patience never ran out).
+    stop_step: int
+    best_step: int
+    #: Validation loss of the restored best checkpoint: the arm's final validation loss.
+    final_val_loss: float
+    reason: str
+
+
+def early_stop_with_restore(val_curve: Sequence[tuple[int, float]], patience: int,
+                            min_delta: float = 0.0) -> EarlyStopOutcome:
+    """Replay early stopping on ``val_curve`` ((step, val_loss) in step order).
+
+    An evaluation improves when it is below the best so far by more than ``min_delta``; training stops
+    after ``patience`` evaluations in a row without improvement, and the best checkpoint is restored.
+
+    Raises:
+        ValueError: empty curve or ``patience < 1``.
+    """
+    if not val_curve:
+        raise ValueError("val_curve is empty; early stopping needs at least one evaluation")
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1 evaluation, got {patience}")
+    best_step, best = val_curve[0]
+    waited = 0
+    for step, loss in val_curve[1:]:
+        if loss < best - min_delta:
+            best_step, best, waited = step, loss, 0
+            continue
+        waited += 1
+        if waited >= patience:
+            return EarlyStopOutcome(stopped=True, stop_step=step, best_step=best_step, final_val_loss=best,
+                                    reason=f"no improvement below {best:.4f} (min_delta {min_delta}) for "
+                                           f"{patience} evaluations; restored step {best_step}")
+    return EarlyStopOutcome(stopped=False, stop_step=val_curve[-1][0], best_step=best_step, final_val_loss=best,
+                            reason=f"patience never ran out; restored best step {best_step} at the end")
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///atm-demo/mlflow.db`` (under the current folder).
+
+    The folder of a relative sqlite path is created, since sqlite will not create it.
+    """
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if resolved.startswith("sqlite:///"):
+        Path(resolved[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return resolved
+
+
+# --------------------------------------------------------------------------- trackers (how a user logs)
+
+
+class _Tracker:
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def finish(self, ok: bool) -> None: ...
+
+
+class _MlflowTracker(_Tracker):
+    def __init__(self, cfg: TrainConfig) -> None:
+        import mlflow  # noqa: PLC0415 - only runs that log to MLflow pay for the import
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking_uri))
+        mlflow.set_experiment(cfg.experiment)
+        self.run_id = mlflow.start_run(run_name=cfg.run_name).info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.mlflow.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def finish(self, ok: bool) -> None:
+        self.mlflow.end_run(status="FINISHED" if ok else "FAILED")
+
+
+class _WandbTracker(_Tracker):
+    def __init__(self, cfg: TrainConfig) -> None:
+        import wandb  # noqa: PLC0415
+
+        self.wandb = wandb
+        # Offline unless the user chose otherwise: no account or server is needed, and atm reads the
+        # offline run's transaction log. tracking_uri, for W&B, is the folder runs are written to.
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        self.run = wandb.init(project=cfg.experiment, name=cfg.run_name, mode=mode, dir=cfg.tracking_uri)
+        self.run_id = self.run.id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.run.config.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+def _make_tracker(cfg: TrainConfig) -> _Tracker:
+    if cfg.tracking == "mlflow":
+        return _MlflowTracker(cfg)
+    if cfg.tracking == "wandb":
+        return _WandbTracker(cfg)
+    return _Tracker()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _val_loss(model: GPT, ids: torch.Tensor, context: int, chunk: int = 64) -> float:
+    """Token-weighted loss over non-overlapping windows covering the whole validation stream."""
+    starts = list(range(0, max(1, len(ids) - 1), context))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(starts), chunk):
+            windows = [ids[s: s + context + 1] for s in starts[i: i + chunk]]
+            for w in {len(w) for w in windows}:  # the last window may be shorter
+                batch = torch.stack([x for x in windows if len(x) == w])
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+                n = batch[:, 1:].numel()
+                total += float(loss) * n
+                count += n
+    model.train(was_training)
+    return total / count
+
+
+class _Checkpoint:
+    """The best weights and optimizer moments, kept in memory for rollback."""
+
+    def __init__(self) -> None:
+        self.model: dict[str, torch.Tensor] | None = None
+        self.optimizer: dict[str, Any] | None = None
+        self.step = 0
+
+    def save(self, model: GPT, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.model = copy.deepcopy(model.state_dict())
+        self.optimizer = copy.deepcopy(optimizer.state_dict())
+        self.step = step
+
+    def restore(self, model: GPT, optimizer: torch.optim.Optimizer) -> bool:
+        if self.model is None or self.optimizer is None:
+            return False
+        # Keep the current hyperparameters: a rollback usually arrives together with new lr, weight
+        # decay or dropout, which are applied first and must survive the restore.
+        current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        for group, hyper in zip(optimizer.param_groups, current):
+            group.update(hyper)
+        return True
+
+
+def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = None,
+          on_start: Callable[[str | None], None] | None = None, prepared: Prepared | None = None) -> TrainResult:
+    """Run one training job.
+
+    Args:
+        config: the run's settings.
+        on_eval: called after every evaluation (the CLI prints progress with it).
+        on_start: called with the tracker's run id (None without a tracker) once the run has started,
+            before the first step: the moment to point ``atm-watch`` at it.
+        prepared: already tokenised data, to skip loading when many runs share one corpus.
+
+    Returns:
+        The run's curves and summary.
+
+    Raises:
+        CorpusError: the data source could not be read.
+    """
+    torch.set_num_threads(config.threads)
+    if prepared is None:
+        prepared = prepare(load_corpus(config.data, size_kb=config.corpus_kb, seed=config.data_seed),
+                           val_fraction=config.val_fraction, seed=config.data_seed)
+    if len(prepared.train_ids) <= config.context + 1:
+        raise ValueError(f"training stream has {len(prepared.train_ids)} tokens, fewer than one context window "
+                         f"({config.context + 1}); use more data or a smaller --context")
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(vocab_size=len(prepared.tokenizer), context=config.context, n_layer=config.n_layer,
+                          n_head=config.n_head, width=config.width, dropout=config.dropout))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = None
+    if config.recipe == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+    batches = torch.Generator().manual_seed(config.seed)
+    train_ids, val_ids = prepared.train_ids, prepared.val_ids
+    best = _Checkpoint()
+    best_val = math.inf
+    step = 0
+    rollback_requested = False
+    rollbacks = 0
+
+    def request_rollback() -> None:
+        # Called from inside optimizer.step()'s hook (or another thread): restoring there would let the
+        # step apply gradients of the old weights to the restored ones, so restore at the next step start.
+        nonlocal rollback_requested
+        rollback_requested = True
+
+    tracker = _make_tracker(config)
+    listener = None
+    ok = False
+    evals: list[EvalPoint] = []
+    scripted = sorted(config.script, key=lambda s: s.step)
+    scripted_done = 0
+    start = time.perf_counter()
+    try:
+        tracker.log_params({**config.run_params(), "data_source": prepared.source,
+                            "vocab_size": len(prepared.tokenizer), "n_params": model.n_params(),
+                            "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+                            "train_stories": prepared.n_train_stories, "val_stories": prepared.n_val_stories})
+        if config.tracking != "none" and config.listen:
+            listener = atm.listen(optimizer, knobs={"dropout": (model.get_dropout, model.set_dropout)},
+                                  actions={"rollback": request_rollback}, scheduler=scheduler, step=lambda: step)
+        if on_start is not None:
+            on_start(tracker.run_id)
+        losses: list[float] = []
+        norms: list[float] = []
+        model.train()
+        while step < config.steps:
+            if rollback_requested:
+                rollback_requested = False
+                rollbacks += best.restore(model, optimizer)
+            starts = torch.randint(0, len(train_ids) - config.context - 1, (config.batch,), generator=batches)
+            batch = torch.stack([train_ids[s: s + config.context + 1] for s in starts.tolist()])
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = config.grad_clip if config.grad_clip is not None else math.inf
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            stop = listener is not None and listener.stop_requested
+            if step % config.eval_every and step != config.steps and not stop:
+                continue
+            if rollback_requested:  # a rollback that arrived with the last step is evaluated, not skipped
+                rollback_requested = False
+                rollbacks += best.restore(model, optimizer)
+            val = _val_loss(model, val_ids, config.context)
+            point = EvalPoint(step=step, train_loss=sum(losses) / len(losses), val_loss=val,
+                              grad_norm=sum(norms) / len(norms), lr=optimizer.param_groups[0]["lr"],
+                              weight_decay=optimizer.param_groups[0]["weight_decay"], dropout=model.get_dropout(),
+                              elapsed_s=time.perf_counter() - start)
+            losses, norms = [], []
+            evals.append(point)
+            tracker.log_metrics(point.model_dump(include={"train_loss", "val_loss", "grad_norm", "lr",
+                                                          "weight_decay", "dropout"}), step=step)
+            if on_eval is not None:
+                on_eval(point)
+            if val < best_val:
+                best_val = val
+                best.save(model, optimizer, step)
+            if scheduler is not None:
+                scheduler.step(val)
+            while scripted_done < len(scripted) and scripted[scripted_done].step <= step:
+                _apply_script(scripted[scripted_done], model, optimizer, scheduler)
+                rollbacks += scripted[scripted_done].rollback and best.restore(model, optimizer)
+                scripted_done += 1
+            if stop:
+                break
+        ok = True
+    finally:
+        if listener is not None:
+            listener.close()
+        tracker.finish(ok)
+    wall = time.perf_counter() - start
+    return TrainResult(
+        config=config, evals=evals, steps_done=step,
+        stopped_by_manager=bool(listener is not None and listener.stop_requested),
+        interventions=(len(listener.applied) if listener is not None else 0) + scripted_done,
+        rollbacks=rollbacks, wall_time_s=wall, tokens_per_s=step * config.batch * config.context / wall,
+        n_params=model.n_params(), data_source=prepared.source, run_id=tracker.run_id,
+    )
+
+
+def _apply_script(s: ScriptedIntervention, model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    for name, value in s.changes.items():
+        if name == "dropout":
+            model.set_dropout(value)
+            continue
+        for group in optimizer.param_groups:
+            group[name] = value
+        if name == "lr" and scheduler is not None:
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

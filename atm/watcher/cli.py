@@ -1,0 +1,286 @@
+"""Command line: ``atm-watch`` (the daemon) and ``atm`` (history, policy, explain, eval, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from atm.policies import Policy, PolicyError, load_policy, parse_policy, policy_json_schema
+from atm.schema import fmt
+
+log = logging.getLogger("atm")
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _add_backend_args(p: argparse.ArgumentParser, run_required: bool = False) -> None:
+    p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND", "mlflow"),
+                   help="tracker the job logs to (default: mlflow, or $ATM_BACKEND)")
+    p.add_argument("--run", action="append", default=[], required=run_required, metavar="RUN_ID",
+                   help="run to watch (repeatable). W&B: a run directory, run id, or entity/project/run_id")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default ./mlruns)")
+    p.add_argument("--wandb-dir", default=None, help="W&B: folder holding offline runs (default: ./wandb)")
+
+
+def _add_proposer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="lm", help="preset name (lm, rl-ppo) or YAML file (default: lm)")
+    p.add_argument("--proposer", choices=["rules", "llm"], default="rules",
+                   help="who proposes changes: deterministic rules, or an LLM with rules as fallback")
+    p.add_argument("--llm", default=None,
+                   help="LLM for --proposer llm: embedded (default), local:/path/model.gguf, openai/<model> ($ATM_LLM)")
+    p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 ($ATM_LLM_BASE_URL)")
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    from atm.adapters import make_backend
+
+    if args.backend == "mlflow":
+        return make_backend("mlflow", tracking_uri=args.tracking_uri)
+    return make_backend("wandb", wandb_dir=args.wandb_dir)
+
+
+def _policy(spec: str) -> Policy:
+    try:
+        return load_policy(spec)
+    except PolicyError as exc:
+        raise SystemExit(f"atm: {exc}") from None
+
+
+def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: str | None = None) -> Any:
+    from atm.watcher.rules import RulesProposer
+
+    if kind == "rules":
+        return RulesProposer()
+    from atm.watcher.llm import build_llm_proposer
+
+    return build_llm_proposer(spec=llm, base_url=base_url, policy=policy)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+# --------------------------------------------------------------------------- atm-watch
+
+
+def watch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atm-watch",
+        description="Watch live training runs and manage them within a policy.",
+        epilog="example: atm-watch --backend mlflow --run 3f2a... --tracking-uri sqlite:///mlflow.db --proposer rules",
+    )
+    _add_backend_args(p)
+    p.add_argument("--experiment", default=None, help="watch every RUNNING run of this experiment (MLflow) or project (W&B)")
+    p.add_argument("--project", dest="experiment", help=argparse.SUPPRESS)
+    _add_proposer_args(p)
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls of each run (default: 5)")
+    p.add_argument("--once", action="store_true", help="poll each run once, decide if due, and exit")
+    p.add_argument("--dry-run", action="store_true", help="decide and record, but publish nothing to the job")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--no-table", action="store_true", help="plain log lines even on a terminal")
+    return p
+
+
+def watch_main(argv: Sequence[str] | None = None) -> int:
+    args = watch_parser().parse_args(argv)
+    if not args.run and not args.experiment:
+        watch_parser().error("give --run RUN_ID (repeatable) or --experiment NAME")
+    if args.interval <= 0:
+        watch_parser().error(f"--interval must be positive, got {args.interval}")
+    table = sys.stdout.isatty() and not args.no_table and not args.once
+    _setup_logging("WARNING" if table else args.log_level)
+    from atm.adapters import BackendUnavailable, RunNotFound
+    from atm.watcher.daemon import Daemon
+
+    policy = _policy(args.policy)
+    try:
+        proposer = make_proposer(args.proposer, policy, args.llm, args.llm_base_url)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        print(f"atm-watch: cannot start the {args.proposer} proposer: {exc}", file=sys.stderr)
+        return 2
+    backend = _backend(args)
+    daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run)
+
+    if args.once:
+        run_ids = list(args.run)
+        try:
+            if args.experiment:
+                run_ids += backend.running_runs(args.experiment)
+            for rid in run_ids:
+                daemon.tick(rid, wait=True)
+        except (RunNotFound, BackendUnavailable) as exc:
+            print(f"atm-watch: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            daemon.stop()
+        for s in daemon.status.values():
+            print(f"{s.run_id}  step {s.step}  {s.state}  {s.diagnosis}  decisions {s.decisions}  {s.last}")
+        return 0
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        daemon.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    if table:
+        from atm.watcher.status import live_table
+
+        stop_display = live_table(daemon)
+    else:
+        from atm.watcher.status import log_changes
+
+        daemon.on_change = log_changes()
+        stop_display = None
+    print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
+          f"({args.backend}, policy {policy.name}, proposer {getattr(proposer, 'name', args.proposer)}, "
+          f"every {args.interval:g}s{', dry run' if args.dry_run else ''}); Ctrl-C or SIGTERM stops", flush=True)
+    try:
+        daemon.watch(args.run, experiment=args.experiment)
+    finally:
+        daemon.stop()
+        if stop_display:
+            stop_display()
+    errors = [s for s in daemon.status.values() if s.state == "not found"]
+    for s in errors:
+        print(f"atm-watch: {s.error}", file=sys.stderr)
+    return 1 if errors and len(errors) == len(daemon.status) else 0
+
+
+# --------------------------------------------------------------------------- atm
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="atm", description="AI Training Manager")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    h = sub.add_parser("history", help="the interventions on a run, as a table or JSON")
+    _add_backend_args(h)
+    h.add_argument("--json", action="store_true", help="print a JSON list")
+
+    pol = sub.add_parser("policy", help="policy tools")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    psub.add_parser("schema", help="print the policy JSON Schema (for editor completion)")
+    chk = psub.add_parser("check", help="validate a policy file")
+    chk.add_argument("file")
+    show = psub.add_parser("show", help="print a preset as YAML")
+    show.add_argument("name")
+
+    sub.add_parser("watch", help="same as atm-watch", add_help=False)
+
+    demo = sub.add_parser("demo", help="run the bundled demo: an overfitting job managed live on a local MLflow store")
+    demo.add_argument("--dir", default="atm-demo", help="working folder for the MLflow store (default: ./atm-demo)")
+    demo.add_argument("--proposer", choices=["rules", "llm"], default=None, help="default: llm if installed, else rules")
+    demo.add_argument("--quick", action="store_true", help="a shorter run")
+
+    _optional_subcommands(sub)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "watch":
+        return watch_main(argv[1:])
+    args = p.parse_args(argv)
+    _setup_logging("WARNING")
+    if args.command == "history":
+        return _history(args)
+    if args.command == "policy":
+        return _policy_cmd(args)
+    if args.command == "demo":
+        from atm.watcher.demo import run_demo
+
+        return run_demo(args)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return int(handler(args) or 0)
+    p.error(f"unknown command {args.command}")
+    return 2
+
+
+def _optional_subcommands(sub: Any) -> None:
+    """Subcommands that live in other modules (explain, eval, bench); each registers its own parser."""
+    for module, fn in (("atm.watcher.evaluate", "add_explain_parser"), ("atm.watcher.evaluate", "add_eval_parser"),
+                       ("atm.training.workloads.bench", "add_bench_parser")):
+        try:
+            mod = __import__(module, fromlist=[fn])
+        except ImportError:
+            continue
+        register = getattr(mod, fn, None)
+        if register is not None:
+            register(sub)
+
+
+def _history(args: argparse.Namespace) -> int:
+    from atm.adapters import BackendUnavailable, RunNotFound
+    from atm.watcher.daemon import history_rows, reconcile
+
+    if len(args.run) != 1:
+        print("atm history: give exactly one --run", file=sys.stderr)
+        return 2
+    backend = _backend(args)
+    try:
+        view = backend.poll(args.run[0])
+        records, _ = reconcile(backend.read_log(args.run[0]), view)
+    except (RunNotFound, BackendUnavailable) as exc:
+        print(f"atm history: {exc}", file=sys.stderr)
+        return 1
+    rows = history_rows(records)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no interventions on run {args.run[0]}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"atm interventions — run {args.run[0]}")
+    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "source", "rationale / reason"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        changes = ", ".join(f"{k} {fmt(v['old'])}→{fmt(v['new'])}" for k, v in r["changes"].items())  # type: ignore[union-attr]
+        if r["action"]:
+            changes = (changes + ", " if changes else "") + str(r["action"])
+        why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
+        t.add_row(str(r["seq"]), str(r["step"]), "" if r["applied_step"] is None else str(r["applied_step"]),
+                  str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    return 0
+
+
+def _policy_cmd(args: argparse.Namespace) -> int:
+    if args.policy_command == "schema":
+        print(policy_json_schema())
+        return 0
+    if args.policy_command == "show":
+        from importlib import resources
+
+        try:
+            print(resources.files("atm.policies").joinpath(f"presets/{args.name}.yaml").read_text())
+        except FileNotFoundError:
+            print(f"atm policy show: no preset {args.name!r}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        with open(args.file) as fh:
+            pol = parse_policy(fh.read(), source=args.file)
+        from atm.watcher.rules import Thresholds
+
+        Thresholds.from_policy(pol)
+    except (PolicyError, ValueError, OSError) as exc:
+        print(f"atm policy check: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok — policy {pol.name!r}, parameters {', '.join(pol.controllable())}, "
+          f"actions {', '.join(a.value for a in pol.actions) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

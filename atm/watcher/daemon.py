@@ -1,0 +1,391 @@
+"""The daemon: one watch loop per run, proposals off the loop, every decision recorded on the run.
+
+A run's loop, every ``interval`` seconds (a wait that stop interrupts):
+
+1. poll the backend (new metric points, listener state, acks);
+2. settle acknowledged updates and finished proposals (re-checking the policy and staleness
+   against the run as it is *now*, since the run kept training while the proposer thought);
+3. when the run logged a new evaluation and nothing is pending, build a snapshot and hand it to
+   the proposer on a worker thread (one decision in flight per run).
+
+Everything the daemon knows about a run's decisions is also on the run (``atm.seq``, update
+tags, acks, the decision log), so a restarted daemon recovers it and neither repeats nor loses
+an update.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
+from atm.policies import DecisionContext, Policy, available_actions, available_choices, check
+from atm.schema import Ack, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update
+from atm.watcher.proposer import Offer, Proposer, ProposalResult
+from atm.watcher.rules import RulesProposer, Thresholds, diagnose
+from atm.watcher.snapshot import build_snapshot, eval_steps
+
+log = logging.getLogger("atm.watch")
+
+MAX_BACKOFF_S = 60.0
+#: How long a tick waits for a proposal before leaving it to a later tick.
+SETTLE_NOW_S = 0.2
+
+
+@dataclass
+class RunStatus:
+    """What the status table shows for one run."""
+
+    run_id: str
+    name: str = ""
+    step: int = 0
+    state: str = "starting"
+    diagnosis: str = ""
+    applied: int = 0
+    decisions: int = 0
+    pending: str = ""
+    last: str = ""
+    listener: bool = False
+    error: str = ""
+
+
+@dataclass
+class _Inflight:
+    future: cf.Future[ProposalResult]
+    snapshot: TelemetrySnapshot
+    started: float
+
+
+@dataclass
+class RunState:
+    """The daemon's memory of one run; rebuilt from the run itself after a restart."""
+
+    run_id: str
+    records: list[DecisionRecord] = field(default_factory=list)
+    seq: int = 0
+    recovered: bool = False
+    inflight: _Inflight | None = None
+    #: Step of the last snapshot a proposer saw (decided or not): the next decision needs a newer evaluation.
+    last_considered_step: int = -1
+    done: bool = False
+    #: Set when a proposal finishes, so the run's loop settles it without waiting a full interval.
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[DecisionRecord], bool]:
+    """Merge the decision log with what is on the run: updates the log missed, acks that arrived.
+
+    Pure. Returns the merged records (sorted by seq) and whether anything changed.
+    """
+    by_seq = {r.seq: r.model_copy() for r in records}
+    changed = False
+    for seq, update in view.updates.items():
+        if seq not in by_seq:
+            # Published, then the daemon died before writing its log: rebuild the record from the update.
+            by_seq[seq] = _record_from_update(update)
+            changed = True
+    for seq, rec in by_seq.items():
+        ack = view.acks.get(seq)
+        if ack is not None and rec.status == Status.PENDING:
+            _settle(rec, ack)
+            changed = True
+    return [by_seq[s] for s in sorted(by_seq)], changed
+
+
+def _record_from_update(u: Update) -> DecisionRecord:
+    return DecisionRecord(
+        run_id=u.run_id, seq=u.seq, step=u.step, status=Status.PENDING, source=u.source, diagnosis=u.diagnosis,
+        changes=u.changes, action=u.action, rationale=u.rationale, decided_at=u.created_at,
+        reason="recovered from the run's update tag",
+    )
+
+
+def _settle(rec: DecisionRecord, ack: Ack) -> None:
+    rec.status = Status.APPLIED if ack.status == "applied" else Status.FAILED
+    rec.applied_step = ack.applied_step
+    rec.applied_at = ack.applied_at
+    if ack.error:
+        rec.reason = (rec.reason + "; " if rec.reason else "") + f"listener: {ack.error}"
+
+
+class Daemon:
+    """Watches runs and manages them within a policy."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: Policy,
+        proposer: Proposer | None = None,
+        *,
+        interval: float = 5.0,
+        dry_run: bool = False,
+        fallback: Proposer | None = None,
+        max_workers: int = 4,
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[RunStatus], None] | None = None,
+    ):
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        Thresholds.from_policy(policy)  # unknown thresholds fail at start, not at the first decision
+        self.backend = backend
+        self.policy = policy
+        self.proposer = proposer or RulesProposer()
+        self.fallback = fallback or RulesProposer()
+        self.interval = interval
+        self.dry_run = dry_run
+        self.clock = clock
+        self.on_change = on_change
+        self.stop_event = threading.Event()
+        self.status: dict[str, RunStatus] = {}
+        self._states: dict[str, RunState] = {}
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atm-propose")
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def watch(self, run_ids: Sequence[str] = (), experiment: str | None = None) -> None:
+        """Watch until stopped (SIGTERM, Ctrl-C) or, without ``experiment``, until every run ended."""
+        for rid in run_ids:
+            self._start_run(rid)
+        backoff = 0
+        while not self.stop_event.is_set():
+            if experiment is not None:
+                try:
+                    for rid in self.backend.running_runs(experiment):
+                        self._start_run(rid)
+                    backoff = 0
+                except BackendUnavailable as exc:
+                    backoff += 1
+                    log.warning("listing runs of %r failed: %s", experiment, exc)
+            elif self._threads and not any(t.is_alive() for t in self._threads.values()):
+                break
+            self.stop_event.wait(min(self.interval * 2**backoff, MAX_BACKOFF_S))
+        self.stop()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for st in self._states.values():
+            st.wake.set()
+        for t in self._threads.values():
+            t.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start_run(self, run_id: str) -> None:
+        if run_id in self._threads:
+            return
+        self._states[run_id] = RunState(run_id)
+        self.status[run_id] = RunStatus(run_id)
+        t = threading.Thread(target=self._run_loop, args=(run_id,), name=f"atm-run-{run_id[:8]}", daemon=True)
+        self._threads[run_id] = t
+        t.start()
+
+    def _run_loop(self, run_id: str) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                self.tick(run_id)
+                failures = 0
+            except BackendUnavailable as exc:
+                failures += 1
+                self._set(run_id, state="unreachable", error=str(exc)[:200])
+                log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
+            except RunNotFound as exc:
+                self._set(run_id, state="not found", error=str(exc)[:200])
+                log.error("run %s: %s", run_id, exc)
+                return
+            except Exception:
+                failures += 1
+                log.exception("run %s: unexpected error; the watch goes on", run_id)
+            st = self._states[run_id]
+            if st.done:
+                return
+            st.wake.wait(min(self.interval * 2**failures, MAX_BACKOFF_S))
+            st.wake.clear()
+
+    # ------------------------------------------------------------------ one step of one run
+
+    def tick(self, run_id: str, wait: bool = False) -> RunState:
+        """Poll one run once and act on it. With ``wait``, a decision started now is awaited and settled."""
+        st = self._states.setdefault(run_id, RunState(run_id))
+        self.status.setdefault(run_id, RunStatus(run_id))
+        view = self.backend.poll(run_id)
+        if not st.recovered:
+            st.records = self.backend.read_log(run_id)
+            st.recovered = True
+            st.last_considered_step = max((r.step for r in st.records), default=-1)
+        st.records, changed = reconcile(st.records, view)
+        st.seq = max([st.seq, view.last_seq, *(r.seq for r in st.records)])
+        if changed:
+            self.backend.write_log(run_id, st.records)
+            self.backend.publish(st.records[-1])  # refreshes the summary tag; update tags are idempotent
+            for r in st.records:
+                if r.status in (Status.APPLIED, Status.FAILED) and r.seq in view.acks:
+                    log.debug("run %s: %s", run_id, r.summary())
+
+        if st.inflight is not None and (st.inflight.future.done() or wait):
+            self._settle_decision(st, view)
+
+        ended = view.status != "RUNNING" or self._idle(view)
+        if ended:
+            st.done = st.inflight is None
+            self._update_status(st, view, state="finished" if view.status != "RUNNING" else "idle")
+            return st
+
+        if st.inflight is None:
+            self._maybe_decide(st, view)
+        if wait and st.inflight is not None:
+            self._settle_decision(st, view)
+        self._update_status(st, view)
+        return st
+
+    def _idle(self, view: RunView) -> bool:
+        return view.last_metric_time > 0 and self.clock() - view.last_metric_time > self.policy.limits.idle_minutes * 60
+
+    def _context(self, st: RunState, view: RunView, params: dict[str, float]) -> DecisionContext:
+        steps = eval_steps(self.policy, view.history)
+        step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+        return DecisionContext(step=step, params=params, history=st.records, eval_steps=steps)
+
+    def _maybe_decide(self, st: RunState, view: RunView) -> None:
+        if view.listener is None:
+            self._set(st.run_id, state="no listener", pending="")
+            return
+        if any(r.status == Status.PENDING for r in st.records):
+            return  # the job has not applied the last update yet; decide on what it does with it
+        params = dict(view.listener.values)
+        ctx = self._context(st, view, params)
+        snapshot = build_snapshot(st.run_id, self.policy, view.history, params, st.records, run_name=view.name, now=self.clock())
+        evals = ctx.eval_steps
+        newest_eval = evals[-1] if evals else snapshot.step
+        if newest_eval <= st.last_considered_step:
+            return
+        st.last_considered_step = newest_eval
+        offer = Offer(choices=available_choices(self.policy, ctx), actions=[
+            a for a in available_actions(self.policy, ctx) if a.value in view.listener.actions
+        ])
+        diag, _ = diagnose(snapshot, Thresholds.from_policy(self.policy))
+        self._set(st.run_id, diagnosis=diag.value)
+        if not offer.choices and not offer.actions:
+            return  # warm-up, cooldown or budget: nothing the proposer could do
+        future = self._pool.submit(self._propose, snapshot, ctx, offer)
+        future.add_done_callback(lambda _f: st.wake.set())
+        st.inflight = _Inflight(future, snapshot, self.clock())
+        self._set(st.run_id, pending=f"deciding on step {snapshot.step}")
+        # A fast proposer (rules) answers at once: settle against the view just read.
+        try:
+            future.result(timeout=SETTLE_NOW_S)
+        except (cf.TimeoutError, Exception):
+            return
+        self._settle_decision(st, view)
+
+    def _propose(self, snapshot: TelemetrySnapshot, ctx: DecisionContext, offer: Offer) -> ProposalResult:
+        started = time.monotonic()
+        try:
+            result = self.proposer.propose(snapshot, self.policy, ctx, offer)
+        except Exception as exc:
+            if self.proposer is self.fallback:
+                raise
+            audit = dict(getattr(exc, "audit", {}) or {})
+            log.warning("run %s: proposer %s failed (%s); falling back to rules", snapshot.run_id, self.proposer.name, exc)
+            result = self.fallback.propose(snapshot, self.policy, ctx, offer)
+            result.audit = {"fallback_from": self.proposer.name, "error": f"{type(exc).__name__}: {exc}", "failed_attempt": audit, **result.audit}
+            result.source = "fallback"
+        result.audit.setdefault("latency_s", round(time.monotonic() - started, 3))
+        return result
+
+    def _settle_decision(self, st: RunState, view: RunView) -> None:
+        inflight = st.inflight
+        assert inflight is not None
+        st.inflight = None
+        try:
+            result = inflight.future.result()
+        except Exception as exc:
+            log.error("run %s: no proposal (%s)", st.run_id, exc)
+            return
+        snap = inflight.snapshot
+        proposal = result.proposal
+        self._set(st.run_id, diagnosis=proposal.diagnosis.value, pending="")
+        if proposal.is_noop:
+            log.info("run %s step %d: %s, no change (%s)", st.run_id, snap.step, proposal.diagnosis.value, result.source)
+            return
+        # Re-check everything against the run as it is now: it kept training while the proposer thought.
+        params = dict(view.listener.values) if view.listener else snap.params
+        ctx_now = self._context(st, view, params)
+        stale_window = self.policy.limits.stale_after
+        stale = (stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
+        verdict = check(proposal, self.policy, ctx_now)
+        if stale:
+            status, reason = Status.STALE, f"stale: the run moved from step {snap.step} to {ctx_now.step} while deciding"
+        elif verdict.accepted:
+            status, reason = (Status.DRY_RUN if self.dry_run else Status.PENDING), verdict.reason
+        else:
+            status, reason = Status.REJECTED, verdict.reason
+        # Changes are recorded against the values in force now, which is what the job will replace.
+        changes = verdict.changes if status in (Status.PENDING, Status.DRY_RUN) else {}
+        st.seq += 1
+        record = DecisionRecord(
+            run_id=st.run_id, seq=st.seq, step=snap.step, status=status, source=result.source,
+            diagnosis=proposal.diagnosis, changes=changes, action=verdict.action if status in (Status.PENDING, Status.DRY_RUN) else None,
+            rationale=proposal.rationale, expected_outcome=proposal.expected_outcome, watch_next=proposal.watch_next,
+            reason=reason, dropped=verdict.dropped, proposal=proposal, snapshot=snap, decided_at=self.clock(),
+            audit=result.audit,
+        )
+        self.backend.reserve_seq(st.run_id, st.seq)
+        st.records.append(record)
+        self.backend.publish(record)
+        self.backend.write_log(st.run_id, st.records)
+        log.info("run %s: %s — %s", st.run_id, record.summary(), reason)
+
+    # ------------------------------------------------------------------ status
+
+    def _set(self, run_id: str, **kw: object) -> None:
+        s = self.status.setdefault(run_id, RunStatus(run_id))
+        for k, v in kw.items():
+            setattr(s, k, v)
+        if self.on_change:
+            self.on_change(s)
+
+    def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
+        counted = [r for r in st.records if r.status in (Status.APPLIED, Status.PENDING, Status.DRY_RUN)]
+        pending = next((r for r in st.records if r.status == Status.PENDING), None)
+        step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+        self._set(
+            st.run_id,
+            name=view.name,
+            step=step,
+            state=state or ("deciding" if st.inflight else ("no listener" if view.listener is None else "watching")),
+            applied=sum(r.status == Status.APPLIED for r in st.records),
+            decisions=len(counted),
+            pending=(f"#{pending.seq} waiting for the job" if pending else (self.status[st.run_id].pending if st.inflight else "")),
+            last=st.records[-1].summary() if st.records else "",
+            listener=view.listener is not None,
+            error="",
+        )
+
+
+def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
+    """The ``atm history --json`` items."""
+    return [
+        {
+            "seq": r.seq,
+            "step": r.step,
+            "applied_step": r.applied_step,
+            "status": r.status.value,
+            "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
+            "action": r.action.value if r.action else None,
+            "diagnosis": r.diagnosis.value,
+            "rationale": r.rationale,
+            "source": r.source,
+            "reason": r.reason,
+            "decided_at": r.decided_at,
+            "applied_at": r.applied_at,
+        }
+        for r in records
+    ]
+
+
+__all__ = ["Daemon", "RunState", "RunStatus", "history_rows", "reconcile", "Diagnosis"]

@@ -1,0 +1,73 @@
+"""What the daemon shows while it runs: a live table on a terminal, log lines elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from atm.watcher.daemon import RunStatus
+
+log = logging.getLogger("atm.watch")
+
+_SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last")
+
+
+def log_changes() -> Callable[[RunStatus], None]:
+    """An ``on_change`` callback that prints one line whenever a run's visible status changes."""
+    last: dict[str, tuple[Any, ...]] = {}
+    lock = threading.Lock()
+
+    def on_change(s: RunStatus) -> None:
+        # The step alone moves at every poll; print when something else changed.
+        key = tuple(getattr(s, f) for f in _SHOWN if f != "step")
+        with lock:
+            if last.get(s.run_id) == key:
+                return
+            last[s.run_id] = key
+        print(
+            f"[atm] run {s.run_id[:12]} {s.name} step {s.step}: {s.state}"
+            + (f", {s.diagnosis}" if s.diagnosis else "")
+            + f", interventions {s.applied} applied / {s.decisions}"
+            + (f", pending {s.pending}" if s.pending else "")
+            + (f", last {s.last}" if s.last else "")
+            + (f", error {s.error}" if s.error else ""),
+            flush=True,
+        )
+
+    return on_change
+
+
+def live_table(daemon: Any) -> Callable[[], None]:
+    """Start a rich Live table refreshed twice a second; returns a function that stops it."""
+    from rich.live import Live
+    from rich.table import Table
+
+    def render() -> Table:
+        t = Table(title="atm-watch", expand=True)
+        for col in ("run", "name", "step", "state", "diagnosis", "interventions", "pending", "last decision"):
+            t.add_column(col, overflow="fold")
+        for s in list(daemon.status.values()):
+            t.add_row(s.run_id[:12], s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
+                      s.diagnosis, f"{s.applied} applied / {s.decisions}", s.pending, s.last)
+        return t
+
+    live = Live(render(), refresh_per_second=2, transient=False)
+    live.start()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(0.5):
+            live.update(render())
+
+    th = threading.Thread(target=loop, daemon=True, name="atm-table")
+    th.start()
+
+    def close() -> None:
+        stop.set()
+        th.join(2)
+        live.update(render())
+        live.stop()
+
+    return close
