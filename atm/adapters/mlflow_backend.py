@@ -164,7 +164,7 @@ class MlflowBackend:
                 rows = self._window_rest(store, run_id, key, start, end)
             elif type(store).__name__ == "SqlAlchemyStore":
                 rows = [
-                    (m.metric.step, m.metric.value, m.metric.timestamp)
+                    (m.step, _as_float(m.value), m.timestamp)
                     for m in store.get_metric_history_bulk_interval([run_id], key, WINDOW_MAX, start, end)
                 ]
             else:

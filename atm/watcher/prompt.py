@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def quote(text: str, limit: int = MAX_NAME) -> str:
     clean = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in str(text))
     clean = " ".join(clean.split())
     if len(clean) > limit:
-        clean = clean[: limit - 1] + "…"
+        clean = clean[: limit - 3] + "..."
     return json.dumps(clean, ensure_ascii=True)
 
 
@@ -171,7 +172,7 @@ def _role_header(role: str) -> str:
     # Roles come from the policy, except the bracketed metric key of a wildcard role.
     if "[" in role and role.endswith("]"):
         base, key = role[:-1].split("[", 1)
-        return f"{base}[{quote(key, 32)}]"
+        return f"{base}[{quote(key, 28)}]"
     return role
 
 
@@ -228,8 +229,14 @@ def _moves_table(snapshot: TelemetrySnapshot, policy: Policy, offer: Offer) -> l
 
 
 def _action_notes(policy: Policy, actions: Sequence[Action]) -> str:
-    notes = [f"{a.value} = {policy.actions[a].description}" for a in actions if a in policy.actions and policy.actions[a].description]
+    notes = [f"{a.value} = {_first_clause(policy.actions[a].description)}" for a in actions
+             if a in policy.actions and policy.actions[a].description]
     return ("  (" + "; ".join(notes) + ")") if notes else ""
+
+
+def _first_clause(text: str) -> str:
+    # Policy descriptions may carry notes for people ("(the job registers a handler)"); the model needs the gist.
+    return re.split(r"[(;]", text, maxsplit=1)[0].strip()
 
 
 def _aligned(rows: list[list[str]]) -> list[str]:

@@ -52,7 +52,7 @@ PROXIMITY_MARGIN = 0.08
 # a blocked straight line is hard; a line that passes close to the obstacle is medium.
 MEDIUM_CLEARANCE_BELOW = 0.15
 _SAMPLED_CLEARANCE = {  # ranges the sampler draws from, inside each class
-    "hard": (-1.0, -0.01),  # scaled by the obstacle radius: the centre lies within r of the line
+    "hard": (-1.0, -0.1),  # times the obstacle radius: the centre lies within 0.9 r of the line
     "medium": (0.0, MEDIUM_CLEARANCE_BELOW),
     "easy": (MEDIUM_CLEARANCE_BELOW, 0.35),
 }
@@ -79,6 +79,7 @@ class ArmSpec:
     max_steps: int = 120
     min_start_distance: float = 0.45  # hand to target at reset
     target_radius: tuple[float, float] = (0.35, 1.1)  # target's distance from the base
+    obstacle_beyond_upper_arm: bool = False  # keep the obstacle out of link 1's reach
 
     @property
     def reach(self) -> float:
@@ -145,6 +146,21 @@ def _seg_dist(px: float, py: float, ax: float, ay: float, bx: float, by: float) 
     t = ((px - ax) * abx + (py - ay) * aby) / max(abx * abx + aby * aby, 1e-12)
     t = 0.0 if t < 0.0 else 1.0 if t > 1.0 else t
     return math.hypot(px - (ax + t * abx), py - (ay + t * aby))
+
+
+def _damped_least_squares(
+    j11: float, j12: float, j21: float, j22: float, ex: float, ey: float, damping: float = 0.05
+) -> tuple[float, float]:
+    """Joint step ``J^T (J J^T + d^2 I)^-1 e`` for a hand error ``e``, clipped to [-1, 1] per joint."""
+    a11 = j11 * j11 + j12 * j12 + damping**2
+    a12 = j11 * j21 + j12 * j22
+    a22 = j21 * j21 + j22 * j22 + damping**2
+    det = a11 * a22 - a12 * a12
+    ux = (a22 * ex - a12 * ey) / det
+    uy = (a11 * ey - a12 * ex) / det
+    dq1 = j11 * ux + j21 * uy
+    dq2 = j12 * ux + j22 * uy
+    return max(-1.0, min(1.0, dq1)), max(-1.0, min(1.0, dq2))
 
 
 def direct_path_clearance(hand: np.ndarray, target: np.ndarray, center: np.ndarray, radius: float) -> float:
@@ -249,11 +265,15 @@ def sample_scene(
         radius = float(rng.uniform(*spec.obstacle_radius))
         low, high = _SAMPLED_CLEARANCE[level.value]
         if level is Difficulty.HARD:
-            low, high = low * radius, high
+            low, high = low * radius, high * radius
         gap = rng.uniform(low, high)
         normal = np.array([-path[1], path[0]]) / length * rng.choice([-1.0, 1.0])
         center = hand + rng.uniform(0.3, 0.7) * path + normal * (radius + gap)
         if np.linalg.norm(center) < radius + 0.15:  # an obstacle on the shoulder blocks every path
+            continue
+        if spec.obstacle_beyond_upper_arm and (
+            np.linalg.norm(center) - radius - spec.link_radius < spec.link_lengths[0] + 0.02
+        ):
             continue
         if np.linalg.norm(center - target) < radius + spec.success_radius + 0.03:
             continue
@@ -319,10 +339,11 @@ def _mjcf(spec: ArmSpec) -> str:
 class PlanarArmReachEnv(gym.Env[np.ndarray, np.ndarray]):
     """Reach a random target around a random circular obstacle; touching the obstacle ends the episode.
 
-    Actions: two joint velocities in [-1, 1] (scaled by ``spec.max_joint_speed``). Observation (22):
+    Actions: two joint velocities in [-1, 1] (scaled by ``spec.max_joint_speed``). Observation (26):
     cos/sin of both joints, joint speeds, hand position, target and obstacle relative to the hand,
     obstacle relative to the elbow, obstacle radius, current clearance, distance, target, obstacle
-    position and the elapsed fraction of the episode.
+    position, the elapsed fraction of the episode, the damped least-squares joint step toward the
+    target and the joint-space gradient of the clearance.
 
     ``reset(options=...)`` takes ``{"difficulty": "easy"|"medium"|"hard"}`` to draw a scene of that
     class, or ``{"scene": Scene(...)}`` to place one by hand. The info dict carries ``safe_success``,
@@ -343,7 +364,7 @@ class PlanarArmReachEnv(gym.Env[np.ndarray, np.ndarray]):
         self._obstacle_mocap = self.model.body("obstacle").mocapid[0]
         self._obstacle_geom = self.model.geom("obstacle").id
         self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
-        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(22,), dtype=np.float32)
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(26,), dtype=np.float32)
         self.scene: Scene | None = None
         self._steps = 0
         self._distance = 0.0
@@ -435,15 +456,24 @@ class PlanarArmReachEnv(gym.Env[np.ndarray, np.ndarray]):
         assert self.scene is not None
         q1, q2 = float(self.data.qpos[0]), float(self.data.qpos[1])
         l1, l2 = self.arm.link_lengths
-        ex, ey = l1 * math.cos(q1), l1 * math.sin(q1)
-        hx, hy = ex + l2 * math.cos(q1 + q2), ey + l2 * math.sin(q1 + q2)
+        c1, s1, c12, s12 = math.cos(q1), math.sin(q1), math.cos(q1 + q2), math.sin(q1 + q2)
+        ex, ey = l1 * c1, l1 * s1
+        hx, hy = ex + l2 * c12, ey + l2 * s12
         tx, ty = self.scene.target
         ox, oy = self.scene.obstacle_center
+        # Joint-space hints, so that the policy need not learn the arm's inverse kinematics from
+        # scratch: the damped least-squares joint step that moves the hand straight to the target,
+        # and the gradient of the obstacle clearance with respect to the joints.
+        j11, j12, j21, j22 = -l1 * s1 - l2 * s12, -l2 * s12, l1 * c1 + l2 * c12, l2 * c12
+        goal_step = _damped_least_squares(j11, j12, j21, j22, tx - hx, ty - hy)
+        eps = 1e-3
+        grad1 = (self._clearance_at(q1 + eps, q2) - self._clearance_at(q1 - eps, q2)) / (2 * eps)
+        grad2 = (self._clearance_at(q1, q2 + eps) - self._clearance_at(q1, q2 - eps)) / (2 * eps)
         s = 1.0 / self.arm.reach  # positions in units of the arm's reach
         v = self.data.qvel / self.arm.max_joint_speed
         return np.array(
             [
-                math.cos(q1), math.sin(q1), math.cos(q2), math.sin(q2),
+                c1, s1, math.cos(q2), math.sin(q2),
                 v[0], v[1],
                 hx * s, hy * s,
                 (tx - hx) * s, (ty - hy) * s,
@@ -455,6 +485,8 @@ class PlanarArmReachEnv(gym.Env[np.ndarray, np.ndarray]):
                 tx * s, ty * s,
                 ox * s, oy * s,
                 self._steps / self.arm.max_steps,
+                goal_step[0], goal_step[1],
+                grad1, grad2,
             ],
             dtype=np.float32,
         )

@@ -289,21 +289,38 @@ def _make_tracker(cfg: TrainConfig) -> _Tracker:
 # --------------------------------------------------------------------------- the loop
 
 
-def _val_loss(model: GPT, ids: torch.Tensor, context: int, chunk: int = 64) -> float:
-    """Token-weighted loss over non-overlapping windows covering the whole validation stream."""
-    starts = list(range(0, max(1, len(ids) - 1), context))
+def _story_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions where stories begin: 0 and every position right after an ``<eos>``."""
+    after_eos = (ids[:-1] == eos_id).nonzero().flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), after_eos])
+
+
+def _val_loss(model: GPT, ids: torch.Tensor, starts: torch.Tensor, eos_id: int, context: int,
+              chunk: int = 64) -> float:
+    """Token-weighted loss over every validation story, each read from its start (as in training),
+    up to its ``<eos>`` or the context length."""
+    windows = []
+    for s in starts.tolist():
+        w = ids[s: s + context + 1]
+        eos = (w == eos_id).nonzero()
+        windows.append(w[: int(eos[0]) + 1] if len(eos) else w)
+    windows = [w for w in windows if len(w) > 1]
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(starts), chunk):
-            windows = [ids[s: s + context + 1] for s in starts[i: i + chunk]]
-            for w in {len(w) for w in windows}:  # the last window may be shorter
-                batch = torch.stack([x for x in windows if len(x) == w])
-                _, loss = model(batch[:, :-1], batch[:, 1:])
-                n = batch[:, 1:].numel()
-                total += float(loss) * n
-                count += n
+        for i in range(0, len(windows), chunk):
+            part = windows[i: i + chunk]
+            width = max(len(w) for w in part)
+            inputs = torch.full((len(part), width - 1), eos_id, dtype=torch.long)
+            targets = torch.full((len(part), width - 1), -100, dtype=torch.long)  # cross_entropy ignores -100
+            for j, w in enumerate(part):
+                inputs[j, : len(w) - 1] = w[:-1]
+                targets[j, : len(w) - 1] = w[1:]
+            n = int((targets != -100).sum())
+            _, loss = model(inputs, targets)
+            total += float(loss) * n
+            count += n
     model.train(was_training)
     return total / count
 
@@ -369,6 +386,12 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
     batches = torch.Generator().manual_seed(config.seed)
     train_ids, val_ids = prepared.train_ids, prepared.val_ids
+    eos_id = prepared.tokenizer.eos_id
+    # Every training window starts at the beginning of a story, as TinyStories models are trained: a
+    # story's opening identifies it, so a small corpus can be memorised outright, which is the point.
+    train_starts = _story_starts(train_ids, eos_id)
+    train_ids = torch.cat([train_ids, train_ids[: config.context + 1]])  # the last stories wrap around
+    val_starts = _story_starts(val_ids, eos_id)
     best = _Checkpoint()
     best_val = math.inf
     step = 0
@@ -405,8 +428,8 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             if rollback_requested:
                 rollback_requested = False
                 rollbacks += best.restore(model, optimizer)
-            starts = torch.randint(0, len(train_ids) - config.context - 1, (config.batch,), generator=batches)
-            batch = torch.stack([train_ids[s: s + config.context + 1] for s in starts.tolist()])
+            pick = torch.randint(0, len(train_starts), (config.batch,), generator=batches)
+            batch = torch.stack([train_ids[s: s + config.context + 1] for s in train_starts[pick].tolist()])
             _, loss = model(batch[:, :-1], batch[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -421,7 +444,7 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             if rollback_requested:  # a rollback that arrived with the last step is evaluated, not skipped
                 rollback_requested = False
                 rollbacks += best.restore(model, optimizer)
-            val = _val_loss(model, val_ids, config.context)
+            val = _val_loss(model, val_ids, val_starts, eos_id, config.context)
             point = EvalPoint(step=step, train_loss=sum(losses) / len(losses), val_loss=val,
                               grad_norm=sum(norms) / len(norms), lr=optimizer.param_groups[0]["lr"],
                               weight_decay=optimizer.param_groups[0]["weight_decay"], dropout=model.get_dropout(),

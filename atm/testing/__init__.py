@@ -1,0 +1,23 @@
+"""Builders for unit tests of atm's pure logic: metric curves, named scenarios, decision records.
+
+Nothing here talks to a tracker or a model; everything is deterministic (seeded noise only).
+"""
+
+from atm.testing._curves import concat, decay, flat, make_history, ramp, series, valley
+from atm.testing._records import make_context, make_record
+from atm.testing._scenarios import SCENARIOS, Scenario, scenario
+
+__all__ = [
+    "SCENARIOS",
+    "Scenario",
+    "concat",
+    "decay",
+    "flat",
+    "make_context",
+    "make_history",
+    "make_record",
+    "ramp",
+    "scenario",
+    "series",
+    "valley",
+]

@@ -1,0 +1,55 @@
+"""Decision records and validator contexts for tests of cooldowns, budgets and measured effects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from atm.policies import DecisionContext
+from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
+
+
+def make_record(
+    seq: int,
+    step: int,
+    *,
+    status: Status = Status.APPLIED,
+    changes: Mapping[str, tuple[float, float]] | None = None,
+    action: Action | None = None,
+    diagnosis: Diagnosis = Diagnosis.OVERFITTING,
+    run_id: str = "run-test",
+    applied_step: int | None = None,
+) -> DecisionRecord:
+    """One earlier decision; ``changes`` maps a parameter to ``(old, new)``."""
+    return DecisionRecord(
+        run_id=run_id,
+        seq=seq,
+        step=step,
+        status=status,
+        source="rules",
+        diagnosis=diagnosis,
+        changes={k: Change(old=o, new=n) for k, (o, n) in (changes or {}).items()},
+        action=action,
+        applied_step=applied_step,
+    )
+
+
+def make_context(
+    step: int,
+    params: Mapping[str, float],
+    *,
+    history: Sequence[DecisionRecord] = (),
+    eval_steps: Sequence[int] | None = None,
+    eval_every: int | None = None,
+) -> DecisionContext:
+    """A validator context at ``step``.
+
+    Evaluations are either listed (``eval_steps``) or placed every ``eval_every`` steps up to
+    ``step`` (first one at ``eval_every``); with neither, the run has had no evaluation.
+    """
+    if eval_steps is not None and eval_every is not None:
+        raise ValueError("give eval_steps or eval_every, not both")
+    if eval_every is not None:
+        evals: tuple[int, ...] = tuple(range(eval_every, step + 1, eval_every))
+    else:
+        evals = tuple(sorted(eval_steps or ()))
+    return DecisionContext(step=step, params=dict(params), history=tuple(history), eval_steps=evals)

@@ -1,0 +1,156 @@
+"""The contract every tracker backend keeps (atm.adapters.base), run against real trackers.
+
+Each backend gets a harness that plays the training job's side with the tracker's own client;
+the tests then speak only the Backend / Channel contract. MLflow runs against a real sqlite
+store; other backends join by adding a harness to HARNESSES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pytest
+
+from atm.adapters.base import BackendUnavailable, RunNotFound
+from atm.schema import Ack, Change, DecisionRecord, Diagnosis, ListenerInfo, Status
+from atm.watcher.daemon import reconcile
+
+
+class Harness(Protocol):
+    def new_run(self) -> str: ...
+    def log(self, run_id: str, key: str, value: float, step: int) -> None: ...
+    def finish(self, run_id: str) -> None: ...
+    def backend(self) -> Any: ...
+    def channel(self, run_id: str) -> Any: ...
+    missing_run_id: str
+
+
+class MlflowHarness:
+    missing_run_id = "0" * 32
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.exp = self.client.create_experiment("contract")
+
+    def new_run(self) -> str:
+        return self.client.create_run(self.exp).info.run_id
+
+    def log(self, run_id: str, key: str, value: float, step: int) -> None:
+        self.client.log_metric(run_id, key, value, step=step)
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def backend(self) -> Any:
+        from atm.adapters.mlflow_backend import MlflowBackend
+
+        return MlflowBackend(self.uri)
+
+    def channel(self, run_id: str) -> Any:
+        from atm.adapters.mlflow_backend import MlflowChannel
+
+        return MlflowChannel(run_id, self.uri)
+
+
+HARNESSES: dict[str, Callable[[Any], Harness]] = {
+    "mlflow": lambda request: MlflowHarness(request.getfixturevalue("mlflow_uri")),
+}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def harness(request: pytest.FixtureRequest) -> Harness:
+    return HARNESSES[request.param](request)
+
+
+def record(run_id: str, seq: int, step: int = 30, status: Status = Status.PENDING) -> DecisionRecord:
+    return DecisionRecord(
+        run_id=run_id, seq=seq, step=step, status=status, source="rules", diagnosis=Diagnosis.OVERFITTING,
+        changes={"lr": Change(old=1e-3, new=5e-4)}, rationale="val loss rising",
+    )
+
+
+def test_reads_incrementally(harness: Harness) -> None:
+    rid = harness.new_run()
+    for s in range(1, 6):
+        harness.log(rid, "val_loss", 2.0 - s * 0.1, s * 10)
+    backend = harness.backend()
+    view = backend.poll(rid)
+    assert view.moved and view.status == "RUNNING"
+    assert [s for s, _ in view.history["val_loss"]] == [10, 20, 30, 40, 50]
+    assert backend.poll(rid).moved is False
+    for s in range(6, 9):
+        harness.log(rid, "val_loss", 2.0 - s * 0.1, s * 10)
+    view = backend.poll(rid)
+    assert view.moved
+    pts = view.history["val_loss"]
+    assert [s for s, _ in pts] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert pts[-1][1] == pytest.approx(1.2)
+
+
+def test_publish_fetch_ack_roundtrip(harness: Harness) -> None:
+    rid = harness.new_run()
+    backend, channel = harness.backend(), harness.channel(rid)
+    assert channel.fetch(0) == []
+    backend.reserve_seq(rid, 1)
+    rec = record(rid, 1)
+    backend.publish(rec)
+    backend.publish(rec)  # idempotent by seq
+    got = channel.fetch(0)
+    assert [u.seq for u in got] == [1]
+    assert got[0].changes["lr"].new == pytest.approx(5e-4)
+    assert channel.fetch(1) == []
+    channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=37, values={"lr": 5e-4}))
+    view = backend.poll(rid)
+    assert view.acks[1].applied_step == 37
+    merged, changed = reconcile([rec], view)
+    assert changed and merged[0].status == Status.APPLIED and merged[0].applied_step == 37
+
+
+def test_listener_info_and_applied_value_metrics(harness: Harness) -> None:
+    rid = harness.new_run()
+    channel = harness.channel(rid)
+    channel.announce(ListenerInfo(run_id=rid, knobs=["lr"], values={"lr": 1e-3}, apply_mode="auto", pid=1, started_at=0.0))
+    channel.log_values({"lr": 5e-4}, 37)
+    view = harness.backend().poll(rid)
+    assert view.listener is not None and view.listener.values == {"lr": pytest.approx(1e-3)}
+    assert view.history["atm/lr"] == [(37, pytest.approx(5e-4))]
+
+
+def test_log_roundtrip_and_restart_recovers_state(harness: Harness) -> None:
+    rid = harness.new_run()
+    backend = harness.backend()
+    assert backend.read_log(rid) == []
+    backend.reserve_seq(rid, 1)
+    backend.publish(record(rid, 1))
+    backend.write_log(rid, [record(rid, 1)])
+    backend.reserve_seq(rid, 2)
+    backend.publish(record(rid, 2, step=60))  # published, then the daemon died before writing its log
+    fresh = harness.backend()  # a restarted daemon
+    view = fresh.poll(rid)
+    assert view.last_seq == 2
+    merged, changed = reconcile(fresh.read_log(rid), view)
+    assert changed and [r.seq for r in merged] == [1, 2]
+    assert all(r.status == Status.PENDING for r in merged)
+
+
+def test_finished_and_missing_runs(harness: Harness) -> None:
+    rid = harness.new_run()
+    harness.log(rid, "val_loss", 1.0, 1)
+    harness.finish(rid)
+    assert harness.backend().poll(rid).status == "FINISHED"
+    with pytest.raises(RunNotFound):
+        harness.backend().poll(harness.missing_run_id)
+
+
+def test_unreachable_tracker_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atm.adapters.mlflow_backend import MlflowBackend
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    backend = MlflowBackend("http://127.0.0.1:9")  # the discard port: nothing listens there
+    with pytest.raises(BackendUnavailable):
+        backend.poll("0" * 32)

@@ -1,0 +1,101 @@
+"""MLflow specifics: the step-window fast path (sqlite and a real `mlflow server`), step-less metrics, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
+from atm.schema import Change, DecisionRecord, Diagnosis, Status
+
+
+class CountingBackend(MlflowBackend):
+    """The real backend, counting how often it falls back to downloading a whole metric history."""
+
+    full_reads = 0
+
+    def _full_history(self, run_id, key):
+        self.full_reads += 1
+        return super()._full_history(run_id, key)
+
+
+def _incremental_reads_use_step_windows(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    rid = client.create_run(client.create_experiment("win")).info.run_id
+    for s in range(50):
+        client.log_metric(rid, "train_loss", 1.0 / (s + 1), step=s)
+    backend = CountingBackend(uri)
+    assert len(backend.poll(rid).history["train_loss"]) == 50
+    for s in range(50, 60):
+        client.log_metric(rid, "train_loss", 1.0 / (s + 1), step=s)
+    view = backend.poll(rid)
+    assert [s for s, _ in view.history["train_loss"]] == list(range(60))
+    assert backend.full_reads == 0, "new points must come from the step-window query, not a full re-read"
+
+
+def test_sqlite_store_reads_only_new_step_windows(mlflow_uri: str) -> None:
+    _incremental_reads_use_step_windows(mlflow_uri)
+
+
+@pytest.mark.server
+def test_mlflow_server_reads_only_new_step_windows(mlflow_server: str) -> None:
+    _incremental_reads_use_step_windows(mlflow_server)
+
+
+@pytest.mark.server
+def test_mlflow_server_update_roundtrip(mlflow_server: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    rid = client.create_run(client.create_experiment("roundtrip")).info.run_id
+    backend = MlflowBackend(mlflow_server)
+    rec = DecisionRecord(run_id=rid, seq=1, step=10, status=Status.PENDING, source="rules",
+                         diagnosis=Diagnosis.PLATEAU, changes={"lr": Change(old=1e-3, new=5e-4)})
+    backend.reserve_seq(rid, 1)
+    backend.publish(rec)
+    backend.write_log(rid, [rec])
+    assert [u.seq for u in MlflowChannel(rid, mlflow_server).fetch(0)] == [1]
+    assert [r.seq for r in MlflowBackend(mlflow_server).read_log(rid)] == [1]
+
+
+def test_stepless_metrics_are_numbered_by_arrival(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("stepless")).info.run_id
+    backend = MlflowBackend(mlflow_uri)
+    for v in (3.0, 2.0):
+        client.log_metric(rid, "loss", v)
+    backend.poll(rid)
+    client.log_metric(rid, "loss", 1.0)
+    pts = backend.poll(rid).history["loss"]
+    assert [v for _, v in pts] == [3.0, 2.0, 1.0]
+    assert [s for s, _ in pts] == [0, 1, 2]
+
+
+def test_oversized_update_is_refused_not_truncated(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("big")).info.run_id
+    changes = {f"loss_weight.term_{i:03d}": Change(old=1.0, new=2.0) for i in range(200)}
+    rec = DecisionRecord(run_id=rid, seq=1, step=1, status=Status.PENDING, source="rules",
+                         diagnosis=Diagnosis.LOSS_IMBALANCE, changes=changes)
+    with pytest.raises(ValueError, match="tags hold"):
+        MlflowBackend(mlflow_uri).publish(rec)
+
+
+def test_running_runs_of_an_experiment(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("many")
+    live = [client.create_run(exp).info.run_id for _ in range(3)]
+    done = client.create_run(exp).info.run_id
+    client.set_terminated(done, "FINISHED")
+    assert sorted(MlflowBackend(mlflow_uri).running_runs("many")) == sorted(live)
+    from atm.adapters.base import RunNotFound
+
+    with pytest.raises(RunNotFound, match="no MLflow experiment"):
+        MlflowBackend(mlflow_uri).running_runs("nope")

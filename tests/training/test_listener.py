@@ -1,0 +1,306 @@
+"""The listener: applies at the right point, in order, once; never raises into training.
+
+Uses real torch optimizers and schedulers; the tracker side is an in-memory fake channel
+(``FakeChannel``), since what is tested here is the listener's own logic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import atm
+from atm.schema import Ack, Action, Change, Diagnosis, ListenerInfo, Update
+from atm.training.listener import Listener
+
+
+class FakeChannel:
+    """An in-memory stand-in for a tracker run: updates in, acks/metrics/info out."""
+
+    def __init__(self, run_id: str = "run-1", fail: bool = False):
+        self.run_id = run_id
+        self.updates: dict[int, Update] = {}
+        self.acks: dict[int, Ack] = {}
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.infos: list[ListenerInfo] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def publish(self, seq: int, step: int = 10, action: Action | None = None, **changes: tuple[float, float]) -> None:
+        with self.lock:
+            self.updates[seq] = Update(
+                run_id=self.run_id, seq=seq, step=step, diagnosis=Diagnosis.OVERFITTING, source="rules",
+                changes={k: Change(old=o, new=n) for k, (o, n) in changes.items()}, action=action,
+            )
+
+    def _check(self) -> None:
+        if self.fail:
+            raise ConnectionError("tracker down (fake)")
+
+    def announce(self, info: ListenerInfo) -> None:
+        self._check()
+        self.infos.append(info)
+
+    def fetch(self, after_seq: int) -> list[Update]:
+        self._check()
+        with self.lock:
+            return [self.updates[s] for s in sorted(self.updates) if s > after_seq]
+
+    def acked(self) -> dict[int, Ack]:
+        self._check()
+        return dict(self.acks)
+
+    def ack(self, ack: Ack) -> None:
+        self._check()
+        self.acks[ack.seq] = ack
+
+    def log_values(self, values: dict[str, float], step: int | None) -> None:
+        self._check()
+        self.metrics.append((dict(values), step))
+
+    def close(self) -> None:
+        pass
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    return model, opt
+
+
+def train_step(model, opt):
+    opt.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+
+
+def test_update_lands_at_next_optimizer_step_not_before():
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, knobs={"dropout": atm.dropout(model)}, channel=ch, poll_interval=0.01)
+    try:
+        train_step(model, opt)
+        ch.publish(1, lr=(1e-3, 5e-4), dropout=(0.0, 0.1))
+        wait_for(lambda: lst._pending)
+        # Received, but not applied until the training thread steps.
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+        assert model[1].p == pytest.approx(0.1)
+        assert [u.seq for u in lst.applied] == [1]
+        wait_for(lambda: 1 in ch.acks)
+        ack = ch.acks[1]
+        assert ack.status == "applied" and ack.applied_step == 2
+        assert ack.values == {"lr": pytest.approx(5e-4), "dropout": pytest.approx(0.1)}
+        wait_for(lambda: any("lr" in m and s == 2 for m, s in ch.metrics))
+    finally:
+        lst.close()
+
+
+def test_updates_apply_in_seq_order_once_even_if_fetched_twice():
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(2, lr=(5e-4, 2.5e-4))
+        ch.publish(1, lr=(1e-3, 5e-4))
+        wait_for(lambda: len(lst._pending) == 2)
+        train_step(model, opt)
+        assert [u.seq for u in lst.applied] == [1, 2]
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+        # A duplicate delivery of an applied seq is ignored.
+        lst._pending.append(ch.updates[1])
+        train_step(model, opt)
+        assert [u.seq for u in lst.applied] == [1, 2]
+    finally:
+        lst.close()
+
+
+def test_restarted_listener_resumes_after_acked_updates():
+    model, opt = make_model()
+    ch = FakeChannel()
+    ch.publish(1, lr=(1e-3, 5e-4))
+    ch.acks[1] = Ack(run_id="run-1", seq=1, status="applied", applied_step=5, values={"lr": 5e-4})
+    ch.publish(2, weight_decay=(0.0, 0.01))
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        # Seq 1 was applied by the earlier process: only seq 2 lands here.
+        assert [u.seq for u in lst.applied] == [2]
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
+    finally:
+        lst.close()
+
+
+def test_manual_mode_applies_only_at_apply_pending():
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, apply="manual", poll_interval=0.01)
+    try:
+        ch.publish(1, lr=(1e-3, 2e-3))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+        done = lst.apply_pending(step=42)
+        assert [u.seq for u in done] == [1]
+        assert opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+        wait_for(lambda: 1 in ch.acks)
+        assert ch.acks[1].applied_step == 42
+    finally:
+        lst.close()
+
+
+def test_recipe_knobs_without_optimizer_apply_from_the_listener_thread():
+    class Recipe:
+        actor_lr = 3e-4
+        ent_coef = 0.01
+
+    recipe = Recipe()
+    ch = FakeChannel()
+    lst = atm.listen(knobs={"actor_lr": atm.attr(recipe, "actor_lr"), "ent_coef": atm.attr(recipe, "ent_coef")},
+                     channel=ch, poll_interval=0.01)
+    try:
+        wait_for(lambda: ch.infos)
+        assert ch.infos[0].values == {"actor_lr": pytest.approx(3e-4), "ent_coef": pytest.approx(0.01)}
+        ch.publish(1, actor_lr=(3e-4, 6e-4))
+        wait_for(lambda: 1 in ch.acks)
+        assert recipe.actor_lr == pytest.approx(6e-4)
+    finally:
+        lst.close()
+
+
+def test_failing_setter_and_unknown_knob_are_acked_as_failed_without_raising():
+    model, opt = make_model()
+
+    def broken(_v: float) -> None:
+        raise RuntimeError("boom")
+
+    ch = FakeChannel()
+    with pytest.warns(UserWarning, match="no getter"):
+        lst = atm.listen(opt, knobs={"aux": broken}, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(1, aux=(1.0, 2.0), nonexistent=(1.0, 2.0))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)  # must not raise
+        wait_for(lambda: 1 in ch.acks)
+        assert ch.acks[1].status == "failed"
+        assert "boom" in ch.acks[1].error and "not registered" in ch.acks[1].error
+    finally:
+        lst.close()
+
+
+def test_tracker_outage_never_reaches_training_and_acks_are_retried():
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(1, lr=(1e-3, 5e-4))
+        wait_for(lambda: lst._pending)
+        ch.fail = True
+        for _ in range(3):
+            train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+        time.sleep(0.05)
+        assert 1 not in ch.acks  # could not be written while down ...
+        ch.fail = False
+        wait_for(lambda: 1 in ch.acks)  # ... and arrives once the tracker is back
+    finally:
+        lst.close()
+
+
+def test_stop_and_rollback_actions():
+    model, opt = make_model()
+    calls = []
+    ch = FakeChannel()
+    lst = atm.listen(opt, actions={"rollback": lambda: calls.append("rollback")}, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(1, action=Action.ROLLBACK)
+        ch.publish(2, action=Action.STOP)
+        wait_for(lambda: len(lst._pending) == 2)
+        train_step(model, opt)
+        assert calls == ["rollback"]
+        assert lst.stop_requested
+        wait_for(lambda: 2 in ch.acks)
+        assert ch.acks[1].status == "applied" and ch.acks[2].status == "applied"
+    finally:
+        lst.close()
+
+
+def test_lr_change_survives_a_lambda_scheduler_and_keeps_group_ratios():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.01}], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    ch = FakeChannel()
+    lst = atm.listen(opt, scheduler=sched, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(1, lr=(0.1, 0.05))
+        wait_for(lambda: lst._pending)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        sched.step()  # LambdaLR recomputes lr from base_lrs: the change must survive it
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.005])
+    finally:
+        lst.close()
+
+
+def test_warns_about_a_scheduler_it_was_not_given(caplog):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    with caplog.at_level("WARNING", logger="atm.listener"):
+        atm.listen(opt, channel=FakeChannel(), poll_interval=0.01).close()
+    assert any("scheduler=sched" in r.getMessage() for r in caplog.records)
+
+
+def test_weight_decay_keeps_no_decay_groups_at_zero():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW([{"params": [model.weight], "weight_decay": 0.1}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        ch.publish(1, weight_decay=(0.1, 0.2))
+        wait_for(lambda: lst._pending)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.2, 0.0])
+    finally:
+        lst.close()
+
+
+def test_no_run_warns_once_and_does_nothing(monkeypatch):
+    import atm.training.api as api
+
+    monkeypatch.setattr(api, "_warned_no_run", False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    model, opt = make_model()
+    with pytest.warns(UserWarning, match="no tracking run"):
+        lst = atm.listen(opt, backend="wandb")
+    assert not lst.attached
+    train_step(model, opt)
+    assert lst.apply_pending() == []
+    lst.close()
+
+
+def test_rejects_bad_arguments_with_clear_messages():
+    with pytest.raises(TypeError, match="don't know how to control"):
+        atm.listen(object(), channel=FakeChannel())
+    with pytest.raises(ValueError, match="apply must be"):
+        Listener(FakeChannel(), {}, apply="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="knob 'x'"):
+        atm.listen(knobs={"x": 3}, channel=FakeChannel())
