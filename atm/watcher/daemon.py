@@ -246,9 +246,7 @@ class Daemon:
         return view.last_metric_time > 0 and self.clock() - view.last_metric_time > self.policy.limits.idle_minutes * 60
 
     def _context(self, st: RunState, view: RunView, params: dict[str, float]) -> DecisionContext:
-        steps = eval_steps(self.policy, view.history)
-        step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
-        return DecisionContext(step=step, params=params, history=st.records, eval_steps=steps)
+        return decision_context(self.policy, view, st.records, params)
 
     def _maybe_decide(self, st: RunState, view: RunView) -> None:
         if view.listener is None:
@@ -256,17 +254,12 @@ class Daemon:
             return
         if any(r.status == Status.PENDING for r in st.records):
             return  # the job has not applied the last update yet; decide on what it does with it
-        params = dict(view.listener.values)
-        ctx = self._context(st, view, params)
-        snapshot = build_snapshot(st.run_id, self.policy, view.history, params, st.records, run_name=view.name, now=self.clock())
+        snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock())
         evals = ctx.eval_steps
         newest_eval = evals[-1] if evals else snapshot.step
         if newest_eval <= st.last_considered_step:
             return
         st.last_considered_step = newest_eval
-        offer = Offer(choices=available_choices(self.policy, ctx), actions=[
-            a for a in available_actions(self.policy, ctx) if a.value in view.listener.actions
-        ])
         diag, _ = diagnose(snapshot, Thresholds.from_policy(self.policy))
         self._set(st.run_id, diagnosis=diag.value)
         if not offer.choices and not offer.actions:
@@ -365,6 +358,33 @@ class Daemon:
             listener=view.listener is not None,
             error="",
         )
+
+
+def decision_context(
+    policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float]
+) -> DecisionContext:
+    """The validator's view of a run: its step, evaluations, parameter values and decisions so far."""
+    steps = eval_steps(policy, view.history)
+    step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+    return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps)
+
+
+def decision_inputs(
+    policy: Policy, view: RunView, records: Sequence[DecisionRecord], now: float | None = None
+) -> tuple[TelemetrySnapshot, DecisionContext, Offer]:
+    """Everything a proposer is given for a run as it is now: snapshot, context and the offer.
+
+    Used by the daemon before each decision and by ``atm explain`` to show the same thing.
+    """
+    params = dict(view.listener.values) if view.listener else {}
+    ctx = decision_context(policy, view, records, params)
+    snapshot = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name, now=now)
+    allowed = set(view.listener.actions) if view.listener else set()
+    offer = Offer(
+        choices=available_choices(policy, ctx),
+        actions=[a for a in available_actions(policy, ctx) if a.value in allowed],
+    )
+    return snapshot, ctx, offer
 
 
 def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
