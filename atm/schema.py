@@ -64,8 +64,12 @@ class Status(str, enum.Enum):
     NOOP = "noop"
 
 
+#: Diverged runs log NaN and inf; JSON has no such numbers, so they travel as "NaN" / "Infinity" strings.
+_JSON = ConfigDict(extra="ignore", ser_json_inf_nan="strings")
+
+
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=False)
+    model_config = _JSON
     schema_version: int = SCHEMA_VERSION
 
 
@@ -74,6 +78,8 @@ class _Message(BaseModel):
 
 class SeriesStats(BaseModel):
     """Windowed statistics of one metric series. Slopes are per 1000 steps."""
+
+    model_config = _JSON
 
     key: str
     n: int
@@ -96,6 +102,8 @@ class SeriesStats(BaseModel):
 
 class Effect(BaseModel):
     """What happened to the watched metrics after an applied intervention."""
+
+    model_config = _JSON
 
     seq: int
     applied_step: int | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from atm.schema import Action
 
@@ -127,12 +127,17 @@ class Policy(_Strict):
             return {role: [keys] if isinstance(keys, str) else keys for role, keys in v.items()}
         return v
 
-    @model_validator(mode="after")
-    def _frozen_known(self) -> "Policy":
-        unknown = [p for p in self.frozen if p not in self.params]
-        if unknown:
-            raise ValueError(f"frozen names {unknown} are not in `params` ({sorted(self.params)})")
-        return self
+    # A field validator (not a model validator) so the error points at the `frozen:` line;
+    # `params` is declared earlier and so already validated (absent if it failed).
+    @field_validator("frozen")
+    @classmethod
+    def _frozen_known(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        params = info.data.get("params")
+        if params is not None:
+            unknown = [p for p in v if p not in params]
+            if unknown:
+                raise ValueError(f"frozen names {unknown} are not in `params` ({sorted(params)})")
+        return v
 
     def controllable(self) -> list[str]:
         return [p for p in self.params if p not in self.frozen]

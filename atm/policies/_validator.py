@@ -41,6 +41,14 @@ class DecisionContext:
         """Whether ``window`` has fully passed between step ``since`` and now."""
         return self.step - since >= window.steps and self.evals_between(since, self.step) >= window.evals
 
+    def reached(self, window: Window) -> bool:
+        """Whether the run is at least ``window`` into training.
+
+        Unlike ``passed(0, window)``, an evaluation logged at step 0 counts: metrics logged
+        without ``step=`` are numbered from 0, and their first point is an evaluation too.
+        """
+        return self.step >= window.steps and bisect.bisect_right(self.eval_steps, self.step) >= window.evals
+
     def counted(self) -> list[DecisionRecord]:
         return [r for r in self.history if r.status in COUNTED]
 
@@ -147,7 +155,7 @@ def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
 
 def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     lim = policy.limits
-    if not ctx.passed(0, lim.warmup):
+    if not ctx.reached(lim.warmup):
         return f"warm-up: no intervention before {_window(lim.warmup)} (now at step {ctx.step})"
     counted = ctx.counted()
     if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
@@ -185,12 +193,19 @@ def _change_block(name: str, new: float, policy: Policy, ctx: DecisionContext) -
         return "no effect: already at that value"
     opts = choices(rule, current)
     if not any(_same(new, o) for o in opts):
+        if rule.max_relative_change is not None and current != 0:
+            rel = abs(new - current) / abs(current)
+            if rel > rule.max_relative_change + _REL_TOL:
+                return (
+                    f"{fmt(new)} changes {name} by {rel:.0%} of {fmt(current)}; max_relative_change allows "
+                    f"{rule.max_relative_change:.0%} (allowed: {', '.join(fmt(o) for o in opts) or 'none'})"
+                )
         return f"{fmt(new)} is not an allowed move from {fmt(current)} (allowed: {', '.join(fmt(o) for o in opts) or 'none'})"
     return _param_block(name, rule, ctx)
 
 
 def _action_block(action: Action, rule: ActionRule, ctx: DecisionContext) -> str | None:
-    if not ctx.passed(0, rule.not_before):
+    if not ctx.reached(rule.not_before):
         return f"{action.value} not before {_window(rule.not_before)}"
     mine = [r for r in ctx.counted() if r.action == action]
     if mine and not ctx.passed(mine[-1].step, rule.cooldown):
@@ -205,7 +220,7 @@ def _same(a: float, b: float) -> bool:
 def _window(w: Window) -> str:
     parts = []
     if w.steps:
-        parts.append(f"{w.steps} steps")
+        parts.append(f"{w.steps} step{'s' if w.steps != 1 else ''}")
     if w.evals:
-        parts.append(f"{w.evals} evaluations")
+        parts.append(f"{w.evals} evaluation{'s' if w.evals != 1 else ''}")
     return " and ".join(parts) or "nothing"

@@ -49,7 +49,9 @@ def series_stats(key: str, points: Points, higher_is_better: bool = False) -> Se
         return None
     pts = sorted(points, key=lambda p: p[0])
     finite = [(s, v) for s, v in pts if math.isfinite(v)]
-    nonfinite = len(finite) < len(pts)
+    # Only the trailing window: a NaN the run has since recovered from (after a rollback, say)
+    # must not read as divergence for the rest of the run.
+    nonfinite = any(not math.isfinite(v) for _, v in pts[-WINDOW:])
     last_step, latest = pts[-1]
     if not finite:
         return SeriesStats(

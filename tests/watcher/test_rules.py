@@ -1,0 +1,180 @@
+"""The rules proposer: diagnoses on synthetic curves, and remedies that stay inside the offer."""
+
+from __future__ import annotations
+
+import pytest
+
+from atm.policies import DecisionContext, Policy, available_actions, available_choices, check, load_policy
+from atm.schema import Action, Diagnosis
+from atm.testing import SCENARIOS, decay, make_history, scenario, series
+from atm.watcher.proposer import Offer, ProposalResult
+from atm.watcher.rules import RulesProposer, Thresholds, diagnose, pick
+from atm.watcher.snapshot import build_snapshot
+
+
+def _offer(policy: Policy, ctx: DecisionContext) -> Offer:
+    return Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
+
+
+# --------------------------------------------------------------------------- diagnoses
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_diagnose_scenarios(name: str) -> None:
+    sc = scenario(name)
+    diagnosis, evidence = diagnose(sc.snapshot())
+    assert diagnosis == sc.expected, f"{sc.description}: {evidence}"
+    assert evidence  # the evidence is what the audit log shows
+
+
+def test_evidence_names_the_numbers() -> None:
+    _, evidence = diagnose(scenario("overfitting").snapshot())
+    assert evidence.startswith("val loss 2.2")
+    assert "above its best 1.49" in evidence and "widening" in evidence
+    _, evidence = diagnose(scenario("nan_loss").snapshot())
+    assert evidence == "non-finite values in train_loss"
+
+
+def test_near_zero_wobble_is_not_divergence() -> None:
+    lm = load_policy("lm")
+    values = decay(60, 4.5, 0.02, rate=8.0) + [0.03, 0.05, 0.04, 0.05]
+    snap = build_snapshot("r", lm, {"train/loss": series(values, every=10)}, {"lr": 1e-3})
+    assert snap.series["train_loss"].latest == 0.05
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis != Diagnosis.DIVERGENCE, evidence
+
+
+def test_recovered_nan_is_not_divergence_forever() -> None:
+    # A NaN at the 5th evaluation, then a rollback and 15 healthy evaluations.
+    sc = scenario("healthy")
+    val = list(sc.history["eval_loss"])
+    val[4] = (val[4][0], float("nan"))
+    snap = build_snapshot("r", load_policy("lm"), {**sc.history, "eval_loss": val}, sc.params)
+    assert diagnose(snap)[0] == Diagnosis.HEALTHY
+
+
+def test_grad_norm_spike_is_divergence() -> None:
+    sc = scenario("healthy")
+    grad = series([1.0] * 99 + [60.0], every=10)
+    snap = build_snapshot("r", load_policy("lm"), {**sc.history, "grad_norm": grad}, sc.params)
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.DIVERGENCE
+    assert "gradient norm spiked" in evidence
+
+
+def test_train_only_run_can_be_diagnosed() -> None:
+    lm = load_policy("lm")
+    snap = build_snapshot("r", lm, make_history({"loss": decay(50, 3.0, 1.0, rate=2.0)}, every=10), {})
+    assert diagnose(snap)[0] == Diagnosis.HEALTHY
+
+
+def test_thresholds_from_policy() -> None:
+    lm = load_policy("lm")
+    strict = lm.model_copy(update={"thresholds": {"min_points": 30}})
+    assert Thresholds.from_policy(strict).min_points == 30
+    assert diagnose(scenario("overfitting").snapshot(), Thresholds.from_policy(strict))[0] == Diagnosis.INSUFFICIENT_DATA
+    typo = lm.model_copy(update={"thresholds": {"overfit_rse": 0.1}})
+    with pytest.raises(ValueError, match=r"unknown thresholds \['overfit_rse'\]"):
+        Thresholds.from_policy(typo)
+
+
+# --------------------------------------------------------------------------- the proposer
+
+
+def _propose(name: str, policy: Policy | None = None) -> tuple[Policy, DecisionContext, Offer, ProposalResult]:
+    sc = scenario(name)
+    policy = policy or sc.load_policy()
+    ctx = sc.context(policy)
+    offer = _offer(policy, ctx)
+    result = RulesProposer().propose(sc.snapshot(policy), policy, ctx, offer)
+    return policy, ctx, offer, result
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_proposals_stay_inside_the_offer_and_pass_check(name: str) -> None:
+    policy, ctx, offer, result = _propose(name)
+    proposal = result.proposal
+    assert result.source == "rules"
+    assert proposal.diagnosis == scenario(name).expected
+    assert len(proposal.changes) <= policy.limits.max_changes
+    for param, value in proposal.changes.items():
+        assert value in offer.choices[param]
+    assert proposal.action is None or proposal.action in offer.actions
+    if not proposal.is_noop:
+        verdict = check(proposal, policy, ctx)
+        assert verdict.accepted and not verdict.dropped, verdict.reason
+
+
+@pytest.mark.parametrize(
+    "name, changes, action",
+    [
+        # Raise regularization from 0 by the gentlest step, and roll back to the best checkpoint.
+        ("overfitting", {"dropout": 0.05, "weight_decay": 0.02}, Action.ROLLBACK),
+        ("loss_explodes", {"lr": 2.5e-4}, Action.ROLLBACK),
+        ("plateau", {"lr": 5e-4}, None),
+        ("over_regularization", {"weight_decay": 0.1, "dropout": 0.2}, None),
+        ("loss_imbalance", {"loss_weight.aux": 0.5}, None),
+        ("rl_unsafe", {"reward.collision_penalty": 2.5, "lr": 1.5e-3, "ent_coef": 0.04}, None),
+        ("rl_exploration_collapse", {"ent_coef": 0.001, "clip_range": 0.3}, None),
+        ("rl_stalled", {"lr": 9e-5, "n_epochs": 6.0, "clip_range": 0.2}, None),
+        ("rl_converged", {}, Action.STOP),
+        ("healthy", {}, None),
+    ],
+)
+def test_remedies(name: str, changes: dict[str, float], action: Action | None) -> None:
+    _, _, _, result = _propose(name)
+    proposal = result.proposal
+    assert proposal.changes == pytest.approx(changes)
+    assert proposal.action == action
+
+
+def test_max_changes_is_respected() -> None:
+    one = load_policy("lm").model_copy(update={"limits": load_policy("lm").limits.model_copy(update={"max_changes": 1})})
+    _, _, offer, result = _propose("overfitting", one)
+    assert len(offer.choices) > 1
+    assert result.proposal.changes == {"dropout": 0.05}
+
+
+def test_empty_offer_proposes_nothing() -> None:
+    sc = scenario("overfitting")
+    policy = sc.load_policy()
+    result = RulesProposer().propose(sc.snapshot(), policy, sc.context(), Offer(choices={}, actions=[]))
+    proposal = result.proposal
+    assert proposal.diagnosis == Diagnosis.OVERFITTING
+    assert proposal.is_noop
+    assert "no allowed move is available right now" in proposal.rationale
+    assert result.audit["evidence"] in proposal.rationale
+
+
+def test_only_offered_values_even_when_the_ideal_is_missing() -> None:
+    sc = scenario("plateau")
+    policy = sc.load_policy()
+    # lr x0.5 is the ideal; only x0.75 and an upward move are on offer.
+    offer = Offer(choices={"lr": [7.5e-4, 2e-3]}, actions=[])
+    result = RulesProposer().propose(sc.snapshot(), policy, sc.context(), offer)
+    assert result.proposal.changes == {"lr": 7.5e-4}
+    # Nothing in the right direction: nothing at all.
+    result = RulesProposer().propose(sc.snapshot(), policy, sc.context(), Offer(choices={"lr": [2e-3]}, actions=[]))
+    assert result.proposal.changes == {}
+
+
+def test_healthy_rationale_does_not_apologise() -> None:
+    _, _, _, result = _propose("healthy")
+    proposal = result.proposal
+    assert proposal.is_noop and "no allowed move" not in proposal.rationale
+
+
+@pytest.mark.parametrize(
+    "options, current, direction, factor, expected",
+    [
+        ([5e-4, 7.5e-4, 2e-3], 1e-3, "down", 0.5, 5e-4),
+        ([5e-4, 7.5e-4, 2e-3], 1e-3, "down", 0.8, 7.5e-4),
+        ([5e-4, 7.5e-4, 2e-3], 1e-3, "up", 3.0, 2e-3),
+        ([5e-4], 1e-3, "up", 2.0, None),
+        # From zero, the gentlest step up; towards zero, the gentlest step down.
+        ([0.05, 0.1, 0.3], 0.0, "up", 2.0, 0.05),
+        ([0.0, 0.05, 0.3], 0.1, "down", 0.5, 0.05),
+    ],
+)
+def test_pick(options: list[float], current: float, direction: str, factor: float, expected: float | None) -> None:
+    assert pick(options, current, direction, factor) == expected  # type: ignore[arg-type]
