@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from atm.watcher.demo import run_demo
 
         return run_demo(args)
-    handler = getattr(args, "handler", None)
+    handler = getattr(args, "func", None)
     if handler is not None:
         return int(handler(args) or 0)
     p.error(f"unknown command {args.command}")

@@ -14,6 +14,7 @@ from typing import Literal
 from atm.policies import DecisionContext, Policy
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer, ProposalResult
+from atm.watcher.snapshot import HIGHER_IS_BETTER
 
 Direction = Literal["up", "down"]
 
@@ -44,6 +45,8 @@ class Thresholds:
     collapse_entropy_drop: float = 0.3
     #: RL: below this safe success, a run that stopped improving is stalled.
     stalled_success: float = 0.5
+    #: RL: gain of the goal metric across the window that counts as progress.
+    progress_gain: float = 0.05
 
     @classmethod
     def from_policy(cls, policy: Policy) -> "Thresholds":
@@ -105,12 +108,15 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             f"train loss {fmt(train.latest)} gave back {float(sig['train_lost_progress']):.0%} of its progress "
             f"(best {fmt(train.best)}, worst {fmt(train.max)})"
         )
-    if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike:
+    if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss"):
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"
     if val is not None and train is not None:
         rise = float(sig.get("rise_over_best", 0.0))
         gap_slope = float(sig.get("gap_slope", 0.0))
         if rise > t.overfit_rise and gap_slope > t.overfit_gap_slope and val.steps_since_best > 0:
+            recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
+            if recovering:
+                return Diagnosis.HEALTHY, recovering
             return Diagnosis.OVERFITTING, (
                 f"val loss {fmt(val.latest)} is {rise:.1%} above its best {fmt(val.best)} (step {val.best_step}) "
                 f"while train loss falls to {fmt(train.latest)}; the gap {fmt(float(sig.get('gap', 0)))} is widening"
@@ -119,7 +125,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if ratio > t.imbalance_ratio:
         return Diagnosis.LOSS_IMBALANCE, f"largest loss component is {ratio:.0f}x the smallest"
     improvement = float(sig.get("window_improvement", 1.0))
-    if improvement < t.plateau_improvement and primary.steps_since_best > 0:
+    if improvement < t.plateau_improvement:
         gap_ratio = float(sig.get("gap_ratio", 2.0))
         if val is not None and train is not None and gap_ratio < t.over_reg_gap_ratio and _regularized(snap):
             return Diagnosis.OVER_REGULARIZATION, (
@@ -143,15 +149,41 @@ def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str
             return Diagnosis.CONVERGED, f"safe success {succ.latest:.2f} with collisions {coll.latest:.2f}"
     if coll is not None and coll.latest > t.unsafe_collision:
         return Diagnosis.UNSAFE_EXPLORATION, f"collision rate {coll.latest:.2f} (limit {t.unsafe_collision})"
-    ent = s.get("entropy") or s.get("action_std")
-    progressing = float(snap.signals.get("window_improvement", 0.0))
-    if goal is not None and ent is not None and ent.n >= 3 and ent.trail:
-        start = ent.trail[0][1]
-        if start != 0 and (start - ent.latest) / abs(start) > t.collapse_entropy_drop and goal.slope <= 0:
-            return Diagnosis.EXPLORATION_COLLAPSE, f"{ent.key} fell from {fmt(start)} to {fmt(ent.latest)} with no progress"
-    if succ is not None and succ.latest < t.stalled_success and succ.slope * max(1, succ.last_step - succ.first_step) / 1000 < 0.1:
-        return Diagnosis.PLATEAU, f"safe success {succ.latest:.2f}, not improving ({progressing:+.2f} over the window)"
+    gain = float(snap.signals.get("goal_window_gain", 0.0))
+    drop = _entropy_drop(snap)
+    if drop is not None and drop[0] > t.collapse_entropy_drop and gain < t.progress_gain:
+        return Diagnosis.EXPLORATION_COLLAPSE, f"{drop[1]} fell {drop[0]:.0%} over the window with no progress ({gain:+.2f})"
+    if succ is not None and succ.latest < t.stalled_success and gain < t.progress_gain:
+        return Diagnosis.PLATEAU, f"{succ.key} {succ.latest:.2f}, not improving ({gain:+.2f} over the window)"
     return Diagnosis.HEALTHY, f"{goal.key} {fmt(goal.latest)}, trend {fmt(goal.slope)} per 1k steps"
+
+
+def _entropy_drop(snap: TelemetrySnapshot) -> tuple[float, str] | None:
+    """Relative fall of the policy's entropy over the trail, from whichever series the run logs."""
+    s = snap.series
+    for role, sign in (("entropy", 1.0), ("action_std", 1.0), ("entropy_loss", -1.0)):
+        st = s.get(role)
+        if st is None or st.n < 3 or not st.trail:
+            continue
+        start, end = sign * st.trail[0][1], sign * st.latest
+        if start != 0:
+            return (start - end) / abs(start), st.key
+    return None
+
+
+def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str:
+    """Non-empty when the last intervention answered ``diagnosis`` and ``role`` got no worse since.
+
+    Gives a remedy time to work instead of stacking another on top while the metric recovers.
+    """
+    last = next((e for e in reversed(snap.recent) if e.diagnosis == diagnosis), None)
+    if last is None or not snap.recent or snap.recent[-1].seq != last.seq or role not in last.before_after:
+        return ""
+    before, now = last.before_after[role]
+    better = now >= before if role in HIGHER_IS_BETTER else now <= before
+    if not better:
+        return ""
+    return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 
 def _regularized(snap: TelemetrySnapshot) -> bool:

@@ -17,6 +17,9 @@ Points = Sequence[tuple[int, float]]
 #: Roles where a larger value is better; every other role is better smaller (losses, collisions).
 HIGHER_IS_BETTER = frozenset({"return", "success", "safe_success", "explained_variance", "entropy", "action_std"})
 
+#: Roles whose non-finite values mean the run diverged.
+WATCHED_FOR_NONFINITE = frozenset({"train_loss", "val_loss", "loss_components", "grad_norm", "return", "value_loss"})
+
 #: Points in the trailing window used for slopes and spreads. Counted in points, not steps,
 #: so the statistics mean the same thing whether a script logs every step or every epoch.
 WINDOW = 8
@@ -168,7 +171,8 @@ def build_snapshot(
 def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Points]) -> dict[str, float | bool]:
     """Named signals the rules read and the LLM is shown: gaps, flags, ratios."""
     sig: dict[str, float | bool] = {}
-    sig["nonfinite"] = any(s.nonfinite for s in series.values())
+    # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
+    sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if r.split("[", 1)[0] in WATCHED_FOR_NONFINITE)
     train, val = series.get("train_loss"), series.get("val_loss")
     if train and val:
         train_pts = by_key[train.key]
@@ -188,14 +192,20 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         # Rise of the latest value over the best one, relative to the best.
         scale = max(abs(primary.best), 1e-8)
         sig["rise_over_best"] = (primary.latest - primary.best) / scale
-        window = [v for _, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
-        # Relative improvement across the trailing window (positive: still getting better).
-        sig["window_improvement"] = (window[0] - window[-1]) / scale
+        window = [(st, v) for st, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
+        # Relative improvement across the trailing window by a least-squares fit (positive: still
+        # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
+        sig["window_improvement"] = -slope(window) * (window[-1][0] - window[0][0]) / scale
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence".
         span = max(train.max - train.best, 1e-8)
         sig["train_lost_progress"] = (train.latest - train.best) / span
+    goal = series.get("safe_success") or series.get("success") or series.get("return")
+    if goal is not None and not goal.nonfinite and goal.key in by_key:
+        window = [v for _, v in by_key[goal.key] if math.isfinite(v)][-WINDOW:]
+        # Absolute gain across the trailing window (success rates are already on a 0-1 scale).
+        sig["goal_window_gain"] = window[-1] - window[0]
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean
