@@ -125,8 +125,13 @@ def value_at(points: Points, step: int) -> float | None:
 
 
 def eval_steps(policy: Policy, history: Mapping[str, Points]) -> list[int]:
-    """Steps at which the policy's ``eval_metric`` was logged (what ``Window.evals`` counts)."""
-    key = resolve_roles(policy, list(history)).get(policy.limits.eval_metric)
+    """Steps at which the policy's ``eval_metric`` was logged (what ``Window.evals`` counts).
+
+    A job that never logs the evaluation metric (only a training loss, say) counts the points
+    of its first mapped metric instead, so windows in evaluations still pass.
+    """
+    roles = resolve_roles(policy, list(history))
+    key = roles.get(policy.limits.eval_metric) or next(iter(roles.values()), None)
     if key is None:
         return []
     return sorted({int(s) for s, _ in history[key]})
