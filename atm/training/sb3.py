@@ -111,10 +111,17 @@ def _reward_knobs(model: BaseAlgorithm, getter_method: str, setter_method: str) 
     venv = model.get_env()
     if venv is None:
         return {}
-    try:
+    # has_attr asks every sub-env without raising (a missing method inside a SubprocVecEnv worker
+    # would otherwise end the worker); SB3 before 2.4 lacks it, so fall back to calling the method.
+    if hasattr(venv, "has_attr"):
+        if not (venv.has_attr(getter_method) and venv.has_attr(setter_method)):
+            return {}
         weights = venv.env_method(getter_method, indices=[0])[0]
-    except AttributeError:
-        return {}  # this env has no run-time reward weights
+    else:
+        try:
+            weights = venv.env_method(getter_method, indices=[0])[0]
+        except AttributeError:
+            return {}
 
     def knob(name: str) -> Knob:
         def get() -> float:
@@ -162,7 +169,12 @@ def sb3_knobs(
 def manager_callback(
     model: BaseAlgorithm, *, actions: dict[str, Callable[[], Any]] | None = None, **listen_kwargs: Any
 ) -> BaseCallback:
-    """The atm callback for ``model``: the listener with this model's knobs, applied at :data:`APPLY_HOOK`.
+    """The atm callback for ``model``: the listener, with the knobs of :func:`sb3_knobs`.
+
+    ``atm.sb3_callback`` attaches the listener to the model when learning starts; it takes the
+    knobs from :func:`sb3_knobs` and applies updates between rollouts. Pass it to
+    ``model.learn(callback=...)``. ``actions`` (e.g. ``{"rollback": ..., "stop": ...}``) and
+    ``listen_kwargs`` go to ``atm.listen``.
 
     Raises:
         ImportError: when the installed atm has no ``atm.sb3_callback`` (install atm with the
@@ -172,5 +184,8 @@ def manager_callback(
 
     make = getattr(atm, "sb3_callback", None)
     if make is None:
-        raise ImportError("this atm install has no atm.sb3_callback; reinstall atm or train without the listener")
-    return make(knobs=sb3_knobs(model), actions=actions, step=lambda: model.num_timesteps, **listen_kwargs)
+        raise ImportError(
+            "this atm install has no atm.sb3_callback; reinstall atm or train without the listener"
+        )
+    del model  # the callback reads the model from SB3 when learning starts
+    return make(actions=actions, **listen_kwargs)

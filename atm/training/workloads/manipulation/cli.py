@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=int, default=None, help=f"env steps (default {DEFAULT_TIMESTEPS})")
     p.add_argument("--seed", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=None, help=f"env steps (default {DEFAULT_EVAL_EVERY})")
-    p.add_argument("--eval-episodes", type=int, default=None, help="held-out scenes per difficulty (default 12)")
+    p.add_argument(
+        "--eval-episodes", type=int, default=None, help="held-out scenes per difficulty (default 12)"
+    )
     p.add_argument(
         "--quick", action="store_true",
         help=f"a smoke run: {QUICK['timesteps']} steps, evaluation every {QUICK['eval_every']}, "

@@ -33,7 +33,7 @@ from atm.training.workloads.manipulation.tracking import Tracker, open_tracker
 
 __all__ = ["DEFAULT_TIMESTEPS", "QUICK", "TrainConfig", "TrainResult", "train"]
 
-# 300k steps: the baseline recipe learns the task by then (see the workload's README figures),
+# 300k steps: the baseline recipe learns the task by then (figures in this package's README.md),
 # and 12 runs (fixed and managed, cautious and reckless, 3 seeds) fit in 90 minutes on 2 cores.
 DEFAULT_TIMESTEPS = 300_000
 DEFAULT_EVAL_EVERY = 20_480  # every 10 updates of 16 envs x 128 steps
@@ -85,6 +85,8 @@ class _TrackerWriter(KVWriter):
             for k, v in key_values.items()
             if k.startswith(("train/", "rollout/", "time/fps")) and isinstance(v, (int, float, np.number))
         }
+        if "train/entropy_loss" in metrics:  # SB3 logs the negated mean entropy
+            metrics["train/entropy"] = -metrics["train/entropy_loss"]
         if metrics:
             self.tracker.log(metrics, step=step)
 
@@ -163,7 +165,8 @@ class _WorkloadCallback(BaseCallback):
         if self.echo:
             print(
                 f"step {step:>8d}  {time.perf_counter() - self._started:6.0f}s  "
-                f"safe {metrics['eval/safe_success']:.2f} (stoch {metrics['eval/stochastic/safe_success']:.2f})  "
+                f"safe {metrics['eval/safe_success']:.2f} "
+                f"(stoch {metrics['eval/stochastic/safe_success']:.2f})  "
                 f"collision {metrics['eval/collision_rate']:.2f} "
                 f"(stoch {metrics['eval/stochastic/collision_rate']:.2f})  "
                 f"dist {metrics['eval/final_distance']:.3f}  return {metrics['eval/mean_reward']:.2f}  "
@@ -225,13 +228,13 @@ def train(config: TrainConfig, spec: ArmSpec | None = None) -> TrainResult:
     callbacks: list[BaseCallback] = [workload_cb]
     if config.listen and config.tracking != "none":
         try:
-            callbacks.append(
-                sb3.manager_callback(
-                    model, actions={"rollback": workload_cb.request_rollback, "stop": workload_cb.request_stop}
-                )
-            )
+            actions = {"rollback": workload_cb.request_rollback, "stop": workload_cb.request_stop}
+            callbacks.append(sb3.manager_callback(model, actions=actions))
         except ImportError as exc:
-            print(f"warning: {exc}; training with the fixed recipe (pass --no-listen to silence)", file=sys.stderr)
+            print(
+                f"warning: {exc}; training with the fixed recipe (pass --no-listen to silence)",
+                file=sys.stderr,
+            )
 
     status = "FAILED"
     try:

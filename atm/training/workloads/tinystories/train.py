@@ -229,6 +229,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 class _Tracker:
+    """Records nothing (``tracking="none"``); the MLflow and W&B trackers override its three methods."""
+
     run_id: str | None = None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -265,6 +267,8 @@ class _WandbTracker(_Tracker):
         # Offline unless the user chose otherwise: no account or server is needed, and atm reads the
         # offline run's transaction log. tracking_uri, for W&B, is the folder runs are written to.
         mode = os.environ.get("WANDB_MODE") or "offline"
+        if cfg.tracking_uri:
+            Path(cfg.tracking_uri).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.experiment, name=cfg.run_name, mode=mode, dir=cfg.tracking_uri)
         self.run_id = self.run.id
 
@@ -400,9 +404,15 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
 
     def request_rollback() -> None:
         # Called from inside optimizer.step()'s hook (or another thread): restoring there would let the
-        # step apply gradients of the old weights to the restored ones, so restore at the next step start.
+        # step apply gradients of the old weights to the restored ones, so restore at a safe point.
         nonlocal rollback_requested
         rollback_requested = True
+
+    def restore_if_requested() -> None:
+        nonlocal rollback_requested, rollbacks
+        if rollback_requested:
+            rollback_requested = False
+            rollbacks += best.restore(model, optimizer)
 
     tracker = _make_tracker(config)
     listener = None
@@ -425,9 +435,7 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
         norms: list[float] = []
         model.train()
         while step < config.steps:
-            if rollback_requested:
-                rollback_requested = False
-                rollbacks += best.restore(model, optimizer)
+            restore_if_requested()
             pick = torch.randint(0, len(train_starts), (config.batch,), generator=batches)
             batch = torch.stack([train_ids[s: s + config.context + 1] for s in train_starts[pick].tolist()])
             _, loss = model(batch[:, :-1], batch[:, 1:])
@@ -441,9 +449,7 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             stop = listener is not None and listener.stop_requested
             if step % config.eval_every and step != config.steps and not stop:
                 continue
-            if rollback_requested:  # a rollback that arrived with the last step is evaluated, not skipped
-                rollback_requested = False
-                rollbacks += best.restore(model, optimizer)
+            restore_if_requested()  # one that arrived with this step is evaluated now, not next time
             val = _val_loss(model, val_ids, val_starts, eos_id, config.context)
             point = EvalPoint(step=step, train_loss=sum(losses) / len(losses), val_loss=val,
                               grad_norm=sum(norms) / len(norms), lr=optimizer.param_groups[0]["lr"],
@@ -462,7 +468,8 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
                 scheduler.step(val)
             while scripted_done < len(scripted) and scripted[scripted_done].step <= step:
                 _apply_script(scripted[scripted_done], model, optimizer, scheduler)
-                rollbacks += scripted[scripted_done].rollback and best.restore(model, optimizer)
+                if scripted[scripted_done].rollback:
+                    request_rollback()
                 scripted_done += 1
             if stop:
                 break
