@@ -17,14 +17,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path: Path) -> str:
-    """A fresh sqlite tracking store. Tables are created here, before any second process opens it."""
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sqlite store with MLflow's tables created (the migrations take seconds); tests get copies."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()
-    return uri
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, _mlflow_template: Path) -> str:
+    """A fresh sqlite tracking store, tables already created (so two processes can open it at once)."""
+    import shutil
+
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template, path)
+    return f"sqlite:///{path}"
 
 
 def free_port() -> int:

@@ -63,6 +63,8 @@ class Move:
     direction: Direction
     #: Preferred size of the move as a factor of the current value (0.5 = halve, 2 = double).
     factor: float
+    #: Preferred value when the parameter sits at 0, where a factor means nothing.
+    from_zero: float | None = None
 
 
 class RulesProposer:
@@ -197,7 +199,8 @@ def _regularizers(snap: TelemetrySnapshot) -> str:
 
 #: Ranked moves per diagnosis. The first ones that the offer allows are taken.
 _REMEDIES: dict[Diagnosis, list[Move]] = {
-    Diagnosis.OVERFITTING: [Move("dropout", "up", 2.0), Move("weight_decay", "up", 2.0), Move("lr", "down", 0.5)],
+    # The paper's remedy: back to the best checkpoint (the action), more dropout, a smaller step.
+    Diagnosis.OVERFITTING: [Move("dropout", "up", 2.0, from_zero=0.1), Move("lr", "down", 0.5), Move("weight_decay", "up", 2.0, from_zero=0.05)],
     Diagnosis.DIVERGENCE: [Move("lr", "down", 0.25)],
     Diagnosis.PLATEAU: [Move("lr", "down", 0.5)],
     Diagnosis.OVER_REGULARIZATION: [Move("weight_decay", "down", 0.5), Move("dropout", "down", 0.5)],
@@ -231,14 +234,11 @@ def remedy(
         cur = snap.params.get(mv.param)
         if not opts or cur is None:
             continue
-        value = pick(opts, cur, mv.direction, mv.factor)
+        value = pick(opts, cur, mv.direction, mv.factor, mv.from_zero)
         if value is not None:
             changes[mv.param] = value
-    action = None
-    if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions:
-        val = snap.series.get("val_loss") or snap.series.get("train_loss")
-        if diagnosis == Diagnosis.DIVERGENCE or (val is not None and float(snap.signals.get("rise_over_best", 0)) > 0.1):
-            action = Action.ROLLBACK
+    # The best checkpoint is better on the metric that matters than where the run is now.
+    action = Action.ROLLBACK if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions else None
     return changes, action
 
 
@@ -252,15 +252,20 @@ def _imbalance_moves(snap: TelemetrySnapshot, offer: Offer) -> list[Move]:
     return moves or [Move(p, "up", 2.0) for p in offer.choices if p.startswith("loss_weight.")]
 
 
-def pick(options: list[float], current: float, direction: Direction, factor: float) -> float | None:
-    """The allowed value in ``direction`` closest (in log scale) to ``current * factor``."""
+def pick(options: list[float], current: float, direction: Direction, factor: float,
+         from_zero: float | None = None) -> float | None:
+    """The allowed value in ``direction`` closest (in log scale) to ``current * factor``.
+
+    From zero, the value closest to ``from_zero`` if given, else the gentlest step.
+    """
     side = [o for o in options if (o > current if direction == "up" else o < current)]
     if not side:
         return None
     if current > 0 and all(o > 0 for o in side):
         target = math.log(current * factor)
         return min(side, key=lambda o: abs(math.log(o) - target))
-    # From zero (or to zero), take the gentlest step.
+    if current == 0 and from_zero is not None:
+        return min(side, key=lambda o: abs(o - from_zero))
     return min(side) if direction == "up" else max(side)
 
 

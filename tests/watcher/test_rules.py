@@ -108,8 +108,8 @@ def test_proposals_stay_inside_the_offer_and_pass_check(name: str) -> None:
 @pytest.mark.parametrize(
     "name, changes, action",
     [
-        # Raise regularization from 0 by the gentlest step, and roll back to the best checkpoint.
-        ("overfitting", {"dropout": 0.05, "weight_decay": 0.02}, Action.ROLLBACK),
+        # The paper's remedy: back to the best checkpoint, dropout from 0 to 0.1, half the step size.
+        ("overfitting", {"dropout": 0.1, "lr": 5e-4}, Action.ROLLBACK),
         ("loss_explodes", {"lr": 2.5e-4}, Action.ROLLBACK),
         ("plateau", {"lr": 5e-4}, None),
         ("over_regularization", {"weight_decay": 0.1, "dropout": 0.2}, None),
@@ -132,7 +132,7 @@ def test_max_changes_is_respected() -> None:
     one = load_policy("lm").model_copy(update={"limits": load_policy("lm").limits.model_copy(update={"max_changes": 1})})
     _, _, offer, result = _propose("overfitting", one)
     assert len(offer.choices) > 1
-    assert result.proposal.changes == {"dropout": 0.05}
+    assert result.proposal.changes == {"dropout": 0.1}
 
 
 def test_empty_offer_proposes_nothing() -> None:
@@ -178,3 +178,7 @@ def test_healthy_rationale_does_not_apologise() -> None:
 )
 def test_pick(options: list[float], current: float, direction: str, factor: float, expected: float | None) -> None:
     assert pick(options, current, direction, factor) == expected  # type: ignore[arg-type]
+
+
+def test_pick_from_zero_prefers_the_given_value() -> None:
+    assert pick([0.05, 0.1, 0.3], 0.0, "up", 2.0, from_zero=0.1) == 0.1
