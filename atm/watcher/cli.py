@@ -181,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--proposer", choices=["rules", "llm"], default=None, help="default: llm if installed, else rules")
     demo.add_argument("--quick", action="store_true", help="a shorter run")
 
+    ex = sub.add_parser("explain", help="show what the LLM would be sent for a run now (prompt and allowed moves)")
+    _add_backend_args(ex)
+    ex.add_argument("--policy", default="lm", help="preset name or YAML file (default: lm)")
+    ex.add_argument("--scenario", default=None, help="explain a scenario file instead of a live run")
+    ex.add_argument("--no-evidence", action="store_true", help="leave out the rules' diagnosis")
+
     _optional_subcommands(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -192,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _history(args)
     if args.command == "policy":
         return _policy_cmd(args)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "demo":
         from atm.watcher.demo import run_demo
 
@@ -205,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _optional_subcommands(sub: Any) -> None:
     """Subcommands that live in other modules (explain, eval, bench); each registers its own parser."""
-    for module, fn in (("atm.watcher.evaluate", "add_explain_parser"), ("atm.watcher.evaluate", "add_eval_parser"),
+    for module, fn in (("atm.watcher.evaluate", "add_eval_parser"),
                        ("atm.training.workloads.bench", "add_bench_parser")):
         try:
             mod = __import__(module, fromlist=[fn])
@@ -214,6 +222,33 @@ def _optional_subcommands(sub: Any) -> None:
         register = getattr(mod, fn, None)
         if register is not None:
             register(sub)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from atm.watcher.evaluate import explain_command, render_explain
+
+    if args.scenario:
+        return explain_command(args)
+    if len(args.run) != 1:
+        print("atm explain: give exactly one --run (or --scenario FILE)", file=sys.stderr)
+        return 2
+    from atm.adapters import BackendUnavailable, RunNotFound
+    from atm.watcher.daemon import decision_inputs, reconcile
+
+    policy = _policy(args.policy)
+    backend = _backend(args)
+    try:
+        view = backend.poll(args.run[0])
+        records, _ = reconcile(backend.read_log(args.run[0]), view)
+    except (RunNotFound, BackendUnavailable) as exc:
+        print(f"atm explain: {exc}", file=sys.stderr)
+        return 1
+    snapshot, ctx, _offer = decision_inputs(policy, view, records)
+    if view.listener is None:
+        print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
+              "can be offered; add atm.listen(...) to the training script\n")
+    print(render_explain(snapshot, policy, ctx, evidence=not args.no_evidence))
+    return 0
 
 
 def _history(args: argparse.Namespace) -> int:
