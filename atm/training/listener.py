@@ -117,6 +117,14 @@ class Listener:
         except Exception as exc:  # keep going: the thread retries the tracker
             self._note("resume", f"could not read earlier acks yet ({exc}); will retry")
             self._last_applied = -1  # unknown: do not apply anything until the acks were read
+        # Channels that can be told about new updates (a watched inbox folder) wake the thread at once
+        # instead of waiting for the next poll.
+        subscribe = getattr(self.channel, "on_update", None)
+        if callable(subscribe):
+            try:
+                subscribe(self._wake.set)
+            except Exception as exc:
+                self._note("subscribe", f"update notifications unavailable ({exc!r}); polling instead")
         self._thread = threading.Thread(target=self._run, name="atm-listener", daemon=True)
         self._thread.start()
         return self

@@ -9,6 +9,7 @@ error until ``max_retries`` runs out.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,21 +23,30 @@ from atm.adapters.llm._config import LLMConfig, LLMConfigError
 from atm.adapters.llm._llama import LlamaBackend, embedded_model_path
 from atm.adapters.llm._openai import OpenAIBackend
 
+#: Sampling temperature of re-asks after an invalid answer.
+RETRY_TEMPERATURE = 0.7
+
 
 def _embedded(rest: str, cfg: LLMConfig) -> ChatBackend:
     path = embedded_model_path()
-    return LlamaBackend(path, label=f"embedded:{path.stem}", timeout_s=cfg.timeout_s, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+    return LlamaBackend(
+        path, label=f"embedded:{path.stem}", timeout_s=cfg.timeout_s, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads
+    )
 
 
 def _local(rest: str, cfg: LLMConfig) -> ChatBackend:
     if not rest:
         raise LLMConfigError("local: needs a path: --llm local:/path/to/model.gguf")
     path = Path(rest).expanduser()
-    return LlamaBackend(path, label=f"local:{path.name}", timeout_s=cfg.timeout_s, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+    return LlamaBackend(
+        path, label=f"local:{path.name}", timeout_s=cfg.timeout_s, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads
+    )
 
 
 def _openai(rest: str, cfg: LLMConfig) -> ChatBackend:
-    return OpenAIBackend(rest, base_url=cfg.base_url, api_key=cfg.api_key, timeout_s=cfg.timeout_s, json_mode=cfg.json_mode)
+    return OpenAIBackend(
+        rest, base_url=cfg.base_url, api_key=cfg.api_key, timeout_s=cfg.timeout_s, json_mode=cfg.json_mode
+    )
 
 
 #: Spec prefix -> backend factory. ``embedded`` must match whole; the others take the rest of the spec.
@@ -86,7 +96,7 @@ class LLMClient:
         self.config = config
 
     @classmethod
-    def from_config(cls, config: LLMConfig) -> "LLMClient":
+    def from_config(cls, config: LLMConfig) -> LLMClient:
         return cls(resolve_backend(config), config)
 
     @property
@@ -151,7 +161,11 @@ class LLMClient:
         record = self._recorder(attempts, wire)
         t0 = time.perf_counter()
         try:
-            record(messages=messages, max_tokens=max_tokens or self.config.max_tokens, temperature=self.config.temperature)
+            record(
+                messages=messages,
+                max_tokens=max_tokens or self.config.max_tokens,
+                temperature=self.config.temperature,
+            )
         except LLMError as exc:
             exc.audit = self._transcript(messages, attempts, wire, t0)
             raise
@@ -161,6 +175,10 @@ class LLMClient:
         backend = self.backend
 
         def create(*args: Any, **kwargs: Any) -> Any:
+            if attempts and kwargs.get("temperature", 0) < RETRY_TEMPERATURE:
+                # A re-ask at temperature 0 mostly repeats the refused answer (measured with SmolLM2).
+                kwargs["temperature"] = RETRY_TEMPERATURE
+                kwargs["seed"] = len(attempts)
             rf = kwargs.get("response_format")
             if wire == "json_object" and isinstance(rf, dict) and rf.get("type") == "json_schema":
                 kwargs["response_format"] = {"type": "json_object", "schema": rf["json_schema"]["schema"]}
@@ -174,6 +192,9 @@ class LLMClient:
             raw = choice.message.content or ""
             if not raw and choice.message.tool_calls:
                 raw = choice.message.tool_calls[0].function.arguments or ""
+                choice.message.tool_calls[0].function.arguments = json_whitespace(raw)
+            elif raw:
+                choice.message.content = json_whitespace(raw)
             usage = response.usage
             attempts.append(
                 Attempt(
@@ -188,7 +209,9 @@ class LLMClient:
 
         return create
 
-    def _transcript(self, messages: list[dict[str, str]], attempts: list[Attempt], wire: str, t0: float) -> dict[str, Any]:
+    def _transcript(
+        self, messages: list[dict[str, str]], attempts: list[Attempt], wire: str, t0: float
+    ) -> dict[str, Any]:
         def total(key: str) -> int | None:
             vals = [getattr(a, key) for a in attempts]
             return sum(vals) if vals and all(v is not None for v in vals) else None
@@ -202,6 +225,19 @@ class LLMClient:
             "prompt_tokens": total("prompt_tokens"),
             "completion_tokens": total("completion_tokens"),
         }
+
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def json_whitespace(text: str) -> str:
+    """``text`` with raw control characters turned into spaces.
+
+    llama-cpp-python's JSON grammar lets raw newlines and tabs into strings, which strict JSON
+    refuses. Outside strings they are whitespace anyway, so a space means the same there;
+    inside a string it keeps the answer readable. The audit keeps the raw text.
+    """
+    return _CONTROL.sub(" ", text)
 
 
 def _error_text(error: BaseException) -> str:

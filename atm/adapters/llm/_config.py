@@ -67,7 +67,7 @@ class LLMConfig(BaseModel):
         policy_llm: Any = None,
         environ: Mapping[str, str] | None = None,
         **overrides: Any,
-    ) -> "LLMConfig":
+    ) -> LLMConfig:
         """Merge arguments, environment and the policy's ``llm`` section (an ``LLMSettings``).
 
         Raises:
@@ -81,11 +81,17 @@ class LLMConfig(BaseModel):
             "api_key": env.get("OPENAI_API_KEY") or None,
         }
         timeout = _env_number(env, "ATM_LLM_TIMEOUT", float)
-        merged["timeout_s"] = timeout if timeout is not None else getattr(pol, "timeout_s", None) or DEFAULT_TIMEOUT_S
+        merged["timeout_s"] = (
+            timeout if timeout is not None else getattr(pol, "timeout_s", None) or DEFAULT_TIMEOUT_S
+        )
         retries = _env_number(env, "ATM_LLM_MAX_RETRIES", int)
         pol_retries = getattr(pol, "max_retries", None)
         merged["max_retries"] = (
-            retries if retries is not None else pol_retries if pol_retries is not None else DEFAULT_MAX_RETRIES
+            retries
+            if retries is not None
+            else pol_retries
+            if pol_retries is not None
+            else DEFAULT_MAX_RETRIES
         )
         mode = env.get("ATM_LLM_JSON_MODE")
         if mode:

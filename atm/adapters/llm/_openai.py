@@ -37,7 +37,9 @@ class OpenAIBackend:
         except ImportError as exc:
             raise LLMError("openai/<model> needs the openai package: pip install 'atm[llm]'") from exc
         if not model:
-            raise LLMError("give a model name after the prefix: --llm openai/<model> (for example openai/gpt-4o-mini)")
+            raise LLMError(
+                "give a model name after the prefix: --llm openai/<model> (for example openai/gpt-4o-mini)"
+            )
         if api_key is None:
             if base_url is None:
                 raise LLMError(
@@ -68,8 +70,8 @@ class OpenAIBackend:
         try:
             models = self._client.models.list()
             owners = {str(getattr(m, "owned_by", "")).lower() for m in models.data}
-        except Exception:
-            # Unknown server: the chat call itself will report a connection problem, if any.
+        except (self._openai.OpenAIError, ValueError, AttributeError):
+            # Unknown server (no /models, or an odd body): the chat call itself will report a connection problem, if any.
             return "json_schema"
         return "json_object" if owners & LLAMA_CPP_OWNERS else "json_schema"
 
@@ -93,11 +95,15 @@ class OpenAIBackend:
         except o.APIStatusError as exc:
             raise LLMServerError(f"{where} answered HTTP {exc.status_code}: {_short(exc.message)}") from exc
         except o.APIResponseValidationError as exc:
-            raise LLMServerError(f"{where} sent a body that is not a chat completion: {_short(str(exc))}") from exc
+            raise LLMServerError(
+                f"{where} sent a body that is not a chat completion: {_short(str(exc))}"
+            ) from exc
         except ValueError as exc:  # a 200 answer whose body is not JSON
             raise LLMServerError(f"{where} sent a body that is not JSON: {_short(str(exc))}") from exc
         if not isinstance(response, ChatCompletion) or not response.choices:
-            raise LLMServerError(f"{where} sent a body that is not a chat completion: {_short(repr(response))}")
+            raise LLMServerError(
+                f"{where} sent a body that is not a chat completion: {_short(repr(response))}"
+            )
         return response
 
 

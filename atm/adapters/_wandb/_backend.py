@@ -1,0 +1,446 @@
+"""The W&B backend (daemon side) and channel (listener side)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from atm.adapters.base import (
+    BackendError,
+    BackendUnavailable,
+    RunNotFound,
+    RunView,
+    records_from_jsonl,
+    records_to_jsonl,
+)
+from atm.adapters._wandb._local import (
+    ACK_FILE_RE,
+    UPDATE_FILE_RE,
+    MessageFolder,
+    RunLayout,
+    ack_name,
+    default_wandb_dir,
+    find_run_dir,
+    process_alive,
+    read_seq,
+    read_text,
+    run_dirs,
+    update_name,
+    write_atomic,
+)
+from atm.adapters._wandb._online import (
+    ApiHandle,
+    OnlineRun,
+    Pacer,
+    RemoteInbox,
+    default_api_factory,
+    is_run_path,
+    running_online_runs,
+)
+from atm.adapters._wandb._txlog import LogFormatError, LogTail, RunLog, exit_code_at_end, read_run_record
+from atm.adapters._wandb._ui import RunUI
+from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+
+log = logging.getLogger("atm.wandb")
+
+#: Set to 1 to watch the inbox by polling (network filesystems, where inotify misses other hosts' writes).
+POLLING_ENV = "ATM_WANDB_POLLING"
+#: Set to 0 to stop an online job's listener from also polling W&B for updates from a remote daemon.
+REMOTE_ENV = "ATM_WANDB_REMOTE"
+#: Seconds between an online listener's looks at its run's inbox files on the W&B server.
+REMOTE_INTERVAL_S = 5.0
+
+
+class UnreadableRun(RunNotFound):
+    """The run exists but its transaction log is in a format this reader does not know."""
+
+
+def run_status(exit_code: int | None, listener_alive: bool | None) -> str:
+    """A local run's state in RunView's words. Pure.
+
+    An exit record means the job called ``finish`` (or exited through wandb's hooks). A job killed
+    by a signal leaves none; when its listener announced a pid on this host and that process is
+    gone, the run is over. Otherwise it counts as running, and the daemon's idle rule (no new
+    metric for ``limits.idle_minutes``) ends the watch.
+    """
+    if exit_code is not None:
+        return "FINISHED" if exit_code == 0 else "FAILED"
+    if listener_alive is False:
+        return "KILLED"
+    return "RUNNING"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _LocalRun:
+    """The daemon's view of one run directory. Not thread-safe: one daemon thread per run."""
+
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
+        self.tail: LogTail | None = None
+        self.state = RunLog()
+        self.inbox = MessageFolder(layout.inbox, UPDATE_FILE_RE, Update)
+        self.outbox = MessageFolder(layout.outbox, ACK_FILE_RE, Ack)
+
+    def poll(self, run_id: str) -> RunView:
+        if self.tail is None:
+            path = self.layout.transaction_log()
+            if path is None:
+                raise RunNotFound(f"{self.layout.run_dir} holds no run-*.wandb transaction log")
+            self.tail = LogTail(path)
+        try:
+            added = self.state.apply(self.tail.read())
+        except LogFormatError as exc:
+            raise UnreadableRun(str(exc)) from exc
+        except OSError as exc:
+            raise BackendUnavailable(f"reading {self.tail.path}: {exc}") from exc
+        listener = self.listener()
+        updates = self.inbox.read()
+        alive = process_alive(listener.pid, listener.host) if listener else None
+        return RunView(
+            run_id=run_id,
+            name=self.state.display_name or self.layout.run_id,
+            status=run_status(self.state.exit_code, alive),
+            history=self.state.history,
+            last_metric_time=self.state.last_time,
+            moved=added > 0,
+            listener=listener,
+            acks=self.outbox.read(),
+            updates=updates,
+            last_seq=max([read_seq(self.layout.seq_file), *updates]),
+        )
+
+    def listener(self) -> ListenerInfo | None:
+        text = read_text(self.layout.listener_file)
+        if not text:
+            return None
+        try:
+            return ListenerInfo.model_validate_json(text)
+        except ValueError:
+            return None
+
+    def reserve_seq(self, seq: int) -> None:
+        write_atomic(self.layout.seq_file, f"{seq}\n")
+
+    def publish(self, record: DecisionRecord) -> None:
+        if record.status == Status.PENDING:
+            write_atomic(self.layout.inbox / update_name(record.seq), record.to_update().model_dump_json())
+
+    def write_log(self, records: Sequence[DecisionRecord]) -> None:
+        write_atomic(self.layout.log_file, records_to_jsonl(records))
+
+    def read_log(self) -> list[DecisionRecord]:
+        return records_from_jsonl(read_text(self.layout.log_file) or "")
+
+
+class WandbBackend:
+    """The daemon's W&B access: local run directories (offline or online runs on a shared disk) and
+    online runs through the public API. One instance may serve many runs.
+
+    Args:
+        wandb_dir: the folder holding run directories (``offline-run-*``, ``run-*``); default
+            ``$WANDB_DIR/wandb`` or ``./wandb``. A ``--run`` may also be a run directory, its
+            ``.wandb`` file, a bare run id found here, or ``entity/project/run_id`` (online).
+        idle_seconds: a local run whose transaction log has not grown for this long is not listed
+            by :meth:`running_runs` (wandb writes system stats every 15 s while a job lives).
+        api_timeout: seconds each W&B API request may take, the credential check included.
+        api_factory: builds the ``wandb.Api`` (tests pass a fake); default ``wandb.Api(timeout=...)``.
+        min_request_interval: seconds between two API requests for one run (W&B allows ~2/s).
+    """
+
+    name = "wandb"
+
+    def __init__(
+        self,
+        wandb_dir: str | os.PathLike[str] | None = None,
+        *,
+        idle_seconds: float = 300.0,
+        api_timeout: float = 10.0,
+        api_factory: Callable[[], Any] | None = None,
+        min_request_interval: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ):
+        if idle_seconds <= 0:
+            raise ValueError(f"idle_seconds must be positive, got {idle_seconds}")
+        if api_timeout <= 0:
+            raise ValueError(f"api_timeout must be positive, got {api_timeout}")
+        if min_request_interval < 0:
+            raise ValueError(f"min_request_interval must be >= 0, got {min_request_interval}")
+        self.wandb_dir = Path(wandb_dir) if wandb_dir else default_wandb_dir()
+        self.idle_seconds = idle_seconds
+        self.min_request_interval = min_request_interval
+        self.clock = clock
+        self._api = ApiHandle(api_factory or default_api_factory(api_timeout))
+        self._runs: dict[str, _LocalRun | OnlineRun] = {}
+        self._projects: dict[Path, str] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _target(self, run_id: str) -> _LocalRun | OnlineRun:
+        with self._lock:
+            hit = self._runs.get(run_id)
+        if hit is not None:
+            return hit
+        found: _LocalRun | OnlineRun
+        run_dir = find_run_dir(run_id, self.wandb_dir)
+        if run_dir is not None:
+            found = _LocalRun(RunLayout(run_dir.resolve()))
+        elif is_run_path(run_id):
+            found = OnlineRun(run_id, self._api, Pacer(self.min_request_interval))
+        else:
+            raise RunNotFound(
+                f"no W&B run {run_id!r}: not a run directory, and no offline-run-*-{run_id} or run-*-{run_id} under "
+                f"{self.wandb_dir.resolve()}. Pass the run directory, --wandb-dir, or entity/project/run_id for an online run."
+            )
+        with self._lock:
+            return self._runs.setdefault(run_id, found)
+
+    def running_runs(self, experiment: str) -> list[str]:
+        """Run ids of the live runs of a project: local ones by name, online ones as ``entity/project``."""
+        if "/" in experiment:
+            return running_online_runs(experiment, self._api, Pacer(self.min_request_interval))
+        out: list[str] = []
+        now = self.clock()
+        for run_dir in run_dirs(self.wandb_dir):
+            layout = RunLayout(run_dir)
+            path = layout.transaction_log()
+            try:
+                if path is None or now - path.stat().st_mtime > self.idle_seconds:
+                    continue
+                if self._project(path) != experiment or exit_code_at_end(path) is not None:
+                    continue
+            except (OSError, LogFormatError) as exc:
+                log.debug("skipping %s: %s", run_dir, exc)
+                continue
+            info = _LocalRun(layout).listener()
+            if info is not None and process_alive(info.pid, info.host) is False:
+                continue
+            if layout.run_id not in out:
+                out.append(layout.run_id)
+        return out
+
+    def _project(self, path: Path) -> str:
+        if path not in self._projects:
+            record = read_run_record(path)
+            if record is None:
+                return ""  # not written yet: look again next time
+            self._projects[path] = record.project
+        return self._projects[path]
+
+    # ------------------------------------------------------------------ the contract
+
+    def poll(self, run_id: str) -> RunView:
+        return self._target(run_id).poll(run_id)
+
+    def publish(self, record: DecisionRecord) -> None:
+        self._write(record.run_id, lambda t: t.publish(record))
+
+    def write_log(self, run_id: str, records: Sequence[DecisionRecord]) -> None:
+        self._write(run_id, lambda t: t.write_log(records))
+
+    def read_log(self, run_id: str) -> list[DecisionRecord]:
+        target = self._target(run_id)
+        try:
+            return target.read_log()
+        except OSError as exc:
+            raise BackendUnavailable(f"reading the decision log of W&B run {run_id}: {exc}") from exc
+
+    def reserve_seq(self, run_id: str, seq: int) -> None:
+        self._write(run_id, lambda t: t.reserve_seq(seq))
+
+    def _write(self, run_id: str, fn: Callable[[Any], None]) -> None:
+        target = self._target(run_id)
+        try:
+            fn(target)
+        except BackendError:
+            raise
+        except OSError as exc:
+            raise BackendUnavailable(f"writing to W&B run {run_id}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- listener side
+
+
+class WandbChannel:
+    """The listener's W&B access: the run directory's inbox, plus the W&B server for online runs.
+
+    Updates arrive as files in ``<run dir>/atm/inbox`` (from a daemon on this machine or a shared
+    disk) and, for an online run, as run files on the W&B server (from a daemon anywhere). The
+    inbox is watched with ``watchdog`` (inotify; polling with ``ATM_WANDB_POLLING=1`` or where
+    inotify is unavailable) so :meth:`on_update` callbacks fire as soon as a file lands; every
+    :meth:`fetch` also lists the folder, so nothing depends on an event arriving.
+
+    Args:
+        run_dir: the run directory (``wandb.run.settings.sync_dir``).
+        run: the live ``wandb`` run, through which charts, the table, tags and files are written;
+            None writes only the message files.
+        run_id: the run's id; defaults to the one in the directory name.
+        remote_path: ``entity/project/run_id`` to also fetch updates through the public API.
+        api_factory: builds the ``wandb.Api`` for ``remote_path`` (tests pass a fake).
+        polling: force (True) or forbid (False) the polling observer; default from ``ATM_WANDB_POLLING``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        run: Any = None,
+        run_id: str | None = None,
+        remote_path: str | None = None,
+        api_factory: Callable[[], Any] | None = None,
+        polling: bool | None = None,
+        remote_interval: float = REMOTE_INTERVAL_S,
+    ):
+        self.layout = RunLayout(Path(run_dir))
+        if not self.layout.run_dir.is_dir():
+            raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
+        self.run_id = run_id or self.layout.run_id
+        self.inbox = MessageFolder(self.layout.inbox, UPDATE_FILE_RE, Update)
+        self.outbox = MessageFolder(self.layout.outbox, ACK_FILE_RE, Ack)
+        self.ui = RunUI(run, self.layout.files_dir, online=remote_path is not None) if run is not None else None
+        self.remote = (
+            RemoteInbox(remote_path, ApiHandle(api_factory or default_api_factory(10.0)), min_interval=remote_interval)
+            if remote_path
+            else None
+        )
+        self._updates: dict[int, Update] = {}
+        self._to_show: list[Ack] = []
+        self._callbacks: list[Callable[[], None]] = []
+        self._remote_errors = 0
+        self.observer_kind: str | None = None
+        self._observer = self._watch(_truthy(os.environ.get(POLLING_ENV)) if polling is None else polling)
+
+    @classmethod
+    def from_run(cls, run: Any) -> "WandbChannel | None":
+        """The channel of a live ``wandb`` run (``wandb.run``); None for a disabled run."""
+        settings = getattr(run, "settings", None)
+        mode = str(getattr(settings, "mode", "") or "")
+        if mode == "disabled" or getattr(run, "disabled", False):
+            return None
+        sync_dir = getattr(settings, "sync_dir", None)
+        run_dir = Path(sync_dir) if sync_dir else Path(run.dir).parent
+        offline = bool(getattr(run, "offline", False)) or mode in ("offline", "dryrun")
+        remote_path = None
+        if not offline and os.environ.get(REMOTE_ENV, "1").strip() != "0":
+            remote_path = f"{run.entity}/{run.project}/{run.id}"
+        return cls(run_dir, run=run, run_id=run.id, remote_path=remote_path)
+
+    # ------------------------------------------------------------------ inbox watch
+
+    def on_update(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the watcher's thread) whenever an update file lands in the inbox."""
+        self._callbacks.append(callback)
+
+    def _notify(self) -> None:
+        for cb in list(self._callbacks):
+            try:
+                cb()
+            except Exception as exc:  # a callback's trouble is its own
+                log.debug("atm: inbox callback failed: %r", exc)
+
+    def _watch(self, polling: bool) -> Any:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+            from watchdog.observers.polling import PollingObserver
+        except ImportError:
+            log.info("atm: watchdog is not installed; updates are picked up at each listener poll")
+            return None
+        channel = self
+
+        class _InboxEvents(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                name = os.path.basename(str(getattr(event, "dest_path", "") or event.src_path))
+                if UPDATE_FILE_RE.match(name):
+                    channel._notify()
+
+        self.layout.inbox.mkdir(parents=True, exist_ok=True)
+        kinds: list[tuple[str, Any]] = [("polling", PollingObserver)] if polling else [("native", Observer), ("polling", PollingObserver)]
+        for kind, observer_cls in kinds:
+            observer = observer_cls(timeout=0.5) if kind == "polling" else observer_cls()
+            try:
+                observer.schedule(_InboxEvents(), str(self.layout.inbox), recursive=False)
+                observer.start()
+            except OSError as exc:  # inotify watch or instance limits
+                log.info("atm: cannot watch %s natively (%s); polling it instead", self.layout.inbox, exc)
+                continue
+            self.observer_kind = kind
+            return observer
+        return None
+
+    # ------------------------------------------------------------------ the contract
+
+    def announce(self, info: ListenerInfo) -> None:
+        write_atomic(self.layout.listener_file, info.model_dump_json())
+        if self.ui is not None and self.ui.online:
+            self.ui.save(self.layout.listener_file, "now")
+
+    def fetch(self, after_seq: int) -> list[Update]:
+        found = self.inbox.read(after_seq)
+        if self.remote is not None:
+            try:
+                for seq, update in self.remote.fetch(after_seq).items():
+                    found.setdefault(seq, update)
+            except BackendError as exc:
+                self._remote_errors += 1
+                level = logging.WARNING if self._remote_errors == 1 else logging.DEBUG
+                log.log(level, "atm: could not read updates from the W&B server (%s); the local inbox still works", exc)
+                if isinstance(exc, RunNotFound):
+                    self.remote = None  # credentials or run missing: asking again will not help
+        self._updates.update(found)
+        self._show_acked()  # an update with an action only gets no log_values call
+        return [found[s] for s in sorted(found)]
+
+    def acked(self) -> dict[int, Ack]:
+        return self.outbox.read()
+
+    def ack(self, ack: Ack) -> None:
+        path = self.layout.outbox / ack_name(ack.seq)
+        write_atomic(path, ack.model_dump_json())
+        if self.ui is None:
+            return
+        if self.ui.online:
+            self.ui.save(path, "now")
+        # The table and tags wait until the new values are charted (log_values comes next), so
+        # the charts land at the job's current step; building the first table takes ~1 s.
+        self._to_show.append(ack)
+
+    def log_values(self, values: Mapping[str, float], step: int | None) -> None:
+        if self.ui is not None:
+            self.ui.log_values(values, step)
+            self._show_acked()
+
+    def _show_acked(self) -> None:
+        ui = self.ui
+        if ui is None or not self._to_show:
+            return
+        acks, self._to_show = self._to_show, []
+        for ack in acks:
+            update = self._updates.get(ack.seq) or self.inbox.read(ack.seq - 1).get(ack.seq)
+            if update is not None:
+                ui.record(update, ack, self._decision(ack.seq))
+        ui.save(self.layout.log_file, "end")
+
+    def close(self) -> None:
+        self._show_acked()
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def _decision(self, seq: int) -> DecisionRecord | None:
+        for record in records_from_jsonl(read_text(self.layout.log_file) or ""):
+            if record.seq == seq:
+                return record
+        return None
+
+
+__all__ = ["UnreadableRun", "WandbBackend", "WandbChannel", "run_status"]
