@@ -229,20 +229,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     if args.scenario:
         return explain_command(args)
-    if len(args.run) != 1:
-        print("atm explain: give exactly one --run (or --scenario FILE)", file=sys.stderr)
-        return 2
-    from atm.adapters import BackendUnavailable, RunNotFound
-    from atm.watcher.daemon import decision_inputs, reconcile
+    from atm.watcher.daemon import decision_inputs
 
     policy = _policy(args.policy)
-    backend = _backend(args)
-    try:
-        view = backend.poll(args.run[0])
-        records, _ = reconcile(backend.read_log(args.run[0]), view)
-    except (RunNotFound, BackendUnavailable) as exc:
-        print(f"atm explain: {exc}", file=sys.stderr)
-        return 1
+    got = _read_run(args, "explain")
+    if isinstance(got, int):
+        return got
+    view, records = got
     snapshot, ctx, _offer = decision_inputs(policy, view, records)
     if view.listener is None:
         print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
@@ -251,20 +244,31 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _history(args: argparse.Namespace) -> int:
+def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] | int:
+    """The run's current view and its decisions (log merged with acks), or an exit code after an error."""
     from atm.adapters import BackendUnavailable, RunNotFound
-    from atm.watcher.daemon import history_rows, reconcile
+    from atm.watcher.daemon import reconcile
 
     if len(args.run) != 1:
-        print("atm history: give exactly one --run", file=sys.stderr)
+        print(f"atm {command}: give exactly one --run", file=sys.stderr)
         return 2
     backend = _backend(args)
     try:
         view = backend.poll(args.run[0])
         records, _ = reconcile(backend.read_log(args.run[0]), view)
     except (RunNotFound, BackendUnavailable) as exc:
-        print(f"atm history: {exc}", file=sys.stderr)
+        print(f"atm {command}: {exc}", file=sys.stderr)
         return 1
+    return view, records
+
+
+def _history(args: argparse.Namespace) -> int:
+    from atm.watcher.daemon import history_rows
+
+    got = _read_run(args, "history")
+    if isinstance(got, int):
+        return got
+    _, records = got
     rows = history_rows(records)
     if args.json:
         print(json.dumps(rows, indent=2))
