@@ -1,0 +1,160 @@
+"""The daemon's decision logic on a real MLflow store: dry runs, staleness, fallback, pending updates.
+
+The job's side is played with the real MLflow channel (what the listener uses); proposers that
+misbehave on purpose are fakes, named as such.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
+from atm.policies import load_policy
+from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status
+from atm.watcher.daemon import Daemon
+from atm.watcher.proposer import ProposerError, ProposalResult
+
+
+def overfitting_run(uri: str, upto: int = 20) -> str:
+    """A run whose val loss turns up after step 80 while train loss keeps falling, with a listener attached."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    rid = client.create_run(client.create_experiment("daemon")).info.run_id
+    log_evals(client, rid, 1, upto)
+    MlflowChannel(rid, uri).announce(ListenerInfo(
+        run_id=rid, knobs=["lr", "dropout", "weight_decay"], values={"lr": 2e-3, "dropout": 0.0, "weight_decay": 0.0},
+        actions=["stop"], apply_mode="auto", pid=1, started_at=0.0))
+    return rid
+
+
+def log_evals(client, rid: str, start: int, end: int) -> None:
+    for i in range(start, end + 1):
+        step = i * 10
+        client.log_metric(rid, "train_loss", 3.0 / i, step=step)
+        client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), step=step)
+
+
+def test_decides_publishes_and_settles_on_ack(mlflow_uri: str) -> None:
+    rid = overfitting_run(mlflow_uri)
+    backend = MlflowBackend(mlflow_uri)
+    daemon = Daemon(backend, load_policy("lm"), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    assert [r.status for r in st.records] == [Status.PENDING]
+    rec = st.records[0]
+    assert rec.diagnosis == Diagnosis.OVERFITTING and rec.source == "rules"
+    channel = MlflowChannel(rid, mlflow_uri)
+    assert [u.seq for u in channel.fetch(0)] == [1]
+    # While the update waits for the job, no further decision is taken.
+    daemon.tick(rid, wait=True)
+    assert len(st.records) == 1
+    channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=205, values={"dropout": 0.1}))
+    st = daemon.tick(rid, wait=True)
+    assert st.records[0].status == Status.APPLIED and st.records[0].applied_step == 205
+    assert [r.seq for r in backend.read_log(rid)] == [1]
+    daemon.stop()
+
+
+def test_dry_run_records_but_publishes_nothing(mlflow_uri: str) -> None:
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1, dry_run=True)
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert [r.status for r in st.records] == [Status.DRY_RUN]
+    assert st.records[0].changes
+    assert MlflowChannel(rid, mlflow_uri).fetch(0) == []
+
+
+class FailingProposer:
+    """Fake LLM proposer that always fails, as a dead endpoint would."""
+
+    name = "llm"
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        raise ProposerError("connection refused (fake)", audit={"attempts": 3})
+
+
+def test_a_failing_proposer_falls_back_to_rules_and_says_so(mlflow_uri: str) -> None:
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), FailingProposer(), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    rec = st.records[0]
+    assert rec.source == "fallback" and rec.status == Status.PENDING
+    assert rec.audit["fallback_from"] == "llm" and "connection refused" in rec.audit["error"]
+    assert rec.audit["failed_attempt"] == {"attempts": 3}
+
+
+class SlowProposer:
+    """Fake proposer that answers only after the run has moved on (as a slow LLM would)."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        self.release.wait(10)
+        return ProposalResult(Proposal(diagnosis=Diagnosis.OVERFITTING, changes={"dropout": 0.1}), self.name)
+
+
+def test_a_late_answer_is_discarded_as_stale(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    slow = SlowProposer()
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    st = daemon.tick(rid)
+    assert st.inflight is not None
+    log_evals(MlflowClient(mlflow_uri), rid, 21, 24)  # four more evaluations; the lm preset allows two
+    slow.release.set()
+    st.inflight.future.result(5)
+    st = daemon.tick(rid)
+    daemon.stop()
+    stale = st.records[0]
+    assert stale.status == Status.STALE and stale.step == 200
+    assert "stale" in stale.reason and not stale.changes
+    # The stale answer was never published; the next decision is taken afresh on the newer data.
+    published = MlflowChannel(rid, mlflow_uri).fetch(0)
+    assert 1 not in [u.seq for u in published]
+    assert all(u.step == 240 for u in published)
+
+
+class OutOfPolicyProposer:
+    """Fake proposer that ignores the offer (as a misbehaving model might)."""
+
+    name = "rogue"
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        return ProposalResult(Proposal(diagnosis=Diagnosis.OVERFITTING, changes={"lr": 10.0, "momentum": 0.5}), self.name)
+
+
+def test_out_of_policy_answers_are_rejected_with_reasons(mlflow_uri: str) -> None:
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), OutOfPolicyProposer(), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    rec = st.records[0]
+    assert rec.status == Status.REJECTED and not rec.changes
+    assert "outside" in rec.dropped["lr"] and "not a parameter" in rec.dropped["momentum"]
+    assert MlflowChannel(rid, mlflow_uri).fetch(0) == []
+
+
+def test_no_listener_means_no_decision(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("bare")).info.run_id
+    log_evals(client, rid, 1, 20)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert st.records == [] and daemon.status[rid].state == "no listener"
+
+
+def test_unknown_thresholds_fail_at_start() -> None:
+    policy = load_policy("lm").model_copy(update={"thresholds": {"overfit_rize": 0.1}})
+    with pytest.raises(ValueError, match="unknown thresholds"):
+        Daemon(MlflowBackend("sqlite:///:memory:"), policy)
