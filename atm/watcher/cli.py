@@ -59,9 +59,9 @@ def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: s
 
     if kind == "rules":
         return RulesProposer()
-    from atm.watcher.llm import build_llm_proposer
+    from atm.watcher.llm import LLMProposer
 
-    return build_llm_proposer(spec=llm, base_url=base_url, policy=policy)
+    return LLMProposer.from_settings(llm, base_url, policy=policy)
 
 
 def _setup_logging(level: str) -> None:

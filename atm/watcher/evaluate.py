@@ -22,7 +22,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,10 @@ class Expectation(_Strict):
     def _moves(cls, v: list[dict[str, str]]) -> list[dict[str, str]]:
         for item in v:
             if len(item) != 1:
-                raise ValueError(f"each entry names one move, like {{lr: down}} or {{action: rollback}}; got {item}")
-            (key, val), = item.items()
+                raise ValueError(
+                    f"each entry names one move, like {{lr: down}} or {{action: rollback}}; got {item}"
+                )
+            ((key, val),) = item.items()
             if key == "action":
                 if val not in {a.value for a in Action}:
                     raise ValueError(f"unknown action {val!r}; actions: {', '.join(a.value for a in Action)}")
@@ -102,7 +104,7 @@ class Scenario(_Strict):
     source: str = Field("", exclude=True)
 
     @model_validator(mode="after")
-    def _has_metrics(self) -> "Scenario":
+    def _has_metrics(self) -> Scenario:
         if not any(self.metrics.values()):
             raise ValueError("`metrics` holds no points")
         return self
@@ -116,9 +118,15 @@ class Scenario(_Strict):
     def records(self) -> list[DecisionRecord]:
         return [
             DecisionRecord(
-                run_id=self.name, seq=iv.seq, step=iv.step, status=Status.APPLIED, source="scenario",
-                diagnosis=iv.diagnosis, changes={k: Change(old=o, new=n) for k, (o, n) in iv.changes.items()},
-                action=iv.action, applied_step=iv.applied_step,
+                run_id=self.name,
+                seq=iv.seq,
+                step=iv.step,
+                status=Status.APPLIED,
+                source="scenario",
+                diagnosis=iv.diagnosis,
+                changes={k: Change(old=o, new=n) for k, (o, n) in iv.changes.items()},
+                action=iv.action,
+                applied_step=iv.applied_step,
             )
             for iv in self.interventions
         ]
@@ -141,7 +149,9 @@ def situation(sc: Scenario, policy: Policy | None = None) -> Situation:
     history = {k: sorted((int(s), float(v)) for s, v in pts) for k, pts in sc.metrics.items()}
     records = sc.records()
     snap = build_snapshot(sc.name, policy, history, sc.params, records=records, run_name=sc.run_name, now=0.0)
-    ctx = DecisionContext(step=snap.step, params=dict(sc.params), history=records, eval_steps=eval_steps(policy, history))
+    ctx = DecisionContext(
+        step=snap.step, params=dict(sc.params), history=records, eval_steps=eval_steps(policy, history)
+    )
     offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
     return Situation(snapshot=snap, policy=policy, ctx=ctx, offer=offer)
 
@@ -170,7 +180,8 @@ def load_scenarios(directory: str | Path) -> list[Scenario]:
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        # The C loader when PyYAML has it: scenario files are long lists of points.
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -266,8 +277,12 @@ def score(proposer: Proposer, scenarios: Sequence[Scenario], *, progress: Any = 
             noop_right += not sc.expect.any_of
         rows.append(
             ScenarioResult(
-                name=sc.name, diagnosis=diagnosis.value if diagnosis else None, changes=changes,
-                acceptable=acceptable, harmful=harmful, latency_s=round(latency, 4),
+                name=sc.name,
+                diagnosis=diagnosis.value if diagnosis else None,
+                changes=changes,
+                acceptable=acceptable,
+                harmful=harmful,
+                latency_s=round(latency, 4),
             )
         )
         if progress is not None:
@@ -282,7 +297,9 @@ def score(proposer: Proposer, scenarios: Sequence[Scenario], *, progress: Any = 
         latency_p50_s=round(percentile(lat, 50), 4),
         latency_p95_s=round(percentile(lat, 95), 4),
     )
-    return EvalReport(proposer=getattr(proposer, "label", None) or proposer.name, summary=summary, scenarios=rows)
+    return EvalReport(
+        proposer=getattr(proposer, "label", None) or proposer.name, summary=summary, scenarios=rows
+    )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -304,8 +321,16 @@ def format_report(report: EvalReport) -> str:
     rows = [["scenario", "diagnosis", "applied", "ok", "harm", "latency_s"]]
     for r in report.scenarios:
         applied = ", ".join(f"{k}={v if isinstance(v, str) else fmt(v)}" for k, v in r.changes.items()) or "-"
-        rows.append([r.name, r.diagnosis or "(failed)", applied, "yes" if r.acceptable else "no",
-                     "YES" if r.harmful else "-", f"{r.latency_s:.2f}"])
+        rows.append(
+            [
+                r.name,
+                r.diagnosis or "(failed)",
+                applied,
+                "yes" if r.acceptable else "no",
+                "YES" if r.harmful else "-",
+                f"{r.latency_s:.2f}",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     s = report.summary
@@ -320,13 +345,22 @@ def format_report(report: EvalReport) -> str:
 # --------------------------------------------------------------------------- explain
 
 
-def render_explain(snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, *, evidence: bool = True) -> str:
+def render_explain(
+    snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, *, evidence: bool = True
+) -> str:
     """What the LLM proposer would be shown for this decision, and the offer, as text."""
     from atm.watcher.rules import Thresholds, diagnose
 
     offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
     ev = diagnose(snapshot, Thresholds.from_policy(policy)) if evidence else None
-    parts = ["=== system", system_prompt(policy), "", "=== user", render_snapshot(snapshot, policy, offer, evidence=ev), ""]
+    parts = [
+        "=== system",
+        system_prompt(),
+        "",
+        "=== user",
+        render_snapshot(snapshot, policy, offer, evidence=ev),
+        "",
+    ]
     parts.append("=== offer (what the validator accepts now)")
     if offer.choices:
         for param, values in sorted(offer.choices.items()):
@@ -347,12 +381,21 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="score a proposer on labelled scenarios",
         description="Run a proposer on labelled scenarios and report acceptable and harmful decisions.",
     )
-    p.add_argument("--scenarios", default="tests/scenarios", help="folder of scenario YAML files (default: %(default)s)")
+    p.add_argument(
+        "--scenarios", default="tests/scenarios", help="folder of scenario YAML files (default: %(default)s)"
+    )
     p.add_argument("--proposer", choices=("rules", "llm"), default="rules")
-    p.add_argument("--llm", dest="llm_model", default=None, help="embedded | local:/path.gguf | openai/<model> (or ATM_LLM)")
+    p.add_argument(
+        "--llm",
+        dest="llm_model",
+        default=None,
+        help="embedded | local:/path.gguf | openai/<model> (or ATM_LLM)",
+    )
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL (or ATM_LLM_BASE_URL)")
     p.add_argument("--variant", default=None, help="LLM prompting variant (default: the measured best)")
-    p.add_argument("--only", action="append", default=[], help="run only scenarios whose name contains this (repeatable)")
+    p.add_argument(
+        "--only", action="append", default=[], help="run only scenarios whose name contains this (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=eval_command)
     return p
@@ -366,8 +409,14 @@ def eval_command(args: argparse.Namespace) -> int:
         return 2
     if args.only:
         scenarios = [s for s in scenarios if any(o in s.name for o in args.only)]
-    proposer = make_proposer(args.proposer, args.llm_model, args.llm_base_url, getattr(args, "variant", None), scenarios)
-    progress = None if args.json else (lambda r: print(f"  {r.name}: {r.diagnosis} {r.changes}", file=sys.stderr))
+    try:
+        proposer = make_proposer(args.proposer, args.llm_model, args.llm_base_url, args.variant)
+    except ValueError as exc:  # unknown variant or an unusable LLM setting (the message names it)
+        print(f"atm eval: {exc}", file=sys.stderr)
+        return 2
+    progress = (
+        None if args.json else (lambda r: print(f"  {r.name}: {r.diagnosis} {r.changes}", file=sys.stderr))
+    )
     try:
         report = score(proposer, scenarios, progress=progress)
     except PolicyError as exc:
@@ -377,23 +426,18 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_proposer(kind: str, model: str | None, base_url: str | None, variant: str | None,
-                  held_out: Iterable[Scenario] = ()) -> Proposer:
-    """The proposer for ``atm eval``. Few-shot examples never come from the scenarios being scored."""
+def make_proposer(kind: str, model: str | None, base_url: str | None, variant: str | None) -> Proposer:
+    """The proposer for ``atm eval``. The few-shot variant's examples ship with atm, apart from the suite."""
     if kind == "rules":
         from atm.watcher.rules import RulesProposer
 
         return RulesProposer()
-    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer, bundled_examples
+    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer
 
     name = variant or DEFAULT_VARIANT
     if name not in VARIANTS:
-        raise SystemExit(f"atm eval: unknown --variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    skip = {s.name for s in held_out}
-    examples = [e for e in bundled_examples() if e.name not in skip] if VARIANTS[name].few_shot else []
-    proposer = LLMProposer.from_settings(model, base_url, variant=name, examples=examples)
-    proposer.label = f"llm[{name}]"  # type: ignore[attr-defined]
-    return proposer
+        raise ValueError(f"unknown --variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return LLMProposer.from_settings(model, base_url, variant=name)
 
 
 def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
