@@ -41,12 +41,21 @@ class Thresholds:
     solved_collision: float = 0.15
     #: RL: collision rate that counts as unsafe exploration.
     unsafe_collision: float = 0.3
+    #: RL: exploration runs away when the action std (or its entropy equivalent) has grown this many
+    #: times over the run and is still growing: the entropy bonus outweighs the task.
+    runaway_std_ratio: float = 2.0
     #: RL: entropy falling faster than this relative drop across the window, with no progress.
     collapse_entropy_drop: float = 0.3
     #: RL: below this safe success, a run that stopped improving is stalled.
     stalled_success: float = 0.5
     #: RL: gain of the goal metric across the window that counts as progress.
     progress_gain: float = 0.05
+    #: RL: the goal metric this far below its best, now and on average lately, means the policy got worse.
+    regress_drop: float = 0.10
+    #: RL: a stall whose approx KL is above this share of target_kl is held back by target_kl too.
+    kl_binding: float = 0.5
+    #: RL: a stalled run colliding less than this (window mean) fears the obstacle more than it should.
+    timid_collision: float = 0.05
 
     @classmethod
     def from_policy(cls, policy: Policy) -> "Thresholds":
@@ -79,13 +88,14 @@ class RulesProposer:
         rationale = evidence
         if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
             rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
+        rl = diagnosis == Diagnosis.DIVERGENCE and _is_rl(snapshot)
         proposal = Proposal(
             diagnosis=diagnosis,
             changes=changes,
             action=action,
             rationale=rationale,
-            expected_outcome=_EXPECTED.get(diagnosis, ""),
-            watch_next=_WATCH.get(diagnosis, ""),
+            expected_outcome=_RL_REGRESSION_EXPECTED if rl else _EXPECTED.get(diagnosis, ""),
+            watch_next=_RL_REGRESSION_WATCH if rl else _WATCH.get(diagnosis, ""),
         )
         return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
 
@@ -147,17 +157,59 @@ def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str
     coll = s.get("collision")
     succ = s.get("safe_success") or s.get("success")
     if succ is not None and coll is not None:
-        if succ.latest >= t.solved_success and coll.latest <= t.solved_collision and succ.window_mean >= t.solved_success - 0.05:
-            return Diagnosis.CONVERGED, f"safe success {succ.latest:.2f} with collisions {coll.latest:.2f}"
+        # Solved now and lately: the EMA, not the window mean, so a run that climbed fast may stop
+        # before it has spent a whole window up there (and before a reckless recipe wrecks it).
+        if succ.latest >= t.solved_success and coll.latest <= t.solved_collision and succ.ema >= t.solved_success - 0.05:
+            return Diagnosis.CONVERGED, f"safe success {succ.latest:.2f} (recent average {succ.ema:.2f}) with collisions {coll.latest:.2f}"
     if coll is not None and coll.latest > t.unsafe_collision:
         return Diagnosis.UNSAFE_EXPLORATION, f"collision rate {coll.latest:.2f} (limit {t.unsafe_collision})"
+    runaway = _runaway_exploration(snap, t)
+    if runaway:
+        return Diagnosis.UNSAFE_EXPLORATION, runaway
     gain = float(snap.signals.get("goal_window_gain", 0.0))
+    # The release's rollback gate: a drop that lasts (the recent average is down too), not one bad evaluation ...
+    lasting_drop = (
+        succ is not None and succ.steps_since_best > 0
+        and min(succ.best - succ.latest, succ.best - succ.ema) >= t.regress_drop
+    )
+    # ... on a falling trend, since the average of a run still climbing lags below its best.
+    regressed = lasting_drop and succ is not None and succ.slope <= 0
     drop = _entropy_drop(snap)
-    if drop is not None and drop[0] > t.collapse_entropy_drop and gain < t.progress_gain:
+    if drop is not None and drop[0] > t.collapse_entropy_drop and (gain < t.progress_gain or lasting_drop):
         return Diagnosis.EXPLORATION_COLLAPSE, f"{drop[1]} fell {drop[0]:.0%} over the window with no progress ({gain:+.2f})"
+    if regressed:
+        assert succ is not None
+        # After the specific causes above, which have remedies of their own.
+        return Diagnosis.DIVERGENCE, (
+            f"{succ.key} fell to {succ.latest:.2f} (recent average {succ.ema:.2f}) from its best {succ.best:.2f} "
+            f"at step {succ.best_step}: the policy is getting worse"
+        )
     if succ is not None and succ.latest < t.stalled_success and gain < t.progress_gain:
         return Diagnosis.PLATEAU, f"{succ.key} {succ.latest:.2f}, not improving ({gain:+.2f} over the window)"
     return Diagnosis.HEALTHY, f"{goal.key} {fmt(goal.latest)}, trend {fmt(goal.slope)} per 1k steps"
+
+
+def _runaway_exploration(snap: TelemetrySnapshot, t: Thresholds) -> str:
+    """Non-empty (the evidence) when the policy's noise keeps growing: the stochastic policy, the one
+    that acts while training, drifts towards random actions however good its mean is."""
+    s = snap.series
+    # (role, how a change of the series maps to a factor on the action std). A Gaussian policy's
+    # entropy grows by log(k) per action dimension when its std grows k times.
+    for role, factor in (
+        ("action_std", lambda a, b: b / a if a > 0 else 0.0),
+        ("entropy", lambda a, b: math.exp(min(b - a, 50.0))),
+        ("entropy_loss", lambda a, b: math.exp(min(a - b, 50.0))),
+    ):
+        st = s.get(role)
+        if st is None or st.n < 3 or not st.trail:
+            continue
+        growth = factor(st.trail[0][1], st.latest)
+        rising = st.slope > 0 if role != "entropy_loss" else st.slope < 0
+        if growth >= t.runaway_std_ratio and rising:
+            return (f"{st.key} went from {fmt(st.trail[0][1])} to {fmt(st.latest)} and is still rising: "
+                    f"the policy's action noise grew {growth:.1f}x, exploration is running away")
+        return ""
+    return ""
 
 
 def _entropy_drop(snap: TelemetrySnapshot) -> tuple[float, str] | None:
@@ -212,18 +264,47 @@ _REMEDIES: dict[Diagnosis, list[Move]] = {
     ],
 }
 
-#: RL stalls are the opposite of supervised plateaus: a cautious recipe needs bolder updates.
-_RL_PLATEAU = [Move("lr", "up", 3.0), Move("n_epochs", "up", 2.0), Move("clip_range", "up", 2.0)]
+#: RL stalls are the opposite of supervised plateaus: a cautious recipe needs bolder updates, and
+#: (see :func:`_rl_stall_moves`) a reward that pays for reaching the goal more than for not crashing.
+_RL_PLATEAU = [Move("lr", "up", 5.0), Move("n_epochs", "up", 2.0), Move("clip_range", "up", 2.0)]
+#: Exploration running away: the entropy bonus is the cause, cut it hard; then smaller, safer steps.
+_RL_RUNAWAY = [Move("ent_coef", "down", 0.25), Move("lr", "down", 0.5), Move("reward.collision_penalty", "up", 2.0)]
+#: A policy that got worse: back to the best checkpoint (the action), smaller and more careful steps.
+_RL_REGRESSION = [Move("lr", "down", 0.5), Move("ent_coef", "down", 0.5), Move("clip_range", "down", 0.5)]
+
+
+def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
+    """The stall remedy for this run: bolder updates, a looser KL stop when it binds, a richer reward when safe."""
+    s, p = snap.series, snap.params
+    moves = list(_RL_PLATEAU[:2])
+    kl = s.get("approx_kl")
+    if kl is not None and p.get("target_kl", 0) > 0 and kl.latest >= t.kl_binding * p["target_kl"]:
+        # Early stopping on KL cuts each update short: a higher LR alone would change little.
+        moves.append(Move("target_kl", "up", 3.0))
+    coll = s.get("collision")
+    if coll is not None and coll.window_mean <= t.timid_collision:
+        # It (almost) never collides and never gets there: the penalty outweighs what reaching pays.
+        moves.append(Move("reward.collision_penalty", "down", 0.5))
+    if coll is not None and coll.latest <= t.solved_collision:
+        # Few collisions and no progress: the agent is paid too little for getting there.
+        moves += [Move("reward.progress_scale", "up", 2.0), Move("reward.success_bonus", "up", 2.0)]
+    return moves + _RL_PLATEAU[2:]
 
 
 def remedy(
     diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
 ) -> tuple[dict[str, float], Action | None]:
     """The changes (and action) that answer ``diagnosis``, restricted to the offer."""
-    rl = any(r in snap.series for r in ("safe_success", "success", "return"))
+    rl = _is_rl(snap)
     if diagnosis == Diagnosis.CONVERGED:
         return {}, Action.STOP if Action.STOP in offer.actions else None
-    moves = _RL_PLATEAU if (rl and diagnosis == Diagnosis.PLATEAU) else _REMEDIES.get(diagnosis, [])
+    moves = _REMEDIES.get(diagnosis, [])
+    if rl and diagnosis == Diagnosis.UNSAFE_EXPLORATION and _runaway_exploration(snap, Thresholds.from_policy(policy)):
+        moves = _RL_RUNAWAY
+    elif rl and diagnosis == Diagnosis.PLATEAU:
+        moves = _rl_stall_moves(snap, Thresholds.from_policy(policy))
+    elif rl and diagnosis == Diagnosis.DIVERGENCE:
+        moves = _RL_REGRESSION
     if diagnosis == Diagnosis.LOSS_IMBALANCE:
         moves = _imbalance_moves(snap, offer)
     changes: dict[str, float] = {}
@@ -240,6 +321,10 @@ def remedy(
     # The best checkpoint is better on the metric that matters than where the run is now.
     action = Action.ROLLBACK if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions else None
     return changes, action
+
+
+def _is_rl(snap: TelemetrySnapshot) -> bool:
+    return any(r in snap.series for r in ("safe_success", "success", "return"))
 
 
 def _imbalance_moves(snap: TelemetrySnapshot, offer: Offer) -> list[Move]:
@@ -279,6 +364,8 @@ _EXPECTED = {
     Diagnosis.UNSAFE_EXPLORATION: "collision rate falls within two evaluations",
     Diagnosis.CONVERGED: "training stops with the best checkpoint kept",
 }
+_RL_REGRESSION_EXPECTED = "back at the best checkpoint's success; no new drop of the goal metric within two evaluations"
+_RL_REGRESSION_WATCH = "safe success against its best, collision rate"
 _WATCH = {
     Diagnosis.OVERFITTING: "val_loss and the train/val gap",
     Diagnosis.DIVERGENCE: "train_loss, grad_norm",

@@ -100,7 +100,7 @@ def test_bad_sources_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_tokenizer_round_trips_and_maps_unknown_words() -> None:
     stories = load_corpus("generated", size_kb=8, seed=3).stories
-    tok = WordTokenizer.build(stories)
+    tok = WordTokenizer.build(stories, min_count=1)
     assert tok.vocab[:2] == [UNK, EOS]
     for story in stories[:20]:
         ids = tok.encode(story)
@@ -110,7 +110,9 @@ def test_tokenizer_round_trips_and_maps_unknown_words() -> None:
     stream = tok.encode_stories(stories[:2])
     assert stream.dtype == torch.long
     assert (stream == tok.eos_id).nonzero().flatten().tolist() == [len(tok.encode(stories[0])), len(stream) - 1]
-    assert WordTokenizer.build(stories).vocab == tok.vocab  # same stories, same ids
+    assert WordTokenizer.build(stories, min_count=1).vocab == tok.vocab  # same stories, same ids
+    rare = WordTokenizer.build(["I see a cat. I see a cat. I see a dog."], min_count=2)
+    assert rare.encode(" a dog.") == [rare.index[" a"], rare.unk_id, rare.index["."]]  # seen once: <unk>
 
 
 def test_split_is_by_story_disjoint_and_deterministic() -> None:
@@ -195,6 +197,7 @@ def test_early_stop_with_restore_reads_the_curve() -> None:
 def test_scripted_intervention_parses_the_cli_form() -> None:
     s = ScriptedIntervention.parse("200:rollback,lr=6e-4,dropout=0.1")
     assert (s.step, s.rollback, s.changes) == (200, True, {"lr": 6e-4, "dropout": 0.1})
+    assert ScriptedIntervention.parse(s.to_text()) == s
     with pytest.raises(ValueError, match="STEP:item"):
         ScriptedIntervention.parse("rollback")
     with pytest.raises(ValueError, match="scripted changes can set"):
@@ -219,7 +222,7 @@ def test_scripted_rollback_and_changes_apply() -> None:
     result = train(TrainConfig(**TINY, tracking="none", script=script))
     after = result.evals[-1]
     assert (after.lr, after.dropout, after.weight_decay) == (5e-4, 0.2, 0.05)
-    assert result.evals[1].lr == 2e-3  # the step-20 point was logged before the change
+    assert result.evals[1].lr == 3e-3  # the step-20 point was logged before the change
     assert result.rollbacks == 1 and result.interventions == 1
 
 
@@ -232,7 +235,7 @@ def test_mlflow_run_logs_params_and_metrics(mlflow_uri: str) -> None:
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data_source"] == "generated(seed=0, size_kb=6)"
-    assert run.data.params["recipe"] == "overfit" and run.data.params["lr"] == "0.002"
+    assert run.data.params["recipe"] == "overfit" and run.data.params["lr"] == "0.003"
     for key in ("train_loss", "val_loss", "grad_norm", "lr", "weight_decay", "dropout"):
         history = client.get_metric_history(result.run_id, key)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [10, 20, 30, 40], key
@@ -262,7 +265,7 @@ def test_listener_applies_a_published_rollback(mlflow_uri: str) -> None:
             backend.publish(DecisionRecord(
                 run_id=run_ids[0], seq=1, step=10, status=Status.PENDING, source="test",
                 diagnosis=Diagnosis.OVERFITTING, action=Action.ROLLBACK,
-                changes={"lr": Change(old=2e-3, new=1e-3), "dropout": Change(old=0.0, new=0.1)}))
+                changes={"lr": Change(old=3e-3, new=1e-3), "dropout": Change(old=0.0, new=0.1)}))
         if point.step >= 10 and not acked():
             time.sleep(1.5)  # longer than the listener's poll interval: it fetches the update meanwhile
 
@@ -271,7 +274,7 @@ def test_listener_applies_a_published_rollback(mlflow_uri: str) -> None:
     assert acked()
     assert result.interventions == 1 and result.rollbacks == 1
     assert result.evals[-1].lr == pytest.approx(1e-3) and result.evals[-1].dropout == pytest.approx(0.1)
-    assert result.evals[0].lr == 2e-3
+    assert result.evals[0].lr == 3e-3
 
 
 def test_cli_quick_run_without_tracking(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -29,8 +29,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"a smoke run: {QUICK['timesteps']} steps, evaluation every {QUICK['eval_every']}, "
         f"{QUICK['eval_episodes']} scenes per difficulty",
     )
+    p.add_argument(
+        "--test-episodes", type=int, default=None,
+        help="also run this many test scenes per difficulty at every evaluation; reported in --out, "
+        "never logged, so a manager watching the run cannot see them (default: none)",
+    )
     p.add_argument("--no-listen", action="store_true", help="do not attach the atm listener")
     p.add_argument("--experiment", default="atm-manipulation", help="MLflow experiment / W&B project")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own)")
+    p.add_argument("--run-name", help="tracker run name (default manipulation-RECIPE-sSEED)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--out", help="write the run's summary (every evaluation) to this JSON file")
     p.add_argument("--verbose", action="store_true", help="print SB3's table after every update")
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict[str, object] = {}
     if args.quick:
         settings.update(QUICK)
-    for key in ("timesteps", "eval_every", "eval_episodes"):
+    for key in ("timesteps", "eval_every", "eval_episodes", "test_episodes", "tracking_uri", "run_name"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     config = TrainConfig(
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         **settings,  # type: ignore[arg-type]
     )
-    result = train(config)
+    result = train(config, on_start=_started)
     final = result.final
     print(
         f"{result.recipe} seed {result.seed}: {result.timesteps} steps in {result.wall_seconds:.0f}s; "
@@ -69,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as fh:
             json.dump(result.model_dump(), fh, indent=1)
     return 0
+
+
+def _started(run_id: str | None) -> None:
+    # One line a supervisor (``atm bench``, a shell script) can read to attach the daemon.
+    if run_id:
+        print(f"run id {run_id}", flush=True)
 
 
 if __name__ == "__main__":

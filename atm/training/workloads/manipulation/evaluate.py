@@ -1,7 +1,8 @@
 """Held-out evaluation: the same fixed scenes every time, batched in one vector env.
 
-Evaluation scenes come from seeds at :data:`EVAL_SEED_BASE` and above; training envs are seeded with
-the run's seed plus the env index, far below it, so training never draws these scenes. Each
+Evaluation scenes come from seeds at :data:`EVAL_SEED_BASE` and above, test scenes from
+:data:`TEST_SEED_BASE`; training envs are seeded with the run's seed plus the env index, far below
+both, so training never draws these scenes. Each
 evaluation runs ``episodes_per_difficulty`` scenes of each difficulty with the deterministic and the
 stochastic policy. Returns are computed with the baseline reward weights, so they compare across
 recipes and across reward-weight changes made during training.
@@ -20,9 +21,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from atm.training.workloads.manipulation.env import ArmSpec, Difficulty, PlanarArmReachEnv
 from atm.training.workloads.manipulation.recipes import RECIPES
 
-__all__ = ["CellResult", "EVAL_SEED_BASE", "EvalReport", "Evaluator"]
+__all__ = ["CellResult", "EVAL_SEED_BASE", "EvalReport", "Evaluator", "TEST_SEED_BASE"]
 
 EVAL_SEED_BASE = 1_000_000
+#: A second held-out set, for reporting: its results stay out of the tracker, so a manager reading
+#: the run never sees them (the release's "test set the manager never sees").
+TEST_SEED_BASE = 2_000_000
 MODES = ("deterministic", "stochastic")
 
 

@@ -23,10 +23,15 @@ class _NoTracker:
 
 
 class _MlflowTracker:
-    def __init__(self, run_name: str, params: dict[str, Any], tags: dict[str, str], experiment: str) -> None:
+    def __init__(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str], experiment: str,
+        tracking_uri: str | None = None,
+    ) -> None:
         import mlflow
 
         self._mlflow = mlflow
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
         if not os.environ.get("MLFLOW_EXPERIMENT_NAME") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
             mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_name=run_name, tags=tags)
@@ -62,13 +67,17 @@ class _WandbTracker:
 
 
 def open_tracker(
-    kind: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str], experiment: str
+    kind: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str], experiment: str,
+    tracking_uri: str | None = None,
 ) -> Tracker:
-    """Start a run on ``kind`` (``mlflow``, ``wandb`` or ``none``) and log the run's parameters."""
+    """Start a run on ``kind`` (``mlflow``, ``wandb`` or ``none``) and log the run's parameters.
+
+    ``tracking_uri`` (MLflow only) overrides ``MLFLOW_TRACKING_URI``.
+    """
     if kind == "none":
         return _NoTracker()
     if kind == "mlflow":
-        return _MlflowTracker(run_name, params, tags, experiment)
+        return _MlflowTracker(run_name, params, tags, experiment, tracking_uri)
     if kind == "wandb":
         return _WandbTracker(run_name, params, tags, experiment)
     raise ValueError(f"unknown tracking {kind!r}; choose mlflow, wandb or none")

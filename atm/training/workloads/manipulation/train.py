@@ -3,10 +3,14 @@
 Logged with ``step=num_timesteps``: every evaluation's ``eval/*`` metrics (see
 :meth:`EvalReport.metrics`), and after every update SB3's ``train/*`` statistics plus
 ``rollout/safe_success`` and ``rollout/collision_rate`` over the last 100 training episodes.
+With ``test_episodes``, every evaluation also runs a second held-out set (``test/*``) that is
+returned in :class:`TrainResult` and never logged, so a manager reading the run cannot see it.
 
 The listener is attached only through :func:`atm.training.sb3.manager_callback`. The workload gives it
 two actions: ``rollback`` (restore the best evaluated policy and its optimizer state, done at the
-next rollout start so the update in progress is not mixed with restored weights) and ``stop``.
+next rollout start so the update in progress is not mixed with restored weights) and ``stop`` (end
+training and keep the best evaluated policy, as early stopping with restore does; the final
+evaluation is of that policy).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -27,7 +32,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from atm.training import sb3
 from atm.training.workloads.manipulation.env import ArmSpec, PlanarArmReachEnv
-from atm.training.workloads.manipulation.evaluate import EvalReport, Evaluator
+from atm.training.workloads.manipulation.evaluate import TEST_SEED_BASE, EvalReport, Evaluator
 from atm.training.workloads.manipulation.recipes import get_recipe
 from atm.training.workloads.manipulation.tracking import Tracker, open_tracker
 
@@ -50,8 +55,13 @@ class TrainConfig(BaseModel):
     seed: int = 40
     eval_every: int = Field(DEFAULT_EVAL_EVERY, gt=0)
     eval_episodes: int = Field(12, gt=0, description="held-out scenes per difficulty per evaluation")
+    test_episodes: int = Field(
+        0, ge=0, description="test scenes per difficulty, run at every evaluation and kept out of the tracker"
+    )
     listen: bool = True
     experiment: str = "atm-manipulation"
+    tracking_uri: str | None = None
+    run_name: str | None = None
     torch_threads: int = Field(1, gt=0)
     verbose: bool = False
 
@@ -68,6 +78,8 @@ class TrainResult(BaseModel):
     wall_seconds: float
     evaluations: list[EvalPoint]
     final: dict[str, float]
+    #: The test set at every evaluation (``test/*`` metrics), when ``test_episodes`` > 0.
+    tests: list[EvalPoint] = Field(default_factory=list)
     rollbacks: int = 0
     stopped_early: bool = False
     run_id: str | None = None
@@ -97,9 +109,14 @@ class _TrackerWriter(KVWriter):
 class _WorkloadCallback(BaseCallback):
     """Evaluation, rollout statistics, and the workload's rollback and stop actions."""
 
-    def __init__(self, evaluator: Evaluator, tracker: Tracker, eval_every: int, echo: bool = True) -> None:
+    def __init__(
+        self, evaluator: Evaluator, tracker: Tracker, eval_every: int, echo: bool = True,
+        tester: Evaluator | None = None,
+    ) -> None:
         super().__init__()
         self.evaluator = evaluator
+        self.tester = tester
+        self.tests: list[EvalPoint] = []
         self.tracker = tracker
         self.eval_every = eval_every
         self.echo = echo
@@ -130,8 +147,7 @@ class _WorkloadCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         if self.rollback_pending and self.best_state is not None:
-            self.model.policy.load_state_dict(self.best_state["policy"])
-            self.model.policy.optimizer.load_state_dict(self.best_state["optimizer"])
+            self._restore_best()
             self.rollback_pending = False
             self.rollbacks += 1
 
@@ -146,8 +162,16 @@ class _WorkloadCallback(BaseCallback):
                 self.next_eval += self.eval_every
 
     def _on_training_end(self) -> None:
-        if self._last_eval_step != self.num_timesteps:
+        if self.stop_requested and self.best_state is not None:
+            self._restore_best()
             self.evaluate()
+        elif self._last_eval_step != self.num_timesteps:
+            self.evaluate()
+
+    def _restore_best(self) -> None:
+        assert self.best_state is not None
+        self.model.policy.load_state_dict(self.best_state["policy"])
+        self.model.policy.optimizer.load_state_dict(self.best_state["optimizer"])
 
     def evaluate(self) -> EvalReport:
         report = self.evaluator.evaluate(self.model)
@@ -162,6 +186,12 @@ class _WorkloadCallback(BaseCallback):
                 "policy": copy.deepcopy(self.model.policy.state_dict()),
                 "optimizer": copy.deepcopy(self.model.policy.optimizer.state_dict()),
             }
+        test = ""
+        if self.tester is not None:
+            # After the best-state bookkeeping, and never logged: nothing of it reaches the run.
+            tm = self.tester.evaluate(self.model).metrics(prefix="test")
+            self.tests.append(EvalPoint(step=step, metrics=tm))
+            test = f"  test safe {tm['test/safe_success']:.2f} collision {tm['test/collision_rate']:.2f}"
         if self.echo:
             print(
                 f"step {step:>8d}  {time.perf_counter() - self._started:6.0f}s  "
@@ -170,14 +200,26 @@ class _WorkloadCallback(BaseCallback):
                 f"collision {metrics['eval/collision_rate']:.2f} "
                 f"(stoch {metrics['eval/stochastic/collision_rate']:.2f})  "
                 f"dist {metrics['eval/final_distance']:.3f}  return {metrics['eval/mean_reward']:.2f}  "
-                f"robust {report.robust_score:+.2f}",
+                f"robust {report.robust_score:+.2f}{test}",
                 flush=True,
             )
         return report
 
 
-def train(config: TrainConfig, spec: ArmSpec | None = None) -> TrainResult:
-    """Train one run. Raises ``KeyError`` for an unknown recipe (the message lists the known ones)."""
+def train(
+    config: TrainConfig, spec: ArmSpec | None = None, on_start: Callable[[str | None], None] | None = None
+) -> TrainResult:
+    """Train one run.
+
+    Args:
+        config: the run's settings.
+        spec: the arm and scene geometry (default :class:`ArmSpec`).
+        on_start: called with the tracker's run id (None without a tracker) once the run has
+            started, before the first step (``atm bench`` reads it to attach the daemon).
+
+    Raises:
+        KeyError: for an unknown recipe (the message lists the known ones).
+    """
     recipe = get_recipe(config.recipe)
     spec = spec or ArmSpec()
     torch.set_num_threads(config.torch_threads)
@@ -213,18 +255,25 @@ def train(config: TrainConfig, spec: ArmSpec | None = None) -> TrainResult:
     }
     tracker = open_tracker(
         config.tracking,
-        run_name=f"manipulation-{recipe.name}-s{config.seed}",
+        run_name=config.run_name or f"manipulation-{recipe.name}-s{config.seed}",
         params=params,
         tags={"workload": "manipulation", "recipe": recipe.name},
         experiment=config.experiment,
+        tracking_uri=config.tracking_uri,
     )
+    if on_start is not None:
+        on_start(_run_id(tracker))
     outputs: list[KVWriter] = [_TrackerWriter(tracker)]
     if config.verbose:
         outputs.append(HumanOutputFormat(sys.stdout))
     model.set_logger(Logger(folder=None, output_formats=outputs))
 
     evaluator = Evaluator(spec, episodes_per_difficulty=config.eval_episodes)
-    workload_cb = _WorkloadCallback(evaluator, tracker, config.eval_every)
+    tester = (
+        Evaluator(spec, episodes_per_difficulty=config.test_episodes, seed_base=TEST_SEED_BASE)
+        if config.test_episodes else None
+    )
+    workload_cb = _WorkloadCallback(evaluator, tracker, config.eval_every, tester=tester)
     callbacks: list[BaseCallback] = [workload_cb]
     if config.listen and config.tracking != "none":
         try:
@@ -243,9 +292,9 @@ def train(config: TrainConfig, spec: ArmSpec | None = None) -> TrainResult:
     finally:
         tracker.finish(status)
         evaluator.close()
+        if tester is not None:
+            tester.close()
         venv.close()
-    run = getattr(tracker, "run", None)
-    run_id = getattr(getattr(run, "info", None), "run_id", None) or getattr(run, "id", None)
     return TrainResult(
         recipe=recipe.name,
         seed=config.seed,
@@ -253,7 +302,13 @@ def train(config: TrainConfig, spec: ArmSpec | None = None) -> TrainResult:
         wall_seconds=time.perf_counter() - started,
         evaluations=workload_cb.evaluations,
         final=workload_cb.evaluations[-1].metrics if workload_cb.evaluations else {},
+        tests=workload_cb.tests,
         rollbacks=workload_cb.rollbacks,
         stopped_early=workload_cb.stop_requested,
-        run_id=run_id,
+        run_id=_run_id(tracker),
     )
+
+
+def _run_id(tracker: Tracker) -> str | None:
+    run = getattr(tracker, "run", None)
+    return getattr(getattr(run, "info", None), "run_id", None) or getattr(run, "id", None)

@@ -24,7 +24,7 @@ HUB_DATASET = "roneneldan/TinyStories"
 END_OF_TEXT = "<|endoftext|>"
 UNK = "<unk>"
 EOS = "<eos>"
-DEFAULT_CORPUS_KB = 60
+DEFAULT_CORPUS_KB = 36
 
 # Every character of the input falls into exactly one piece: a word or a punctuation mark (each with
 # the space before it, GPT-2 style) or a lone whitespace character. Joining the pieces gives the text
@@ -177,8 +177,9 @@ def _load_hub(size_kb: int) -> Corpus:
 class WordTokenizer:
     """Word-level tokenizer: words and punctuation with their leading space, plus ``<unk>`` and ``<eos>``.
 
-    Built from training stories only; pieces it has not seen become ``<unk>``. Ties in frequency are
-    broken alphabetically so the same stories always give the same ids.
+    Built from training stories only. Pieces seen fewer than ``min_count`` times become ``<unk>`` in
+    training too, so the model learns where unseen words go instead of meeting ``<unk>`` first in
+    validation. Ties in frequency are broken alphabetically so the same stories always give the same ids.
     """
 
     def __init__(self, vocab: Sequence[str]) -> None:
@@ -188,9 +189,10 @@ class WordTokenizer:
         self.index = {piece: i for i, piece in enumerate(self.vocab)}
 
     @classmethod
-    def build(cls, stories: Iterable[str], max_vocab: int = 8192) -> WordTokenizer:
+    def build(cls, stories: Iterable[str], max_vocab: int = 8192, min_count: int = 3) -> WordTokenizer:
         counts = Counter(p for s in stories for p in _PIECE.findall(s))
-        ranked = sorted(counts, key=lambda p: (-counts[p], p))[: max(0, max_vocab - 2)]
+        kept = [p for p in counts if counts[p] >= min_count]
+        ranked = sorted(kept, key=lambda p: (-counts[p], p))[: max(0, max_vocab - 2)]
         return cls([UNK, EOS, *ranked])
 
     @property
@@ -254,7 +256,7 @@ class Prepared(BaseModel):
         return float((self.val_ids == 0).float().mean()) if len(self.val_ids) else 0.0
 
 
-def prepare(corpus: Corpus, *, val_fraction: float = 0.15, seed: int = 0, max_vocab: int = 8192) -> Prepared:
+def prepare(corpus: Corpus, *, val_fraction: float = 0.2, seed: int = 0, max_vocab: int = 8192) -> Prepared:
     """Split by story, build the tokenizer from the training stories, encode both sides."""
     train, val = train_val_split(corpus.stories, val_fraction, seed)
     tok = WordTokenizer.build(train, max_vocab=max_vocab)

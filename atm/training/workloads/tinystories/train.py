@@ -1,7 +1,7 @@
 """Training loop of the TinyStories workload: user code that logs to MLflow or W&B and lets atm steer it.
 
 ``train(TrainConfig(...))`` runs one arm of the supervised benchmark and returns its curves. The
-``overfit`` recipe is the paper's fixed baseline (constant lr 2e-3, no dropout, no weight decay on a
+``overfit`` recipe is the paper's fixed baseline (constant lr 3e-3, no dropout, no weight decay, on a
 corpus small enough to memorise); ``plateau`` adds ``ReduceLROnPlateau`` on validation loss. Early
 stopping with restore needs no run of its own: :func:`early_stop_with_restore` reads it off the
 fixed run's validation curve.
@@ -68,6 +68,11 @@ class ScriptedIntervention(BaseModel):
                 raise ValueError(f"unknown script item {item!r} in {text!r}; use rollback or KNOB=VALUE")
         return cls(step=int(m.group(1)), changes=changes, rollback=rollback)
 
+    def to_text(self) -> str:
+        """The inverse of :meth:`parse`."""
+        items = (["rollback"] if self.rollback else []) + [f"{k}={v:g}" for k, v in self.changes.items()]
+        return f"{self.step}:{','.join(items)}"
+
 
 class TrainConfig(BaseModel):
     """Everything one run needs. Defaults are the calibrated ``overfit`` recipe (about 2-3 min, 1 thread)."""
@@ -75,16 +80,16 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe: Literal["overfit", "plateau"] = "overfit"
-    steps: int = Field(default=600, gt=0)
-    eval_every: int = Field(default=15, gt=0)
-    batch: int = Field(default=16, gt=0)
+    steps: int = Field(default=2400, gt=0)
+    eval_every: int = Field(default=40, gt=0)
+    batch: int = Field(default=4, gt=0)
     # Model
     context: int = Field(default=128, gt=1)
     n_layer: int = Field(default=4, gt=0)
     n_head: int = Field(default=4, gt=0)
     width: int = Field(default=128, gt=0)
     # Optimisation (the recipe's starting values; the manager may change lr, weight_decay, dropout)
-    lr: float = Field(default=2e-3, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
@@ -94,7 +99,7 @@ class TrainConfig(BaseModel):
     data: str = "generated"
     corpus_kb: int = Field(default=DEFAULT_CORPUS_KB, gt=0)
     data_seed: int = 0
-    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
     # ReduceLROnPlateau (recipe "plateau"); patience counts evaluations
     plateau_factor: float = Field(default=0.5, gt=0, lt=1)
     plateau_patience: int = Field(default=2, ge=0)
@@ -114,10 +119,7 @@ class TrainConfig(BaseModel):
         """Flat params for the tracker (the scripted interventions as their CLI form)."""
         params = self.model_dump(exclude={"script", "tracking_uri"})
         if self.script:
-            params["script"] = "; ".join(
-                f"{s.step}:" + ",".join((["rollback"] if s.rollback else []) + [f"{k}={v:g}" for k, v in s.changes.items()])
-                for s in self.script
-            )
+            params["script"] = "; ".join(s.to_text() for s in self.script)
         return params
 
 
