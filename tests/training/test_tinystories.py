@@ -98,6 +98,32 @@ def test_bad_sources_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         load_corpus("hub")
 
 
+class FakeDatasets:
+    """Stands in for the ``datasets`` package (not installed here): a hub that streams or is unreachable."""
+
+    def __init__(self, rows: list[dict[str, str]] | None) -> None:
+        self.rows = rows
+
+    def load_dataset(self, name: str, split: str, streaming: bool) -> list[dict[str, str]]:
+        assert (name, split, streaming) == ("roneneldan/TinyStories", "train", True)
+        if self.rows is None:
+            raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (fake)")
+        return self.rows
+
+
+def test_hub_streams_up_to_the_size_budget_and_explains_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"text": f"Story {i}. " + "word " * 200} for i in range(50)]  # about 1 KB each
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(rows))
+    corpus = load_corpus("hub", size_kb=3)
+    sizes = [len(s.encode()) + 2 for s in corpus.stories]
+    assert corpus.stories == [r["text"].strip() for r in rows[: len(sizes)]]
+    assert sum(sizes[:-1]) < 3 * 1024 <= sum(sizes)  # stops as soon as the budget is reached
+    assert corpus.source.startswith("hub:roneneldan/TinyStories")
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(None))
+    with pytest.raises(CorpusError, match="could not read roneneldan/TinyStories.*--data generated"):
+        load_corpus("hub")
+
+
 def test_tokenizer_round_trips_and_maps_unknown_words() -> None:
     stories = load_corpus("generated", size_kb=8, seed=3).stories
     tok = WordTokenizer.build(stories, min_count=1)

@@ -7,7 +7,6 @@ validation story is ever partly seen in training.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -219,9 +218,6 @@ class WordTokenizer:
             ids += self.encode(s)
             ids.append(self.eos_id)
         return torch.tensor(ids, dtype=torch.long)
-
-    def to_json(self) -> str:
-        return json.dumps(self.vocab)
 
 
 def train_val_split(stories: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

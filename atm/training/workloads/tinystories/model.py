@@ -17,7 +17,6 @@ class GPTConfig(BaseModel):
     n_head: int = Field(default=4, gt=0)
     width: int = Field(default=128, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    tie_embeddings: bool = True
 
 
 class _Block(nn.Module):
@@ -57,8 +56,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.head.weight = self.tok_emb.weight
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):

@@ -5,6 +5,11 @@
 corpus small enough to memorise); ``plateau`` adds ``ReduceLROnPlateau`` on validation loss. Early
 stopping with restore needs no run of its own: :func:`early_stop_with_restore` reads it off the
 fixed run's validation curve.
+
+With the defaults (0.86M parameters, 36 KB generated corpus, 2400 steps of 4 x 128 tokens, one
+thread) validation loss bottoms near 1.34 at step 200 and ends near 2.8, while training loss falls
+to 0.04. Runs are deterministic for a given seed, so arms of one seed share their curve up to their
+first intervention.
 """
 
 from __future__ import annotations
@@ -70,12 +75,12 @@ class ScriptedIntervention(BaseModel):
 
     def to_text(self) -> str:
         """The inverse of :meth:`parse`."""
-        items = (["rollback"] if self.rollback else []) + [f"{k}={v:g}" for k, v in self.changes.items()]
+        items = (["rollback"] if self.rollback else []) + [f"{k}={v!r}" for k, v in self.changes.items()]
         return f"{self.step}:{','.join(items)}"
 
 
 class TrainConfig(BaseModel):
-    """Everything one run needs. Defaults are the calibrated ``overfit`` recipe (about 2-3 min, 1 thread)."""
+    """Everything one run needs. Defaults are the calibrated ``overfit`` recipe (2-3.5 min on one thread)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -426,8 +431,9 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
     try:
         tracker.log_params({**config.run_params(), "data_source": prepared.source,
                             "vocab_size": len(prepared.tokenizer), "n_params": model.n_params(),
-                            "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-                            "train_stories": prepared.n_train_stories, "val_stories": prepared.n_val_stories})
+                            "train_tokens": len(prepared.train_ids), "val_tokens": len(val_ids),
+                            "train_stories": prepared.n_train_stories, "val_stories": prepared.n_val_stories,
+                            "val_unk_rate": round(prepared.val_unk_rate, 4)})
         if config.tracking != "none" and config.listen:
             listener = atm.listen(optimizer, knobs={"dropout": (model.get_dropout, model.set_dropout)},
                                   actions={"rollback": request_rollback}, scheduler=scheduler, step=lambda: step)
@@ -469,7 +475,7 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             if scheduler is not None:
                 scheduler.step(val)
             while scripted_done < len(scripted) and scripted[scripted_done].step <= step:
-                _apply_script(scripted[scripted_done], model, optimizer, scheduler)
+                _apply_script(scripted[scripted_done], model, optimizer)
                 if scripted[scripted_done].rollback:
                     request_rollback()
                 scripted_done += 1
@@ -490,12 +496,11 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
     )
 
 
-def _apply_script(s: ScriptedIntervention, model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def _apply_script(s: ScriptedIntervention, model: GPT, optimizer: torch.optim.Optimizer) -> None:
+    # The same effect as the listener's appliers: every param group, every dropout module.
     for name, value in s.changes.items():
         if name == "dropout":
             model.set_dropout(value)
             continue
         for group in optimizer.param_groups:
             group[name] = value
-        if name == "lr" and scheduler is not None:
-            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
