@@ -17,6 +17,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment():
+    """Undo environment variables a test's libraries set (MLflow exports MLFLOW_EXPERIMENT_ID and
+    MLFLOW_RUN_ID for child processes), so one test's run never leaks into the next test's jobs."""
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One sqlite store with MLflow's tables created (the migrations take seconds); tests get copies."""

@@ -52,7 +52,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.quick:
         cmd.append("--quick")
     job_log = open(work / "job.log", "w")
-    job = subprocess.Popen(cmd, stdout=job_log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    job = subprocess.Popen(cmd, stdout=job_log, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1"))
     print(f"atm demo: training job started (pid {job.pid}, log {work / 'job.log'})", flush=True)
     try:
         run_id = _wait_for_run(backend, job, before)

@@ -80,8 +80,7 @@ def run_arm(
 
     started = time.time()
     run.log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(run.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(run.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env())
     found = threading.Event()
 
     def pump() -> None:
@@ -129,6 +128,14 @@ def run_arm(
         tail = run.log.read_text()[-2000:] if run.log.exists() else ""
         raise RuntimeError(f"{run.arm} seed {run.seed} failed (exit {run.exit_code}); log {run.log}:\n{tail}")
     return run
+
+
+def job_env() -> dict[str, str]:
+    """The environment for a training process: ours, minus any MLflow run or experiment we are inside
+    (MLflow exports them for child processes; a job must start its own run in its own store)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def applied(records: Sequence[DecisionRecord]) -> list[DecisionRecord]:
