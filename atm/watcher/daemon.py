@@ -32,6 +32,8 @@ from atm.watcher.snapshot import build_snapshot, eval_steps
 log = logging.getLogger("atm.watch")
 
 MAX_BACKOFF_S = 60.0
+#: Reason prefix of an update the run ended before applying.
+EXPIRED = "expired"
 #: How long a tick waits for a proposal before leaving it to a later tick.
 SETTLE_NOW_S = 0.2
 
@@ -88,10 +90,19 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             # Published, then the daemon died before writing its log: rebuild the record from the update.
             by_seq[seq] = _record_from_update(update)
             changed = True
+    ended = view.status != "RUNNING"
     for seq, rec in by_seq.items():
         ack = view.acks.get(seq)
-        if ack is not None and rec.status == Status.PENDING:
+        late = rec.status == Status.STALE and rec.reason.startswith(EXPIRED)
+        if ack is not None and (rec.status == Status.PENDING or late):
+            if late:
+                rec.reason = "acknowledged after the run ended"
             _settle(rec, ack)
+            changed = True
+        elif ack is None and ended and rec.status == Status.PENDING:
+            # The job finished before it reached the next apply point; a late ack still settles it.
+            rec.status = Status.STALE
+            rec.reason = f"{EXPIRED}: the run ended ({view.status}) before the job applied it"
             changed = True
     return [by_seq[s] for s in sorted(by_seq)], changed
 

@@ -158,3 +158,20 @@ def test_unknown_thresholds_fail_at_start() -> None:
     policy = load_policy("lm").model_copy(update={"thresholds": {"overfit_rize": 0.1}})
     with pytest.raises(ValueError, match="unknown thresholds"):
         Daemon(MlflowBackend("sqlite:///:memory:"), policy)
+
+
+def test_an_update_the_run_ended_before_applying_expires_and_a_late_ack_still_settles_it() -> None:
+    from atm.adapters.base import RunView
+    from atm.schema import Change, DecisionRecord
+    from atm.watcher.daemon import reconcile
+
+    rec = DecisionRecord(run_id="r", seq=1, step=10, status=Status.PENDING, source="rules",
+                         diagnosis=Diagnosis.OVERFITTING, changes={"lr": Change(old=1e-3, new=5e-4)})
+    ended = RunView(run_id="r", name="", status="FINISHED", history={}, last_metric_time=0.0, moved=False)
+    merged, changed = reconcile([rec], ended)
+    assert changed and merged[0].status == Status.STALE and merged[0].reason.startswith("expired")
+    assert reconcile(merged, ended) == (merged, False)  # settled once, not rewritten at every poll
+    ended.acks = {1: Ack(run_id="r", seq=1, status="applied", applied_step=11)}
+    merged, changed = reconcile(merged, ended)
+    assert changed and merged[0].status == Status.APPLIED and merged[0].applied_step == 11
+    assert reconcile(merged, ended)[1] is False
