@@ -52,9 +52,16 @@ def test_summarize_never_reaching_is_null_and_no_test_set_is_an_error():
 
 
 def test_compare_uses_seeds_where_both_arms_reached():
-    fixed = {"final_safe_success": [0.0, 0.2], "collision_rate": [0.1, 0.3], "steps_to_0.8": [200_000, None]}
-    managed = {"final_safe_success": [0.9, 0.8], "collision_rate": [0.05, 0.05], "steps_to_0.8": [100_000, 120_000]}
+    fixed = {"final_safe_success": [0.0, 0.2], "collision_rate": [0.1, 0.3], "steps_to_0.8": [200_000, None],
+             "final_stochastic_safe_success": [0.2, 0.4], "final_stochastic_collision_rate": [0.5, 0.5],
+             "steps": [300_000, 300_000]}
+    managed = {"final_safe_success": [0.9, 0.8], "collision_rate": [0.05, 0.05], "steps_to_0.8": [100_000, 120_000],
+               "final_stochastic_safe_success": [0.9, 0.9], "final_stochastic_collision_rate": [0.05, 0.05],
+               "steps": [120_000, 180_000]}
     r = compare(fixed, managed)
+    assert r["final_stochastic_safe_success_gain"] == pytest.approx(0.6)
+    assert r["stochastic_collision_rate_ratio"] == pytest.approx(0.1)
+    assert r["budget_used"] == pytest.approx(0.5)  # the manager stopped early
     assert r["final_safe_success_gain"] == pytest.approx(0.75)
     assert r["final_safe_success_ratio"] == pytest.approx(8.5)
     assert r["collision_rate_ratio"] == pytest.approx(0.25)
