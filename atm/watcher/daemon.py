@@ -356,7 +356,7 @@ class Daemon:
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
         counted = [r for r in st.records if r.status in (Status.APPLIED, Status.PENDING, Status.DRY_RUN)]
         pending = next((r for r in st.records if r.status == Status.PENDING), None)
-        step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+        step = run_step(view)
         self._set(
             st.run_id,
             name=view.name,
@@ -371,12 +371,17 @@ class Daemon:
         )
 
 
+def run_step(view: RunView) -> int:
+    """The run's latest logged step, not counting the listener's own ``atm/*`` metrics."""
+    return max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+
+
 def decision_context(
     policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float]
 ) -> DecisionContext:
     """The validator's view of a run: its step, evaluations, parameter values and decisions so far."""
     steps = eval_steps(policy, view.history)
-    step = max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
+    step = run_step(view)
     return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps)
 
 
