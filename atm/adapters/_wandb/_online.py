@@ -112,6 +112,9 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
+_UNREACHABLE = re.compile(r"connection refused|dial tcp|no such host|timed? ?out|did not respond|giving up", re.I)
+
+
 def translate(what: str, exc: BaseException) -> BackendError:
     """Map a public-API error onto the backend contract, with what to do about it."""
     name = type(exc).__name__
@@ -124,6 +127,11 @@ def translate(what: str, exc: BaseException) -> BackendError:
             "`wandb login`; for an offline run pass its directory or id with --wandb-dir instead."
         )
     if name == "AuthenticationError":
+        if _UNREACHABLE.search(text):
+            return RunNotFound(
+                f"{what}: could not reach the W&B server to check the credentials ({text}). "
+                "Check WANDB_BASE_URL and the network; for an offline run pass its directory or id with --wandb-dir."
+            )
         return RunNotFound(f"{what}: W&B did not accept the credentials ({text}). Check WANDB_API_KEY and WANDB_BASE_URL.")
     code = _status_code(exc)
     if name == "RunNotFoundError" or code == 404 or re.search(r"could not find|not found", text, re.I):
@@ -195,10 +203,21 @@ class ApiHandle:
             return self._api
 
 
+#: wandb-core's GraphQL retries for the daemon's API calls. Unset, wandb-core retries a dead
+#: server for hours, and the process then cannot exit: wandb's exit hook waits for its service
+#: process, which is still retrying. The daemon polls again anyway, so a few retries are enough.
+GRAPHQL_RETRIES = 2
+
+
 def default_api_factory(timeout: float) -> Callable[[], Any]:
     def make() -> Any:
         import wandb
+        from wandb.sdk import wandb_setup
 
+        # Only in a process without a live run (the daemon, `atm history`): a training job's own
+        # wandb settings are the user's, and its run keeps the copy it started with anyway.
+        if wandb.run is None and wandb_setup.singleton().settings.x_graphql_retry_max is None:
+            wandb.setup(settings=wandb.Settings(x_graphql_retry_max=GRAPHQL_RETRIES))
         return wandb.Api(timeout=int(math.ceil(timeout)))
 
     return make
