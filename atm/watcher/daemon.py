@@ -322,7 +322,10 @@ class Daemon:
         stale_window = self.policy.limits.stale_after
         stale = (stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
         verdict = check(proposal, self.policy, ctx_now)
-        if stale:
+        if view.status != "RUNNING":
+            # Nothing would ever apply it: the job is gone.
+            status, reason = Status.STALE, f"{EXPIRED}: the run ended ({view.status}) while deciding"
+        elif stale:
             status, reason = Status.STALE, f"stale: the run moved from step {snap.step} to {ctx_now.step} while deciding"
         elif verdict.accepted:
             status, reason = (Status.DRY_RUN if self.dry_run else Status.PENDING), verdict.reason

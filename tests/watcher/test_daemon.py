@@ -175,3 +175,22 @@ def test_an_update_the_run_ended_before_applying_expires_and_a_late_ack_still_se
     merged, changed = reconcile(merged, ended)
     assert changed and merged[0].status == Status.APPLIED and merged[0].applied_step == 11
     assert reconcile(merged, ended)[1] is False
+
+
+def test_a_decision_that_arrives_after_the_run_ended_is_not_left_pending(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    slow = SlowProposer()
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    st = daemon.tick(rid)
+    assert st.inflight is not None
+    MlflowClient(mlflow_uri).set_terminated(rid)  # the job finishes while the proposer thinks
+    slow.release.set()
+    st.inflight.future.result(5)
+    st = daemon.tick(rid)
+    daemon.stop()
+    assert st.done
+    (rec,) = st.records
+    assert rec.status == Status.STALE and rec.reason.startswith("expired") and not rec.changes
+    assert MlflowChannel(rid, mlflow_uri).fetch(0) == []  # nothing published that no job would read

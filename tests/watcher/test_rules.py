@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from atm.policies import DecisionContext, Policy, available_actions, available_choices, check, load_policy
 from atm.schema import Action, Diagnosis
 from atm.testing import SCENARIOS, decay, make_history, scenario, series
 from atm.watcher.proposer import Offer, ProposalResult
+from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose, pick
 from atm.watcher.snapshot import build_snapshot
 
@@ -183,3 +186,27 @@ def test_pick(options: list[float], current: float, direction: str, factor: floa
 
 def test_pick_from_zero_prefers_the_given_value() -> None:
     assert pick([0.05, 0.1, 0.3], 0.0, "up", 2.0, from_zero=0.1) == 0.1
+
+
+# --------------------------------------------------------------------------- RL remedies on recorded-shape curves
+
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
+
+
+@pytest.mark.parametrize(
+    "name, diagnosis, first, action",
+    [
+        # Growing action noise: the entropy bonus is cut hard first (x0.25), then smaller steps.
+        ("rl_runaway_exploration", Diagnosis.UNSAFE_EXPLORATION, {"ent_coef": 0.005, "lr": 1.5e-4}, None),
+        # A policy that got worse: back to the best checkpoint, with half the step size.
+        ("rl_regressed", Diagnosis.DIVERGENCE, {"lr": 1.5e-4}, Action.ROLLBACK),
+    ],
+)
+def test_rl_remedies_on_recorded_shapes(name: str, diagnosis: Diagnosis, first: dict[str, float], action: Action | None) -> None:
+    sit = situation(load_scenario(SCENARIO_DIR / f"{name}.yaml"))
+    got, evidence = diagnose(sit.snapshot, Thresholds.from_policy(sit.policy))
+    assert got == diagnosis, evidence
+    proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, _offer(sit.policy, sit.ctx)).proposal
+    assert {k: proposal.changes[k] for k in first} == pytest.approx(first)
+    assert proposal.action == action
+    assert check(proposal, sit.policy, sit.ctx).accepted

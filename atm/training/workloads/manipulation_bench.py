@@ -59,7 +59,7 @@ def add_parser(bsub: Any) -> None:
                    help="reuse runs already finished in --out with the same settings (after an interruption)")
     # Each job trains with one torch thread; on 2 cores, --quick took 100 s with 2 jobs and 149 s with 1.
     p.add_argument("--jobs", type=int, default=2,
-                   help="training processes at once (each uses one core; default 2)")
+                   help="training processes at once (each uses one core; default 2); managed-llm runs go last, one at a time")
     p.set_defaults(func=main)
 
 
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     _init_store(uri)
     extra = _workload_args(args)
     print(f"atm bench manipulation: recipes {', '.join(recipes)}; arms {', '.join(arms)}; seeds {seeds}; "
-          f"{args.jobs} at a time; store {uri}; results in {out}", flush=True)
+          f"{args.jobs} at a time (managed-llm last, alone); store {uri}; results in {out}", flush=True)
 
     jobs = [(recipe, arm, seed) for seed in seeds for recipe in recipes for arm in arms]
     results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {r: {a: {} for a in arms} for r in recipes}
@@ -138,9 +138,15 @@ def main(args: argparse.Namespace) -> int:
                   f"collision {row['collision_rate']:.2f}, to {REACH}: {row['steps_to_0.8'] or '-'}, "
                   f"interventions {row['interventions']} ({run.wall_s:.0f} s)", flush=True)
 
+    # The LLM arms run last and one at a time: their daemons share one in-process model, and a
+    # decision that waits behind another run's, on cores the training jobs also want, arrives
+    # after the run has moved on and is discarded as stale (seen: 19-92 s decisions, none applied).
+    llm_jobs = [j for j in jobs if j[1] == "managed-llm"]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for f in [pool.submit(one, *job) for job in jobs]:
+        for f in [pool.submit(one, *job) for job in jobs if job not in llm_jobs]:
             f.result()
+    for job in llm_jobs:
+        one(*job)
     if failures:
         print(f"atm bench manipulation: {len(failures)} of {len(jobs)} runs failed (logs in {out / 'logs'}); "
               f"rerun the same command with --resume to redo only those:", flush=True)
