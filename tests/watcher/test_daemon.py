@@ -7,13 +7,14 @@ misbehave on purpose are fakes, named as such.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
 from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status
-from atm.watcher.daemon import Daemon
+from atm.watcher.daemon import Daemon, RunState
 from atm.watcher.proposer import ProposerError, ProposalResult
 
 
@@ -100,19 +101,26 @@ class SlowProposer:
         return ProposalResult(Proposal(diagnosis=Diagnosis.OVERFITTING, changes={"dropout": 0.1}), self.name)
 
 
-def test_a_late_answer_is_discarded_as_stale(mlflow_uri: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    rid = overfitting_run(mlflow_uri)
+def decide_slowly(uri: str, meanwhile: Callable[[str], None]) -> tuple[str, RunState]:
+    """One decision on an overfitting run by a slow proposer, with ``meanwhile(run_id)`` done while it thinks."""
+    rid = overfitting_run(uri)
     slow = SlowProposer()
-    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    daemon = Daemon(MlflowBackend(uri), load_policy("lm"), slow, interval=0.1)
     st = daemon.tick(rid)
     assert st.inflight is not None
-    log_evals(MlflowClient(mlflow_uri), rid, 21, 24)  # four more evaluations; the lm preset allows two
+    meanwhile(rid)
     slow.release.set()
     st.inflight.future.result(5)
     st = daemon.tick(rid)
     daemon.stop()
+    return rid, st
+
+
+def test_a_late_answer_is_discarded_as_stale(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # four more evaluations while it thinks; the lm preset allows two
+    rid, st = decide_slowly(mlflow_uri, lambda rid: log_evals(MlflowClient(mlflow_uri), rid, 21, 24))
     stale = st.records[0]
     assert stale.status == Status.STALE and stale.step == 200
     assert "stale" in stale.reason and not stale.changes
@@ -180,16 +188,8 @@ def test_an_update_the_run_ended_before_applying_expires_and_a_late_ack_still_se
 def test_a_decision_that_arrives_after_the_run_ended_is_not_left_pending(mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    rid = overfitting_run(mlflow_uri)
-    slow = SlowProposer()
-    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
-    st = daemon.tick(rid)
-    assert st.inflight is not None
-    MlflowClient(mlflow_uri).set_terminated(rid)  # the job finishes while the proposer thinks
-    slow.release.set()
-    st.inflight.future.result(5)
-    st = daemon.tick(rid)
-    daemon.stop()
+    # the job finishes while the proposer thinks
+    rid, st = decide_slowly(mlflow_uri, lambda rid: MlflowClient(mlflow_uri).set_terminated(rid))
     assert st.done
     (rec,) = st.records
     assert rec.status == Status.STALE and rec.reason.startswith("expired") and not rec.changes
