@@ -440,19 +440,6 @@ def make_proposer(kind: str, model: str | None, base_url: str | None, variant: s
     return LLMProposer.from_settings(model, base_url, variant=name)
 
 
-def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``atm explain``: print what the LLM would be shown (prompt and offer) for a scenario file."""
-    p = subparsers.add_parser(
-        "explain",
-        help="show the prompt and the offer the LLM proposer would get",
-        description="Render the LLM prompt and the allowed moves for a decision.",
-    )
-    p.add_argument("--scenario", required=True, help="a scenario YAML file (tests/scenarios/*.yaml)")
-    p.add_argument("--no-evidence", action="store_true", help="leave out the rules' diagnosis")
-    p.set_defaults(func=explain_command)
-    return p
-
-
 def explain_command(args: argparse.Namespace) -> int:
     try:
         sc = load_scenario(args.scenario)
@@ -473,7 +460,6 @@ __all__ = [
     "Situation",
     "Summary",
     "add_eval_parser",
-    "add_explain_parser",
     "applied_moves",
     "format_report",
     "judge",

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from atm.schema import Action, Diagnosis, Proposal
+from atm.watcher.cli import main as atm_main
 from atm.watcher.evaluate import (
     EvalReport,
     ScenarioError,
     add_eval_parser,
-    add_explain_parser,
     judge,
     load_scenario,
     load_scenarios,
@@ -172,7 +172,6 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="atm")
     sub = ap.add_subparsers()
     add_eval_parser(sub)
-    add_explain_parser(sub)
     return ap
 
 
@@ -196,10 +195,7 @@ def test_explain(capsys):
     text = render_explain(sit.snapshot, sit.policy, sit.ctx)
     assert "=== system" in text and "METRIC TRENDS" in text and "AUTOMATIC CHECK" in text
     assert "reward.collision_penalty (now 1): 2.5, 5, 10" in text
-    args = _parser().parse_args(
-        ["explain", "--scenario", str(SCENARIOS / "healthy_epochs.yaml"), "--no-evidence"]
-    )
-    assert args.func(args) == 0
+    assert atm_main(["explain", "--scenario", str(SCENARIOS / "healthy_epochs.yaml"), "--no-evidence"]) == 0
     out = capsys.readouterr().out
     assert "PARAMETERS AND ALLOWED MOVES" in out and "AUTOMATIC CHECK" not in out
 
