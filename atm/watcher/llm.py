@@ -43,7 +43,7 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
 from atm.watcher.prompt import Move, diagnoses_for, is_rl, offered_moves, render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
-from atm.watcher.rules import Thresholds, diagnose
+from atm.watcher.rules import Thresholds, diagnose_for_offer
 
 #: Longest free-text fields the model may write. Short: every character costs decoding time.
 MAX_RATIONALE = 120
@@ -505,7 +505,7 @@ class LLMProposer:
                 {
                     "role": "user",
                     "content": render_snapshot(
-                        ex.snapshot, ex.policy, ex.offer, evidence=self._evidence(ex.snapshot, ex.policy)
+                        ex.snapshot, ex.policy, ex.offer, evidence=self._evidence(ex.snapshot, ex.policy, ex.offer)
                     ),
                 }
             )
@@ -514,14 +514,14 @@ class LLMProposer:
             {
                 "role": "user",
                 "content": render_snapshot(
-                    snapshot, policy, offer, evidence=self._evidence(snapshot, policy)
+                    snapshot, policy, offer, evidence=self._evidence(snapshot, policy, offer)
                 ),
             }
         )
         return msgs
 
-    def _evidence(self, snapshot: TelemetrySnapshot, policy: Policy) -> tuple[Diagnosis, str] | None:
-        return diagnose(snapshot, Thresholds.from_policy(policy)) if self.variant.evidence else None
+    def _evidence(self, snapshot: TelemetrySnapshot, policy: Policy, offer: Offer) -> tuple[Diagnosis, str] | None:
+        return diagnose_for_offer(snapshot, Thresholds.from_policy(policy), offer) if self.variant.evidence else None
 
     def propose(
         self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer
@@ -529,7 +529,7 @@ class LLMProposer:
         from atm.adapters.llm import LLMError
 
         msgs = self.messages(snapshot, policy, offer)
-        evidence = self._evidence(snapshot, policy)
+        evidence = self._evidence(snapshot, policy, offer)
         only = evidence[0] if (self.variant.anchored and evidence is not None) else None
         model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only)
         audit: dict[str, Any] = {"variant": self.variant.name, "prompt": msgs[-1]["content"]}

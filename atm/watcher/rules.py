@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from atm.policies import DecisionContext, Policy
-from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot, fmt
+from atm.schema import Action, Diagnosis, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer, ProposalResult
 from atm.watcher.snapshot import HIGHER_IS_BETTER
 
@@ -34,6 +34,9 @@ class Thresholds:
     plateau_improvement: float = 0.01
     #: Over-regularization: a plateau with the val/train gap ratio under this (train no better than val).
     over_reg_gap_ratio: float = 1.02
+    #: Overfitting that comes back after this many remedies, the last of which brought no new best
+    #: validation loss, is answered with stop (keeping the best checkpoint) instead of another remedy.
+    overfit_remedies_before_stop: int = 2
     #: Loss imbalance: largest/smallest loss component above this.
     imbalance_ratio: float = 20.0
     #: RL: safe success and collision rate that count as solved.
@@ -82,8 +85,7 @@ class RulesProposer:
     name = "rules"
 
     def propose(self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer) -> ProposalResult:
-        t = Thresholds.from_policy(policy)
-        diagnosis, evidence = diagnose(snapshot, t)
+        diagnosis, evidence = diagnose_for_offer(snapshot, Thresholds.from_policy(policy), offer)
         changes, action = remedy(diagnosis, snapshot, policy, offer)
         rationale = evidence
         if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
@@ -98,6 +100,15 @@ class RulesProposer:
             watch_next=_RL_REGRESSION_WATCH if rl else _WATCH.get(diagnosis, ""),
         )
         return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
+
+
+def diagnose_for_offer(snap: TelemetrySnapshot, t: Thresholds, offer: Offer) -> tuple[Diagnosis, str]:
+    """:func:`diagnose`, except that a supervised run whose remedies are exhausted but which may not
+    stop now (stop not offered: too early, or the job has no stop) is still treated for overfitting."""
+    diagnosis, evidence = diagnose(snap, t)
+    if diagnosis == Diagnosis.CONVERGED and not _is_rl(snap) and Action.STOP not in offer.actions:
+        return Diagnosis.OVERFITTING, evidence.replace("stop and keep the best checkpoint", "stop is not available, so another remedy")
+    return diagnosis, evidence
 
 
 def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Diagnosis, str]:
@@ -129,6 +140,9 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
             if recovering:
                 return Diagnosis.HEALTHY, recovering
+            exhausted = _remedies_exhausted(snap, val, t)
+            if exhausted:
+                return Diagnosis.CONVERGED, exhausted
             return Diagnosis.OVERFITTING, (
                 f"val loss {fmt(val.latest)} is {rise:.1%} above its best {fmt(val.best)} (step {val.best_step}) "
                 f"while train loss falls to {fmt(train.latest)}; the gap {fmt(float(sig.get('gap', 0)))} is widening"
@@ -240,6 +254,19 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 
+def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds) -> str:
+    """Non-empty (the evidence) when overfitting is back although remedies were applied, and the
+    last one brought no new best: more training only overfits again, so stop and keep the best."""
+    fixes = [e for e in snap.recent if e.diagnosis == Diagnosis.OVERFITTING and e.applied_step is not None]
+    if len(fixes) < t.overfit_remedies_before_stop or fixes[-1].applied_step is None:
+        return ""
+    if val.best_step >= fixes[-1].applied_step:
+        return ""
+    return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, step "
+            f"{fixes[-1].applied_step}) brought no new best {val.key} ({fmt(val.best)} at step {val.best_step}): "
+            "stop and keep the best checkpoint")
+
+
 def _regularized(snap: TelemetrySnapshot) -> bool:
     p = snap.params
     return p.get("weight_decay", 0) > 0.05 or p.get("dropout", 0) > 0.15
@@ -274,9 +301,13 @@ _RL_REGRESSION = [Move("lr", "down", 0.5), Move("ent_coef", "down", 0.5), Move("
 
 
 def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
-    """The stall remedy for this run: bolder updates, a looser KL stop when it binds, a richer reward when safe."""
+    """The stall remedy for this run: bolder updates, a looser KL stop when it binds, a richer reward when safe.
+
+    After the step size, the reward comes before the other update settings when the run is safe:
+    a timid agent's stall is the reward's doing, and more epochs of the same signal do not fix it.
+    """
     s, p = snap.series, snap.params
-    moves = list(_RL_PLATEAU[:2])
+    moves = [_RL_PLATEAU[0]]
     kl = s.get("approx_kl")
     if kl is not None and p.get("target_kl", 0) > 0 and kl.latest >= t.kl_binding * p["target_kl"]:
         # Early stopping on KL cuts each update short: a higher LR alone would change little.
@@ -288,7 +319,7 @@ def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
     if coll is not None and coll.latest <= t.solved_collision:
         # Few collisions and no progress: the agent is paid too little for getting there.
         moves += [Move("reward.progress_scale", "up", 2.0), Move("reward.success_bonus", "up", 2.0)]
-    return moves + _RL_PLATEAU[2:]
+    return moves + _RL_PLATEAU[1:]
 
 
 def remedy(

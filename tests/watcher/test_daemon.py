@@ -119,7 +119,7 @@ def decide_slowly(uri: str, meanwhile: Callable[[str], None]) -> tuple[str, RunS
 def test_a_late_answer_is_discarded_as_stale(mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    # four more evaluations while it thinks; the lm preset allows two
+    # four more evaluations while it thinks; the lm preset allows fewer
     rid, st = decide_slowly(mlflow_uri, lambda rid: log_evals(MlflowClient(mlflow_uri), rid, 21, 24))
     stale = st.records[0]
     assert stale.status == Status.STALE and stale.step == 200

@@ -119,8 +119,8 @@ def test_proposals_stay_inside_the_offer_and_pass_check(name: str) -> None:
         ("loss_imbalance", {"loss_weight.aux": 0.5}, None),
         ("rl_unsafe", {"reward.collision_penalty": 2.5, "lr": 1.5e-3, "ent_coef": 0.04}, None),
         ("rl_exploration_collapse", {"ent_coef": 0.001, "clip_range": 0.3}, None),
-        # A stall with few collisions: bolder updates and a reward that pays more for progress.
-        ("rl_stalled", {"lr": 1.5e-4, "n_epochs": 6.0, "reward.progress_scale": 5.0}, None),
+        # A stall with few collisions: bolder steps, then a reward that pays more for getting there.
+        ("rl_stalled", {"lr": 1.5e-4, "reward.progress_scale": 5.0, "reward.success_bonus": 10.0}, None),
         ("rl_converged", {}, Action.STOP),
         ("healthy", {}, None),
     ],
@@ -210,3 +210,25 @@ def test_rl_remedies_on_recorded_shapes(name: str, diagnosis: Diagnosis, first: 
     assert {k: proposal.changes[k] for k in first} == pytest.approx(first)
     assert proposal.action == action
     assert check(proposal, sit.policy, sit.ctx).accepted
+
+
+def test_overfitting_that_returns_after_remedies_stops_keeping_the_best() -> None:
+    sc = load_scenario(SCENARIO_DIR / "overfit_returns_after_two_remedies.yaml")
+    sit = situation(sc)
+    result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
+    assert result.proposal.diagnosis == Diagnosis.CONVERGED and result.proposal.action == Action.STOP
+    assert "no new best" in result.proposal.rationale
+    # A job that cannot be stopped (or not yet) keeps getting the overfitting remedy instead.
+    lm = load_policy("lm")
+    no_stop = lm.model_copy(update={"actions": {k: v for k, v in lm.actions.items() if k != Action.STOP}})
+    sit = situation(sc, no_stop)
+    result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
+    assert result.proposal.diagnosis == Diagnosis.OVERFITTING and result.proposal.action != Action.STOP
+    assert result.proposal.changes and "stop is not available" in result.proposal.rationale
+
+
+def test_one_remedy_is_not_enough_to_stop() -> None:
+    sc = load_scenario(SCENARIO_DIR / "overfit_returns_after_two_remedies.yaml")
+    sit = situation(sc.model_copy(update={"interventions": sc.interventions[1:]}))
+    result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
+    assert result.proposal.diagnosis == Diagnosis.OVERFITTING

@@ -169,3 +169,5 @@ def common_args(p: argparse.ArgumentParser, seeds: int) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: small budget, one seed unless --seeds is given")
     p.add_argument("--out", type=Path, default=None, help="results folder (default ./results/WORKLOAD)")
     p.add_argument("--interval", type=float, default=2.0, help="daemon poll interval for managed arms (s)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs already finished in --out with the same settings (after an interruption)")

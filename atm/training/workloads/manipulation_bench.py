@@ -55,8 +55,6 @@ def add_parser(bsub: Any) -> None:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated (default {','.join(RECIPES)})")
     p.add_argument("--arms", default=None,
                    help="comma-separated subset of fixed, managed-rules, managed-llm (default: fixed and --proposers)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse runs already finished in --out with the same settings (after an interruption)")
     # Each job trains with one torch thread; on 2 cores, --quick took 100 s with 2 jobs and 149 s with 1.
     p.add_argument("--jobs", type=int, default=2,
                    help="training processes at once (each uses one core; default 2); managed-llm runs go last, one at a time")
@@ -106,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         json_path = out / "runs" / f"{name}.json"
         done_path = out / "runs" / f"{name}.bench.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        if getattr(args, "resume", False) and done_path.exists():
+        if args.resume and done_path.exists():
             done = json.loads(done_path.read_text())
             if done.get("workload_args") == extra:
                 with lock:

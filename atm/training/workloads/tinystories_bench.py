@@ -59,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
           f"store {uri}; results in {out}", flush=True)
 
     started = time.time()
+    reused: list[str] = []
     results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms + ["early-stop"]}
     for seed in seeds:
         for arm in arms:
@@ -71,9 +72,17 @@ def main(args: argparse.Namespace) -> int:
             if not arm.startswith("managed-"):
                 cmd.append("--no-listen")
             run = ArmRun(arm, seed, cmd, out / "logs" / f"{arm}-seed{seed}.log")
-            run_arm(run, uri, policy_spec="lm" if arm.startswith("managed-") else None,
-                    proposer_kind=arm.removeprefix("managed-") if arm.startswith("managed-") else None,
-                    interval=args.interval)
+            done_path = out / "runs" / f"{arm}-seed{seed}.bench.json"
+            if args.resume and done_path.exists() and json.loads(done_path.read_text()).get("cmd") == cmd:
+                run.run_id = json.loads(done_path.read_text())["run_id"]
+                run.records = _records(uri, run.run_id)
+                reused.append(f"{arm}-seed{seed}")
+                print(f"  {arm:14s} seed {seed}: reused from {done_path}", flush=True)
+            else:
+                run_arm(run, uri, policy_spec="lm" if arm.startswith("managed-") else None,
+                        proposer_kind=arm.removeprefix("managed-") if arm.startswith("managed-") else None,
+                        interval=args.interval)
+                done_path.write_text(json.dumps({"cmd": cmd, "run_id": run.run_id}))
             res = TrainResult.model_validate_json(json_path.read_text())
             results[arm][seed] = {
                 "final_val_loss": res.final_val_loss,
@@ -96,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
                   f"interventions {results[arm][seed]['interventions']} ({time.time() - t0:.0f} s)", flush=True)
 
     report = _report(results, seeds, args, uri, time.time() - started)
+    report["config"]["reused_runs"] = reused
     (out / "tinystories.json").write_text(json.dumps(report, indent=2))
     md = _markdown(report)
     (out / "tinystories.md").write_text(md)
@@ -103,6 +113,17 @@ def main(args: argparse.Namespace) -> int:
     print(md)
     print(f"written: {out / 'tinystories.json'}, {out / 'tinystories.md'}, {out / 'tinystories.png'}")
     return 0
+
+
+def _records(uri: str, run_id: str | None) -> list[Any]:
+    """A finished run's decision records, as the bench reads them after a run of its own."""
+    from atm.adapters.mlflow_backend import MlflowBackend
+    from atm.watcher.daemon import reconcile
+
+    if not run_id:
+        return []
+    backend = MlflowBackend(uri)
+    return reconcile(backend.read_log(run_id), backend.poll(run_id))[0]
 
 
 def _init_store(uri: str) -> None:

@@ -457,6 +457,9 @@ def train(config: TrainConfig, on_eval: Callable[[EvalPoint], None] | None = Non
             stop = listener is not None and listener.stop_requested
             if step % config.eval_every and step != config.steps and not stop:
                 continue
+            if stop:
+                # Stopping keeps the best checkpoint, as early stopping with restore does.
+                request_rollback()
             restore_if_requested()  # one that arrived with this step is evaluated now, not next time
             val = _val_loss(model, val_ids, val_starts, eos_id, config.context)
             point = EvalPoint(step=step, train_loss=sum(losses) / len(losses), val_loss=val,
