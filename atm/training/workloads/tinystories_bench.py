@@ -63,7 +63,6 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms + ["early-stop"]}
     for seed in seeds:
         for arm in arms:
-            t0 = time.time()
             recipe = "plateau" if arm == "plateau" else "overfit"
             json_path = out / "runs" / f"{arm}-seed{seed}.json"
             cmd = python_cmd("tinystories", "--tracking", "mlflow", "--tracking-uri", uri, "--experiment", "bench-tinystories",
@@ -73,8 +72,10 @@ def main(args: argparse.Namespace) -> int:
                 cmd.append("--no-listen")
             run = ArmRun(arm, seed, cmd, out / "logs" / f"{arm}-seed{seed}.log")
             done_path = out / "runs" / f"{arm}-seed{seed}.bench.json"
-            if args.resume and done_path.exists() and json.loads(done_path.read_text()).get("cmd") == cmd:
-                run.run_id = json.loads(done_path.read_text())["run_id"]
+            # The same arguments (the interpreter may be named differently between invocations).
+            if args.resume and done_path.exists() and json.loads(done_path.read_text()).get("args") == cmd[1:]:
+                done = json.loads(done_path.read_text())
+                run.run_id, run.wall_s = done["run_id"], done.get("wall_s", 0.0)
                 run.records = _records(uri, run.run_id)
                 reused.append(f"{arm}-seed{seed}")
                 print(f"  {arm:14s} seed {seed}: reused from {done_path}", flush=True)
@@ -82,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                 run_arm(run, uri, policy_spec="lm" if arm.startswith("managed-") else None,
                         proposer_kind=arm.removeprefix("managed-") if arm.startswith("managed-") else None,
                         interval=args.interval)
-                done_path.write_text(json.dumps({"cmd": cmd, "run_id": run.run_id}))
+                done_path.write_text(json.dumps({"args": cmd[1:], "run_id": run.run_id, "wall_s": run.wall_s}))
             res = TrainResult.model_validate_json(json_path.read_text())
             results[arm][seed] = {
                 "final_val_loss": res.final_val_loss,
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
                     "derived_from": "fixed",
                 }
             print(f"  {arm:14s} seed {seed}: final val {res.final_val_loss:.4f}, best {res.best_val_loss:.4f}, "
-                  f"interventions {results[arm][seed]['interventions']} ({time.time() - t0:.0f} s)", flush=True)
+                  f"interventions {results[arm][seed]['interventions']} ({run.wall_s:.0f} s)", flush=True)
 
     report = _report(results, seeds, args, uri, time.time() - started)
     report["config"]["reused_runs"] = reused
@@ -156,6 +157,9 @@ def _report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], arg
         "config": {"quick": args.quick, "steps": args.steps, "interval_s": args.interval, "tracking_uri": uri,
                    "policy": "lm", "early_stop": "derived from each fixed run's validation curve (restore best)"},
         "wall_time_s": round(wall, 1),
+        # What the runs took (reused ones included): the budget figure when a bench was resumed.
+        "runs_wall_s_total": round(sum(d.get("wall_s", 0.0) for per_seed in results.values()
+                                       for d in per_seed.values()), 1),
     }
 
 
@@ -168,7 +172,9 @@ def _markdown(report: dict[str, Any]) -> str:
         rows.append([arm, f"{fm:.4f} ± {fs:.4f}", f"{bm:.4f} ± {bs:.4f}", f"{im:.1f}"])
     text = "# atm bench tinystories\n\n" + markdown_table(
         ["arm", "final val loss (mean ± sd)", "best val loss", "interventions"], rows)
-    text += f"\n\nSeeds {report['seeds']}; wall time {report['wall_time_s']:.0f} s. Early-stop is derived from the fixed runs' curves.\n"
+    text += (f"\n\nSeeds {report['seeds']}; wall time {report['wall_time_s']:.0f} s "
+             f"(the runs: {report.get('runs_wall_s_total', report['wall_time_s']):.0f} s). "
+             "Early-stop is derived from the fixed runs' curves.\n")
     for arm, r in report["ratios"].items():
         text += (f"\n- {arm}: final val loss {r['final_vs_fixed']:.2f}x the fixed recipe's; "
                  f"{r['final_vs_best_of_plateau_and_early_stop']:.2f}x the best of ReduceLROnPlateau and early stopping")
