@@ -303,11 +303,12 @@ _RL_REGRESSION = [Move("lr", "down", 0.5), Move("ent_coef", "down", 0.5), Move("
 def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
     """The stall remedy for this run: bolder updates, a looser KL stop when it binds, a richer reward when safe.
 
-    After the step size, the reward comes before the other update settings when the run is safe:
-    a timid agent's stall is the reward's doing, and more epochs of the same signal do not fix it.
+    Step size and epochs come first. Putting the reward first was measured (cautious recipe, 3 seeds):
+    the run then took off after two interventions with the step size still small, the rules saw
+    progress and stopped pushing, and one seed ended at 0.61 against 0.94 for the others.
     """
     s, p = snap.series, snap.params
-    moves = [_RL_PLATEAU[0]]
+    moves = list(_RL_PLATEAU[:2])
     kl = s.get("approx_kl")
     if kl is not None and p.get("target_kl", 0) > 0 and kl.latest >= t.kl_binding * p["target_kl"]:
         # Early stopping on KL cuts each update short: a higher LR alone would change little.
@@ -319,7 +320,7 @@ def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
     if coll is not None and coll.latest <= t.solved_collision:
         # Few collisions and no progress: the agent is paid too little for getting there.
         moves += [Move("reward.progress_scale", "up", 2.0), Move("reward.success_bonus", "up", 2.0)]
-    return moves + _RL_PLATEAU[1:]
+    return moves + _RL_PLATEAU[2:]
 
 
 def remedy(
