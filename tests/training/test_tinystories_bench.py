@@ -46,6 +46,9 @@ def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
     assert applied, [r.summary() for r in records]
     assert seed["interventions"] == len(applied) and report["arms"]["managed-rules"]["interventions"] == [len(applied)]
     assert all(r.applied_step is not None and r.applied_step >= r.step for r in applied)
+    assert seed["decisions"]["applied"] == len(applied) and sum(seed["decisions"].values()) == len(records)
+    (line,) = [ln for ln in (tmp_path / "tinystories.md").read_text().splitlines() if ln.startswith("- managed-rules")]
+    assert f"{len(applied)} applied" in line.split("decisions:")[1]
 
     # --resume: nothing is trained again, and the figures are the same.
     capsys.readouterr()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
                 "val_curve": res.val_curve,
                 "applied_steps": [r.applied_step for r in applied(run.records)],
                 "sources": [r.source for r in applied(run.records)],
+                # Every decision by outcome: a manager that applied nothing shows why (stale, rejected ...).
+                "decisions": dict(Counter(r.status.value for r in run.records)),
                 "run_id": run.run_id,
                 "wall_s": round(run.wall_s, 1),
             }
@@ -176,8 +179,13 @@ def _markdown(report: dict[str, Any]) -> str:
              f"(the runs: {report.get('runs_wall_s_total', report['wall_time_s']):.0f} s). "
              "Early-stop is derived from the fixed runs' curves.\n")
     for arm, r in report["ratios"].items():
+        decisions: Counter[str] = Counter()
+        for d in report["arms"][arm]["per_seed"].values():
+            decisions.update(d.get("decisions", {}))
+        outcome = ", ".join(f"{n} {status}" for status, n in decisions.most_common()) or "none"
         text += (f"\n- {arm}: final val loss {r['final_vs_fixed']:.2f}x the fixed recipe's; "
-                 f"{r['final_vs_best_of_plateau_and_early_stop']:.2f}x the best of ReduceLROnPlateau and early stopping")
+                 f"{r['final_vs_best_of_plateau_and_early_stop']:.2f}x the best of ReduceLROnPlateau and early stopping; "
+                 f"decisions: {outcome}")
     return text + "\n"
 
 
