@@ -101,7 +101,7 @@ def test_bench_runs_fixed_and_managed_arms_through_the_real_daemon(tmp_path):
     """
     from atm.adapters.mlflow_backend import MlflowBackend
     from atm.training.workloads.manipulation_bench import main
-    from atm.watcher.daemon import reconcile
+    from atm.training.workloads.bench import run_records
 
     args = argparse.Namespace(seeds=1, proposers="rules", arms=None, quick=True, out=tmp_path, interval=0.5,
                               timesteps=None, recipes="cautious", jobs=1, resume=False)
@@ -120,7 +120,7 @@ def test_bench_runs_fixed_and_managed_arms_through_the_real_daemon(tmp_path):
 
     run = report["cautious"]["managed-rules"]["per_seed"]["40"]
     backend = MlflowBackend(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    records, _ = reconcile(backend.read_log(run["run_id"]), backend.poll(run["run_id"]))
+    records = run_records(f"sqlite:///{tmp_path / 'mlflow.db'}", run["run_id"])
     done = [r for r in records if r.status == Status.APPLIED]
     assert done, [r.summary() for r in records]
     rollout = 16 * 128  # n_envs x n_steps of every recipe

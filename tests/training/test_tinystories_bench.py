@@ -16,9 +16,8 @@ ARMS = {"fixed", "plateau", "early-stop", "managed-rules"}
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
-    from atm.adapters.mlflow_backend import MlflowBackend
     from atm.training.workloads.tinystories_bench import main
-    from atm.watcher.daemon import reconcile
+    from atm.training.workloads.bench import run_records
 
     args = argparse.Namespace(seeds=1, proposers="rules", quick=True, out=tmp_path, interval=0.5, steps=None,
                               resume=False)
@@ -40,8 +39,7 @@ def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
 
     # The manager acted on the live run: applied by the job, in the run's audit log.
     seed = report["arms"]["managed-rules"]["per_seed"]["40"]
-    backend = MlflowBackend(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    records, _ = reconcile(backend.read_log(seed["run_id"]), backend.poll(seed["run_id"]))
+    records = run_records(f"sqlite:///{tmp_path / 'mlflow.db'}", seed["run_id"])
     applied = [r for r in records if r.status == Status.APPLIED]
     assert applied, [r.summary() for r in records]
     assert seed["interventions"] == len(applied) and report["arms"]["managed-rules"]["interventions"] == [len(applied)]

@@ -119,10 +119,7 @@ def run_arm(
     if daemon is not None and watcher is not None:
         watcher.join(120)  # it exits once it has seen the run finish and settled the last acks
         daemon.stop()
-    if run.run_id:
-        from atm.watcher.daemon import reconcile
-
-        run.records, _ = reconcile(backend.read_log(run.run_id), backend.poll(run.run_id))
+    run.records = run_records(tracking_uri, run.run_id)
     run.wall_s = time.time() - started
     if run.exit_code != 0:
         tail = run.log.read_text()[-2000:] if run.log.exists() else ""
@@ -153,6 +150,17 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def run_records(tracking_uri: str, run_id: str | None) -> list[Any]:
+    """A run's decision records as they stand: the daemon's log merged with the acks on the run."""
+    from atm.adapters.mlflow_backend import MlflowBackend
+    from atm.watcher.daemon import reconcile
+
+    if not run_id:
+        return []
+    backend = MlflowBackend(tracking_uri)
+    return reconcile(backend.read_log(run_id), backend.poll(run_id))[0]
 
 
 def python_cmd(*args: str) -> list[str]:

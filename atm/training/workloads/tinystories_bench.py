@@ -30,6 +30,7 @@ from atm.training.workloads.bench import (
     mean_std,
     python_cmd,
     run_arm,
+    run_records,
 )
 
 SEED0 = 40
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
             if args.resume and done_path.exists() and json.loads(done_path.read_text()).get("args") == cmd[1:]:
                 done = json.loads(done_path.read_text())
                 run.run_id, run.wall_s = done["run_id"], done.get("wall_s", 0.0)
-                run.records = _records(uri, run.run_id)
+                run.records = run_records(uri, run.run_id)
                 reused.append(f"{arm}-seed{seed}")
                 print(f"  {arm:14s} seed {seed}: reused from {done_path}", flush=True)
             else:
@@ -117,17 +118,6 @@ def main(args: argparse.Namespace) -> int:
     print(md)
     print(f"written: {out / 'tinystories.json'}, {out / 'tinystories.md'}, {out / 'tinystories.png'}")
     return 0
-
-
-def _records(uri: str, run_id: str | None) -> list[Any]:
-    """A finished run's decision records, as the bench reads them after a run of its own."""
-    from atm.adapters.mlflow_backend import MlflowBackend
-    from atm.watcher.daemon import reconcile
-
-    if not run_id:
-        return []
-    backend = MlflowBackend(uri)
-    return reconcile(backend.read_log(run_id), backend.poll(run_id))[0]
 
 
 def _init_store(uri: str) -> None:
