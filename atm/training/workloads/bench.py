@@ -12,6 +12,7 @@ beside it (``tinystories_bench``, ``manipulation_bench``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -152,7 +153,31 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def run_records(tracking_uri: str, run_id: str | None) -> list[Any]:
+def init_store(tracking_uri: str, experiment: str) -> None:
+    """Create the store's tables once, before several training processes open the sqlite file at once."""
+    from atm.adapters import RunNotFound
+    from atm.adapters.mlflow_backend import MlflowBackend
+
+    try:
+        MlflowBackend(tracking_uri).running_runs(experiment)
+    except RunNotFound:
+        pass
+
+
+def finished_run(done_path: Path, settings: Any) -> dict[str, Any] | None:
+    """What an earlier invocation recorded for this run (``--resume``), if it ran with the same ``settings``."""
+    if not done_path.exists():
+        return None
+    done = json.loads(done_path.read_text())
+    return done if done.get("settings") == settings else None
+
+
+def record_finished(done_path: Path, settings: Any, **payload: Any) -> None:
+    """Record a finished run for ``--resume``: the settings it ran with, and what a later invocation reuses."""
+    done_path.write_text(json.dumps({"settings": settings, **payload}))
+
+
+def run_records(tracking_uri: str, run_id: str | None) -> list[DecisionRecord]:
     """A run's decision records as they stand: the daemon's log merged with the acks on the run."""
     from atm.adapters.mlflow_backend import MlflowBackend
     from atm.watcher.daemon import reconcile

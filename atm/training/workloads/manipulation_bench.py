@@ -29,9 +29,12 @@ from atm.training.workloads.bench import (
     available_proposers,
     common_args,
     default_out,
+    finished_run,
+    init_store,
     markdown_table,
     mean_std,
     python_cmd,
+    record_finished,
     run_arm,
 )
 
@@ -87,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"atm bench manipulation: skipping {arm} ({why})", flush=True)
         arms.remove(arm)
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    _init_store(uri)
+    init_store(uri, EXPERIMENT)
     extra = _workload_args(args)
     print(f"atm bench manipulation: recipes {', '.join(recipes)}; arms {', '.join(arms)}; seeds {seeds}; "
           f"{args.jobs} at a time (managed-llm last, alone); store {uri}; results in {out}", flush=True)
@@ -104,14 +107,13 @@ def main(args: argparse.Namespace) -> int:
         json_path = out / "runs" / f"{name}.json"
         done_path = out / "runs" / f"{name}.bench.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        if args.resume and done_path.exists():
-            done = json.loads(done_path.read_text())
-            if done.get("workload_args") == extra:
-                with lock:
-                    results[recipe][arm][seed] = done["row"]
-                    reused.append(name)
-                print(f"  {name:32s} reused from {done_path}", flush=True)
-                return
+        done = finished_run(done_path, extra) if args.resume else None
+        if done is not None:
+            with lock:
+                results[recipe][arm][seed] = done["row"]
+                reused.append(name)
+            print(f"  {name:32s} reused from {done_path}", flush=True)
+            return
         cmd = python_cmd("manipulation", "--recipe", recipe, "--seed", str(seed), "--tracking", "mlflow",
                          "--tracking-uri", uri, "--experiment", EXPERIMENT, "--run-name", name,
                          "--out", str(json_path), *extra)
@@ -129,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {name:32s} FAILED: {failures[name][:300]}", flush=True)
             return
         row.update(run_id=run.run_id, wall_s=round(run.wall_s, 1))
-        done_path.write_text(json.dumps({"workload_args": extra, "row": row}))
+        record_finished(done_path, extra, row=row)
         with lock:
             results[recipe][arm][seed] = row
             print(f"  {name:32s} final safe {row['final_safe_success']:.2f} (best {row['best_safe_success']:.2f}), "
@@ -193,16 +195,6 @@ def _workload_args(args: argparse.Namespace) -> list[str]:
     for key, value in settings.items():
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
-
-
-def _init_store(uri: str) -> None:
-    from atm.adapters import RunNotFound
-    from atm.adapters.mlflow_backend import MlflowBackend
-
-    try:  # creates the sqlite tables once, before several processes open the file
-        MlflowBackend(uri).running_runs(EXPERIMENT)
-    except RunNotFound:
-        pass
 
 
 def summarize(run_json: dict[str, Any], records: Sequence[DecisionRecord]) -> dict[str, Any]:

@@ -26,14 +26,18 @@ from atm.training.workloads.bench import (
     available_proposers,
     common_args,
     default_out,
+    finished_run,
+    init_store,
     markdown_table,
     mean_std,
     python_cmd,
+    record_finished,
     run_arm,
     run_records,
 )
 
 SEED0 = 40
+EXPERIMENT = "bench-tinystories"
 
 
 def add_parser(bsub: Any) -> None:
@@ -52,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     seeds = [SEED0 + i for i in range(seeds_n)]
     proposers = available_proposers(args.proposers)
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    _init_store(uri)
+    init_store(uri, EXPERIMENT)
     extra = ["--quick"] if args.quick else []
     if args.steps:
         extra += ["--steps", str(args.steps)]
@@ -67,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         for arm in arms:
             recipe = "plateau" if arm == "plateau" else "overfit"
             json_path = out / "runs" / f"{arm}-seed{seed}.json"
-            cmd = python_cmd("tinystories", "--tracking", "mlflow", "--tracking-uri", uri, "--experiment", "bench-tinystories",
+            cmd = python_cmd("tinystories", "--tracking", "mlflow", "--tracking-uri", uri, "--experiment", EXPERIMENT,
                              "--run-name", f"{arm}-seed{seed}", "--recipe", recipe, "--seed", str(seed),
                              "--json", str(json_path), *extra)
             if not arm.startswith("managed-"):
@@ -75,9 +79,9 @@ def main(args: argparse.Namespace) -> int:
             run = ArmRun(arm, seed, cmd, out / "logs" / f"{arm}-seed{seed}.log")
             done_path = out / "runs" / f"{arm}-seed{seed}.bench.json"
             # The same arguments (the interpreter may be named differently between invocations).
-            if args.resume and done_path.exists() and json.loads(done_path.read_text()).get("args") == cmd[1:]:
-                done = json.loads(done_path.read_text())
-                run.run_id, run.wall_s = done["run_id"], done.get("wall_s", 0.0)
+            done = finished_run(done_path, cmd[1:]) if args.resume else None
+            if done is not None:
+                run.run_id, run.wall_s = done["run_id"], done["wall_s"]
                 run.records = run_records(uri, run.run_id)
                 reused.append(f"{arm}-seed{seed}")
                 print(f"  {arm:14s} seed {seed}: reused from {done_path}", flush=True)
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
                 run_arm(run, uri, policy_spec="lm" if arm.startswith("managed-") else None,
                         proposer_kind=arm.removeprefix("managed-") if arm.startswith("managed-") else None,
                         interval=args.interval)
-                done_path.write_text(json.dumps({"args": cmd[1:], "run_id": run.run_id, "wall_s": run.wall_s}))
+                record_finished(done_path, cmd[1:], run_id=run.run_id, wall_s=run.wall_s)
             res = TrainResult.model_validate_json(json_path.read_text())
             results[arm][seed] = {
                 "final_val_loss": res.final_val_loss,
@@ -118,16 +122,6 @@ def main(args: argparse.Namespace) -> int:
     print(md)
     print(f"written: {out / 'tinystories.json'}, {out / 'tinystories.md'}, {out / 'tinystories.png'}")
     return 0
-
-
-def _init_store(uri: str) -> None:
-    from atm.adapters import RunNotFound
-    from atm.adapters.mlflow_backend import MlflowBackend
-
-    try:  # creates the sqlite tables once, before several processes open the file
-        MlflowBackend(uri).running_runs("bench-tinystories")
-    except RunNotFound:
-        pass
 
 
 def _report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], args: argparse.Namespace,
