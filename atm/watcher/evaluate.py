@@ -22,7 +22,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from atm.policies import (
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status, TelemetrySnapshot, fmt
 from atm.watcher.prompt import render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, Proposer, ProposerError
-from atm.watcher.snapshot import build_snapshot, eval_steps
+from atm.watcher.snapshot import Points, build_snapshot, eval_steps
 
 
 class ScenarioError(ValueError):
@@ -145,12 +145,24 @@ class Situation(BaseModel):
 
 def situation(sc: Scenario, policy: Policy | None = None) -> Situation:
     """Snapshot, decision context and offer for a scenario, as the daemon would build them."""
-    policy = policy or sc.load_policy()
     history = {k: sorted((int(s), float(v)) for s, v in pts) for k, pts in sc.metrics.items()}
-    records = sc.records()
-    snap = build_snapshot(sc.name, policy, history, sc.params, records=records, run_name=sc.run_name, now=0.0)
+    return offline_situation(
+        sc.name, policy or sc.load_policy(), history, sc.params, sc.records(), run_name=sc.run_name
+    )
+
+
+def offline_situation(
+    name: str,
+    policy: Policy,
+    history: Mapping[str, Points],
+    params: Mapping[str, float],
+    records: Sequence[DecisionRecord] = (),
+    run_name: str = "",
+) -> Situation:
+    """The same for metric history held in memory (key -> sorted (step, value)), taken at time 0."""
+    snap = build_snapshot(name, policy, history, params, records=records, run_name=run_name, now=0.0)
     ctx = DecisionContext(
-        step=snap.step, params=dict(sc.params), history=records, eval_steps=eval_steps(policy, history)
+        step=snap.step, params=dict(params), history=list(records), eval_steps=eval_steps(policy, history)
     )
     offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
     return Situation(snapshot=snap, policy=policy, ctx=ctx, offer=offer)

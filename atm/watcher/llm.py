@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from atm.policies import DecisionContext, Policy, available_actions, available_choices, check, load_policy
+from atm.policies import DecisionContext, Policy, check, load_policy
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
 from atm.watcher.prompt import Move, diagnoses_for, is_rl, offered_moves, render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
@@ -339,11 +339,10 @@ def make_example(
     rationale: str,
 ) -> Example:
     """An example from metric history and the ideal decision (checked against the offer)."""
-    from atm.watcher.snapshot import build_snapshot, eval_steps
+    from atm.watcher.evaluate import offline_situation
 
-    snap = build_snapshot(name, policy, history, params, run_name=name, now=0.0)
-    ctx = DecisionContext(step=snap.step, params=dict(params), eval_steps=eval_steps(policy, history))
-    offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
+    sit = offline_situation(name, policy, history, params, run_name=name)
+    snap, offer = sit.snapshot, sit.offer
     labels = {(m.param, m.value): m.label for m in offered_moves(offer, params)}
     missing = [p for p, v in changes.items() if (p, v) not in labels]
     if missing or (action is not None and action not in offer.actions):

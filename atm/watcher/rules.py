@@ -117,7 +117,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if sig.get("nonfinite"):
         bad = [r for r, st in s.items() if st.nonfinite]
         return Diagnosis.DIVERGENCE, f"non-finite values in {', '.join(bad)}"
-    if "safe_success" in s or "success" in s or "return" in s:
+    if _is_rl(snap):
         return _diagnose_rl(snap, t)
 
     train, val = s.get("train_loss"), s.get("val_loss")
