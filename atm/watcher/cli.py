@@ -236,11 +236,11 @@ def _explain(args: argparse.Namespace) -> int:
     if isinstance(got, int):
         return got
     view, records = got
-    snapshot, ctx, _offer = decision_inputs(policy, view, records)
+    snapshot, ctx, offer = decision_inputs(policy, view, records)
     if view.listener is None:
         print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
               "can be offered; add atm.listen(...) to the training script\n")
-    print(render_explain(snapshot, policy, ctx, evidence=not args.no_evidence))
+    print(render_explain(snapshot, policy, ctx, offer, evidence=not args.no_evidence))
     return 0
 
 

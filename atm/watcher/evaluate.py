@@ -39,7 +39,6 @@ from atm.policies import (
     load_policy,
 )
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status, TelemetrySnapshot, fmt
-from atm.watcher.prompt import render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, Proposer, ProposerError
 from atm.watcher.snapshot import Points, build_snapshot, eval_steps
 
@@ -358,21 +357,23 @@ def format_report(report: EvalReport) -> str:
 
 
 def render_explain(
-    snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, *, evidence: bool = True
+    snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer, *, evidence: bool = True
 ) -> str:
-    """What the LLM proposer would be shown for this decision, and the offer, as text."""
-    from atm.watcher.rules import Thresholds, diagnose
+    """What the default LLM proposer would be sent for this decision, and the offer, as text.
 
-    offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
-    ev = diagnose(snapshot, Thresholds.from_policy(policy)) if evidence else None
-    parts = [
-        "=== system",
-        system_prompt(),
-        "",
-        "=== user",
-        render_snapshot(snapshot, policy, offer, evidence=ev),
-        "",
-    ]
+    ``offer`` is the one the daemon would make (for a live run, only the actions the job registered).
+    Without ``evidence`` the messages are the same variant's without the rules' diagnosis.
+    """
+    from dataclasses import replace
+
+    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer
+
+    variant = VARIANTS[DEFAULT_VARIANT]
+    if not evidence:
+        variant = replace(variant, name=f"{variant.name}, no evidence", evidence=False, anchored=False)
+    parts: list[str] = []
+    for msg in LLMProposer(variant=variant).messages(snapshot, policy, offer):
+        parts += [f"=== {msg['role']}", msg["content"], ""]
     parts.append("=== offer (what the validator accepts now)")
     if offer.choices:
         for param, values in sorted(offer.choices.items()):
@@ -459,7 +460,7 @@ def explain_command(args: argparse.Namespace) -> int:
     except (ScenarioError, PolicyError, OSError) as exc:
         print(f"atm explain: {exc}", file=sys.stderr)
         return 2
-    print(render_explain(sit.snapshot, sit.policy, sit.ctx, evidence=not args.no_evidence))
+    print(render_explain(sit.snapshot, sit.policy, sit.ctx, sit.offer, evidence=not args.no_evidence))
     return 0
 
 

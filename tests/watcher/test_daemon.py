@@ -194,3 +194,19 @@ def test_a_decision_that_arrives_after_the_run_ended_is_not_left_pending(mlflow_
     (rec,) = st.records
     assert rec.status == Status.STALE and rec.reason.startswith("expired") and not rec.changes
     assert MlflowChannel(rid, mlflow_uri).fetch(0) == []  # nothing published that no job would read
+
+
+def test_explain_shows_what_the_daemon_would_send(mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from atm.watcher.cli import main as atm_main
+    from atm.watcher.daemon import decision_inputs
+    from atm.watcher.llm import LLMProposer
+
+    rid = overfitting_run(mlflow_uri)  # the job registered only the stop action
+    assert atm_main(["explain", "--backend", "mlflow", "--run", rid, "--tracking-uri", mlflow_uri]) == 0
+    out = capsys.readouterr().out
+    backend = MlflowBackend(mlflow_uri)
+    snapshot, _, offer = decision_inputs(load_policy("lm"), backend.poll(rid), backend.read_log(rid))
+    sent = LLMProposer().messages(snapshot, load_policy("lm"), offer)
+    assert all(m["content"] in out for m in sent)
+    # Rollback is within the policy here, but the job cannot roll back: it is not offered.
+    assert "  actions: stop" in out.splitlines() and "rollback" not in out

@@ -192,7 +192,7 @@ def test_eval_command_json_and_table(capsys):
 
 def test_explain(capsys):
     sit = situation(load_scenario(SCENARIOS / "rl_unsafe_reckless.yaml"))
-    text = render_explain(sit.snapshot, sit.policy, sit.ctx)
+    text = render_explain(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     assert "=== system" in text and "METRIC TRENDS" in text and "AUTOMATIC CHECK" in text
     assert "reward.collision_penalty (now 1): 2.5, 5, 10" in text
     assert atm_main(["explain", "--scenario", str(SCENARIOS / "healthy_epochs.yaml"), "--no-evidence"]) == 0
