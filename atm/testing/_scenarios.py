@@ -223,9 +223,9 @@ def _rl_healthy() -> Scenario:
 def _rl_insufficient() -> Scenario:
     return Scenario(
         "rl_insufficient", "rl-ppo",
-        _rl([0.0, 0.05], [0.3, 0.25], flat(10, 1.0)),
+        _rl([0.05], [0.3], flat(10, 1.0)),
         dict(RL_PARAMS), Diagnosis.INSUFFICIENT_DATA,
-        "two evaluations so far",
+        "one evaluation so far: no trend yet",
     )
 
 

@@ -23,6 +23,9 @@ Direction = Literal["up", "down"]
 class Thresholds:
     #: Points of the primary metric needed before any diagnosis.
     min_points: int = 4
+    #: RL: evaluations needed before any diagnosis. Two show a trend; evaluations are expensive and
+    #: far apart, and the policy's warm-up already says how long a run is left alone.
+    min_evals: int = 2
     #: Overfitting: validation loss this far (relative) above its best ...
     overfit_rise: float = 0.03
     #: ... while the train/val gap keeps widening (gap slope per 1000 steps above this).
@@ -166,7 +169,7 @@ def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str
     s = snap.series
     goal = s.get("safe_success") or s.get("success") or s.get("return")
     assert goal is not None
-    if goal.n < t.min_points // 2 + 1:
+    if goal.n < t.min_evals:
         return Diagnosis.INSUFFICIENT_DATA, f"{goal.n} evaluations so far"
     coll = s.get("collision")
     succ = s.get("safe_success") or s.get("success")
