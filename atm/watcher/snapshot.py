@@ -209,8 +209,13 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
     goal = series.get("safe_success") or series.get("success") or series.get("return")
     if goal is not None and not goal.nonfinite and goal.key in by_key:
         window = [v for _, v in by_key[goal.key] if math.isfinite(v)][-WINDOW:]
-        # Absolute gain across the trailing window (success rates are already on a 0-1 scale).
-        sig["goal_window_gain"] = window[-1] - window[0]
+        # Absolute gain across the trailing window (success rates are already on a 0-1 scale), of the
+        # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
+        # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
+        smooth = window[0]
+        for v in window[1:]:
+            smooth = EMA_ALPHA * v + (1 - EMA_ALPHA) * smooth
+        sig["goal_window_gain"] = smooth - window[0]
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

@@ -232,3 +232,22 @@ def test_one_remedy_is_not_enough_to_stop() -> None:
     sit = situation(sc.model_copy(update={"interventions": sc.interventions[1:]}))
     result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     assert result.proposal.diagnosis == Diagnosis.OVERFITTING
+
+
+def _rl_snapshot(safe: list[float]) -> object:
+    curves = {"eval/safe_success": safe, "eval/collision_rate": [0.0] * len(safe)}
+    return build_snapshot("r", load_policy("rl-ppo"), make_history(curves, every=20480), {"lr": 3e-5})
+
+
+def test_rl_stall_is_seen_from_the_second_evaluation() -> None:
+    assert diagnose(_rl_snapshot([0.0]))[0] == Diagnosis.INSUFFICIENT_DATA
+    assert diagnose(_rl_snapshot([0.0, 0.0]))[0] == Diagnosis.PLATEAU
+    # A run that is learning is left alone from the second evaluation on too.
+    assert diagnose(_rl_snapshot([0.03, 0.5]))[0] == Diagnosis.HEALTHY
+
+
+def test_one_lucky_evaluation_is_not_progress_but_a_climb_is() -> None:
+    # Recorded on the cautious recipe: 0.08 on 36 episodes after three evaluations at 0, the lr still
+    # below the baseline recipe's; the run then crawled to 0.72 in the remaining 220k steps.
+    assert diagnose(_rl_snapshot([0.0, 0.0, 0.0, 0.08]))[0] == Diagnosis.PLATEAU
+    assert diagnose(_rl_snapshot([0.0, 0.0, 0.0, 0.08, 0.22, 0.36]))[0] == Diagnosis.HEALTHY
