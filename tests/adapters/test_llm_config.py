@@ -75,12 +75,24 @@ def test_environment_values_are_checked_and_named():
 
 
 def test_local_spec_resolves_to_an_in_process_backend_without_loading(tmp_path: Path):
-    backend = resolve_backend(LLMConfig(model=f"local:{tmp_path / 'missing.gguf'}"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not a GGUF file")
+    if importlib.util.find_spec("llama_cpp") is None:
+        with pytest.raises(LLMError, match="llama-cpp-python"):
+            resolve_backend(LLMConfig(model=f"local:{model}"))
+        return
+    backend = resolve_backend(LLMConfig(model=f"local:{model}"))
     assert isinstance(backend, LlamaBackend)
     assert backend.wire() == "json_object"  # what llama.cpp honours
-    assert backend.name == "local:missing.gguf"
-    with pytest.raises(LLMError, match="does not exist|llama-cpp-python"):
+    assert backend.name == "local:model.gguf"
+    # The file is read at the first call, not before.
+    with pytest.raises(LLMError, match="could not load GGUF model"):
         backend.create(messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_missing_model_file_is_reported_when_the_client_is_made(tmp_path: Path):
+    with pytest.raises(LLMError, match="does not exist|llama-cpp-python"):
+        resolve_backend(LLMConfig(model=f"local:{tmp_path / 'missing.gguf'}"))
 
 
 def test_local_spec_needs_a_path():

@@ -137,3 +137,16 @@ def test_bench_runs_fixed_and_managed_arms_through_the_real_daemon(tmp_path):
     last = {k: c.new for r in done for k, c in r.changes.items()}
     for k, v in last.items():
         assert values[k] == pytest.approx(v), k
+
+
+def test_an_llm_arm_whose_model_is_missing_is_dropped_before_training(monkeypatch, capsys):
+    from atm.training.workloads.bench import drop_unbuildable
+
+    monkeypatch.setenv("ATM_LLM", "local:/nonexistent/model.gguf")
+    arms = ["fixed", "managed-rules", "managed-llm"]
+    skipped = drop_unbuildable("manipulation", arms, "rl-ppo", requested=False)
+    assert arms == ["fixed", "managed-rules"] and list(skipped) == ["managed-llm"]
+    assert "/nonexistent/model.gguf" in skipped["managed-llm"] and "skipping managed-llm" in capsys.readouterr().out
+    # Asked for by name: the bench refuses to start rather than run without it.
+    with pytest.raises(SystemExit, match="managed-llm: its proposer could not be built"):
+        drop_unbuildable("tinystories", ["fixed", "managed-llm"], "lm", requested=True)

@@ -79,6 +79,17 @@ class LlamaBackend:
     def __init__(
         self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None
     ):
+        # What can be checked without loading the model is checked now, so that a missing file or
+        # package shows when the client is made rather than at the first decision.
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LLMError(
+                "in-process GGUF models need llama-cpp-python: pip install 'atm[embedded]' "
+                "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
+            )
+        if not path.is_file():
+            raise LLMError(
+                f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf"
+            )
         self.path = path
         self.name = label
         self.timeout_s = timeout_s

@@ -54,6 +54,33 @@ def available_proposers(requested: str | None) -> list[str]:
     return ["rules", "llm"] if llm_ok else ["rules"]
 
 
+def drop_unbuildable(bench: str, arms: list[str], policy: str, *, requested: bool) -> dict[str, str]:
+    """Remove from ``arms`` the managed arms whose proposer cannot be built here, before any training
+    starts, and say why; exit instead when the user asked for those arms by name.
+
+    Returns the arms left out, with the reason.
+    """
+    from atm.policies import load_policy
+    from atm.watcher.cli import make_proposer
+
+    skipped = {}
+    for arm in arms:
+        if arm.startswith("managed-"):
+            try:
+                proposer = make_proposer(arm.removeprefix("managed-"), load_policy(policy))
+                # Proposers build their client on first use: make it now (loads an in-process model,
+                # about a second; opens no connection to a server), so a missing file shows here.
+                getattr(proposer, "client", None)
+            except Exception as exc:  # an LLM stack half installed, a model file missing ...
+                skipped[arm] = f"its proposer could not be built: {type(exc).__name__}: {exc}"
+    if skipped and requested:
+        raise SystemExit(f"atm bench {bench}: " + "; ".join(f"{a}: {why}" for a, why in skipped.items()))
+    for arm, why in skipped.items():
+        print(f"atm bench {bench}: skipping {arm} ({why})", flush=True)
+        arms.remove(arm)
+    return skipped
+
+
 @dataclass
 class ArmRun:
     """One training process, optionally managed."""

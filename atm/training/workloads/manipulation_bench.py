@@ -29,6 +29,7 @@ from atm.training.workloads.bench import (
     available_proposers,
     common_args,
     default_out,
+    drop_unbuildable,
     finished_run,
     init_store,
     markdown_table,
@@ -83,12 +84,7 @@ def main(args: argparse.Namespace) -> int:
                              "choose from fixed, managed-rules, managed-llm")
     else:
         arms = ["fixed"] + [f"managed-{p}" for p in available_proposers(args.proposers)]
-    skipped = _unbuildable(arms)
-    if skipped and (args.proposers or getattr(args, "arms", None)):
-        raise SystemExit("atm bench manipulation: " + "; ".join(f"{a}: {why}" for a, why in skipped.items()))
-    for arm, why in skipped.items():
-        print(f"atm bench manipulation: skipping {arm} ({why})", flush=True)
-        arms.remove(arm)
+    skipped = drop_unbuildable("manipulation", arms, "rl-ppo", requested=bool(args.proposers or getattr(args, "arms", None)))
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     init_store(uri, EXPERIMENT)
     extra = _workload_args(args)
@@ -170,21 +166,6 @@ def main(args: argparse.Namespace) -> int:
     print(md)
     print(f"written: {out / 'manipulation.json'}, {out / 'manipulation.md'}, {out / 'manipulation.png'}")
     return 0
-
-
-def _unbuildable(arms: list[str]) -> dict[str, str]:
-    """Managed arms whose proposer cannot be built here, with the reason (before any training starts)."""
-    from atm.policies import load_policy
-    from atm.watcher.cli import make_proposer
-
-    out = {}
-    for arm in arms:
-        if arm.startswith("managed-"):
-            try:
-                make_proposer(arm.removeprefix("managed-"), load_policy("rl-ppo"))
-            except Exception as exc:  # an LLM stack half installed, a model file missing ...
-                out[arm] = f"its proposer could not be built: {type(exc).__name__}: {exc}"
-    return out
 
 
 def _workload_args(args: argparse.Namespace) -> list[str]:

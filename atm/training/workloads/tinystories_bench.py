@@ -26,6 +26,7 @@ from atm.training.workloads.bench import (
     available_proposers,
     common_args,
     default_out,
+    drop_unbuildable,
     finished_run,
     init_store,
     markdown_table,
@@ -61,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
     if args.steps:
         extra += ["--steps", str(args.steps)]
     arms = ["fixed", "plateau"] + [f"managed-{p}" for p in proposers]
+    skipped = drop_unbuildable("tinystories", arms, "lm", requested=bool(args.proposers))
     print(f"atm bench tinystories: arms {', '.join(arms)} + early-stop (derived from fixed); seeds {seeds}; "
           f"store {uri}; results in {out}", flush=True)
 
@@ -115,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = _report(results, seeds, args, uri, time.time() - started)
     report["config"]["reused_runs"] = reused
+    report["config"]["arms_not_run"] = skipped
     (out / "tinystories.json").write_text(json.dumps(report, indent=2))
     md = _markdown(report)
     (out / "tinystories.md").write_text(md)
