@@ -43,7 +43,7 @@ from atm.policies import DecisionContext, Policy, check, load_policy
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
 from atm.watcher.prompt import Move, diagnoses_for, is_rl, offered_moves, render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
-from atm.watcher.rules import Thresholds, diagnose_for_offer, remedy
+from atm.watcher.rules import Thresholds, diagnose_for_offer
 
 #: Longest free-text fields the model may write. Short: every character costs decoding time.
 MAX_RATIONALE = 120
@@ -220,7 +220,6 @@ def response_model(
     *,
     coherent: bool = False,
     only: Diagnosis | None = None,
-    prefer: dict[str, float] | None = None,
 ) -> type[BaseModel]:
     """A pydantic model accepting only this decision's offered moves and actions, and fitting diagnoses.
 
@@ -229,17 +228,13 @@ def response_model(
     ``action`` is ``none`` or an offered action; either is left out when it has no choice, which
     keeps the schema and the tokens to generate small. With ``coherent``, ``decision`` is a union
     with one branch per group of diagnoses sharing the same remedies; ``only`` fixes the diagnosis.
-    ``prefer`` (``{param: value}``) lists those moves first, in its order, and the rest after.
     """
-    moves = _preferred_first(offered_moves(offer, snapshot.params), prefer or {})
+    moves = offered_moves(offer, snapshot.params)
     diagnoses = [only] if only is not None else diagnoses_for(snapshot)
     groups: list[tuple[list[Diagnosis], list[Move], list[Action]]] = []
     if coherent:
         for d in diagnoses:
             mv = remedy_moves(d, moves, snapshot)
-            # The preferred moves address the diagnosis by definition, even where the direction
-            # table says nothing of them (a stalled RL run's reward weights go either way).
-            mv = [m for m in moves if m in mv or (only is not None and (m.param, m.value) in (prefer or {}).items())]
             acts = [a for a in offer.actions if a in REMEDY_ACTIONS.get(d, ())]
             for g in groups:
                 if g[1] == mv and g[2] == acts:
@@ -267,14 +262,6 @@ def response_model(
     )
     model.__moves__ = {m.label: m for m in moves}  # type: ignore[attr-defined]
     return model
-
-
-def _preferred_first(moves: list[Move], prefer: dict[str, float]) -> list[Move]:
-    # A small model under constrained decoding tends to take the first label it is offered (the
-    # embedded one answered every RL stall with the alphabetically first move, a small clip_range
-    # step): the first labels should be the ones a careful operator would try first.
-    rank = {(param, value): i for i, (param, value) in enumerate(prefer.items())}
-    return sorted(moves, key=lambda m: rank.get((m.param, m.value), len(rank)))
 
 
 def _branch(
@@ -543,9 +530,7 @@ class LLMProposer:
         msgs = self.messages(snapshot, policy, offer)
         evidence = self._evidence(snapshot, policy, offer)
         only = evidence[0] if (self.variant.anchored and evidence is not None) else None
-        # Anchored: the rules' own remedy for the diagnosis they made is offered first.
-        prefer = remedy(only, snapshot, policy, offer)[0] if only is not None else None
-        model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only, prefer=prefer)
+        model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only)
         audit: dict[str, Any] = {"variant": self.variant.name, "prompt": msgs[-1]["content"]}
         if evidence is not None:
             audit["evidence"] = {"diagnosis": evidence[0].value, "text": evidence[1]}

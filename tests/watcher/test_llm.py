@@ -22,7 +22,6 @@ from atm.watcher.llm import (
 )
 from atm.watcher.prompt import offered_moves
 from atm.watcher.proposer import Offer
-from atm.watcher.rules import remedy
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
@@ -197,28 +196,3 @@ def test_building_a_proposer_loads_no_model():
     p = LLMProposer.from_settings("local:/nonexistent/model.gguf", environ={})
     assert p._client is None and p.name == "llm"
     assert load_policy("lm").llm.model is None
-
-
-def _move_labels(model) -> list[str]:
-    """The move labels of a one-branch response model's schema, in the order the model is offered them."""
-    schema = model.model_json_schema()
-    (branch,) = schema["$defs"].values()
-    return branch["properties"]["moves"]["items"]["enum"]
-
-
-def test_anchored_schema_offers_the_rules_remedy_first():
-    sit = situation(load_scenario(SCENARIOS / "rl_stalled_cautious.yaml"))
-    prefer, _ = remedy(Diagnosis.PLATEAU, sit.snapshot, sit.policy, sit.offer)
-    plain = _move_labels(response_model(sit.snapshot, sit.policy, sit.offer, coherent=True, only=Diagnosis.PLATEAU))
-    ordered = _move_labels(
-        response_model(sit.snapshot, sit.policy, sit.offer, coherent=True, only=Diagnosis.PLATEAU, prefer=prefer)
-    )
-    labels = {(m.param, m.value): m.label for m in offered_moves(sit.offer, sit.snapshot.params)}
-    first = [labels[(p, v)] for p, v in prefer.items()]
-    # Without a preference the first label is the alphabetically first parameter's smallest step.
-    assert plain[0] == "clip_range up to 0.15" and first[0].startswith("lr up")
-    assert ordered[: len(first)] == first
-    # The same choices, reordered, plus the rules' moves the direction table does not cover
-    # (a stalled RL run's reward weights).
-    assert set(ordered) == set(plain) | set(first)
-    assert "reward.progress_scale up to 3" in set(first) - set(plain)
