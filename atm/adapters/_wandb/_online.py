@@ -126,6 +126,11 @@ def translate(what: str, exc: BaseException) -> BackendError:
             f"{what}: no W&B API key. Set WANDB_API_KEY (and WANDB_BASE_URL for a private server) or run "
             "`wandb login`; for an offline run pass its directory or id with --wandb-dir instead."
         )
+    if isinstance(exc, ServerUnreachable):
+        return RunNotFound(
+            f"{what}: could not reach the W&B server ({text}). "
+            "Check WANDB_BASE_URL and the network; for an offline run pass its directory or id with --wandb-dir."
+        )
     if name == "AuthenticationError":
         if _UNREACHABLE.search(text):
             return RunNotFound(
@@ -209,6 +214,30 @@ class ApiHandle:
 GRAPHQL_RETRIES = 2
 
 
+class ServerUnreachable(Exception):
+    """The W&B server gave no HTTP answer at all (refused, unresolvable, silent)."""
+
+
+def probe_server(base_url: str, timeout: float) -> None:
+    """Raise :class:`ServerUnreachable` unless ``base_url`` answers HTTP (any status) within ``timeout``.
+
+    Checked before ``wandb.Api`` exists: once wandb-core is asked and the server is down, wandb-core
+    keeps retrying in the background, and wandb's exit hook then waits for it (minutes to hours,
+    retry limit or not), so a daemon that should fail in seconds could not exit.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered: whatever the status, the server is there
+    except (OSError, ValueError) as exc:  # URLError, timeouts, resets; ValueError: not a URL
+        reason = getattr(exc, "reason", None) or exc
+        raise ServerUnreachable(f"{base_url}: {reason}") from exc
+
+
 def default_api_factory(timeout: float) -> Callable[[], Any]:
     def make() -> Any:
         import wandb
@@ -216,8 +245,11 @@ def default_api_factory(timeout: float) -> Callable[[], Any]:
 
         # Only in a process without a live run (the daemon, `atm history`): a training job's own
         # wandb settings are the user's, and its run keeps the copy it started with anyway.
-        if wandb.run is None and wandb_setup.singleton().settings.x_graphql_retry_max is None:
-            wandb.setup(settings=wandb.Settings(x_graphql_retry_max=GRAPHQL_RETRIES))
+        if wandb.run is None:
+            settings = wandb_setup.singleton().settings
+            probe_server(settings.base_url, timeout)
+            if settings.x_graphql_retry_max is None:
+                wandb.setup(settings=wandb.Settings(x_graphql_retry_max=GRAPHQL_RETRIES))
         return wandb.Api(timeout=int(math.ceil(timeout)))
 
     return make
