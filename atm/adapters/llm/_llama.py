@@ -8,6 +8,7 @@ because a ``Llama`` object holds one KV cache and is not thread-safe.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import threading
 import time
@@ -69,8 +70,19 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, thre
             llama = Llama(model_path=str(path), **kw)
         except (ValueError, RuntimeError) as exc:
             raise LLMError(f"could not load GGUF model {str(path)!r}: {exc}") from exc
+        if not _MODELS:
+            atexit.register(_close_models)
         _MODELS[key] = (llama, threading.Lock())
         return _MODELS[key]
+
+
+def _close_models() -> None:
+    # Free the models while the interpreter is whole: left to Llama.__del__ at shutdown, llama.cpp's
+    # bindings may already be torn down, and every process that used a model printed a traceback.
+    with _LOAD_LOCK:
+        for llama, _ in _MODELS.values():
+            llama.close()
+        _MODELS.clear()
 
 
 class LlamaBackend:
