@@ -46,6 +46,14 @@ def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def smoothed(values: Sequence[float]) -> float:
+    """Exponential moving average (``EMA_ALPHA``) of ``values``, oldest first, started at the first."""
+    ema = values[0]
+    for v in values[1:]:
+        ema = EMA_ALPHA * v + (1 - EMA_ALPHA) * ema
+    return ema
+
+
 def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
     """Windowed statistics of one series (points sorted by step). ``None`` for an empty series."""
     if not points:
@@ -62,9 +70,7 @@ def series_stats(key: str, points: Points, higher_is_better: bool = False) -> Se
             slope=0.0, window_mean=latest, window_std=0.0, best=latest, best_step=last_step,
             steps_since_best=0, min=latest, max=latest, nonfinite=True, trail=[],
         )
-    ema = finite[0][1]
-    for _, v in finite[1:]:
-        ema = EMA_ALPHA * v + (1 - EMA_ALPHA) * ema
+    ema = smoothed([v for _, v in finite])
     window = finite[-WINDOW:]
     mean = sum(v for _, v in window) / len(window)
     std = math.sqrt(sum((v - mean) ** 2 for _, v in window) / len(window))
@@ -212,10 +218,7 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         # Absolute gain across the trailing window (success rates are already on a 0-1 scale), of the
         # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
         # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
-        smooth = window[0]
-        for v in window[1:]:
-            smooth = EMA_ALPHA * v + (1 - EMA_ALPHA) * smooth
-        sig["goal_window_gain"] = smooth - window[0]
+        sig["goal_window_gain"] = smoothed(window) - window[0]
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

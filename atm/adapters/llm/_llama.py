@@ -46,23 +46,31 @@ def embedded_model_path() -> Path:
     )
 
 
+NEEDS_LLAMA_CPP = (
+    "in-process GGUF models need llama-cpp-python: pip install 'atm[embedded]' "
+    "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
+)
+
+
+def check_loadable(path: Path) -> None:
+    """Raise :class:`LLMError` (saying what to do) if ``path`` cannot be loaded here; loads nothing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LLMError(NEEDS_LLAMA_CPP)
+    if not path.is_file():
+        raise LLMError(f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf")
+
+
 def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, threading.Lock]:
     """The shared ``Llama`` for this file and its call lock, loading it on first use."""
     key = (str(path.resolve()), n_ctx, n_threads)
     with _LOAD_LOCK:
         if key in _MODELS:
             return _MODELS[key]
+        check_loadable(path)
         try:
             from llama_cpp import Llama
-        except ImportError as exc:
-            raise LLMError(
-                "in-process GGUF models need llama-cpp-python: pip install 'atm[embedded]' "
-                "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
-            ) from exc
-        if not path.is_file():
-            raise LLMError(
-                f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf"
-            )
+        except ImportError as exc:  # found but broken
+            raise LLMError(NEEDS_LLAMA_CPP) from exc
         try:
             kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
             if n_threads is not None:
@@ -91,17 +99,9 @@ class LlamaBackend:
     def __init__(
         self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None
     ):
-        # What can be checked without loading the model is checked now, so that a missing file or
-        # package shows when the client is made rather than at the first decision.
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise LLMError(
-                "in-process GGUF models need llama-cpp-python: pip install 'atm[embedded]' "
-                "(it compiles llama.cpp, about 15 minutes), or use --llm openai/<model> --llm-base-url URL"
-            )
-        if not path.is_file():
-            raise LLMError(
-                f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf"
-            )
+        # Checked now too, so that a missing file or package shows when the client is made rather
+        # than at the first decision.
+        check_loadable(path)
         self.path = path
         self.name = label
         self.timeout_s = timeout_s
