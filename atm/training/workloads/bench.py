@@ -68,8 +68,8 @@ def drop_unbuildable(bench: str, arms: list[str], policy: str, *, requested: boo
         if arm.startswith("managed-"):
             try:
                 proposer = make_proposer(arm.removeprefix("managed-"), load_policy(policy))
-                # Proposers build their client on first use: make it now (loads an in-process model,
-                # about a second; opens no connection to a server), so a missing file shows here.
+                # Proposers build their client on first use: make it now, so a missing model file or
+                # package shows here (it checks they are there; it loads no model, calls no server).
                 getattr(proposer, "client", None)
             except Exception as exc:  # an LLM stack half installed, a model file missing ...
                 skipped[arm] = f"its proposer could not be built: {type(exc).__name__}: {exc}"
