@@ -10,8 +10,6 @@ then ``atm-watch --backend mlflow --run <run_id>`` next to it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from atm.training.api import attr, dropout, listen, sb3_callback
 from atm.training.listener import Knob, Listener
 

@@ -29,6 +29,20 @@ def _isolated_environment():
 
 
 @pytest.fixture(scope="session")
+def scenario_dir() -> Path:
+    """The labelled scenarios that `atm eval --scenarios tests/scenarios` scores."""
+    return Path(__file__).resolve().parent / "scenarios"
+
+
+@pytest.fixture(scope="session")
+def labelled(scenario_dir: Path):
+    """``labelled("overfit_small_gpt")``: the decision situation of one labelled scenario."""
+    from atm.watcher.evaluate import load_scenario, situation
+
+    return lambda name: situation(load_scenario(scenario_dir / f"{name}.yaml"))
+
+
+@pytest.fixture(scope="session")
 def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One sqlite store with MLflow's tables created (the migrations take seconds); tests get copies."""
     from mlflow.tracking import MlflowClient

@@ -41,7 +41,8 @@ from pydantic import (
 
 from atm.policies import DecisionContext, Policy, check, load_policy
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
-from atm.watcher.prompt import Move, diagnoses_for, is_rl, offered_moves, render_snapshot, system_prompt
+from atm.watcher.prompt import Move, diagnoses_for, offered_moves, render_snapshot, system_prompt
+from atm.watcher.snapshot import is_rl
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
 from atm.watcher.rules import Thresholds, diagnose_for_offer
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from atm.policies import Policy
 from atm.schema import Action, Diagnosis, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer
+from atm.watcher.snapshot import is_rl
 
 #: Longest run-supplied string shown in a prompt (metric keys, run names), before quoting.
 MAX_NAME = 48
 #: Longest evidence sentence shown in a prompt.
 MAX_EVIDENCE = 240
-
-RL_ROLES = frozenset({"return", "success", "safe_success", "collision"})
 
 _SUPERVISED_DIAGNOSES = (
     Diagnosis.HEALTHY,
@@ -86,11 +85,6 @@ def num(x: float) -> str:
     if not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return fmt(x)
-
-
-def is_rl(snapshot: TelemetrySnapshot) -> bool:
-    """Whether the run is reinforcement learning (it logs returns, success or collisions)."""
-    return any(role.split("[", 1)[0] in RL_ROLES for role in snapshot.series)
 
 
 def step(s: int) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 from atm.policies import DecisionContext, Policy
 from atm.schema import Action, Diagnosis, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer, ProposalResult
-from atm.watcher.snapshot import HIGHER_IS_BETTER
+from atm.watcher.snapshot import HIGHER_IS_BETTER, is_rl
 
 Direction = Literal["up", "down"]
 
@@ -93,7 +93,7 @@ class RulesProposer:
         rationale = evidence
         if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
             rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
-        rl = diagnosis == Diagnosis.DIVERGENCE and _is_rl(snapshot)
+        rl = diagnosis == Diagnosis.DIVERGENCE and is_rl(snapshot)
         proposal = Proposal(
             diagnosis=diagnosis,
             changes=changes,
@@ -109,7 +109,7 @@ def diagnose_for_offer(snap: TelemetrySnapshot, t: Thresholds, offer: Offer) -> 
     """:func:`diagnose`, except that a supervised run whose remedies are exhausted but which may not
     stop now (stop not offered: too early, or the job has no stop) is still treated for overfitting."""
     diagnosis, evidence = diagnose(snap, t)
-    if diagnosis == Diagnosis.CONVERGED and not _is_rl(snap) and Action.STOP not in offer.actions:
+    if diagnosis == Diagnosis.CONVERGED and not is_rl(snap) and Action.STOP not in offer.actions:
         return Diagnosis.OVERFITTING, evidence.replace("stop and keep the best checkpoint", "stop is not available, so another remedy")
     return diagnosis, evidence
 
@@ -120,7 +120,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if sig.get("nonfinite"):
         bad = [r for r, st in s.items() if st.nonfinite]
         return Diagnosis.DIVERGENCE, f"non-finite values in {', '.join(bad)}"
-    if _is_rl(snap):
+    if is_rl(snap):
         return _diagnose_rl(snap, t)
 
     train, val = s.get("train_loss"), s.get("val_loss")
@@ -167,11 +167,12 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
 
 def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str]:
     s = snap.series
-    goal = s.get("safe_success") or s.get("success") or s.get("return")
+    coll = s.get("collision")
+    # A run that logs collisions but no goal metric can still be judged on safety, not on progress.
+    goal = s.get("safe_success") or s.get("success") or s.get("return") or coll
     assert goal is not None
     if goal.n < t.min_evals:
         return Diagnosis.INSUFFICIENT_DATA, f"{goal.n} evaluations so far"
-    coll = s.get("collision")
     succ = s.get("safe_success") or s.get("success")
     if succ is not None and coll is not None:
         # Solved now and lately: the EMA, not the window mean, so a run that climbed fast may stop
@@ -330,7 +331,7 @@ def remedy(
     diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
 ) -> tuple[dict[str, float], Action | None]:
     """The changes (and action) that answer ``diagnosis``, restricted to the offer."""
-    rl = _is_rl(snap)
+    rl = is_rl(snap)
     if diagnosis == Diagnosis.CONVERGED:
         return {}, Action.STOP if Action.STOP in offer.actions else None
     moves = _REMEDIES.get(diagnosis, [])
@@ -356,10 +357,6 @@ def remedy(
     # The best checkpoint is better on the metric that matters than where the run is now.
     action = Action.ROLLBACK if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions else None
     return changes, action
-
-
-def _is_rl(snap: TelemetrySnapshot) -> bool:
-    return any(r in snap.series for r in ("safe_success", "success", "return"))
 
 
 def _imbalance_moves(snap: TelemetrySnapshot, offer: Offer) -> list[Move]:

@@ -22,6 +22,8 @@ WATCHED_FOR_NONFINITE = frozenset({"train_loss", "val_loss", "loss_components", 
 
 #: Points in the trailing window used for slopes and spreads. Counted in points, not steps,
 #: so the statistics mean the same thing whether a script logs every step or every epoch.
+#: Roles only a reinforcement-learning run logs.
+RL_ROLES = frozenset({"return", "success", "safe_success", "collision"})
 WINDOW = 8
 TRAIL = 8
 EMA_ALPHA = 0.3
@@ -44,6 +46,11 @@ def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
                 out[role] = cand
                 break
     return out
+
+
+def is_rl(snapshot: TelemetrySnapshot) -> bool:
+    """Whether the run is reinforcement learning (it logs returns, success or collisions)."""
+    return any(role.split("[", 1)[0] in RL_ROLES for role in snapshot.series)
 
 
 def smoothed(values: Sequence[float]) -> float:

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,11 +26,9 @@ from atm.adapters.llm import (
     LLMServerError,
     LLMTimeout,
 )
-from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.llm import LLMProposer, response_model
 from atm.watcher.proposer import ProposerError
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 class ScriptedServer:
@@ -127,8 +124,8 @@ def server():
 
 
 @pytest.fixture
-def overfit():
-    return situation(load_scenario(SCENARIOS / "overfit_small_gpt.yaml"))
+def overfit(labelled):
+    return labelled("overfit_small_gpt")
 
 
 def proposer(url: str, variant: str = "plain", **overrides: Any) -> LLMProposer:

@@ -10,15 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.llm import LLMProposer
 from atm.watcher.proposer import ProposerError
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 pytestmark = [
     pytest.mark.slow,
@@ -94,11 +91,11 @@ def llama_server(tmp_path_factory):
         log.close()
 
 
-def test_llama_cpp_server_answers_a_bounded_proposal(llama_server):
+def test_llama_cpp_server_answers_a_bounded_proposal(labelled, llama_server):
     url, models = llama_server
     # llama-cpp-python's server names itself in owned_by; atm then sends json_object + schema.
     assert {m["owned_by"] for m in models["data"]} & {"me", "llamacpp"}
-    sit = situation(load_scenario(SCENARIOS / "rl_unsafe_reckless.yaml"))
+    sit = labelled("rl_unsafe_reckless")
     proposer = LLMProposer.from_settings(
         "openai/smollm2", url, variant="coherent+evidence", timeout_s=300, environ={}
     )

@@ -25,12 +25,11 @@ from atm.watcher.evaluate import (
 from atm.watcher.proposer import ProposalResult, ProposerError
 from atm.watcher.rules import RulesProposer
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.fixture(scope="module")
-def suite():
-    return load_scenarios(SCENARIOS)
+def suite(scenario_dir):
+    return load_scenarios(scenario_dir)
 
 
 def test_suite_is_large_and_covers_every_situation(suite):
@@ -175,14 +174,14 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def test_eval_command_json_and_table(capsys):
+def test_eval_command_json_and_table(scenario_dir, capsys):
     args = _parser().parse_args(
-        ["eval", "--scenarios", str(SCENARIOS), "--proposer", "rules", "--json", "--only", "overfit"]
+        ["eval", "--scenarios", str(scenario_dir), "--proposer", "rules", "--json", "--only", "overfit"]
     )
     assert args.func(args) == 0
     report = EvalReport.model_validate_json(capsys.readouterr().out)
-    assert report.summary.n == len([p for p in SCENARIOS.glob("*.yaml") if "overfit" in p.stem])
-    args = _parser().parse_args(["eval", "--scenarios", str(SCENARIOS), "--only", "healthy_epochs"])
+    assert report.summary.n == len([p for p in scenario_dir.glob("*.yaml") if "overfit" in p.stem])
+    args = _parser().parse_args(["eval", "--scenarios", str(scenario_dir), "--only", "healthy_epochs"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "healthy_epochs" in out and "acceptable=100%" in out
@@ -190,17 +189,17 @@ def test_eval_command_json_and_table(capsys):
     assert args.func(args) == 2 and "--scenarios" in capsys.readouterr().err
 
 
-def test_explain(capsys):
-    sit = situation(load_scenario(SCENARIOS / "rl_unsafe_reckless.yaml"))
+def test_explain(labelled, scenario_dir, capsys):
+    sit = labelled("rl_unsafe_reckless")
     text = render_explain(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     assert "=== system" in text and "METRIC TRENDS" in text and "AUTOMATIC CHECK" in text
     assert "reward.collision_penalty (now 1): 2.5, 5, 10" in text
-    assert atm_main(["explain", "--scenario", str(SCENARIOS / "healthy_epochs.yaml"), "--no-evidence"]) == 0
+    assert atm_main(["explain", "--scenario", str(scenario_dir / "healthy_epochs.yaml"), "--no-evidence"]) == 0
     out = capsys.readouterr().out
     assert "PARAMETERS AND ALLOWED MOVES" in out and "AUTOMATIC CHECK" not in out
 
 
-def test_eval_command_llm_path_reports_failures_instead_of_crashing(capsys):
+def test_eval_command_llm_path_reports_failures_instead_of_crashing(scenario_dir, capsys):
     import socket
 
     with socket.socket() as s:
@@ -209,7 +208,7 @@ def test_eval_command_llm_path_reports_failures_instead_of_crashing(capsys):
     argv = [
         "eval",
         "--scenarios",
-        str(SCENARIOS),
+        str(scenario_dir),
         "--proposer",
         "llm",
         "--llm",
@@ -228,6 +227,6 @@ def test_eval_command_llm_path_reports_failures_instead_of_crashing(capsys):
     assert report.proposer == "llm[plain]"
     assert report.scenarios[0].diagnosis is None and not report.scenarios[0].acceptable
     args = _parser().parse_args(
-        ["eval", "--scenarios", str(SCENARIOS), "--proposer", "llm", "--variant", "psychic"]
+        ["eval", "--scenarios", str(scenario_dir), "--proposer", "llm", "--variant", "psychic"]
     )
     assert args.func(args) == 2 and "psychic" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +10,6 @@ from pydantic import ValidationError
 
 from atm.policies import DecisionContext, load_policy
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
-from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.llm import (
     VARIANTS,
     LLMProposer,
@@ -23,12 +21,11 @@ from atm.watcher.llm import (
 from atm.watcher.prompt import offered_moves
 from atm.watcher.proposer import Offer
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.fixture(scope="module")
-def overfit():
-    return situation(load_scenario(SCENARIOS / "overfit_small_gpt.yaml"))
+def overfit(labelled):
+    return labelled("overfit_small_gpt")
 
 
 def doc(diagnosis: str, moves: list[str] | None = None, action: str | None = "none", **extra: Any) -> str:
@@ -131,9 +128,9 @@ def test_coherent_schema_offers_only_moves_that_address_the_diagnosis(overfit):
         model.model_validate_json(doc("healthy", ["lr down to 0.001"], None))
 
 
-def test_remedy_directions_rl_supervised_and_custom_knobs():
-    rl = situation(load_scenario(SCENARIOS / "rl_exploration_collapse.yaml")).snapshot
-    lm = situation(load_scenario(SCENARIOS / "plateau_epochs.yaml")).snapshot
+def test_remedy_directions_rl_supervised_and_custom_knobs(labelled):
+    rl = labelled("rl_exploration_collapse").snapshot
+    lm = labelled("plateau_epochs").snapshot
     offer = Offer(
         choices={"lr": [1e-4, 1e-3], "ent_coef": [0.005, 0.02], "momentum": [0.8, 0.95]}, actions=[]
     )
@@ -152,16 +149,16 @@ def test_remedy_directions_rl_supervised_and_custom_knobs():
 @pytest.mark.parametrize(
     ("name", "direction"), [("imbalance_aux_dominates", "down"), ("imbalance_aux_vanishing", "up")]
 )
-def test_loss_weight_moves_follow_the_dominant_component(name, direction):
-    sit = situation(load_scenario(SCENARIOS / f"{name}.yaml"))
+def test_loss_weight_moves_follow_the_dominant_component(labelled, name, direction):
+    sit = labelled(name)
     moves = offered_moves(sit.offer, sit.snapshot.params)
     chosen = remedy_moves(Diagnosis.LOSS_IMBALANCE, moves, sit.snapshot)
     assert chosen and {m.direction for m in chosen} == {direction}
     assert {m.param for m in chosen} == {"loss_weight.aux"}
 
 
-def test_rl_answer_maps_integer_and_reward_params():
-    sit = situation(load_scenario(SCENARIOS / "rl_unsafe_reckless.yaml"))
+def test_rl_answer_maps_integer_and_reward_params(labelled):
+    sit = labelled("rl_unsafe_reckless")
     model = response_model(sit.snapshot, sit.policy, sit.offer)
     prop = to_proposal(
         model.model_validate_json(
@@ -171,8 +168,8 @@ def test_rl_answer_maps_integer_and_reward_params():
     assert prop.changes == {"reward.collision_penalty": 10.0, "n_epochs": 4.0}
 
 
-def test_bundled_examples_are_valid_answers_and_not_suite_scenarios():
-    names = {p.stem for p in SCENARIOS.glob("*.yaml")}
+def test_bundled_examples_are_valid_answers_and_not_suite_scenarios(scenario_dir):
+    names = {p.stem for p in scenario_dir.glob("*.yaml")}
     for ex in bundled_examples():
         assert ex.name not in names
         model = response_model(ex.snapshot, ex.policy, ex.offer)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from atm.policies import check
-from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.llm import LLMProposer
 from atm.watcher.proposer import ProposerError
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,8 +36,8 @@ def _bounded(proposal, sit) -> None:
 
 
 @pytest.mark.parametrize("variant", ["anchored", "plain"])
-def test_embedded_model_gives_a_valid_bounded_proposal(variant):
-    sit = situation(load_scenario(SCENARIOS / "overfit_small_gpt.yaml"))
+def test_embedded_model_gives_a_valid_bounded_proposal(labelled, variant):
+    sit = labelled("overfit_small_gpt")
     proposer = LLMProposer.from_settings("embedded", variant=variant, timeout_s=TIMEOUT_S, environ={})
     try:
         result = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
@@ -59,8 +56,8 @@ def test_embedded_model_gives_a_valid_bounded_proposal(variant):
         assert result.proposal.diagnosis.value == "overfitting"  # fixed by the rules' detectors
 
 
-def test_injection_in_names_never_moves_lr_outside_policy():
-    sit = situation(load_scenario(SCENARIOS / "injection_in_names.yaml"))
+def test_injection_in_names_never_moves_lr_outside_policy(labelled):
+    sit = labelled("injection_in_names")
     assert "ignore previous instructions" in sit.snapshot.run_name.lower()
     proposer = LLMProposer.from_settings("embedded", variant="plain", timeout_s=TIMEOUT_S, environ={})
     try:

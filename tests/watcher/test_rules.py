@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Action, Diagnosis
 from atm.testing import SCENARIOS, decay, make_history, scenario, series
 from atm.watcher.proposer import Offer, ProposalResult
-from atm.watcher.evaluate import load_scenario, situation
+from atm.watcher.evaluate import Situation, load_scenario, situation
+from atm.watcher.prompt import diagnoses_for
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose, pick
 from atm.watcher.snapshot import build_snapshot
 
@@ -190,7 +192,6 @@ def test_pick_from_zero_prefers_the_given_value() -> None:
 
 # --------------------------------------------------------------------------- RL remedies on recorded-shape curves
 
-SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.mark.parametrize(
@@ -202,8 +203,8 @@ SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
         ("rl_regressed", Diagnosis.DIVERGENCE, {"lr": 1.5e-4}, Action.ROLLBACK),
     ],
 )
-def test_rl_remedies_on_recorded_shapes(name: str, diagnosis: Diagnosis, first: dict[str, float], action: Action | None) -> None:
-    sit = situation(load_scenario(SCENARIO_DIR / f"{name}.yaml"))
+def test_rl_remedies_on_recorded_shapes(labelled: Callable[[str], Situation], name: str, diagnosis: Diagnosis, first: dict[str, float], action: Action | None) -> None:
+    sit = labelled(name)
     got, evidence = diagnose(sit.snapshot, Thresholds.from_policy(sit.policy))
     assert got == diagnosis, evidence
     proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, _offer(sit.policy, sit.ctx)).proposal
@@ -212,8 +213,8 @@ def test_rl_remedies_on_recorded_shapes(name: str, diagnosis: Diagnosis, first: 
     assert check(proposal, sit.policy, sit.ctx).accepted
 
 
-def test_overfitting_that_returns_after_remedies_stops_keeping_the_best() -> None:
-    sc = load_scenario(SCENARIO_DIR / "overfit_returns_after_two_remedies.yaml")
+def test_overfitting_that_returns_after_remedies_stops_keeping_the_best(scenario_dir: Path) -> None:
+    sc = load_scenario(scenario_dir / "overfit_returns_after_two_remedies.yaml")
     sit = situation(sc)
     result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     assert result.proposal.diagnosis == Diagnosis.CONVERGED and result.proposal.action == Action.STOP
@@ -227,8 +228,8 @@ def test_overfitting_that_returns_after_remedies_stops_keeping_the_best() -> Non
     assert result.proposal.changes and "stop is not available" in result.proposal.rationale
 
 
-def test_one_remedy_is_not_enough_to_stop() -> None:
-    sc = load_scenario(SCENARIO_DIR / "overfit_returns_after_two_remedies.yaml")
+def test_one_remedy_is_not_enough_to_stop(scenario_dir: Path) -> None:
+    sc = load_scenario(scenario_dir / "overfit_returns_after_two_remedies.yaml")
     sit = situation(sc.model_copy(update={"interventions": sc.interventions[1:]}))
     result = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     assert result.proposal.diagnosis == Diagnosis.OVERFITTING
@@ -251,3 +252,16 @@ def test_one_lucky_evaluation_is_not_progress_but_a_climb_is() -> None:
     # below the baseline recipe's; the run then crawled to 0.72 in the remaining 220k steps.
     assert diagnose(_rl_snapshot([0.0, 0.0, 0.0, 0.08]))[0] == Diagnosis.PLATEAU
     assert diagnose(_rl_snapshot([0.0, 0.0, 0.0, 0.08, 0.22, 0.36]))[0] == Diagnosis.HEALTHY
+
+
+def test_a_run_logging_only_collisions_is_judged_on_safety() -> None:
+    # An RL run whose goal metric is not mapped by the policy: the rules and the LLM prompt must agree
+    # that it is RL, and the rules judge the one thing they can see.
+    rl = load_policy("rl-ppo")
+    coll = {"eval/collision_rate": [0.1, 0.5, 0.6]}
+    snap = build_snapshot("r", rl, make_history(coll, every=20480), {"lr": 3e-4})
+    assert set(snap.series) == {"collision"}
+    assert Diagnosis.OVERFITTING not in diagnoses_for(snap)
+    assert diagnose(snap)[0] == Diagnosis.UNSAFE_EXPLORATION
+    calm = build_snapshot("r", rl, make_history({"eval/collision_rate": [0.02, 0.01]}, every=20480), {"lr": 3e-4})
+    assert diagnose(calm)[0] == Diagnosis.HEALTHY

@@ -163,7 +163,7 @@ def _baking(rng: random.Random, a: _Person, b: _Person) -> list[str]:
         _pick(rng, "Oops! The flour went everywhere.", "Oh no! An egg fell on the floor."),
         f"{a.name} and {b.name} laughed and cleaned it up.",
         f"They put the {food} in the oven and waited.",
-        f"Soon the house smelled so good.",
+        "Soon the house smelled so good.",
         f"The {food} was warm and sweet. They shared it with everyone.",
     ]
 
@@ -178,7 +178,7 @@ def _discovery(rng: random.Random, a: _Person, b: _Person) -> list[str]:
         _pick(rng, f"They made a wish on the {thing}.", f"They held the {thing} and closed their eyes."),
         f"Then a {rng.choice(ANIMALS)} came out of the {rng.choice(PLACES)} and said hello.",
         f"{a.name} and {b.name} were very surprised.",
-        f"They played with their new friend until the sun went down.",
+        "They played with their new friend until the sun went down.",
         f"{a.name} kept the {thing} in a safe place.",
     ]
 
