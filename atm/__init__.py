@@ -10,8 +10,8 @@ then ``atm-watch --backend mlflow --run <run_id>`` next to it.
 
 from __future__ import annotations
 
-from atm.training.api import attr, dropout, listen, sb3_callback
+from atm.training.api import attr, dropout, hf_callback, listen, sb3_callback
 from atm.training.listener import Knob, Listener
 
 __version__ = "0.1.0"
-__all__ = ["Knob", "Listener", "attr", "dropout", "listen", "sb3_callback", "__version__"]
+__all__ = ["Knob", "Listener", "attr", "dropout", "hf_callback", "listen", "sb3_callback", "__version__"]

@@ -96,6 +96,9 @@ class MlflowBackend:
     def __init__(self, tracking_uri: str | None = None):
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        # The daemon's and `atm history`'s reads of the decision log would each print a download
+        # progress bar into their own output. This backend runs in atm's processes, not the job's.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._cache: dict[str, _RunCache] = {}
         self._lock = threading.Lock()
 

@@ -11,7 +11,7 @@ from atm.training.listener import ApplyMode, Knob, Listener, as_knob, attr
 
 log = logging.getLogger("atm.listener")
 
-__all__ = ["attr", "dropout", "listen", "sb3_callback"]
+__all__ = ["attr", "dropout", "hf_callback", "listen", "sb3_callback"]
 
 _warned_no_run = False
 
@@ -52,6 +52,7 @@ def listen(
         The started :class:`Listener`. With no run to attach to it warns once and does nothing.
     """
     global _warned_no_run
+    target, scheduler = _unwrap(target), _unwrap(scheduler, "scheduler")
     all_knobs: dict[str, Knob] = {}
     hook: Callable[[Listener], None] | None = None
     in_training_thread = False
@@ -115,6 +116,17 @@ def listen(
     return listener
 
 
+def _unwrap(obj: Any, *attrs: str) -> Any:
+    """The optimizer (or scheduler) inside a wrapper: accelerate's ``AcceleratedOptimizer`` and
+    ``AcceleratedScheduler``, Lightning's ``LightningOptimizer``. The inner object's ``step()`` is the
+    one that runs the step hooks and holds the values a scheduler reads back."""
+    for name in attrs or ("optimizer", "_optimizer"):
+        inner = getattr(obj, name, None)
+        if inner is not None and inner is not obj and (attrs or _kind(inner) == "torch"):
+            return _unwrap(inner, *attrs)
+    return obj
+
+
 def _kind(target: Any) -> str | None:
     if target is None:
         return None
@@ -131,6 +143,19 @@ def dropout(model: Any) -> Knob:
     from atm.training.torch_hooks import dropout_knob
 
     return dropout_knob(model)
+
+
+def hf_callback(**kwargs: Any) -> Any:
+    """A ``transformers`` TrainerCallback that attaches the listener when training begins.
+
+    ``Trainer(..., callbacks=[atm.hf_callback()])``. The Trainer's own optimizer and LR scheduler
+    are controlled (lr, weight_decay, betas, applied just before the next optimizer step), plus
+    ``dropout`` of every ``nn.Dropout`` in the model unless ``knobs`` names it. Keyword arguments go
+    to :func:`listen` (``knobs=``, ``actions=``, ...). Training ends when the manager asks to stop.
+    """
+    from atm.training.hf_hooks import make_callback
+
+    return make_callback(listen, dropout, **kwargs)
 
 
 def sb3_callback(**kwargs: Any) -> Any:

@@ -161,7 +161,8 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
                 f"{primary.key} stalled ({improvement:.1%} over the window) with train loss no lower than val "
                 f"(ratio {gap_ratio:.2f}) under {_regularizers(snap)}"
             )
-        return Diagnosis.PLATEAU, f"{primary.key} improved {improvement:.1%} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
+        moved = f"improved {improvement:.1%}" if improvement >= 0 else f"got {-improvement:.1%} worse"
+        return Diagnosis.PLATEAU, f"{primary.key} {moved} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
     return Diagnosis.HEALTHY, f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
 
 

@@ -1,0 +1,58 @@
+"""Hugging Face ``transformers.Trainer`` glue: attach the listener when training begins.
+
+The Trainer makes its optimizer and LR scheduler inside ``train()`` and wraps them for
+``accelerate``, so a script cannot pass them to :func:`atm.listen` beforehand. The callback
+receives them at ``on_train_begin``, after the Trainer's own ``report_to`` callbacks have started
+the MLflow or W&B run, and attaches to the optimizer inside the wrapper (the one whose ``step()``
+really runs) with the scheduler, so an lr change scales the schedule instead of being undone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from atm.training.listener import Listener
+
+log = logging.getLogger("atm.listener")
+
+
+def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any], **kwargs: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class ATMTrainerCallback(TrainerCallback):  # type: ignore[misc]
+        """Attaches atm when training begins; ends training when the manager asks to stop."""
+
+        def __init__(self) -> None:
+            self.listener: Listener | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.listener is not None or not state.is_world_process_zero:
+                return  # one listener per job: the main process applies, the others follow its weights
+            opts = dict(kwargs)
+            knobs = dict(opts.pop("knobs", None) or {})
+            step = opts.pop("step", None) or (lambda: int(state.global_step))
+            model = kw.get("model")
+            if "dropout" not in knobs and model is not None:
+                try:
+                    knobs["dropout"] = dropout(model)
+                except ValueError:
+                    log.info("atm: the model has no nn.Dropout modules; no dropout knob")
+            self.listener = listen(
+                kw.get("optimizer"),
+                scheduler=kw.get("lr_scheduler"),
+                knobs=knobs,
+                step=step,
+                **opts,
+            )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.listener is not None and self.listener.stop_requested:
+                control.should_training_stop = True
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.listener is not None:
+                self.listener.close()
+
+    return ATMTrainerCallback()
