@@ -247,6 +247,7 @@ class Daemon:
             return st
 
         if st.inflight is None:
+            self._update_status(st, view)  # the step and name first: a decision's status lines show them
             self._maybe_decide(st, view)
         if wait and st.inflight is not None:
             self._settle_decision(st, view)
