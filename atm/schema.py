@@ -106,6 +106,7 @@ class Effect(BaseModel):
     model_config = _JSON
 
     seq: int
+    #: Where it took effect on the run's step axis (the decision record's ``effective_step``); None until known.
     applied_step: int | None
     changes: dict[str, "Change"]
     diagnosis: Diagnosis | None = None
@@ -246,8 +247,13 @@ class DecisionRecord(_Message):
     proposal: Proposal | None = None
     snapshot: TelemetrySnapshot | None = None
     decided_at: float = Field(default_factory=time.time)
+    #: The job's own step count when it applied the change (the listener's ``step``; optimizer steps by default).
     applied_step: int | None = None
+    #: The job's wall time when it applied the change.
     applied_at: float | None = None
+    #: Where the change took effect on the run's own step axis (the one its metrics are logged on):
+    #: the step of the first point the job logged after ``applied_at``. None until such a point is read.
+    effective_step: int | None = None
     #: Proposer-specific audit detail: prompt, raw answers, validation errors, latency, tokens.
     audit: dict[str, Any] = Field(default_factory=dict)
 
@@ -271,9 +277,20 @@ class DecisionRecord(_Message):
             parts.append(", ".join(f"{k} {fmt(c.old)}->{fmt(c.new)}" for k, c in self.changes.items()))
         if self.action:
             parts.append(self.action.value)
-        if self.applied_step is not None:
-            parts.append(f"applied@{self.applied_step}")
+        if self.effective_step is not None:
+            parts.append(f"applied@{self.effective_step}")
         return " ".join(parts)
+
+    def counts_from(self, now: int) -> int:
+        """The step after which evaluations count towards this decision's cooldowns.
+
+        A change counts from where it took effect, so evaluations the job logged before applying it
+        (read late, or while the update waited for the next optimizer step) do not count. A change
+        applied but not yet followed by any logged point has had no evaluation at all: ``now``.
+        """
+        if self.status != Status.APPLIED:
+            return self.step
+        return self.effective_step - 1 if self.effective_step is not None else now
 
 
 def fmt(x: float) -> str:

@@ -56,7 +56,7 @@ def _record() -> DecisionRecord:
         changes={"dropout": Change(old=0.0, new=0.1), "lr": Change(old=1e-3, new=5e-4)}, action=Action.ROLLBACK,
         rationale="val loss rises", expected_outcome="val loss falls", watch_next="val_loss",
         reason="within policy", dropped={"weight_decay": "cooldown"}, proposal=proposal, snapshot=snapshot,
-        decided_at=2.0, applied_step=1010, applied_at=3.0, audit={"prompt": "...", "latency_s": 4.2, "tokens": [1, 2]},
+        decided_at=2.0, applied_step=1010, applied_at=3.0, effective_step=1010, audit={"prompt": "...", "latency_s": 4.2, "tokens": [1, 2]},
     )
 
 

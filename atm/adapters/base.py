@@ -44,6 +44,29 @@ class BackendUnavailable(BackendError):
     """The tracker could not be reached or refused for now; worth retrying later."""
 
 
+class Timeline:
+    """When the job logged its most recent points: (wall time, step), oldest first, at most ``keep``.
+
+    The job's clock stamps both its metric points and its listener's acks, so an ack's wall time
+    places a change on the run's own step axis, whatever the listener counts (optimizer steps, a
+    W&B job that logs without ``step=``, an epoch axis). ``atm/*`` points are the listener's own
+    and are not added.
+    """
+
+    def __init__(self, keep: int = 20_000) -> None:
+        self.keep = keep
+        self.points: list[tuple[float, int]] = []
+
+    def add(self, batch: Sequence[tuple[float, int]]) -> None:
+        if not batch:
+            return
+        tail = self.points[-1][0] if self.points else float("-inf")
+        self.points.extend(batch)
+        if min(t for t, _ in batch) < tail or len(batch) > 1:
+            self.points.sort(key=lambda p: p[0])  # nearly sorted: linear
+        del self.points[: max(0, len(self.points) - self.keep)]
+
+
 @dataclass
 class RunView:
     """What the daemon knows about one run after a poll."""
@@ -61,6 +84,8 @@ class RunView:
     acks: dict[int, Ack] = field(default_factory=dict)
     updates: dict[int, Update] = field(default_factory=dict)
     last_seq: int = 0
+    #: (wall time on the job's clock, step) of the newest points logged, oldest first: see :class:`Timeline`.
+    timeline: Sequence[tuple[float, int]] = ()
 
 
 class Backend(Protocol):

@@ -35,6 +35,7 @@ from atm.adapters.base import (
     Points,
     RunNotFound,
     RunView,
+    Timeline,
     ack_key,
     parse_messages,
     records_from_jsonl,
@@ -86,6 +87,7 @@ class _RunCache:
     #: Keys logged without ``step=`` (every point at step 0): numbered by arrival instead.
     stepless: set[str] = field(default_factory=set)
     log_records: list[DecisionRecord] | None = None
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 class MlflowBackend:
@@ -141,6 +143,7 @@ class MlflowBackend:
             acks=acks,
             updates=updates,
             last_seq=seq,
+            timeline=cache.timeline.points,
         )
 
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
@@ -151,12 +154,16 @@ class MlflowBackend:
             full = self._full_history(run_id, key)
             cache.stepless.add(key)
             cache.history[key] = [(i, v) for i, (_, v, _) in enumerate(full)]
+            new = [(ts / 1000.0, i) for i, (_, _, ts) in enumerate(full) if i >= len(pts)]
         else:
             got = self._window(run_id, key, prev_step + 1, latest_step)
             if got is None:
                 got = [p for p in self._full_history(run_id, key) if p[0] > prev_step]
             pts.extend((s, v) for s, v, _ in got)
             pts.sort(key=lambda p: p[0])
+            new = [(ts / 1000.0, s) for s, _, ts in got]
+        if not key.startswith("atm/"):
+            cache.timeline.add(new)
         cache.seen[key] = (latest_step, latest_ts)
 
     def _window(self, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]] | None:

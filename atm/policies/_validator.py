@@ -160,15 +160,15 @@ def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     counted = ctx.counted()
     if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
         return f"budget: the run already had {len(counted)} of {lim.max_interventions} interventions"
-    if counted and not ctx.passed(counted[-1].step, lim.cooldown):
-        return f"cooldown: last intervention at step {counted[-1].step}, wait {_window(lim.cooldown)}"
+    if counted and not ctx.passed(counted[-1].counts_from(ctx.step), lim.cooldown):
+        return f"cooldown: last intervention at step {_at(counted[-1])}, wait {_window(lim.cooldown)}"
     return None
 
 
 def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None:
     mine = [r for r in ctx.counted() if name in r.changes]
-    if mine and not ctx.passed(mine[-1].step, rule.cooldown):
-        return f"cooldown: {name} last changed at step {mine[-1].step}, wait {_window(rule.cooldown)}"
+    if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
+        return f"cooldown: {name} last changed at step {_at(mine[-1])}, wait {_window(rule.cooldown)}"
     if rule.budget is not None and rule.budget_window is not None:
         recent = [r for r in mine if not ctx.passed(r.step, rule.budget_window)]
         if len(recent) >= rule.budget:
@@ -208,9 +208,17 @@ def _action_block(action: Action, rule: ActionRule, ctx: DecisionContext) -> str
     if not ctx.reached(rule.not_before):
         return f"{action.value} not before {_window(rule.not_before)}"
     mine = [r for r in ctx.counted() if r.action == action]
-    if mine and not ctx.passed(mine[-1].step, rule.cooldown):
-        return f"cooldown: {action.value} last at step {mine[-1].step}, wait {_window(rule.cooldown)}"
+    if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
+        return f"cooldown: {action.value} last at step {_at(mine[-1])}, wait {_window(rule.cooldown)}"
     return None
+
+
+def _at(rec: DecisionRecord) -> str:
+    if rec.status != Status.APPLIED or rec.effective_step == rec.step + 1:
+        return str(rec.step)
+    if rec.effective_step is None:
+        return f"{rec.step} (applied, nothing logged since)"
+    return f"{rec.step} (in effect from step {rec.effective_step})"
 
 
 def _same(a: float, b: float) -> bool:

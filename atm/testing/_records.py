@@ -18,8 +18,16 @@ def make_record(
     diagnosis: Diagnosis = Diagnosis.OVERFITTING,
     run_id: str = "run-test",
     applied_step: int | None = None,
+    effective_step: int | None = None,
 ) -> DecisionRecord:
-    """One earlier decision; ``changes`` maps a parameter to ``(old, new)``."""
+    """One earlier decision; ``changes`` maps a parameter to ``(old, new)``.
+
+    An applied record takes effect at ``effective_step``, else at ``applied_step`` (a synthetic run has
+    one step axis), else at the step after its decision. For a change whose effect is not visible
+    yet, ``model_copy(update={"effective_step": None})``.
+    """
+    if effective_step is None and status == Status.APPLIED:
+        effective_step = applied_step if applied_step is not None else step + 1
     return DecisionRecord(
         run_id=run_id,
         seq=seq,
@@ -30,6 +38,7 @@ def make_record(
         changes={k: Change(old=o, new=n) for k, (o, n) in (changes or {}).items()},
         action=action,
         applied_step=applied_step,
+        effective_step=effective_step,
     )
 
 

@@ -287,10 +287,17 @@ def _history(args: argparse.Namespace) -> int:
         if r["action"]:
             changes = (changes + ", " if changes else "") + str(r["action"])
         why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
-        t.add_row(str(r["seq"]), str(r["step"]), "" if r["applied_step"] is None else str(r["applied_step"]),
+        t.add_row(str(r["seq"]), str(r["step"]), _applied_cell(r),
                   str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
     Console(width=None if sys.stdout.isatty() else 160).print(t)
     return 0
+
+
+def _applied_cell(row: dict[str, object]) -> str:
+    """Where the change took effect on the run's step axis; the job's own count until that is known."""
+    if row["effective_step"] is not None:
+        return str(row["effective_step"])
+    return "" if row["applied_step"] is None else f"(job step {row['applied_step']})"
 
 
 def _policy_cmd(args: argparse.Namespace) -> int:

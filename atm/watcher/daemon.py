@@ -15,8 +15,10 @@ an update.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -104,7 +106,20 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             rec.status = Status.STALE
             rec.reason = f"{EXPIRED}: the run ended ({view.status}) before the job applied it"
             changed = True
+        if rec.status == Status.APPLIED and rec.effective_step is None and rec.applied_at is not None:
+            rec.effective_step = step_after(view.timeline, rec.applied_at)
+            changed |= rec.effective_step is not None
     return [by_seq[s] for s in sorted(by_seq)], changed
+
+
+def step_after(timeline: Sequence[tuple[float, int]], when: float) -> int | None:
+    """The lowest step among the points the job logged at or after wall time ``when`` (its own clock):
+    where a change it applied at ``when`` first shows in its metrics.
+
+    None when nothing was logged since. Pure. ``timeline`` is (time, step), oldest first.
+    """
+    i = bisect.bisect_left(timeline, (when, -math.inf))
+    return min((s for _, s in timeline[i:]), default=None)
 
 
 def _record_from_update(u: Update) -> DecisionRecord:
@@ -414,6 +429,7 @@ def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
             "seq": r.seq,
             "step": r.step,
             "applied_step": r.applied_step,
+            "effective_step": r.effective_step,
             "status": r.status.value,
             "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
             "action": r.action.value if r.action else None,

@@ -126,6 +126,9 @@ class Scenario(_Strict):
                 changes={k: Change(old=o, new=n) for k, (o, n) in iv.changes.items()},
                 action=iv.action,
                 applied_step=iv.applied_step,
+                # A scenario has one step axis: the change shows from where it was applied, else right
+                # after the decision.
+                effective_step=iv.applied_step if iv.applied_step is not None else iv.step + 1,
             )
             for iv in self.interventions
         ]

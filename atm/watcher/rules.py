@@ -267,7 +267,7 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
         return ""
     if val.best_step >= fixes[-1].applied_step:
         return ""
-    return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, step "
+    return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, in effect from step "
             f"{fixes[-1].applied_step}) brought no new best {val.key} ({fmt(val.best)} at step {val.best_step}): "
             "stop and keep the best checkpoint")
 

@@ -253,5 +253,5 @@ def measured_effects(
             before = value_at(pts, rec.step)
             if before is not None and pts:
                 ba[role] = (before, pts[-1][1])
-        out.append(Effect(seq=rec.seq, applied_step=rec.applied_step, changes=rec.changes, diagnosis=rec.diagnosis, before_after=ba))
+        out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes, diagnosis=rec.diagnosis, before_after=ba))
     return out

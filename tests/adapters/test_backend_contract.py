@@ -110,6 +110,25 @@ def test_publish_fetch_ack_roundtrip(harness: Harness) -> None:
     assert changed and merged[0].status == Status.APPLIED and merged[0].applied_step == 37
 
 
+def test_a_change_is_placed_on_the_runs_own_step_axis(harness: Harness) -> None:
+    # The listener stamps its own count (9999: optimizer steps, say); the run's metrics use another
+    # axis. Where the change took effect is read from when the job logged its points.
+    rid = harness.new_run()
+    for s in (10, 20):
+        harness.log(rid, "val_loss", 1.0, s)
+    backend, channel = harness.backend(), harness.channel(rid)
+    backend.reserve_seq(rid, 1)
+    rec = record(rid, 1, step=20)
+    backend.publish(rec)
+    channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=9999, values={"lr": 5e-4}))
+    merged, _ = reconcile([rec], backend.poll(rid))
+    assert merged[0].status == Status.APPLIED and merged[0].effective_step is None  # nothing logged since
+    harness.log(rid, "train_loss", 0.8, 25)
+    harness.log(rid, "val_loss", 0.9, 30)
+    merged, changed = reconcile(merged, backend.poll(rid))
+    assert changed and merged[0].effective_step == 25 and merged[0].applied_step == 9999
+
+
 def test_listener_info_and_applied_value_metrics(harness: Harness) -> None:
     rid = harness.new_run()
     channel = harness.channel(rid)

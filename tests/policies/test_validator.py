@@ -203,6 +203,20 @@ def test_param_cooldown_in_evals() -> None:
     assert _lr_verdict(policy, 200, history, evals=[50, 100, 150, 200]).accepted
 
 
+def test_cooldown_counts_evaluations_after_the_change_took_effect() -> None:
+    policy = make_policy(params__lr__cooldown={"evals": 2})
+    # Decided on the evaluation at 100; the job applied it only after logging the one at 150 (the
+    # update waited for its next step, or the daemon read the log late): 150 does not count.
+    history = [make_record(1, 100, changes={"lr": (5e-4, 1e-3)}, effective_step=160)]
+    blocked = _lr_verdict(policy, 200, history, evals=[50, 100, 150, 200])
+    assert blocked.dropped["lr"] == "cooldown: lr last changed at step 100 (in effect from step 160), wait 2 evaluations"
+    assert _lr_verdict(policy, 250, history, evals=[50, 100, 150, 200, 250]).accepted
+    # Applied, but nothing logged since: no evaluation has seen it yet.
+    unseen = [history[0].model_copy(update={"effective_step": None})]
+    verdict = _lr_verdict(policy, 250, unseen, evals=[50, 100, 150, 200, 250])
+    assert verdict.dropped["lr"] == "cooldown: lr last changed at step 100 (applied, nothing logged since), wait 2 evaluations"
+
+
 def test_cooldown_of_one_param_leaves_others_free() -> None:
     policy = make_policy(params__lr__cooldown={"steps": 100})
     history = [make_record(1, 950, changes={"lr": (5e-4, 1e-3)})]

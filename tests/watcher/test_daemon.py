@@ -14,7 +14,8 @@ import pytest
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
 from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status
-from atm.watcher.daemon import Daemon, RunState
+from atm.adapters.base import Timeline
+from atm.watcher.daemon import Daemon, RunState, step_after
 from atm.watcher.proposer import ProposerError, ProposalResult
 
 
@@ -210,3 +211,20 @@ def test_explain_shows_what_the_daemon_would_send(mlflow_uri: str, capsys: pytes
     assert all(m["content"] in out for m in sent)
     # Rollback is within the policy here, but the job cannot roll back: it is not offered.
     assert "  actions: stop" in out.splitlines() and "rollback" not in out
+
+
+@pytest.mark.parametrize(
+    "when, expected",
+    [(0.5, 10), (1.0, 10), (1.5, 20), (3.0, 30), (3.5, None)],
+)
+def test_step_after_places_a_wall_time_on_the_step_axis(when: float, expected: int | None) -> None:
+    timeline = [(1.0, 10), (2.0, 20), (2.0, 21), (3.0, 30)]
+    assert step_after(timeline, when) == expected
+
+
+def test_timeline_keeps_the_newest_points_in_time_order() -> None:
+    tl = Timeline(keep=3)
+    tl.add([(2.0, 20), (1.0, 10)])
+    tl.add([(3.0, 30)])
+    tl.add([(2.5, 25)])  # read late (another key, a later poll)
+    assert tl.points == [(2.0, 20), (2.5, 25), (3.0, 30)]

@@ -115,6 +115,7 @@ class _LocalRun:
             acks=self.outbox.read(),
             updates=updates,
             last_seq=max([read_seq(self.layout.seq_file), *updates]),
+            timeline=self.state.timeline.points,
         )
 
     def listener(self) -> ListenerInfo | None:

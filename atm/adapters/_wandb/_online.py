@@ -45,6 +45,7 @@ from atm.adapters.base import (
     Points,
     RunNotFound,
     RunView,
+    Timeline,
     records_from_jsonl,
     records_to_jsonl,
 )
@@ -292,6 +293,7 @@ class OnlineRun:
         self.scan_page_size = scan_page_size
         self.history: dict[str, Points] = {}
         self.last_time = 0.0
+        self.timeline = Timeline()
         #: key -> last step read.
         self._read_through: dict[str, int] = {}
         self._run: Any = None
@@ -330,6 +332,7 @@ class OnlineRun:
             acks=dict(self._acks),
             updates=dict(self._updates),
             last_seq=max([self._seq, *self._updates]),
+            timeline=self.timeline.points,
         )
 
     def _history_keys(self, run: Any) -> tuple[int, list[str]]:
@@ -353,6 +356,7 @@ class OnlineRun:
         )
         pts = self.history.setdefault(key, [])
         added = 0
+        logged: list[tuple[float, int]] = []
         for row in rows:
             step, value = row.get("_step"), row.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(step, (int, float)):
@@ -364,6 +368,9 @@ class OnlineRun:
             ts = row.get("_timestamp")
             if isinstance(ts, (int, float)):
                 self.last_time = max(self.last_time, float(ts))
+                if not key.startswith("atm/"):
+                    logged.append((float(ts), int(step)))
+        self.timeline.add(logged)
         # Rows up to the last step are complete once the server reports that step.
         self._read_through[key] = last_step
         return added > 0

@@ -33,6 +33,8 @@ from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
+from atm.adapters.base import Timeline
+
 log = logging.getLogger("atm.wandb")
 
 FILE_HEADER = b":W&B" + struct.pack("<H", 0xBEE1) + bytes([0])
@@ -204,6 +206,8 @@ class RunLog:
     last_step: int = -1
     #: Wall time (seconds) of the newest history row; 0 when none.
     last_time: float = 0.0
+    #: When the job logged its newest rows (see :class:`atm.adapters.base.Timeline`).
+    timeline: Timeline = field(default_factory=Timeline)
     exit_code: int | None = None
     producer: str = ""
 
@@ -262,6 +266,8 @@ class RunLog:
                 continue  # _runtime and W&B's own bookkeeping
             self.history.setdefault(key, []).append((atm_istep if key.startswith("atm/") else istep, value))
             added += 1
+        if ts is not None and math.isfinite(ts) and any(not k.startswith(("_", "atm/")) for k in values):
+            self.timeline.add([(ts, istep)])
         return added
 
 
