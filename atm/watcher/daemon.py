@@ -107,19 +107,21 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             rec.reason = f"{EXPIRED}: the run ended ({view.status}) before the job applied it"
             changed = True
         if rec.status == Status.APPLIED and rec.effective_step is None and rec.applied_at is not None:
-            rec.effective_step = step_after(view.timeline, rec.applied_at)
+            rec.effective_step = step_after(view.timeline, rec.applied_at, floor=rec.step)
             changed |= rec.effective_step is not None
     return [by_seq[s] for s in sorted(by_seq)], changed
 
 
-def step_after(timeline: Sequence[tuple[float, int]], when: float) -> int | None:
-    """The lowest step among the points the job logged at or after wall time ``when`` (its own clock):
-    where a change it applied at ``when`` first shows in its metrics.
+def step_after(timeline: Sequence[tuple[float, int]], when: float, floor: int = 0) -> int | None:
+    """The lowest step, at least ``floor``, among the points the job logged at or after wall time
+    ``when`` (its own clock): where a change it applied at ``when`` first shows in its metrics.
 
+    ``floor`` is the decision's step: a change cannot take effect before the step it was decided on,
+    so lower steps logged later (a summary value logged without ``step=``) are not where it shows.
     None when nothing was logged since. Pure. ``timeline`` is (time, step), oldest first.
     """
     i = bisect.bisect_left(timeline, (when, -math.inf))
-    return min((s for _, s in timeline[i:]), default=None)
+    return min((s for _, s in timeline[i:] if s >= floor), default=None)
 
 
 def _record_from_update(u: Update) -> DecisionRecord:

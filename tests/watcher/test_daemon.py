@@ -222,6 +222,12 @@ def test_step_after_places_a_wall_time_on_the_step_axis(when: float, expected: i
     assert step_after(timeline, when) == expected
 
 
+def test_step_after_ignores_points_below_the_decision_step() -> None:
+    # A final summary metric logged without step= lands at step 0 after the change.
+    timeline = [(1.0, 10), (2.0, 20), (3.0, 0), (4.0, 30)]
+    assert step_after(timeline, 2.5, floor=20) == 30
+
+
 def test_timeline_keeps_the_newest_points_in_time_order() -> None:
     tl = Timeline(keep=3)
     tl.add([(2.0, 20), (1.0, 10)])
