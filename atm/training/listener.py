@@ -13,6 +13,7 @@ the highest ``seq`` it has acknowledged on the run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -58,6 +59,27 @@ def as_knob(name: str, spec: Any) -> Knob:
     )
 
 
+#: Seconds between checks of whether the values in force moved (by more than 1%) since announced.
+VALUES_REFRESH_S = 10.0
+
+
+def _target(old: float, new: float, now: Any) -> float:
+    """The value to set for a change decided as ``old -> new`` when the knob reads ``now``.
+
+    The decided move, applied to the value in force: if the job moved the value since the manager
+    read it (an LR scheduler decays the lr all the time; a rollback restores an older one), setting
+    ``new`` as such could even move it the wrong way. So the ratio ``new / old`` is applied to ``now``.
+    A set-value decided from 0 (dropout 0 -> 0.1), or a value that has not moved, is set as it is.
+    """
+    try:
+        now = float(now)
+    except (TypeError, ValueError):
+        return new
+    if old > 0 and new > 0 and now > 0 and not math.isclose(now, old, rel_tol=0.01):
+        return now * (new / old)
+    return new
+
+
 class Listener:
     """Applies the daemon's updates to a running job. Create it with :func:`atm.listen`."""
 
@@ -94,6 +116,8 @@ class Listener:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._announce_needed = True
+        self._announced: dict[str, float] = {}
+        self._values_checked = time.monotonic()
         self._started_at = time.time()
         self._thread: threading.Thread | None = None
         self._errors_logged: set[str] = set()
@@ -204,21 +228,23 @@ class Listener:
     def _apply_one(self, update: Update, step: int | None) -> Update:
         values: dict[str, float] = {}
         errors: list[str] = []
+        # The action first: a rollback that restores the optimizer's state would otherwise undo the
+        # new lr or weight decay that came with it.
+        if update.action is not None:
+            try:
+                self._run_action(update.action)
+            except Exception as exc:
+                errors.append(f"{update.action.value}: handler raised {exc!r}")
         for name, change in update.changes.items():
             knob = self.knobs.get(name)
             if knob is None:
                 errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
                 continue
             try:
-                knob.set(change.new)
+                knob.set(_target(change.old, change.new, knob.get() if knob.get is not None else None))
                 values[name] = float(knob.get()) if knob.get is not None else change.new
             except Exception as exc:
                 errors.append(f"{name}: setter raised {exc!r}")
-        if update.action is not None:
-            try:
-                self._run_action(update.action)
-            except Exception as exc:
-                errors.append(f"{update.action.value}: handler raised {exc!r}")
         ok = bool(values) or (update.action is not None and not any(e.startswith(update.action.value) for e in errors))
         self._last_applied = update.seq
         self.applied.append(update)
@@ -271,6 +297,13 @@ class Listener:
             if self._last_applied < 0:
                 self._last_applied = max(self.channel.acked(), default=0)
             self._flush()
+            if not self._announce_needed and time.monotonic() - self._values_checked >= VALUES_REFRESH_S:
+                # A scheduler moves the lr all the time: the manager should decide on the value in force.
+                self._values_checked = time.monotonic()
+                now = self.current_values()
+                self._announce_needed = any(
+                    not math.isclose(v, self._announced.get(k, math.nan), rel_tol=0.01) for k, v in now.items()
+                )
             if self._announce_needed:
                 self._announce()
             known = max([self._last_applied, *(u.seq for u in self._pending)])
@@ -286,10 +319,11 @@ class Listener:
             self._note("poll", f"tracker not reachable ({exc!r}); retrying every {self.poll_interval}s")
 
     def _announce(self) -> None:
+        values = self.current_values()
         info = ListenerInfo(
             run_id=self.channel.run_id,
             knobs=sorted(self.knobs),
-            values=self.current_values(),
+            values=values,
             actions=sorted({*self.actions, Action.STOP.value}),
             apply_mode=self.apply_mode,
             pid=os.getpid(),
@@ -299,6 +333,7 @@ class Listener:
             step=self._step(),
         )
         self.channel.announce(info)
+        self._announced = values
         self._announce_needed = False
 
     def _flush(self) -> None:

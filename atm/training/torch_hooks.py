@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from atm.training.listener import Knob
@@ -21,7 +22,10 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     also scale the scheduler's ``base_lrs`` so LambdaLR, CosineAnnealingLR, OneCycleLR and friends
     do not silently undo them at their next step.
     """
-    groups = optimizer.param_groups
+    # Read the groups at each use: optimizer.load_state_dict() (a rollback) replaces the list.
+    def groups() -> list[dict[str, Any]]:
+        return optimizer.param_groups
+
     knobs: dict[str, Knob] = {}
     if getattr(optimizer.step, "_wrapped_by_lr_sched", False) and scheduler is None:
         log.warning(
@@ -30,8 +34,8 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
         )
 
     def scale_lr(value: float) -> None:
-        ratio = _ratio(float(value), float(groups[0]["lr"]))
-        for g in groups:
+        ratio = _ratio(float(value), float(groups()[0]["lr"]))
+        for g in groups():
             for key in _LR_KEYS:
                 if isinstance(g.get(key), (int, float)):
                     g[key] = g[key] * ratio
@@ -42,15 +46,15 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
                     setattr(scheduler, attr, [v * ratio for v in vals])
             # ReduceLROnPlateau keeps its own floor per group.
             if isinstance(getattr(scheduler, "min_lrs", None), list) and hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in groups]
+                scheduler._last_lr = [g["lr"] for g in groups()]
 
-    knobs["lr"] = Knob(get=lambda: float(groups[0]["lr"]), set=scale_lr)
+    knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr)
     for key in ("weight_decay", "momentum"):
-        if key in groups[0]:
+        if key in groups()[0]:
             knobs[key] = Knob(get=_getter(groups, key), set=_group_setter(groups, key))
-    if "betas" in groups[0]:
+    if "betas" in groups()[0]:
         for i, name in enumerate(("beta1", "beta2")):
-            knobs[name] = Knob(get=lambda i=i: float(groups[0]["betas"][i]), set=_beta_setter(groups, i))
+            knobs[name] = Knob(get=lambda i=i: float(groups()[0]["betas"][i]), set=_beta_setter(groups, i))
     return knobs
 
 
@@ -65,28 +69,31 @@ def _reference(groups: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return next((g for g in groups if g[key] != 0), groups[0])
 
 
-def _getter(groups: list[dict[str, Any]], key: str) -> Any:
-    return lambda: float(_reference(groups, key)[key])
+Groups = Callable[[], list[dict[str, Any]]]
 
 
-def _group_setter(groups: list[dict[str, Any]], key: str) -> Any:
+def _getter(groups: Groups, key: str) -> Any:
+    return lambda: float(_reference(groups(), key)[key])
+
+
+def _group_setter(groups: Groups, key: str) -> Any:
     def set_all(value: float) -> None:
-        old = float(_reference(groups, key)[key])
+        old = float(_reference(groups(), key)[key])
         if old == 0:
             # Every group is at 0, so none can be told apart as a deliberate no-decay group.
-            for g in groups:
+            for g in groups():
                 g[key] = float(value)
             return
-        for g in groups:
+        for g in groups():
             if g[key] != 0:  # groups that opted out stay out; the others keep their proportions
                 g[key] = g[key] * (float(value) / old)
 
     return set_all
 
 
-def _beta_setter(groups: list[dict[str, Any]], i: int) -> Any:
+def _beta_setter(groups: Groups, i: int) -> Any:
     def set_beta(value: float) -> None:
-        for g in groups:
+        for g in groups():
             b = list(g["betas"])
             b[i] = float(value)
             g["betas"] = tuple(b)

@@ -247,3 +247,74 @@ def test_rejects_bad_arguments_with_clear_messages():
         Listener(FakeChannel(), {}, apply="sometimes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="knob 'x'"):
         atm.listen(knobs={"x": 3}, channel=FakeChannel())
+
+
+def test_changes_reach_the_optimizer_after_it_loaded_a_state_dict():
+    # load_state_dict() replaces optimizer.param_groups: the knobs must follow the new list.
+    model, opt = make_model()
+    saved = opt.state_dict()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        opt.load_state_dict(saved)
+        ch.publish(1, lr=(1e-3, 5e-4), weight_decay=(0.0, 0.1))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+    finally:
+        lst.close()
+
+
+def test_a_rollback_that_restores_the_optimizer_keeps_the_changes_that_came_with_it():
+    model, opt = make_model()
+    best = opt.state_dict()  # lr 1e-3, weight decay 0
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01, actions={"rollback": lambda: opt.load_state_dict(best)})
+    try:
+        ch.publish(1, action=Action.ROLLBACK, lr=(1e-3, 5e-4), weight_decay=(0.0, 0.1))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+        wait_for(lambda: 1 in ch.acks)
+        assert ch.acks[1].status == "applied" and ch.acks[1].values["lr"] == pytest.approx(5e-4)
+    finally:
+        lst.close()
+
+
+def test_an_lr_cut_decided_on_an_older_value_still_cuts_the_lr_in_force():
+    # The manager read lr 1e-3 and halved it; by the time the job applies it, its scheduler has
+    # decayed the lr to 1e-4. Setting 5e-4 would raise it fivefold; halving what is in force is the move.
+    model, opt = make_model()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 if s >= 1 else 1.0)
+    ch = FakeChannel()
+    lst = atm.listen(opt, scheduler=sched, channel=ch, poll_interval=0.01)
+    try:
+        train_step(model, opt)
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+        ch.publish(1, lr=(1e-3, 5e-4))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-5)
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-5)  # the schedule's base was halved too
+    finally:
+        lst.close()
+
+
+def test_values_moved_by_a_scheduler_are_announced_again(monkeypatch):
+    import atm.training.listener as listener_mod
+
+    monkeypatch.setattr(listener_mod, "VALUES_REFRESH_S", 0.0)
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        wait_for(lambda: ch.infos)
+        assert ch.infos[-1].values["lr"] == pytest.approx(1e-3)
+        opt.param_groups[0]["lr"] = 2e-4  # what a scheduler does at every step
+        wait_for(lambda: ch.infos[-1].values["lr"] == pytest.approx(2e-4))
+    finally:
+        lst.close()
