@@ -171,7 +171,9 @@ class Listener:
             if knob.get is None:
                 continue
             try:
-                out[name] = float(knob.get())
+                value = knob.get()
+                if value is not None:  # None: disabled (SB3's target_kl), nothing to show
+                    out[name] = float(value)
             except Exception as exc:
                 self._note(f"get:{name}", f"reading knob {name!r} failed: {exc!r}")
         return out

@@ -1,4 +1,4 @@
-"""Stable-Baselines3 hooks for the listener: the knobs of a PPO model and where to apply them.
+"""Stable-Baselines3 hooks for the listener: the knobs of a model (PPO, A2C, SAC, ...) and where to apply them.
 
 Every knob here is read by SB3 at the start of ``train()``, so a change made at
 :data:`APPLY_HOOK` (``BaseCallback._on_rollout_end``: the rollout is complete and the update has not
@@ -8,7 +8,8 @@ started) takes effect in the very next update and never splits a rollout. Rules 
   optimizer's param groups: SB3 rewrites the optimizer's LR from ``lr_schedule`` at every update,
   so writing the optimizer alone is silently undone.
 - ``clip_range`` stays a schedule (PPO calls it with the progress remaining).
-- ``ent_coef``, ``n_epochs`` and ``target_kl`` are plain attributes.
+- ``ent_coef``, ``n_epochs`` and ``target_kl`` are plain attributes (SAC with a fixed ``ent_coef``
+  reads a tensor, which is set too); an algorithm gets the knobs it has.
 - ``reward.<name>`` is set in every sub-env through ``VecEnv.env_method`` (works for
   ``DummyVecEnv`` and ``SubprocVecEnv``); its getter reads env 0.
 """
@@ -53,7 +54,17 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-def _ppo_knobs(model: BaseAlgorithm) -> dict[str, Knob]:
+def _optimizers(model: BaseAlgorithm) -> list[Any]:
+    """Every optimizer SB3's ``_update_learning_rate`` drives: the policy's, or an actor's and critic's."""
+    owners = [model.policy, getattr(model.policy, "actor", None), getattr(model.policy, "critic", None)]
+    return [o.optimizer for o in owners if o is not None and getattr(o, "optimizer", None) is not None]
+
+
+def _algorithm_knobs(model: BaseAlgorithm) -> dict[str, Knob]:
+    """The knobs this algorithm has: ``lr`` always; ``ent_coef`` when it is a number (PPO, A2C, SAC
+    with a fixed coefficient; SAC's ``"auto"`` learns it); ``clip_range``, ``n_epochs``, ``target_kl``
+    where they exist (PPO)."""
+
     def progress() -> float:
         return float(model._current_progress_remaining)
 
@@ -66,45 +77,64 @@ def _ppo_knobs(model: BaseAlgorithm) -> dict[str, Knob]:
             raise ValueError(f"lr must be positive, got {value}")
         model.learning_rate = value
         model.lr_schedule = constant_schedule(value)
-        # Also write the optimizer now, so that anything reading it before the next update agrees.
-        for group in model.policy.optimizer.param_groups:
-            group["lr"] = value
+        # Also write the optimizers now, so that anything reading them before the next update agrees.
+        for opt in _optimizers(model):
+            for group in opt.param_groups:
+                group["lr"] = value
 
-    def get_clip() -> float:
-        return float(model.clip_range(progress()))  # type: ignore[attr-defined]
+    knobs: dict[str, Knob] = {"lr": (get_lr, set_lr)}
 
-    def set_clip(value: float) -> None:
-        value = _finite("clip_range", value)
-        if value <= 0:
-            raise ValueError(f"clip_range must be positive, got {value}")
-        model.clip_range = constant_schedule(value)  # type: ignore[attr-defined]
+    ent = getattr(model, "ent_coef", None)
+    if isinstance(ent, (int, float)) and not isinstance(ent, bool):
 
-    def set_ent(value: float) -> None:
-        model.ent_coef = _finite("ent_coef", value)  # type: ignore[attr-defined]
+        def set_ent(value: float) -> None:
+            value = _finite("ent_coef", value)
+            if value < 0:
+                raise ValueError(f"ent_coef must not be negative, got {value}")
+            model.ent_coef = value  # type: ignore[attr-defined]
+            tensor = getattr(model, "ent_coef_tensor", None)  # SAC with a fixed coefficient reads this
+            if tensor is not None:
+                tensor.fill_(value)
 
-    def set_epochs(value: float) -> None:
-        epochs = int(round(_finite("n_epochs", value)))
-        if epochs < 1:
-            raise ValueError(f"n_epochs must be at least 1, got {value}")
-        model.n_epochs = epochs  # type: ignore[attr-defined]
+        knobs["ent_coef"] = (lambda: float(model.ent_coef), set_ent)  # type: ignore[attr-defined]
 
-    def get_target_kl() -> float | None:
-        kl = model.target_kl  # type: ignore[attr-defined]
-        return None if kl is None else float(kl)
+    if callable(getattr(model, "clip_range", None)):
 
-    def set_target_kl(value: float) -> None:
-        value = _finite("target_kl", value)
-        if value <= 0:
-            raise ValueError(f"target_kl must be positive, got {value}")
-        model.target_kl = value  # type: ignore[attr-defined]
+        def get_clip() -> float:
+            return float(model.clip_range(progress()))  # type: ignore[attr-defined]
 
-    return {
-        "lr": (get_lr, set_lr),
-        "ent_coef": (lambda: float(model.ent_coef), set_ent),  # type: ignore[attr-defined]
-        "clip_range": (get_clip, set_clip),
-        "n_epochs": (lambda: int(model.n_epochs), set_epochs),  # type: ignore[attr-defined]
-        "target_kl": (get_target_kl, set_target_kl),
-    }
+        def set_clip(value: float) -> None:
+            value = _finite("clip_range", value)
+            if value <= 0:
+                raise ValueError(f"clip_range must be positive, got {value}")
+            model.clip_range = constant_schedule(value)  # type: ignore[attr-defined]
+
+        knobs["clip_range"] = (get_clip, set_clip)
+
+    if isinstance(getattr(model, "n_epochs", None), int):
+
+        def set_epochs(value: float) -> None:
+            epochs = int(round(_finite("n_epochs", value)))
+            if epochs < 1:
+                raise ValueError(f"n_epochs must be at least 1, got {value}")
+            model.n_epochs = epochs  # type: ignore[attr-defined]
+
+        knobs["n_epochs"] = (lambda: int(model.n_epochs), set_epochs)  # type: ignore[attr-defined]
+
+    if hasattr(model, "target_kl"):
+
+        def get_target_kl() -> float | None:
+            kl = model.target_kl  # type: ignore[attr-defined]
+            return None if kl is None else float(kl)
+
+        def set_target_kl(value: float) -> None:
+            value = _finite("target_kl", value)
+            if value <= 0:
+                raise ValueError(f"target_kl must be positive, got {value}")
+            model.target_kl = value  # type: ignore[attr-defined]
+
+        knobs["target_kl"] = (get_target_kl, set_target_kl)
+    return knobs
 
 
 def _reward_knobs(model: BaseAlgorithm, getter_method: str, setter_method: str) -> dict[str, Knob]:
@@ -141,29 +171,21 @@ def sb3_knobs(
     reward_getter: str = "get_reward_weights",
     reward_setter: str = "set_reward_weight",
 ) -> dict[str, Knob]:
-    """The run-time knobs of an SB3 PPO model, as ``{name: (getter, setter)}``.
+    """The run-time knobs of an SB3 model, as ``{name: (getter, setter)}``.
 
     Args:
-        model: a ``stable_baselines3.PPO`` (or subclass) with its env attached.
+        model: any SB3 algorithm (PPO, A2C, SAC, TD3, DQN, ...) with its env attached.
         reward_getter: env method returning ``{weight name: value}``; when the env lacks it, no
             ``reward.*`` knobs are returned.
         reward_setter: env method ``(name, value)`` setting one weight.
 
     Returns:
-        ``lr``, ``ent_coef``, ``clip_range``, ``n_epochs``, ``target_kl`` and ``reward.<name>`` per
-        weight. Getters return the value SB3 will use next (``target_kl`` may be None: disabled).
-        Setters raise ``ValueError`` on a non-finite or out-of-domain value. Apply them at
-        :data:`APPLY_HOOK`.
-
-    Raises:
-        TypeError: for an algorithm that is not PPO-like (no ``clip_range`` / ``n_epochs``).
+        ``lr``; ``ent_coef``, ``clip_range``, ``n_epochs``, ``target_kl`` where the algorithm has
+        them (see :func:`_algorithm_knobs`); ``reward.<name>`` per weight. Getters return the value
+        SB3 will use next (``target_kl`` may be None: disabled). Setters raise ``ValueError`` on a
+        non-finite or out-of-domain value. Apply them at :data:`APPLY_HOOK`.
     """
-    missing = [a for a in ("clip_range", "n_epochs", "ent_coef", "target_kl") if not hasattr(model, a)]
-    if missing:
-        raise TypeError(
-            f"sb3_knobs supports PPO-like models; {type(model).__name__} has no {', '.join(missing)}"
-        )
-    return {**_ppo_knobs(model), **_reward_knobs(model, reward_getter, reward_setter)}
+    return {**_algorithm_knobs(model), **_reward_knobs(model, reward_getter, reward_setter)}
 
 
 def manager_callback(

@@ -8,10 +8,16 @@ was collected under the old values already in the buffer. The knobs themselves l
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from atm.training.listener import Knob, Listener
+
+
+#: The listener each model applies for: a later ``atm.listen`` on the same model (a second
+#: ``learn()`` with a new callback) takes over from the first.
+_LISTENERS: weakref.WeakKeyDictionary[Any, Listener] = weakref.WeakKeyDictionary()
 
 
 def attach_sb3(model: Any) -> tuple[dict[str, Knob], Callable[[Listener], None], Callable[[], int]]:
@@ -20,17 +26,22 @@ def attach_sb3(model: Any) -> tuple[dict[str, Knob], Callable[[Listener], None],
     knobs = {name: Knob(get=g, set=s) for name, (g, s) in sb3_knobs(model).items()}
 
     def hook(listener: Listener) -> None:
+        _LISTENERS[model] = listener
+        if "train" in vars(model):
+            return  # wrapped by an earlier listener; the wrapper reads the current one
         original = model.train
-        if getattr(original, "_atm_wrapped", False):
-            return
 
         def train(*args: Any, **kwargs: Any) -> Any:
-            if listener.apply_mode == "auto":
-                listener.apply_pending()
+            current = _LISTENERS.get(model)
+            if current is not None and current.apply_mode == "auto":
+                current.apply_pending()
             return original(*args, **kwargs)
 
-        train._atm_wrapped = True  # type: ignore[attr-defined]
         model.train = train
+        # SB3's save() pickles the model's attributes: the wrapper (which reaches the listener's
+        # thread and locks) is not part of the model, so keep it and this override out of the file.
+        excluded = model._excluded_save_params
+        model._excluded_save_params = lambda: [*excluded(), "train", "_excluded_save_params"]
 
     return knobs, hook, lambda: int(model.num_timesteps)
 
@@ -51,5 +62,11 @@ def make_callback(listen: Callable[..., Listener], **kwargs: Any) -> Any:
 
         def _on_step(self) -> bool:
             return not (self.listener is not None and self.listener.stop_requested)
+
+        def _on_training_end(self) -> None:
+            # Flush acks and stop the listener's thread; a later learn() with this callback attaches anew.
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
 
     return ATMCallback()

@@ -8,7 +8,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-from stable_baselines3 import A2C, PPO
+from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -230,10 +230,26 @@ def test_envs_without_reward_weights_get_no_reward_knobs():
     assert set(sb3.sb3_knobs(model)) == {"lr", "ent_coef", "clip_range", "n_epochs", "target_kl"}
 
 
-def test_non_ppo_models_are_refused():
-    model = A2C("MlpPolicy", DummyVecEnv([PlanarArmReachEnv]), device="cpu")
-    with pytest.raises(TypeError, match="PPO-like"):
-        sb3.sb3_knobs(model)
+def test_other_algorithms_get_the_knobs_they_have():
+    venv = DummyVecEnv([PlanarArmReachEnv])
+    a2c = A2C("MlpPolicy", venv, n_steps=8, ent_coef=0.01, device="cpu")
+    algorithm_knobs = lambda m: {k for k in sb3.sb3_knobs(m) if not k.startswith("reward.")}  # noqa: E731
+    assert algorithm_knobs(a2c) == {"lr", "ent_coef"}
+    rec = StepRecorder(a2c)
+    a2c.learn(16, callback=at_apply_hook(set_knob("lr", 2e-3)))
+    assert rec.lrs and all(lr == 2e-3 for lr in rec.lrs)
+
+    # SAC learns its entropy coefficient by default ("auto"): only the lr is a knob. With a fixed
+    # coefficient, the tensor SAC's loss reads is what changes.
+    auto = SAC("MlpPolicy", venv, buffer_size=100, learning_starts=0, device="cpu")
+    assert algorithm_knobs(auto) == {"lr"}
+    fixed = SAC("MlpPolicy", venv, buffer_size=100, learning_starts=0, ent_coef=0.1, device="cpu")
+    knobs = sb3.sb3_knobs(fixed)
+    knobs["ent_coef"][1](0.05)
+    assert float(fixed.ent_coef_tensor) == pytest.approx(0.05)
+    knobs["lr"][1](1e-4)
+    fixed.learn(8)
+    assert fixed.actor.optimizer.param_groups[0]["lr"] == 1e-4 and fixed.critic.optimizer.param_groups[0]["lr"] == 1e-4
 
 
 def test_manager_callback_passes_the_actions_to_atm(monkeypatch):
@@ -260,3 +276,41 @@ def test_manager_callback_says_what_to_do_without_the_listener(monkeypatch):
         sb3.manager_callback(make_model())
 
 
+
+
+def test_a_model_with_a_listener_still_saves_and_loads(tmp_path):
+    # SB3's save() pickles the model's attributes; atm's train() wrapper must not be among them.
+    from atm.testing import FakeChannel
+
+    import atm
+
+    model = make_model()
+    listener = atm.listen(model, channel=FakeChannel(), poll_interval=0.01)
+    try:
+        model.learn(ROLLOUT)
+        model.save(tmp_path / "m.zip")
+    finally:
+        listener.close()
+    loaded = PPO.load(tmp_path / "m.zip", device="cpu")
+    assert "train" not in vars(loaded) and loaded.n_steps == N_STEPS
+
+
+def test_a_second_learn_with_a_new_callback_applies_its_updates():
+    import atm
+    from atm.schema import Change, Diagnosis, Update
+    from atm.testing import FakeChannel, wait_for
+
+    model = make_model()
+    first, second = FakeChannel(), FakeChannel()
+    model.learn(ROLLOUT, callback=atm.sb3_callback(channel=first, poll_interval=0.01))
+    second.updates[1] = Update(run_id="run-1", seq=1, step=0, diagnosis=Diagnosis.PLATEAU, source="rules",
+                               changes={"lr": Change(old=3e-4, new=1e-3)})
+    cb = atm.sb3_callback(channel=second, poll_interval=0.01)
+
+    def received(_model):  # at each rollout's end: the first update must be in before training on it
+        wait_for(lambda: cb.listener is not None and (cb.listener._pending or cb.listener.applied))
+
+    model.learn(2 * ROLLOUT, reset_num_timesteps=False, callback=[cb, at_apply_hook(received)])
+    assert 1 in second.acks and second.acks[1].status == "applied"
+    assert model.lr_schedule(0.5) == 1e-3
+    assert not first.acks
