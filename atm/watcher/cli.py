@@ -230,6 +230,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.scenario:
         return explain_command(args)
     from atm.watcher.daemon import decision_inputs
+    from atm.watcher.snapshot import missing_role_note
 
     policy = _policy(args.policy)
     got = _read_run(args, "explain")
@@ -240,6 +241,9 @@ def _explain(args: argparse.Namespace) -> int:
     if view.listener is None:
         print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
               "can be offered; add atm.listen(...) to the training script\n")
+    missing = missing_role_note(policy, list(view.history))
+    if missing:
+        print(f"note: {missing}\n")
     print(render_explain(snapshot, policy, ctx, offer, evidence=not args.no_evidence))
     return 0
 

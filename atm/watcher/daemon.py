@@ -29,7 +29,7 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Ack, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
-from atm.watcher.snapshot import build_snapshot, eval_steps
+from atm.watcher.snapshot import build_snapshot, eval_steps, missing_role_note
 
 log = logging.getLogger("atm.watch")
 
@@ -76,6 +76,8 @@ class RunState:
     #: Step of the last snapshot a proposer saw (decided or not): the next decision needs a newer evaluation.
     last_considered_step: int = -1
     done: bool = False
+    #: Whether the run was told that the policy's evaluation metric is missing (once per run).
+    noted_missing: bool = False
     #: Set when a proposal finishes, so the run's loop settles it without waiting a full interval.
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -256,6 +258,11 @@ class Daemon:
 
         if st.inflight is not None and (st.inflight.future.done() or wait):
             self._settle_decision(st, view)
+        if not st.noted_missing and _logged_steps(view) >= MISSING_METRIC_AFTER:
+            st.noted_missing = True
+            note = missing_role_note(self.policy, list(view.history))
+            if note:
+                log.warning("run %s: %s", run_id, note)
 
         ended = view.status != "RUNNING" or self._idle(view)
         if ended:
@@ -390,6 +397,15 @@ class Daemon:
             listener=view.listener is not None,
             error="",
         )
+
+
+#: Distinct steps a run logs before a missing evaluation metric is reported (a run that evaluates
+#: rarely logs its first evaluation well after its first training metrics).
+MISSING_METRIC_AFTER = 20
+
+
+def _logged_steps(view: RunView) -> int:
+    return max((len(pts) for k, pts in view.history.items() if not k.startswith("atm/")), default=0)
 
 
 def run_step(view: RunView) -> int:

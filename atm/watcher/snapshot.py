@@ -39,13 +39,37 @@ def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for role, candidates in policy.metrics.items():
         for cand in candidates:
-            if any(ch in cand for ch in "*?["):
-                for k in sorted(fnmatch.filter(keys, cand)):
-                    out[f"{role}[{k}]"] = k
-            elif cand in present:
+            if not _is_pattern(cand) and cand in present:
                 out[role] = cand
                 break
+    # Patterns take what no named role claimed: `loss/*` must not swallow `loss/val`.
+    claimed = set(out.values())
+    for role, candidates in policy.metrics.items():
+        for cand in filter(_is_pattern, candidates):
+            for k in sorted(fnmatch.filter(keys, cand)):
+                if k not in claimed:
+                    out[f"{role}[{k}]"] = k
     return out
+
+
+def missing_role_note(policy: Policy, keys: Sequence[str]) -> str:
+    """Non-empty when the policy's evaluation metric is not among ``keys``: what was looked for,
+    what the run logs, and how to map it. Pure."""
+    role = policy.limits.eval_metric
+    logged = sorted(k for k in keys if not k.startswith("atm/"))
+    if not logged or role in resolve_roles(policy, logged):
+        return ""
+    wanted = ", ".join(policy.metrics.get(role, [])) or "nothing (the policy has no such role)"
+    shown = ", ".join(logged[:12]) + (f" and {len(logged) - 12} more" if len(logged) > 12 else "")
+    return (
+        f"no metric for {role} (policy {policy.name} looks for: {wanted}); the run logs: {shown}. "
+        f"If one of these is it, map it in a policy file (metrics: {{{role}: [NAME]}}) and pass --policy FILE "
+        f"(`atm policy show {policy.name}` prints one to start from)"
+    )
+
+
+def _is_pattern(candidate: str) -> bool:
+    return any(ch in candidate for ch in "*?[")
 
 
 def is_rl(snapshot: TelemetrySnapshot) -> bool:

@@ -302,8 +302,8 @@ def test_run_status_rules() -> None:
 def test_restart_resumes_after_acked_updates(tmp_path: Path) -> None:
     run_dir = fake_run_dir(tmp_path)
     backend = WandbBackend(tmp_path / "wandb")
-    for seq, new in ((1, 0.005), (2, 0.004)):
-        backend.publish(record("abc123", seq, step=10 * seq, new=new))
+    for seq, old, new in ((1, 0.01, 0.005), (2, 0.005, 0.004)):
+        backend.publish(record("abc123", seq, step=10 * seq, old=old, new=new))
     first = WandbChannel(run_dir)
     values: list[float] = []
     knobs = {"lr": Knob(set=values.append, get=lambda: values[-1] if values else 0.01)}
@@ -312,7 +312,7 @@ def test_restart_resumes_after_acked_updates(tmp_path: Path) -> None:
     lst.close()
     assert values == [0.005, 0.004]
 
-    backend.publish(record("abc123", 3, step=30, new=0.002))
+    backend.publish(record("abc123", 3, step=30, old=0.004, new=0.002))
     second = WandbChannel(run_dir)  # a restarted job attaching to the same run
     assert sorted(second.acked()) == [1, 2]
     lst2 = Listener(second, knobs, poll_interval=0.05).start()

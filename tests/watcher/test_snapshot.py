@@ -15,6 +15,7 @@ from atm.watcher.snapshot import (
     derive_signals,
     eval_steps,
     measured_effects,
+    missing_role_note,
     resolve_roles,
     series_stats,
 )
@@ -323,3 +324,19 @@ def test_measured_effects_skip_metrics_logged_after_the_decision(lm: Policy) -> 
     history = {"train/loss": [(10, 2.0), (20, 1.5)], "eval_loss": [(50, 1.8)]}
     effects = measured_effects([make_record(1, 20, applied_step=20)], history, resolve_roles(lm, list(history)), 3)
     assert set(effects[0].before_after) == {"train_loss"}
+
+
+def test_named_roles_are_not_swallowed_by_a_pattern() -> None:
+    # lm maps loss_components to "loss/*"; a job logging loss/train and loss/val means train and val.
+    roles = resolve_roles(load_policy("lm"), ["loss/train", "loss/val", "loss/aux"])
+    assert roles["train_loss"] == "loss/train" and roles["val_loss"] == "loss/val"
+    assert [r for r in roles if r.startswith("loss_components")] == ["loss_components[loss/aux]"]
+
+
+def test_a_missing_evaluation_metric_is_explained() -> None:
+    lm = load_policy("lm")
+    note = missing_role_note(lm, ["trn/xent", "dev/xent", "atm/lr"])
+    assert note.startswith("no metric for val_loss (policy lm looks for: val_loss, val/loss,")
+    assert "the run logs: dev/xent, trn/xent." in note and "atm/lr" not in note
+    assert "--policy FILE" in note
+    assert missing_role_note(lm, ["train_loss", "val_loss"]) == ""
