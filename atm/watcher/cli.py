@@ -43,6 +43,10 @@ def _backend(args: argparse.Namespace) -> Any:
     from atm.adapters import make_backend
 
     if args.backend == "mlflow":
+        # MLflow's client retries a dead server for about four minutes; atm's commands say so in
+        # seconds, and the daemon retries on its own with back-off.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         return make_backend("mlflow", tracking_uri=args.tracking_uri)
     return make_backend("wandb", wandb_dir=args.wandb_dir)
 
@@ -85,6 +89,9 @@ def watch_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls of each run (default: 5)")
     p.add_argument("--once", action="store_true", help="poll each run once, decide if due, and exit")
     p.add_argument("--dry-run", action="store_true", help="decide and record, but publish nothing to the job")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="keep looking for a --run that does not exist yet for S seconds (a W&B run id set in "
+                        "advance with WANDB_RUN_ID); default: fail at once")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--no-table", action="store_true", help="plain log lines even on a terminal")
     return p
@@ -104,11 +111,15 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     policy = _policy(args.policy)
     try:
         proposer = make_proposer(args.proposer, policy, args.llm, args.llm_base_url)
+        if args.proposer == "llm":
+            # A missing key, model file or package is said now, not at the first decision (after
+            # which every decision would fall back to the rules). Nothing is loaded or called here.
+            proposer.client  # noqa: B018
     except (ImportError, ValueError, RuntimeError) as exc:
         print(f"atm-watch: cannot start the {args.proposer} proposer: {exc}", file=sys.stderr)
         return 2
     backend = _backend(args)
-    daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run)
+    daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait)
 
     if args.once:
         run_ids = list(args.run)

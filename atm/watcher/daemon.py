@@ -153,6 +153,7 @@ class Daemon:
         *,
         interval: float = 5.0,
         dry_run: bool = False,
+        wait_for_run: float = 0.0,
         fallback: Proposer | None = None,
         max_workers: int = 4,
         clock: Callable[[], float] = time.time,
@@ -167,9 +168,12 @@ class Daemon:
         self.fallback = fallback or RulesProposer()
         self.interval = interval
         self.dry_run = dry_run
+        #: Seconds to keep looking for a run that does not exist yet (a W&B id set in advance).
+        self.wait_for_run = wait_for_run
         self.clock = clock
         self.on_change = on_change
         self.stop_event = threading.Event()
+        self._seen: set[str] = set()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atm-propose")
@@ -182,12 +186,21 @@ class Daemon:
         for rid in run_ids:
             self._start_run(rid)
         backoff = 0
+        said: str | None = None
         while not self.stop_event.is_set():
             if experiment is not None:
                 try:
-                    for rid in self.backend.running_runs(experiment):
+                    found = self.backend.running_runs(experiment)
+                    for rid in found:
                         self._start_run(rid)
                     backoff = 0
+                    if not found and not self._threads and said != "none":
+                        said = "none"
+                        log.warning("no running runs in %r yet; waiting (runs are picked up as they start)", experiment)
+                except RunNotFound as exc:
+                    if said != "missing":  # the job's first run creates it: start the daemon first, that is fine
+                        said = "missing"
+                        log.warning("%s; waiting for it to appear", exc)
                 except BackendUnavailable as exc:
                     backoff += 1
                     log.warning("listing runs of %r failed: %s", experiment, exc)
@@ -215,15 +228,23 @@ class Daemon:
 
     def _run_loop(self, run_id: str) -> None:
         failures = 0
+        started = time.monotonic()
         while not self.stop_event.is_set():
             try:
                 self.tick(run_id)
+                self._seen.add(run_id)
                 failures = 0
             except BackendUnavailable as exc:
                 failures += 1
                 self._set(run_id, state="unreachable", error=str(exc)[:200])
                 log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
             except RunNotFound as exc:
+                if run_id not in self._seen and time.monotonic() - started < self.wait_for_run:
+                    if self.status[run_id].state != "waiting":
+                        self._set(run_id, state="waiting", error=str(exc)[:200])
+                        log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)
+                    self.stop_event.wait(self.interval)
+                    continue
                 self._set(run_id, state="not found", error=str(exc)[:200])
                 log.error("run %s: %s", run_id, exc)
                 return

@@ -121,3 +121,15 @@ def test_embedded_model_file_is_found_inside_the_package():
     assert path.suffix == ".gguf" and path.is_file() and path.stat().st_size > 50_000_000
     backend = resolve_backend(LLMConfig())
     assert isinstance(backend, LlamaBackend) and backend.name.startswith("embedded:SmolLM2")
+
+
+def test_atm_watch_refuses_to_start_with_an_llm_it_cannot_use(capsys, monkeypatch, tmp_path):
+    # Said at start-up, not at the first decision (after which every decision would fall back).
+    from atm.watcher.cli import watch_main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ATM_LLM_BASE_URL", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for spec, said in [("openai/gpt-4o-mini", "needs OPENAI_API_KEY"), (f"local:{tmp_path / 'no.gguf'}", "does not exist")]:
+        assert watch_main(["--backend", "mlflow", "--tracking-uri", uri, "--run", "r", "--proposer", "llm", "--llm", spec]) == 2
+        assert said in capsys.readouterr().err

@@ -15,6 +15,7 @@ from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
 from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status
 from atm.adapters.base import Timeline
+from atm.testing import wait_for
 from atm.watcher.daemon import Daemon, RunState, step_after
 from atm.watcher.proposer import ProposerError, ProposalResult
 
@@ -234,3 +235,43 @@ def test_timeline_keeps_the_newest_points_in_time_order() -> None:
     tl.add([(3.0, 30)])
     tl.add([(2.5, 25)])  # read late (another key, a later poll)
     assert tl.points == [(2.0, 20), (2.5, 25), (3.0, 30)]
+
+
+def test_an_experiment_that_does_not_exist_yet_is_waited_for(mlflow_uri: str) -> None:
+    # The usual order: start the daemon, then the job, whose first run creates the experiment.
+    from mlflow.tracking import MlflowClient
+
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.05)
+    watcher = threading.Thread(target=daemon.watch, kwargs={"experiment": "later"}, daemon=True)
+    watcher.start()
+    try:
+        wait_for(lambda: watcher.is_alive() and daemon.status == {}, timeout=2)
+        client = MlflowClient(mlflow_uri)
+        rid = client.create_run(client.create_experiment("later")).info.run_id
+        wait_for(lambda: rid in daemon.status, timeout=10)
+        assert watcher.is_alive()
+    finally:
+        daemon.stop()
+        watcher.join(timeout=10)
+
+
+def test_a_run_that_does_not_exist_yet_is_waited_for_with_wait(tmp_path) -> None:
+    from atm.adapters.wandb_backend import WandbBackend
+    from atm.adapters._wandb._txlog import FILE_HEADER
+
+    daemon = Daemon(WandbBackend(tmp_path / "wandb"), load_policy("lm"), interval=0.05, wait_for_run=30)
+    watcher = threading.Thread(target=daemon.watch, args=(["myrun0001"],), daemon=True)
+    watcher.start()
+    try:
+        wait_for(lambda: daemon.status.get("myrun0001") is not None and daemon.status["myrun0001"].state == "waiting")
+        run_dir = tmp_path / "wandb" / "offline-run-20260101_120000-myrun0001"
+        (run_dir / "files").mkdir(parents=True)
+        (run_dir / "run-myrun0001.wandb").write_bytes(FILE_HEADER)
+        wait_for(lambda: daemon.status["myrun0001"].state == "no listener", timeout=10)
+    finally:
+        daemon.stop()
+        watcher.join(timeout=10)
+    # Without --wait, a run that is not there is an error at once.
+    quick = Daemon(WandbBackend(tmp_path / "other"), load_policy("lm"), interval=0.05)
+    quick.watch(["nope"])
+    assert quick.status["nope"].state == "not found"
