@@ -131,8 +131,8 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if float(sig.get("train_lost_progress", 0.0)) > t.diverge_lost:
         assert train is not None
         return Diagnosis.DIVERGENCE, (
-            f"train loss {fmt(train.latest)} gave back {float(sig['train_lost_progress']):.0%} of its progress "
-            f"(best {fmt(train.best)}, worst {fmt(train.max)})"
+            f"train loss (smoothed) {fmt(float(sig['train_smoothed']))} gave back {float(sig['train_lost_progress']):.0%} "
+            f"of its progress (best {fmt(float(sig['train_smoothed_best']))}, worst {fmt(float(sig['train_smoothed_worst']))})"
         )
     if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss"):
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"

@@ -79,10 +79,15 @@ def is_rl(snapshot: TelemetrySnapshot) -> bool:
 
 def smoothed(values: Sequence[float]) -> float:
     """Exponential moving average (``EMA_ALPHA``) of ``values``, oldest first, started at the first."""
-    ema = values[0]
+    return running_ema(values)[-1]
+
+
+def running_ema(values: Sequence[float]) -> list[float]:
+    """The exponential moving average after each of ``values`` (see :func:`smoothed`)."""
+    out = [values[0]]
     for v in values[1:]:
-        ema = EMA_ALPHA * v + (1 - EMA_ALPHA) * ema
-    return ema
+        out.append(EMA_ALPHA * v + (1 - EMA_ALPHA) * out[-1])
+    return out
 
 
 def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
@@ -240,9 +245,12 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         sig["window_improvement"] = -slope(window) * (window[-1][0] - window[0][0]) / scale
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
-        # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence".
-        span = max(train.max - train.best, 1e-8)
-        sig["train_lost_progress"] = (train.latest - train.best) / span
+        # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
+        # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
+        ema = running_ema([v for _, v in by_key[train.key] if math.isfinite(v)])
+        best, worst = min(ema), max(ema)
+        sig["train_lost_progress"] = (ema[-1] - best) / max(worst - best, 1e-8)
+        sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = ema[-1], best, worst
     goal = series.get("safe_success") or series.get("success") or series.get("return")
     if goal is not None and not goal.nonfinite and goal.key in by_key:
         window = [v for _, v in by_key[goal.key] if math.isfinite(v)][-WINDOW:]
