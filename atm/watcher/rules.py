@@ -62,6 +62,13 @@ class Thresholds:
     kl_binding: float = 0.5
     #: RL: a stalled run colliding less than this (window mean) fears the obstacle more than it should.
     timid_collision: float = 0.05
+    #: RL runs that log a return but no success rate (most gymnasium tasks): the return that counts as
+    #: solved (CartPole-v1: 475). Without it a return at its best cannot be told from a stall, so
+    #: neither is diagnosed; with it, a run below it that stopped improving is stalled.
+    solved_return: float = math.inf
+    #: ... and the fall of the smoothed return from its best, as a share of the returns' range, that
+    #: means the policy got worse (returns are noisy; a tenth of the range is noise).
+    return_regress_drop: float = 0.3
 
     @classmethod
     def from_policy(cls, policy: Policy) -> "Thresholds":
@@ -185,6 +192,8 @@ def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str
     runaway = _runaway_exploration(snap, t)
     if runaway:
         return Diagnosis.UNSAFE_EXPLORATION, runaway
+    if succ is None and s.get("return") is not None:
+        return _diagnose_return(snap, s["return"], t)
     gain = float(snap.signals.get("goal_window_gain", 0.0))
     # The release's rollback gate: a drop that lasts (the recent average is down too), not one bad evaluation ...
     lasting_drop = (
@@ -206,6 +215,33 @@ def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str
     if succ is not None and succ.latest < t.stalled_success and gain < t.progress_gain:
         return Diagnosis.PLATEAU, f"{succ.key} {succ.latest:.2f}, not improving ({gain:+.2f} over the window)"
     return Diagnosis.HEALTHY, f"{goal.key} {fmt(goal.latest)}, trend {fmt(goal.slope)} per 1k steps"
+
+
+def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -> tuple[Diagnosis, str]:
+    """An RL run judged by its return alone, in shares of the returns' range (their units are the task's)."""
+    sig = snap.signals
+    scale = max(ret.max - ret.min, 1e-8)
+    gain = float(sig.get("return_window_gain", 0.0)) / scale
+    drop = float(sig.get("return_recent_drop", 0.0)) / scale
+    recent = float(sig.get("return_recent", ret.latest))
+    target = math.isfinite(t.solved_return)
+    if target and recent >= t.solved_return:
+        return Diagnosis.CONVERGED, f"{ret.key} {fmt(ret.latest)} (last 3 evaluations {fmt(recent)}) reached {fmt(t.solved_return)}"
+    entropy = _entropy_drop(snap)
+    below = drop >= t.progress_gain or (target and recent < t.solved_return)
+    if entropy is not None and entropy[0] > t.collapse_entropy_drop and gain < t.progress_gain and below:
+        return Diagnosis.EXPLORATION_COLLAPSE, (
+            f"{entropy[1]} fell {entropy[0]:.0%} over the window with no progress of {ret.key} ({gain:+.0%} of its range)"
+        )
+    if drop >= t.return_regress_drop and ret.slope <= 0:
+        return Diagnosis.DIVERGENCE, (
+            f"{ret.key} fell to {fmt(recent)} (last 3 evaluations) from {fmt(float(sig['return_recent_best']))}, "
+            f"{drop:.0%} of its range: the policy is getting worse"
+        )
+    if target and gain < t.progress_gain:
+        return Diagnosis.PLATEAU, f"{ret.key} {fmt(recent)} below {fmt(t.solved_return)}, not improving ({gain:+.0%} of its range over the window)"
+    at_best = "" if target else " (set thresholds: {solved_return: ...} for stalls and stop)"
+    return Diagnosis.HEALTHY, f"{ret.key} {fmt(ret.latest)}, {drop:.0%} of its range below its best{at_best}"
 
 
 def _runaway_exploration(snap: TelemetrySnapshot, t: Thresholds) -> str:

@@ -258,6 +258,18 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
         # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
         sig["goal_window_gain"] = smoothed(window) - window[0]
+    ret = series.get("return")
+    if ret is not None and not ret.nonfinite and ret.key in by_key:
+        # Returns are noisy and in the task's units: the mean of the last 3 evaluations, and how far it is
+        # below the best such mean. (An EMA lags too far behind on evaluations a few dozen apart.)
+        vals = [v for _, v in by_key[ret.key] if math.isfinite(v)]
+        means = [sum(vals[max(0, i - 2): i + 1]) / len(vals[max(0, i - 2): i + 1]) for i in range(len(vals))]
+        sig["return_recent"] = means[-1]
+        sig["return_recent_best"] = max(means)
+        sig["return_recent_drop"] = max(means) - means[-1]
+        # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
+        window = [(st, v) for st, v in by_key[ret.key] if math.isfinite(v)][-WINDOW:]
+        sig["return_window_gain"] = slope(window) * (window[-1][0] - window[0][0])
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

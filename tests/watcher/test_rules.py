@@ -265,3 +265,30 @@ def test_a_run_logging_only_collisions_is_judged_on_safety() -> None:
     assert diagnose(snap)[0] == Diagnosis.UNSAFE_EXPLORATION
     calm = build_snapshot("r", rl, make_history({"eval/collision_rate": [0.02, 0.01]}, every=20480), {"lr": 3e-4})
     assert diagnose(calm)[0] == Diagnosis.HEALTHY
+
+
+# --------------------------------------------------------------------------- RL runs that log only a return
+
+
+def _return_run(returns: list[float], entropy_loss: list[float] | None = None):
+    curves = {"eval/mean_reward": returns}
+    if entropy_loss is not None:
+        curves["train/entropy_loss"] = entropy_loss
+    return build_snapshot("r", load_policy("rl-ppo"), make_history(curves, every=2048), {"lr": 3e-4, "ent_coef": 0.0})
+
+
+def test_a_solved_return_run_is_not_exploration_collapse() -> None:
+    # CartPole pinned at its 500 cap while the policy gets more deterministic (entropy loss rising to 0).
+    snap = _return_run([20, 80, 200, 420, 500, 500, 500, 500, 500, 500], [-0.69, -0.65, -0.6, -0.5, -0.4, -0.3, -0.25, -0.2, -0.15, -0.1])
+    assert diagnose(snap)[0] == Diagnosis.HEALTHY
+    assert diagnose(snap, Thresholds(solved_return=475))[0] == Diagnosis.CONVERGED
+
+
+def test_a_return_that_falls_for_good_is_a_regression_but_noise_is_not() -> None:
+    fell = _return_run([20, 150, 400, 500, 500, 480, 330, 320, 310, 315, 300])
+    diagnosis, evidence = diagnose(fell)
+    assert diagnosis == Diagnosis.DIVERGENCE and "getting worse" in evidence
+    noisy = _return_run([9, 60, 120, 220, 150, 180, 140, 190, 150, 170, 160, 150])
+    assert diagnose(noisy)[0] == Diagnosis.HEALTHY
+    # With a target, a run that stopped improving below it is stalled.
+    assert diagnose(noisy, Thresholds(solved_return=475))[0] == Diagnosis.PLATEAU
