@@ -103,6 +103,27 @@ class LLMSettings(_Strict):
     max_retries: int | None = Field(None, ge=0)
 
 
+#: The metric roles atm reads, with what each means. A policy maps them to a run's metric names.
+ROLES: dict[str, str] = {
+    "train_loss": "training loss",
+    "val_loss": "validation loss",
+    "grad_norm": "gradient norm",
+    "loss_components": "parts of the loss (a pattern such as loss/*)",
+    "return": "RL episode return",
+    "success": "RL success rate (0-1)",
+    "safe_success": "RL success without collision (0-1)",
+    "collision": "RL collision rate (0-1)",
+    "episode_length": "RL episode length",
+    "entropy": "policy entropy",
+    "entropy_loss": "entropy loss (minus the entropy, as SB3 logs it)",
+    "action_std": "std of a Gaussian policy's actions",
+    "approx_kl": "approximate KL of a PPO update",
+    "clip_fraction": "share of clipped PPO ratios",
+    "explained_variance": "value function's explained variance",
+    "value_loss": "value function loss",
+}
+
+
 class Policy(_Strict):
     """A whole policy file. See ``atm policy schema`` for the JSON Schema."""
 
@@ -125,6 +146,25 @@ class Policy(_Strict):
     def _one_key_is_a_list(cls, v: Any) -> Any:
         if isinstance(v, dict):
             return {role: [keys] if isinstance(keys, str) else keys for role, keys in v.items()}
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_roles(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = [r for r in v if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown metric roles {unknown}; the roles atm reads are {', '.join(ROLES)}")
+        return v
+
+    @field_validator("limits")
+    @classmethod
+    def _eval_metric_is_mapped(cls, v: Limits, info: ValidationInfo) -> Limits:
+        metrics = info.data.get("metrics")
+        if metrics and v.eval_metric not in metrics:
+            raise ValueError(
+                f"eval_metric {v.eval_metric!r} is not one of this policy's metric roles ({', '.join(metrics)}); "
+                "evaluations are counted in points of that role's metric"
+            )
         return v
 
     # A field validator (not a model validator) so the error points at the `frozen:` line;

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
 from atm.policies import DecisionContext, Policy, available_actions, available_choices, check
-from atm.schema import Ack, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update
+from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.snapshot import build_snapshot, eval_steps, missing_role_note
@@ -284,6 +284,9 @@ class Daemon:
             note = missing_role_note(self.policy, list(view.history))
             if note:
                 log.warning("run %s: %s", run_id, note)
+            if view.listener is None and view.status == "RUNNING":
+                log.warning("run %s: it logs metrics, but no listener has attached, so nothing can be changed; "
+                            "call atm.listen(...) in the training script once its run has started", run_id)
 
         ended = view.status != "RUNNING" or self._idle(view)
         if ended:
@@ -454,6 +457,9 @@ def decision_inputs(
     ctx = decision_context(policy, view, records, params)
     snapshot = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name, now=now)
     allowed = set(view.listener.actions) if view.listener else set()
+    if any(r.action == Action.STOP and r.status == Status.APPLIED for r in records):
+        # The job was told to stop and goes on: asking again would only use up the budget.
+        allowed.discard(Action.STOP.value)
     offer = Offer(
         choices=available_choices(policy, ctx),
         actions=[a for a in available_actions(policy, ctx) if a.value in allowed],

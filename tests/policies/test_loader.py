@@ -212,6 +212,28 @@ BAD = [
         "FILE:3: field `limits.max_changes`",
         "greater than or equal to 1",
     ),
+    (
+        "unknown metric role",
+        """\
+        name: x
+        metrics:
+          reward: [eval/mean_reward]
+        """,
+        "FILE:2: field `metrics`",
+        "unknown metric roles ['reward']; the roles atm reads are train_loss, val_loss,",
+    ),
+    (
+        "eval_metric not mapped",
+        """\
+        name: x
+        metrics:
+          return: [eval/mean_reward]
+        limits:
+          eval_metric: safe_success
+        """,
+        "FILE:4: field `limits`",
+        "eval_metric 'safe_success' is not one of this policy's metric roles (return)",
+    ),
 ]
 
 

@@ -275,3 +275,16 @@ def test_a_run_that_does_not_exist_yet_is_waited_for_with_wait(tmp_path) -> None
     quick = Daemon(WandbBackend(tmp_path / "other"), load_policy("lm"), interval=0.05)
     quick.watch(["nope"])
     assert quick.status["nope"].state == "not found"
+
+
+def test_stop_is_not_offered_again_to_a_job_that_went_on(mlflow_uri: str) -> None:
+    from atm.schema import Action
+    from atm.testing import make_record
+    from atm.watcher.daemon import decision_inputs
+
+    rid = overfitting_run(mlflow_uri, upto=20)
+    view = MlflowBackend(mlflow_uri).poll(rid)
+    policy = load_policy("lm")
+    assert Action.STOP in decision_inputs(policy, view, [])[2].actions
+    stopped = [make_record(1, 100, action=Action.STOP, run_id=rid)]
+    assert Action.STOP not in decision_inputs(policy, view, stopped)[2].actions
