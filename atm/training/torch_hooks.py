@@ -44,6 +44,9 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
                 vals = getattr(scheduler, attr, None)
                 if isinstance(vals, list):
                     setattr(scheduler, attr, [v * ratio for v in vals])
+            # Cosine schedules anneal towards eta_min: scaled too, or the change fades out as they anneal.
+            if isinstance(getattr(scheduler, "eta_min", None), (int, float)):
+                scheduler.eta_min = scheduler.eta_min * ratio
             # ReduceLROnPlateau keeps its own floor per group.
             if isinstance(getattr(scheduler, "min_lrs", None), list) and hasattr(scheduler, "_last_lr"):
                 scheduler._last_lr = [g["lr"] for g in groups()]

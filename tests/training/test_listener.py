@@ -318,3 +318,41 @@ def test_values_moved_by_a_scheduler_are_announced_again(monkeypatch):
         wait_for(lambda: ch.infos[-1].values["lr"] == pytest.approx(2e-4))
     finally:
         lst.close()
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=1e-4),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=6, eta_min=1e-4),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=30),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=10),
+    "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=20, power=2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_an_lr_change_scales_the_whole_schedule_from_then_on(name):
+    # Two identical jobs; in one the lr is halved at step 5. Every later lr must be half the other's.
+    runs = []
+    for managed in (False, True):
+        model, opt = make_model()
+        sched = SCHEDULERS[name](opt)
+        ch = FakeChannel()
+        lst = atm.listen(opt, scheduler=sched, channel=ch, poll_interval=0.01) if managed else None
+        lrs = []
+        for step in range(20):
+            if managed and step == 5:
+                now = opt.param_groups[0]["lr"]
+                ch.publish(1, lr=(now, now / 2))
+                wait_for(lambda: lst._pending)
+            train_step(model, opt)  # a change arriving now applies before this step
+            lrs.append(opt.param_groups[0]["lr"])
+            sched.step()
+        if lst is not None:
+            lst.close()
+        runs.append(lrs)
+    plain, halved = runs
+    assert halved[:5] == pytest.approx(plain[:5])
+    assert [h / p for h, p in zip(halved[5:], plain[5:])] == pytest.approx([0.5] * 15)
