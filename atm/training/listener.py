@@ -112,6 +112,7 @@ class Listener:
         self._pending: list[Update] = []
         self._last_applied = 0
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._outbox: list[tuple[Ack, dict[str, float], int | None]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -265,6 +266,10 @@ class Listener:
         with self._lock:
             self._outbox.append((ack, values, step))
             self._announce_needed = True
+        if update.action == Action.STOP:
+            # The job is about to break out of its loop and finish its run (wandb.finish()): record the
+            # stop on the run now, not on the listener's next cycle, when the run may be closed.
+            self._flush()
         self._wake.set()
         return update
 
@@ -339,20 +344,21 @@ class Listener:
         self._announce_needed = False
 
     def _flush(self) -> None:
-        while True:
-            with self._lock:
-                if not self._outbox:
+        with self._flush_lock:  # the listener's thread, or the training thread after a stop
+            while True:
+                with self._lock:
+                    if not self._outbox:
+                        return
+                    ack, values, step = self._outbox[0]
+                try:
+                    self.channel.ack(ack)
+                    if values:
+                        self.channel.log_values(values, step)
+                except Exception as exc:
+                    self._note("ack", f"could not write ack #{ack.seq} yet ({exc!r}); will retry")
                     return
-                ack, values, step = self._outbox[0]
-            try:
-                self.channel.ack(ack)
-                if values:
-                    self.channel.log_values(values, step)
-            except Exception as exc:
-                self._note("ack", f"could not write ack #{ack.seq} yet ({exc!r}); will retry")
-                return
-            with self._lock:
-                self._outbox.pop(0)
+                with self._lock:
+                    self._outbox.pop(0)
 
     def _note(self, kind: str, message: str) -> None:
         # Log each kind of trouble once at WARNING, then at DEBUG: a tracker outage must not flood the job's log.

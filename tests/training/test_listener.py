@@ -356,3 +356,19 @@ def test_an_lr_change_scales_the_whole_schedule_from_then_on(name):
     plain, halved = runs
     assert halved[:5] == pytest.approx(plain[:5])
     assert [h / p for h, p in zip(halved[5:], plain[5:])] == pytest.approx([0.5] * 15)
+
+
+def test_a_stop_is_on_the_run_before_the_job_gets_to_finish_it():
+    # The job breaks out of its loop at once and finishes its run (wandb.finish()): the stop's ack and
+    # its record must already be written by then, not on the listener's next cycle.
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=60.0)
+    try:
+        ch.publish(1, action=Action.STOP)
+        lst._wake.set()
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert lst.stop_requested and 1 in ch.acks  # no waiting: written in the training thread
+    finally:
+        lst.close()
