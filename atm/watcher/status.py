@@ -27,7 +27,7 @@ def log_changes() -> Callable[[RunStatus], None]:
                 return
             last[s.run_id] = key
         print(
-            f"[atm] run {s.run_id[:12]} {s.name} step {s.step}: {s.state}"
+            f"[atm] run {label(s)} step {s.step}: {s.state}"
             + (f", {s.diagnosis}" if s.diagnosis else "")
             + f", interventions {s.applied} applied / {s.decisions}"
             + (f", pending {s.pending}" if s.pending else "")
@@ -37,6 +37,21 @@ def log_changes() -> Callable[[RunStatus], None]:
         )
 
     return on_change
+
+
+def short_id(run_id: str) -> str:
+    """A run as the user will recognise it: an MLflow id's first 12 characters; for a W&B run folder
+    or path (``wandb/offline-run-20260101_120000-abc123``, ``entity/project/abc123``), its id."""
+    tail = run_id.rstrip("/").rsplit("/", 1)[-1]
+    if tail != run_id or tail.startswith(("offline-run-", "run-")):
+        return tail.rsplit("-", 1)[-1] if tail.startswith(("offline-run-", "run-")) else tail
+    return run_id[:12]
+
+
+def label(s: Any) -> str:
+    """The run's id and, when it says more, its name."""
+    rid = short_id(s.run_id)
+    return rid if not s.name or s.name == rid else f"{rid} {s.name}"
 
 
 def live_table(daemon: Any) -> Callable[[], None]:
@@ -49,7 +64,7 @@ def live_table(daemon: Any) -> Callable[[], None]:
         for col in ("run", "name", "step", "state", "diagnosis", "interventions", "pending", "last decision"):
             t.add_column(col, overflow="fold")
         for s in list(daemon.status.values()):
-            t.add_row(s.run_id[:12], s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
+            t.add_row(short_id(s.run_id), s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
                       s.diagnosis, f"{s.applied} applied / {s.decisions}", s.pending, s.last)
         return t
 

@@ -132,7 +132,9 @@ class _LocalRun:
 
     def publish(self, record: DecisionRecord) -> None:
         if record.status == Status.PENDING:
-            write_atomic(self.layout.inbox / update_name(record.seq), record.to_update().model_dump_json())
+            # The job knows its run by W&B's id, not by the folder or `latest-run` link the daemon was given.
+            update = record.to_update().model_copy(update={"run_id": self.layout.run_id or record.run_id})
+            write_atomic(self.layout.inbox / update_name(record.seq), update.model_dump_json())
 
     def write_log(self, records: Sequence[DecisionRecord]) -> None:
         write_atomic(self.layout.log_file, records_to_jsonl(records))
