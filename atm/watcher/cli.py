@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from atm.policies import Policy, PolicyError, load_policy, parse_policy, policy_json_schema
+from atm.policies import Policy, PolicyError, load_policy, policy_json_schema
 from atm.schema import fmt
 
 log = logging.getLogger("atm")
@@ -20,13 +20,15 @@ log = logging.getLogger("atm")
 # --------------------------------------------------------------------------- shared options
 
 
-def _add_backend_args(p: argparse.ArgumentParser, run_required: bool = False) -> None:
+def _add_backend_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND", "mlflow"),
                    help="tracker the job logs to (default: mlflow, or $ATM_BACKEND)")
-    p.add_argument("--run", action="append", default=[], required=run_required, metavar="RUN_ID",
-                   help="run to watch (repeatable). W&B: a run directory, run id, or entity/project/run_id")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                   help=("run to watch (repeatable)" if many else "the run")
+                   + ". W&B: a run directory, run id, or entity/project/run_id")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default ./mlruns)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
+                        "current folder: a new, empty one if there is none)")
     p.add_argument("--wandb-dir", default=None, help="W&B: folder holding offline runs (default: ./wandb)")
 
 
@@ -47,15 +49,22 @@ def _backend(args: argparse.Namespace) -> Any:
         # seconds, and the daemon retries on its own with back-off.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        return make_backend("mlflow", tracking_uri=args.tracking_uri)
+        try:
+            return make_backend("mlflow", tracking_uri=args.tracking_uri)
+        except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
+            raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
     return make_backend("wandb", wandb_dir=args.wandb_dir)
 
 
 def _policy(spec: str) -> Policy:
+    from atm.watcher.rules import Thresholds
+
     try:
-        return load_policy(spec)
-    except PolicyError as exc:
+        policy = load_policy(spec)
+        Thresholds.from_policy(policy)
+    except (PolicyError, ValueError) as exc:
         raise SystemExit(f"atm: {exc}") from None
+    return policy
 
 
 def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: str | None = None) -> Any:
@@ -82,7 +91,7 @@ def watch_parser() -> argparse.ArgumentParser:
         description="Watch live training runs and manage them within a policy.",
         epilog="example: atm-watch --backend mlflow --run 3f2a... --tracking-uri sqlite:///mlflow.db --proposer rules",
     )
-    _add_backend_args(p)
+    _add_backend_args(p, many=True)
     p.add_argument("--experiment", default=None, help="watch every RUNNING run of this experiment (MLflow) or project (W&B)")
     p.add_argument("--project", dest="experiment", help=argparse.SUPPRESS)
     _add_proposer_args(p)
@@ -329,8 +338,7 @@ def _policy_cmd(args: argparse.Namespace) -> int:
             return 2
         return 0
     try:
-        with open(args.file) as fh:
-            pol = parse_policy(fh.read(), source=args.file)
+        pol = load_policy(args.file)  # a file, or a preset's name
         from atm.watcher.rules import Thresholds
 
         Thresholds.from_policy(pol)
