@@ -20,8 +20,10 @@ def log_changes() -> Callable[[RunStatus], None]:
     lock = threading.Lock()
 
     def on_change(s: RunStatus) -> None:
-        # The step alone moves at every poll; print when something else changed.
-        key = tuple(getattr(s, f) for f in _SHOWN if f != "step")
+        # The step alone moves at every poll; print when something else changed. "deciding on step N"
+        # lasts milliseconds with the rules (the live table shows it; a log needs only the outcome).
+        pending = "" if s.pending.startswith("deciding") else s.pending
+        key = tuple(pending if f == "pending" else getattr(s, f) for f in _SHOWN if f != "step")
         with lock:
             if last.get(s.run_id) == key:
                 return
@@ -30,7 +32,7 @@ def log_changes() -> Callable[[RunStatus], None]:
             f"[atm] run {label(s)} step {s.step}: {s.state}"
             + (f", {s.diagnosis}" if s.diagnosis else "")
             + f", interventions {s.applied} applied / {s.decisions}"
-            + (f", pending {s.pending}" if s.pending else "")
+            + (f", pending {pending}" if pending else "")
             + (f", last {s.last}" if s.last else "")
             + (f", error {s.error}" if s.error else ""),
             flush=True,
