@@ -276,6 +276,24 @@ def fake_run_dir(root: Path, run_id: str = "abc123", stamp: str = "20260101_1200
     return run_dir
 
 
+def test_a_dry_run_decision_log_goes_up_with_the_run(tmp_path: Path) -> None:
+    # Nothing is ever published or acknowledged, yet the log is part of what W&B will sync.
+    job = start_job(tmp_path, "--listen", "--steps", "100", "--sleep", "0.05")
+    backend = WandbBackend(tmp_path / "wandb")
+    try:
+        rid = wait_for(lambda: next(iter(backend.running_runs("atm-tests")), None), job, what="the run")
+        wait_for(lambda: backend.poll(rid).listener, job, what="the listener")
+        backend.write_log(rid, [record(rid, 1, step=10).model_copy(update={"status": Status.DRY_RUN})])
+        assert job.wait(90) == 0, job_log(tmp_path)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    _, records = all_records(run_dir)
+    saved = {f.path for r in records if r.WhichOneof("record_type") == "files" for f in r.files.files}
+    assert "atm/interventions.jsonl" in saved
+
+
 def test_run_resolution(tmp_path: Path) -> None:
     older = fake_run_dir(tmp_path, "abc123", "20260101_120000")
     newer = fake_run_dir(tmp_path, "abc123", "20260102_120000")  # resumed: the newest dir is the live one

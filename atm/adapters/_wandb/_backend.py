@@ -400,6 +400,10 @@ class WandbChannel:
                     self.remote = None  # credentials or run missing: asking again will not help
         self._updates.update(found)
         self._show_acked()  # an update with an action only gets no log_values call
+        if self.ui is not None:
+            # The daemon's decision log, once it exists, goes up with the run even if nothing is ever
+            # applied (--dry-run, or only rejected proposals). Registered once; a stat per cycle after.
+            self.ui.save(self.layout.log_file, "end")
         return [found[s] for s in sorted(found)]
 
     def acked(self) -> dict[int, Ack]:
