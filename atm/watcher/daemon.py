@@ -245,8 +245,8 @@ class Daemon:
                         log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)
                     self.stop_event.wait(self.interval)
                     continue
-                self._set(run_id, state="not found", error=str(exc)[:200])
-                log.error("run %s: %s", run_id, exc)
+                # Said once, in full, when atm-watch ends (and on the status line meanwhile).
+                self._set(run_id, state="not found", error=str(exc))
                 return
             except Exception:
                 failures += 1

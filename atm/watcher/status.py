@@ -34,7 +34,7 @@ def log_changes() -> Callable[[RunStatus], None]:
             + f", interventions {s.applied} applied / {s.decisions}"
             + (f", pending {pending}" if pending else "")
             + (f", last {s.last}" if s.last else "")
-            + (f", error {s.error}" if s.error else ""),
+            + (f", error {s.error[:120]}{'…' if len(s.error) > 120 else ''}" if s.error else ""),
             flush=True,
         )
 

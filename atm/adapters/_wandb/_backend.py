@@ -199,9 +199,13 @@ class WandbBackend:
         elif is_run_path(run_id):
             found = OnlineRun(run_id, self._api, Pacer(self.min_request_interval))
         else:
+            if "/" in run_id or os.sep in run_id:
+                where = f"{run_id!r} is not a W&B run directory (one holding a run-*.wandb file)"
+            else:
+                where = f"no offline-run-*-{run_id} or run-*-{run_id} under {self.wandb_dir.resolve()}"
             raise RunNotFound(
-                f"no W&B run {run_id!r}: not a run directory, and no offline-run-*-{run_id} or run-*-{run_id} under "
-                f"{self.wandb_dir.resolve()}. Pass the run directory, --wandb-dir, or entity/project/run_id for an online run."
+                f"no W&B run {run_id!r}: {where}. Pass the run directory, --wandb-dir, or entity/project/run_id "
+                "for an online run."
             )
         with self._lock:
             return self._runs.setdefault(run_id, found)
