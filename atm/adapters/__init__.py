@@ -25,7 +25,7 @@ def make_backend(name: str, **options: Any) -> Backend:
     if name == "mlflow":
         from atm.adapters.mlflow_backend import MlflowBackend
 
-        return MlflowBackend(tracking_uri=options.get("tracking_uri"))
+        return MlflowBackend(tracking_uri=options.get("tracking_uri"), existing=bool(options.get("existing")))
     if name == "wandb":
         from atm.adapters import wandb_backend  # type: ignore[attr-defined]
 

@@ -95,8 +95,16 @@ class MlflowBackend:
 
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str | None = None):
+    def __init__(self, tracking_uri: str | None = None, existing: bool = False):
+        """``existing``: refuse (ValueError) a local sqlite store that does not exist yet, rather than
+        create it empty: a run id can only be found in a store that exists, so it is a mistyped path."""
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        path = self.tracking_uri[len("sqlite:///"):] if self.tracking_uri.startswith("sqlite:///") else ""
+        if existing and path and path != ":memory:" and not os.path.exists(path):
+            raise ValueError(
+                f"no MLflow store at {path} (from {self.tracking_uri}); pass the job's tracking URI with "
+                "--tracking-uri or MLFLOW_TRACKING_URI"
+            )
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         # The daemon's and `atm history`'s reads of the decision log would each print a download
         # progress bar into their own output. This backend runs in atm's processes, not the job's.

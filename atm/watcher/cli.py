@@ -49,8 +49,12 @@ def _backend(args: argparse.Namespace) -> Any:
         # seconds, and the daemon retries on its own with back-off.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # With --experiment the job may create the store later; a run id is only in a store that exists.
+        existing = not getattr(args, "experiment", None)
         try:
-            return make_backend("mlflow", tracking_uri=args.tracking_uri)
+            return make_backend("mlflow", tracking_uri=args.tracking_uri, existing=existing)
+        except ValueError as exc:
+            raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
             raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
     return make_backend("wandb", wandb_dir=args.wandb_dir)

@@ -99,3 +99,12 @@ def test_running_runs_of_an_experiment(mlflow_uri: str) -> None:
 
     with pytest.raises(RunNotFound, match="no MLflow experiment"):
         MlflowBackend(mlflow_uri).running_runs("nope")
+
+
+def test_a_mistyped_store_path_is_refused_not_created(tmp_path) -> None:
+    from atm.adapters.mlflow_backend import MlflowBackend
+
+    path = tmp_path / "typo" / "mlflow.db"
+    with pytest.raises(ValueError, match=r"no MLflow store at .*typo/mlflow.db.*--tracking-uri"):
+        MlflowBackend(f"sqlite:///{path}", existing=True)
+    assert not path.parent.exists()
