@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
 from atm.policies import DecisionContext, Policy, available_actions, available_choices, check
-from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update
+from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.snapshot import build_snapshot, eval_steps, missing_role_note
@@ -78,6 +78,8 @@ class RunState:
     done: bool = False
     #: Whether the run was told that the policy's evaluation metric is missing (once per run).
     noted_missing: bool = False
+    #: Whether values outside the policy's bounds were reported (once per run).
+    noted_bounds: bool = False
     #: Set when a proposal finishes, so the run's loop settles it without waiting a full interval.
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -279,6 +281,13 @@ class Daemon:
 
         if st.inflight is not None and (st.inflight.future.done() or wait):
             self._settle_decision(st, view)
+        if not st.noted_bounds and view.listener is not None:
+            st.noted_bounds = True
+            for name, value in sorted(view.listener.values.items()):
+                rule = self.policy.params.get(name)
+                if rule is not None and not rule.min <= value <= rule.max:
+                    log.warning("run %s: %s is %s, outside the policy's [%s, %s]; a move on it lands inside those "
+                                "bounds, however far that is", run_id, name, fmt(value), fmt(rule.min), fmt(rule.max))
         if not st.noted_missing and _logged_steps(view) >= MISSING_METRIC_AFTER:
             st.noted_missing = True
             note = missing_role_note(self.policy, list(view.history))

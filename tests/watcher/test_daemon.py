@@ -288,3 +288,14 @@ def test_stop_is_not_offered_again_to_a_job_that_went_on(mlflow_uri: str) -> Non
     assert Action.STOP in decision_inputs(policy, view, [])[2].actions
     stopped = [make_record(1, 100, action=Action.STOP, run_id=rid)]
     assert Action.STOP not in decision_inputs(policy, view, stopped)[2].actions
+
+
+def test_a_value_outside_the_policy_bounds_is_reported(mlflow_uri: str, caplog) -> None:
+    rid = overfitting_run(mlflow_uri)
+    MlflowChannel(rid, mlflow_uri).announce(ListenerInfo(
+        run_id=rid, knobs=["lr"], values={"lr": 5.0}, actions=["stop"], apply_mode="auto", pid=1, started_at=0.0))
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert "lr is 5, outside the policy's [1e-06, 1]" in caplog.text
