@@ -40,6 +40,9 @@ class Thresholds:
     #: Overfitting that comes back after this many remedies, the last of which brought no new best
     #: validation loss, is answered with stop (keeping the best checkpoint) instead of another remedy.
     overfit_remedies_before_stop: int = 2
+    #: A plateau answered by this many remedies in a row, none followed by a new best of the primary
+    #: metric, is answered with stop (keeping the best checkpoint) instead of yet another lr cut.
+    plateau_remedies_before_stop: int = 2
     #: Loss imbalance: largest/smallest loss component above this.
     imbalance_ratio: float = 20.0
     #: RL: safe success and collision rate that count as solved.
@@ -114,10 +117,12 @@ class RulesProposer:
 
 def diagnose_for_offer(snap: TelemetrySnapshot, t: Thresholds, offer: Offer) -> tuple[Diagnosis, str]:
     """:func:`diagnose`, except that a supervised run whose remedies are exhausted but which may not
-    stop now (stop not offered: too early, or the job has no stop) is still treated for overfitting."""
+    stop now (stop not offered: too early, or the job has no stop) is still treated for what it has
+    (overfitting, or a plateau)."""
     diagnosis, evidence = diagnose(snap, t)
     if diagnosis == Diagnosis.CONVERGED and not is_rl(snap) and Action.STOP not in offer.actions:
-        return Diagnosis.OVERFITTING, evidence.replace("stop and keep the best checkpoint", "stop is not available, so another remedy")
+        instead = Diagnosis.PLATEAU if evidence.startswith(PLATEAU_STOP_PREFIX) else Diagnosis.OVERFITTING
+        return instead, evidence.replace("stop and keep the best checkpoint", "stop is not available, so another remedy")
     return diagnosis, evidence
 
 
@@ -169,6 +174,9 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
                 f"(ratio {gap_ratio:.2f}) under {_regularizers(snap)}"
             )
         moved = f"improved {improvement:.1%}" if improvement >= 0 else f"got {-improvement:.1%} worse"
+        exhausted = _plateau_exhausted(snap, primary, t)
+        if exhausted:
+            return Diagnosis.CONVERGED, exhausted
         return Diagnosis.PLATEAU, f"{primary.key} {moved} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
     return Diagnosis.HEALTHY, f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
 
@@ -306,6 +314,26 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
     return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, in effect from step "
             f"{fixes[-1].applied_step}) brought no new best {val.key} ({fmt(val.best)} at step {val.best_step}): "
             "stop and keep the best checkpoint")
+
+
+def _plateau_exhausted(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) -> str:
+    """Non-empty (the evidence) when the last remedies were all for this plateau and none brought a
+    new best: the run has converged, and more cuts would only spend the budget (what early stopping
+    after ReduceLROnPlateau does)."""
+    n = t.plateau_remedies_before_stop
+    tail = snap.recent[-n:]
+    if n < 1 or len(tail) < n or any(e.diagnosis != Diagnosis.PLATEAU or e.applied_step is None for e in tail):
+        return ""
+    first = tail[0].applied_step
+    assert first is not None
+    if primary.best_step >= first:
+        return ""
+    return (f"{PLATEAU_STOP_PREFIX} of {primary.key} since step {primary.best_step} ({fmt(primary.best)}) through the last "
+            f"{n} remedies for this plateau (from step {first} on): stop and keep the best checkpoint")
+
+
+#: How a converged-plateau diagnosis begins (told apart from the overfitting one when stop is not offered).
+PLATEAU_STOP_PREFIX = "no new best"
 
 
 def _regularized(snap: TelemetrySnapshot) -> bool:

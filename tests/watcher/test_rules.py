@@ -292,3 +292,26 @@ def test_a_return_that_falls_for_good_is_a_regression_but_noise_is_not() -> None
     assert diagnose(noisy)[0] == Diagnosis.HEALTHY
     # With a target, a run that stopped improving below it is stalled.
     assert diagnose(noisy, Thresholds(solved_return=475))[0] == Diagnosis.PLATEAU
+
+
+def test_a_plateau_that_two_lr_cuts_did_not_move_is_stopped_keeping_the_best() -> None:
+    # Val loss reaches its best at step 400, then sits flat; two lr cuts (from 600 and 800) bring no new best.
+    from atm.testing import flat, make_record
+
+    lm = load_policy("lm")
+    val = decay(20, 3.0, 1.2, rate=6.0) + flat(30, 1.21, noise=0.002, seed=1)
+    train = decay(50, 3.2, 1.0, rate=4.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=20)
+    cuts = [make_record(i + 1, s, diagnosis=Diagnosis.PLATEAU, changes={"lr": (1e-3 / 2**i, 5e-4 / 2**i)}, applied_step=s + 20)
+            for i, s in enumerate((580, 780))]
+    snap = build_snapshot("r", lm, history, {"lr": 2.5e-4}, cuts)
+    best_step = snap.series["val_loss"].best_step
+    assert best_step < 600
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.CONVERGED and evidence.startswith("no new best of val_loss")
+    # One cut is not enough to give up; and a job without stop gets the plateau remedy instead.
+    assert diagnose(build_snapshot("r", lm, history, {"lr": 5e-4}, cuts[:1]))[0] == Diagnosis.PLATEAU
+    no_stop = lm.model_copy(update={"actions": {k: v for k, v in lm.actions.items() if k != Action.STOP}})
+    ctx = DecisionContext(step=980, params={"lr": 2.5e-4}, history=cuts, eval_steps=[s for s, _ in history["val_loss"]])
+    result = RulesProposer().propose(snap, no_stop, ctx, _offer(no_stop, ctx))
+    assert result.proposal.diagnosis == Diagnosis.PLATEAU and "stop is not available" in result.proposal.rationale
