@@ -175,7 +175,6 @@ class Daemon:
         self.clock = clock
         self.on_change = on_change
         self.stop_event = threading.Event()
-        self._seen: set[str] = set()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atm-propose")
@@ -234,14 +233,14 @@ class Daemon:
         while not self.stop_event.is_set():
             try:
                 self.tick(run_id)
-                self._seen.add(run_id)
                 failures = 0
             except BackendUnavailable as exc:
                 failures += 1
                 self._set(run_id, state="unreachable", error=str(exc)[:200])
                 log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
             except RunNotFound as exc:
-                if run_id not in self._seen and time.monotonic() - started < self.wait_for_run:
+                seen = self._states[run_id].recovered  # polled once: it existed, so it is gone, not late
+                if not seen and time.monotonic() - started < self.wait_for_run:
                     if self.status[run_id].state != "waiting":
                         self._set(run_id, state="waiting", error=str(exc)[:200])
                         log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)

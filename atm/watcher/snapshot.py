@@ -20,10 +20,11 @@ HIGHER_IS_BETTER = frozenset({"return", "success", "safe_success", "explained_va
 #: Roles whose non-finite values mean the run diverged.
 WATCHED_FOR_NONFINITE = frozenset({"train_loss", "val_loss", "loss_components", "grad_norm", "return", "value_loss"})
 
-#: Points in the trailing window used for slopes and spreads. Counted in points, not steps,
-#: so the statistics mean the same thing whether a script logs every step or every epoch.
 #: Roles only a reinforcement-learning run logs.
 RL_ROLES = frozenset({"return", "success", "safe_success", "collision"})
+
+#: Points in the trailing window used for slopes and spreads. Counted in points, not steps,
+#: so the statistics mean the same thing whether a script logs every step or every epoch.
 WINDOW = 8
 TRAIL = 8
 EMA_ALPHA = 0.3
@@ -134,6 +135,11 @@ def series_stats(key: str, points: Points, higher_is_better: bool = False) -> Se
     )
 
 
+def fitted_change(points: Points) -> float:
+    """How much a least-squares line through ``points`` moves from their first step to their last."""
+    return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
+
+
 def slope(points: Points) -> float:
     """Least-squares slope (value per step); 0 for fewer than two distinct steps."""
     if len(points) < 2:
@@ -242,7 +248,7 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         window = [(st, v) for st, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
         # Relative improvement across the trailing window by a least-squares fit (positive: still
         # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
-        sig["window_improvement"] = -slope(window) * (window[-1][0] - window[0][0]) / scale
+        sig["window_improvement"] = -fitted_change(window) / scale
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
@@ -262,14 +268,14 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
     if ret is not None and not ret.nonfinite and ret.key in by_key:
         # Returns are noisy and in the task's units: the mean of the last 3 evaluations, and how far it is
         # below the best such mean. (An EMA lags too far behind on evaluations a few dozen apart.)
-        vals = [v for _, v in by_key[ret.key] if math.isfinite(v)]
-        means = [sum(vals[max(0, i - 2): i + 1]) / len(vals[max(0, i - 2): i + 1]) for i in range(len(vals))]
+        finite = [(st, v) for st, v in by_key[ret.key] if math.isfinite(v)]
+        vals = [v for _, v in finite]
+        means = [sum(last) / len(last) for last in (vals[max(0, i - 2): i + 1] for i in range(len(vals)))]
         sig["return_recent"] = means[-1]
         sig["return_recent_best"] = max(means)
         sig["return_recent_drop"] = max(means) - means[-1]
         # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
-        window = [(st, v) for st, v in by_key[ret.key] if math.isfinite(v)][-WINDOW:]
-        sig["return_window_gain"] = slope(window) * (window[-1][0] - window[0][0])
+        sig["return_window_gain"] = fitted_change(finite[-WINDOW:])
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean
