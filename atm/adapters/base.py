@@ -15,6 +15,7 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,10 @@ LISTENER_KEY = "atm.listener"
 SEQ_KEY = "atm.seq"
 LATEST_KEY = "atm.latest"
 LOG_ARTIFACT = "atm/interventions.jsonl"
+#: A W&B run folder, ``offline-run-20260101_120000-abc123`` or ``run-20260101_120000-abc123``: its
+#: time and run id. Here rather than in the W&B backend, which imports ``wandb``, so that naming a
+#: run (the daemon's status lines) does not.
+WANDB_RUN_DIR_RE = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
 
 
 class BackendError(RuntimeError):

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from atm.adapters.base import WANDB_RUN_DIR_RE
 from atm.watcher.daemon import RunStatus
 
 log = logging.getLogger("atm.watch")
@@ -45,9 +46,10 @@ def short_id(run_id: str) -> str:
     """A run as the user will recognise it: an MLflow id's first 12 characters; for a W&B run folder
     or path (``wandb/offline-run-20260101_120000-abc123``, ``entity/project/abc123``), its id."""
     tail = run_id.rstrip("/").rsplit("/", 1)[-1]
-    if tail != run_id or tail.startswith(("offline-run-", "run-")):
-        return tail.rsplit("-", 1)[-1] if tail.startswith(("offline-run-", "run-")) else tail
-    return run_id[:12]
+    m = WANDB_RUN_DIR_RE.match(tail)
+    if m:
+        return m.group(2)
+    return tail if tail != run_id else run_id[:12]
 
 
 def label(s: Any) -> str:

@@ -32,12 +32,11 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from atm.adapters.base import LOG_ARTIFACT
+from atm.adapters.base import LOG_ARTIFACT, WANDB_RUN_DIR_RE
 
 M = TypeVar("M", bound=BaseModel)
 
-#: ``offline-run-20260101_120000-abc123`` or ``run-20260101_120000-abc123``.
-RUN_DIR_RE = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
+RUN_DIR_RE = WANDB_RUN_DIR_RE
 UPDATE_FILE_RE = re.compile(r"^update-(\d+)\.json$")
 ACK_FILE_RE = re.compile(r"^ack-(\d+)\.json$")
 
