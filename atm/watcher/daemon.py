@@ -38,6 +38,8 @@ MAX_BACKOFF_S = 60.0
 EXPIRED = "expired"
 #: How long a tick waits for a proposal before leaving it to a later tick.
 SETTLE_NOW_S = 0.2
+#: Late answers in a row after which the daemon says the proposer is too slow for the run.
+STALE_WARN_AFTER = 3
 
 
 @dataclass
@@ -80,6 +82,9 @@ class RunState:
     noted_missing: bool = False
     #: Whether values outside the policy's bounds were reported (once per run).
     noted_bounds: bool = False
+    #: Decisions in a row that came too late to apply, and whether that was reported (once per run).
+    stale_in_a_row: int = 0
+    noted_slow: bool = False
     #: Set when a proposal finishes, so the run's loop settles it without waiting a full interval.
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -114,6 +119,11 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             rec.effective_step = step_after(view.timeline, rec.applied_at, floor=rec.step)
             changed |= rec.effective_step is not None
     return [by_seq[s] for s in sorted(by_seq)], changed
+
+
+def still_current(decided: Diagnosis, now: Diagnosis) -> bool:
+    """Whether a late answer to ``decided`` still answers the run as it is ``now``. Pure."""
+    return decided == now and decided not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA)
 
 
 def step_after(timeline: Sequence[tuple[float, int]], when: float, floor: int = 0) -> int | None:
@@ -377,7 +387,16 @@ class Daemon:
         params = dict(view.listener.values) if view.listener else snap.params
         ctx_now = self._context(st, view, params)
         stale_window = self.policy.limits.stale_after
-        stale = (stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
+        stale = bool(stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
+        late_note = ""
+        if stale and view.status == "RUNNING":
+            # The answer is late, but the question may still stand: a slow model on a fast job would
+            # otherwise never act. It is kept when the run, read now, shows the same problem.
+            now_snap, _, _ = decision_inputs(self.policy, view, st.records)
+            now_diag, _ = diagnose(now_snap, Thresholds.from_policy(self.policy))
+            if still_current(proposal.diagnosis, now_diag):
+                stale = False
+                late_note = f"decided on step {snap.step}; at step {ctx_now.step} the run still shows {now_diag.value}; "
         verdict = check(proposal, self.policy, ctx_now)
         if view.status != "RUNNING":
             # Nothing would ever apply it: the job is gone.
@@ -385,9 +404,10 @@ class Daemon:
         elif stale:
             status, reason = Status.STALE, f"stale: the run moved from step {snap.step} to {ctx_now.step} while deciding"
         elif verdict.accepted:
-            status, reason = (Status.DRY_RUN if self.dry_run else Status.PENDING), verdict.reason
+            status, reason = (Status.DRY_RUN if self.dry_run else Status.PENDING), late_note + verdict.reason
         else:
-            status, reason = Status.REJECTED, verdict.reason
+            status, reason = Status.REJECTED, late_note + verdict.reason
+        self._note_staleness(st, status, result, snap.step, ctx_now.step)
         # Changes are recorded against the values in force now, which is what the job will replace.
         changes = verdict.changes if status in (Status.PENDING, Status.DRY_RUN) else {}
         st.seq += 1
@@ -403,6 +423,20 @@ class Daemon:
         self.backend.publish(record)
         self.backend.write_log(st.run_id, st.records)
         log.info("run %s: %s — %s", st.run_id, record.summary(), reason)
+
+    def _note_staleness(self, st: RunState, status: Status, result: ProposalResult, decided: int, now: int) -> None:
+        """Say once per run when the proposer is too slow for the run: its answers keep arriving stale."""
+        st.stale_in_a_row = st.stale_in_a_row + 1 if status == Status.STALE else 0
+        if st.stale_in_a_row < STALE_WARN_AFTER or st.noted_slow:
+            return
+        st.noted_slow = True
+        took = result.audit.get("latency_s")
+        log.warning(
+            "run %s: %d decisions in a row came too late to apply (the last took %s while the run went from "
+            "step %d to %d). Give the proposer more time (limits.stale_after in the policy), a faster model "
+            "(--llm), or use --proposer rules.",
+            st.run_id, st.stale_in_a_row, f"{took:.0f} s" if isinstance(took, (int, float)) else "long", decided, now,
+        )
 
     # ------------------------------------------------------------------ status
 
@@ -497,4 +531,4 @@ def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
     ]
 
 
-__all__ = ["Daemon", "RunState", "RunStatus", "history_rows", "reconcile", "Diagnosis"]
+__all__ = ["Daemon", "RunState", "RunStatus", "history_rows", "reconcile", "still_current", "Diagnosis"]

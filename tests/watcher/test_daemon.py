@@ -118,18 +118,60 @@ def decide_slowly(uri: str, meanwhile: Callable[[str], None]) -> tuple[str, RunS
     return rid, st
 
 
-def test_a_late_answer_is_discarded_as_stale(mlflow_uri: str) -> None:
+def test_a_late_answer_is_discarded_as_stale_when_the_run_moved_past_it(mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    # four more evaluations while it thinks; the lm preset allows fewer
-    rid, st = decide_slowly(mlflow_uri, lambda rid: log_evals(MlflowClient(mlflow_uri), rid, 21, 24))
+    def recovers(rid: str) -> None:
+        # four more evaluations while it thinks (the lm preset allows fewer), val loss at new bests
+        client = MlflowClient(mlflow_uri)
+        for i in range(21, 25):
+            client.log_metric(rid, "train_loss", 3.0 / i, step=i * 10)
+            client.log_metric(rid, "val_loss", 1.0 - 0.05 * (i - 20), step=i * 10)
+
+    rid, st = decide_slowly(mlflow_uri, recovers)
     stale = st.records[0]
     assert stale.status == Status.STALE and stale.step == 200
     assert "stale" in stale.reason and not stale.changes
-    # The stale answer was never published; the next decision is taken afresh on the newer data.
-    published = MlflowChannel(rid, mlflow_uri).fetch(0)
-    assert 1 not in [u.seq for u in published]
-    assert all(u.step == 240 for u in published)
+    # The stale answer was never published.
+    assert 1 not in [u.seq for u in MlflowChannel(rid, mlflow_uri).fetch(0)]
+
+
+def test_a_late_answer_to_a_problem_the_run_still_has_is_applied(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # four more evaluations while it thinks, still overfitting
+    rid, st = decide_slowly(mlflow_uri, lambda rid: log_evals(MlflowClient(mlflow_uri), rid, 21, 24))
+    late = st.records[0]
+    assert late.status == Status.PENDING and late.step == 200
+    assert "still shows overfitting" in late.reason and late.changes["dropout"].new == 0.1
+    assert [u.seq for u in MlflowChannel(rid, mlflow_uri).fetch(0)] == [1]
+
+
+def test_the_daemon_says_when_answers_keep_arriving_too_late(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    slow = SlowProposer()
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    i = 20
+    for _ in range(3):
+        st = daemon.tick(rid)
+        assert st.inflight is not None
+        # the run recovers by four evaluations each time (new bests), so the answer no longer applies
+        for _ in range(4):
+            i += 1
+            client.log_metric(rid, "train_loss", 3.0 / i, step=i * 10)
+            client.log_metric(rid, "val_loss", 1.0 - 0.01 * i, step=i * 10)
+        slow.release.set()
+        st.inflight.future.result(5)
+        slow.release.clear()
+        with caplog.at_level("WARNING", logger="atm.watch"):
+            st = daemon.tick(rid)
+    daemon.stop()
+    assert [r.status for r in st.records] == [Status.STALE] * 3
+    warned = [r.getMessage() for r in caplog.records if "too late" in r.getMessage()]
+    assert len(warned) == 1 and "limits.stale_after" in warned[0] and "--proposer rules" in warned[0]
 
 
 class OutOfPolicyProposer:
