@@ -84,7 +84,8 @@ class Limits(_Strict):
     warmup: Window = Field(default_factory=Window)
     #: Minimum distance between any two interventions.
     cooldown: Window = Field(default_factory=Window)
-    #: A decision is discarded as stale when the run moved further than this while it was made.
+    #: A decision made while the run moved further than this is stale: discarded unless the run
+    #: still shows the problem it answers.
     stale_after: Window = Field(default_factory=lambda: Window(evals=2))
     #: Most interventions in a run.
     max_interventions: int | None = Field(None, ge=0)
