@@ -300,6 +300,12 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
     better = now >= before if role in HIGHER_IS_BETTER else now <= before
     if not better:
         return ""
+    st = snap.series.get(role)
+    if st is not None and last.applied_step is not None and st.best_step >= last.applied_step and st.steps_since_best > 0:
+        # The remedy worked (a new best since it took effect) and the metric has left that best
+        # again: the problem is back, though still short of where it was decided. A rollback makes
+        # this common: val loss drops at once to the old best, then climbs again for many evaluations.
+        return ""
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 

@@ -237,7 +237,10 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
                 gaps.append((s, v - t))
         if gaps:
             sig["gap"] = gaps[-1][1]
-            sig["gap_slope"] = slope(gaps[-WINDOW:]) * 1000.0
+            # Widening is judged from the val best on when there is enough of it: a window reaching back
+            # past a rollback's drop would read the drop as a narrowing gap.
+            since_best = [g for g in gaps if g[0] >= val.best_step]
+            sig["gap_slope"] = slope((since_best if len(since_best) >= 3 else gaps)[-WINDOW:]) * 1000.0
             sig["gap_ratio"] = val.latest / train.ema if train.ema > 0 else float("inf")
             sig["gap_at_best"] = next((g for s, g in gaps if s == val.best_step), gaps[0][1])
     primary = val or train

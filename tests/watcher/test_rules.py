@@ -315,3 +315,24 @@ def test_a_plateau_that_two_lr_cuts_did_not_move_is_stopped_keeping_the_best() -
     ctx = DecisionContext(step=980, params={"lr": 2.5e-4}, history=cuts, eval_steps=[s for s, _ in history["val_loss"]])
     result = RulesProposer().propose(snap, no_stop, ctx, _offer(no_stop, ctx))
     assert result.proposal.diagnosis == Diagnosis.PLATEAU and "stop is not available" in result.proposal.rationale
+
+
+def test_overfitting_that_returns_after_a_rollback_is_seen_before_it_passes_the_old_peak() -> None:
+    # Seen in the demo: a rollback at step 560 brought val loss from 1.84 to a new best of 1.23; it
+    # then climbed back for 20 evaluations while the rules said "recovering", because it was still
+    # below 1.84, the value when the remedy was decided.
+    from atm.testing import concat, make_record
+
+    lm = load_policy("lm")
+    val = concat(decay(5, 3.0, 1.33, rate=3.0), [1.33 + 0.05 * i for i in range(1, 9)],  # 40..520: best, then up to 1.73
+                 [1.23 + 0.015 * i for i in range(6)])  # 560..760: the rollback's new best, then climbing
+    train = decay(len(val), 3.2, 0.1, rate=3.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=40)
+    fix = make_record(1, 520, changes={"dropout": (0.0, 0.1)}, action=Action.ROLLBACK, applied_step=560)
+    snap = build_snapshot("r", lm, history, {"lr": 1e-3, "dropout": 0.1}, [fix])
+    assert snap.recent[0].before_after["val_loss"][1] < snap.recent[0].before_after["val_loss"][0]
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.OVERFITTING, evidence
+    # Right after the rollback, before any new best was left behind, it is still given time.
+    early = {k: v[:-3] for k, v in history.items()}
+    assert diagnose(build_snapshot("r", lm, early, {"lr": 1e-3, "dropout": 0.1}, [fix]))[0] != Diagnosis.OVERFITTING
