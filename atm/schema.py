@@ -112,6 +112,8 @@ class Effect(BaseModel):
     diagnosis: Diagnosis | None = None
     #: Metric role -> (value at decision, value now).
     before_after: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    #: Evaluations logged since it took effect (at or after ``applied_step``); None until known.
+    evals_since: int | None = None
 
 
 class TelemetrySnapshot(_Message):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from atm.policies import DecisionContext, Policy
-from atm.schema import Action, Diagnosis, Proposal, SeriesStats, TelemetrySnapshot, fmt
+from atm.schema import Action, Diagnosis, Effect, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer, ProposalResult
 from atm.watcher.snapshot import HIGHER_IS_BETTER, is_rl
 
@@ -43,6 +43,9 @@ class Thresholds:
     #: A plateau answered by this many remedies in a row, none followed by a new best of the primary
     #: metric, is answered with stop (keeping the best checkpoint) instead of yet another lr cut.
     plateau_remedies_before_stop: int = 2
+    #: ... and in either case the last remedy is judged only after this many evaluations in effect:
+    #: one evaluation after a remedy without rollback, val loss is naturally still above its best.
+    remedy_evals: int = 3
     #: Loss imbalance: largest/smallest loss component above this.
     imbalance_ratio: float = 20.0
     #: RL: safe success and collision rate that count as solved.
@@ -313,7 +316,7 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
     """Non-empty (the evidence) when overfitting is back although remedies were applied, and the
     last one brought no new best: more training only overfits again, so stop and keep the best."""
     fixes = [e for e in snap.recent if e.diagnosis == Diagnosis.OVERFITTING and e.applied_step is not None]
-    if len(fixes) < t.overfit_remedies_before_stop or fixes[-1].applied_step is None:
+    if len(fixes) < t.overfit_remedies_before_stop or not _had_time(fixes[-1], t):
         return ""
     if val.best_step >= fixes[-1].applied_step:
         return ""
@@ -330,12 +333,19 @@ def _plateau_exhausted(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresho
     tail = snap.recent[-n:]
     if n < 1 or len(tail) < n or any(e.diagnosis != Diagnosis.PLATEAU or e.applied_step is None for e in tail):
         return ""
+    if not _had_time(tail[-1], t):
+        return ""
     first = tail[0].applied_step
     assert first is not None
     if primary.best_step >= first:
         return ""
     return (f"{PLATEAU_STOP_PREFIX} of {primary.key} since step {primary.best_step} ({fmt(primary.best)}) through the last "
             f"{n} remedies for this plateau (from step {first} on): stop and keep the best checkpoint")
+
+
+def _had_time(effect: Effect, t: Thresholds) -> bool:
+    """Whether a remedy has been in effect long enough to be judged by its result."""
+    return effect.applied_step is not None and (effect.evals_since or 0) >= t.remedy_evals
 
 
 #: How a converged-plateau diagnosis begins (told apart from the overfitting one when stop is not offered).

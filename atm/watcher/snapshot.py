@@ -5,6 +5,7 @@ No I/O here. The daemon hands in what the backend read; tests hand in lists.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
@@ -207,7 +208,7 @@ def build_snapshot(
     if not series:
         step = max((int(pts[-1][0]) for pts in history.values() if pts), default=0)
     signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles})
-    effects = measured_effects(records, history, roles, recent)
+    effects = measured_effects(records, history, roles, recent, eval_steps(policy, history))
     kw = {} if now is None else {"taken_at": now}
     return TelemetrySnapshot(
         run_id=run_id,
@@ -294,8 +295,10 @@ def measured_effects(
     history: Mapping[str, Points],
     roles: Mapping[str, str],
     recent: int,
+    evals: Sequence[int] = (),
 ) -> list[Effect]:
-    """Before/after values of the watched metrics for the last ``recent`` applied interventions."""
+    """Before/after values of the watched metrics for the last ``recent`` applied interventions, and
+    how many evaluations (steps in ``evals``, sorted) were logged since each took effect."""
     applied = [r for r in records if r.status == Status.APPLIED][-recent:]
     out = []
     watch = [r for r in ("val_loss", "train_loss", "safe_success", "success", "collision", "return") if r in roles]
@@ -306,5 +309,7 @@ def measured_effects(
             before = value_at(pts, rec.step)
             if before is not None and pts:
                 ba[role] = (before, pts[-1][1])
-        out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes, diagnosis=rec.diagnosis, before_after=ba))
+        since = None if rec.effective_step is None else len(evals) - bisect.bisect_left(evals, rec.effective_step)
+        out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes, diagnosis=rec.diagnosis,
+                          before_after=ba, evals_since=since))
     return out

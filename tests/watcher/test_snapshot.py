@@ -313,8 +313,10 @@ def test_measured_effects_for_applied_records(lm: Policy) -> None:
         make_record(3, 80, action=Action.ROLLBACK, applied_step=82),
     ]
     roles = resolve_roles(lm, list(history))
-    effects = measured_effects(records, history, roles, recent=3)
+    effects = measured_effects(records, history, roles, recent=3, evals=eval_steps(lm, history))
     assert [e.seq for e in effects] == [1, 3]
+    # Evaluations at 60, 80 and 100 came after #1 took effect (45); only 100 after #3 (82).
+    assert [e.evals_since for e in effects] == [3, 1]
     first = effects[0]
     assert first.applied_step == 45
     assert first.changes["lr"].new == 5e-4
