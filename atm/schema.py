@@ -110,6 +110,8 @@ class Effect(BaseModel):
     applied_step: int | None
     changes: dict[str, "Change"]
     diagnosis: Diagnosis | None = None
+    #: The action that came with the changes (``rollback``: it restarted from the best checkpoint).
+    action: Action | None = None
     #: Metric role -> (value at decision, value now).
     before_after: dict[str, tuple[float, float]] = Field(default_factory=dict)
     #: Evaluations logged since it took effect (at or after ``applied_step``); None until known.

@@ -318,6 +318,10 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
     fixes = [e for e in snap.recent if e.diagnosis == Diagnosis.OVERFITTING and e.applied_step is not None]
     if len(fixes) < t.overfit_remedies_before_stop or not _had_time(fixes[-1], t):
         return ""
+    if fixes[-1].action != Action.ROLLBACK and any(f.action == Action.ROLLBACK for f in fixes):
+        # The job can roll back, but the last remedy went on from an overfit model (rollback was in
+        # its cooldown): it had no fair chance at a new best. The next remedy comes with a rollback.
+        return ""
     if val.best_step >= fixes[-1].applied_step:
         return ""
     return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, in effect from step "

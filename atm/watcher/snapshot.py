@@ -311,5 +311,5 @@ def measured_effects(
                 ba[role] = (before, pts[-1][1])
         since = None if rec.effective_step is None else len(evals) - bisect.bisect_left(evals, rec.effective_step)
         out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes, diagnosis=rec.diagnosis,
-                          before_after=ba, evals_since=since))
+                          action=rec.action, before_after=ba, evals_since=since))
     return out

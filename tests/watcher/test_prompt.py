@@ -127,3 +127,13 @@ def test_nonfinite_values_are_shown(labelled):
     sit = labelled("divergence_nan_loss")
     text = render_snapshot(sit.snapshot, sit.policy, sit.offer)
     assert "nan @" in text and "nonfinite=yes" in text
+
+
+def test_recent_interventions_show_a_rollback(labelled):
+    from atm.schema import Action
+
+    sit = labelled("overfit_after_dropout_raise")
+    rolled = [e.model_copy(update={"action": Action.ROLLBACK}) for e in sit.snapshot.recent]
+    snap = sit.snapshot.model_copy(update={"recent": rolled})
+    text = render_snapshot(snap, sit.policy, sit.offer)
+    assert "dropout 0->0.1, rollback" in text
