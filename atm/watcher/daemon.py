@@ -29,7 +29,7 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
-from atm.watcher.snapshot import build_snapshot, eval_steps, missing_role_note
+from atm.watcher.snapshot import MISSING_METRIC_AFTER, build_snapshot, eval_steps, missing_role_note
 
 log = logging.getLogger("atm.watch")
 
@@ -463,11 +463,6 @@ class Daemon:
             listener=view.listener is not None,
             error="",
         )
-
-
-#: Distinct steps a run logs before a missing evaluation metric is reported (a run that evaluates
-#: rarely logs its first evaluation well after its first training metrics).
-MISSING_METRIC_AFTER = 20
 
 
 def _logged_steps(view: RunView) -> int:

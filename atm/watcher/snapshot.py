@@ -173,16 +173,25 @@ def value_at(points: Points, step: int) -> float | None:
     return best
 
 
+#: Distinct steps a run logs before a missing evaluation metric is taken to be missing for good (a
+#: run that evaluates per epoch logs its first evaluation well after its first training metrics).
+MISSING_METRIC_AFTER = 20
+
+
 def eval_steps(policy: Policy, history: Mapping[str, Points]) -> list[int]:
     """Steps at which the policy's ``eval_metric`` was logged (what ``Window.evals`` counts).
 
-    A job that never logs the evaluation metric (only a training loss, say) counts the points
-    of its first mapped metric instead, so windows in evaluations still pass.
+    A job that never logs the evaluation metric (only a training loss, say) counts the points of
+    its first mapped metric instead, so windows in evaluations still pass; but only once it has
+    logged ``MISSING_METRIC_AFTER`` of them. Before that its first evaluation may simply not have
+    come yet, and a handful of mini-batch losses would pass a warm-up of a few "evaluations".
     """
     roles = resolve_roles(policy, list(history))
-    key = roles.get(policy.limits.eval_metric) or next(iter(roles.values()), None)
+    key = roles.get(policy.limits.eval_metric)
     if key is None:
-        return []
+        key = next(iter(roles.values()), None)
+        if key is None or len(history[key]) < MISSING_METRIC_AFTER:
+            return []
     return sorted({int(s) for s, _ in history[key]})
 
 

@@ -10,6 +10,7 @@ from atm.policies import Policy, load_policy
 from atm.schema import Action, Status, TelemetrySnapshot
 from atm.testing import decay, flat, make_history, make_record, ramp, scenario, series, valley
 from atm.watcher.snapshot import (
+    MISSING_METRIC_AFTER,
     TRAIL,
     build_snapshot,
     derive_signals,
@@ -168,6 +169,18 @@ def test_eval_steps(lm: Policy, rl: Policy) -> None:
     assert eval_steps(rl, history) == []
     # Duplicated steps (a re-logged evaluation) count once.
     assert eval_steps(lm, {"eval_loss": [(5, 1.0), (5, 1.1), (9, 1.0)]}) == [5, 9]
+
+
+def test_a_run_without_its_evaluation_metric_yet_has_no_evaluations(lm: Policy) -> None:
+    # A job evaluating once per epoch: its first mini-batch losses are not evaluations (a daemon started
+    # before the job decided on the 4th batch and asked for a rollback before any checkpoint existed).
+    early = make_history({"train_loss": flat(MISSING_METRIC_AFTER - 1, 2.3)})
+    assert eval_steps(lm, early) == []
+    # A job that never evaluates counts its training loss, once it has logged enough of it.
+    late = make_history({"train_loss": flat(MISSING_METRIC_AFTER, 2.3)})
+    assert eval_steps(lm, late) == list(range(1, MISSING_METRIC_AFTER + 1))
+    # Once the evaluation metric shows, only its points count.
+    assert eval_steps(lm, {**early, "val_loss": [(25, 2.0)]}) == [25]
 
 
 # --------------------------------------------------------------------------- signals
