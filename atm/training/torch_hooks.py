@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from atm.training.listener import Knob
@@ -101,6 +103,33 @@ def _beta_setter(groups: Groups, i: int) -> Any:
             b[i] = float(value)
             g["betas"] = tuple(b)
     return set_beta
+
+
+@contextlib.contextmanager
+def keep_hyperparameters(optimizer: Any, scheduler: Any = None) -> Iterator[None]:
+    """Restore a checkpoint inside this block and keep the hyperparameters in force.
+
+    ``optimizer.load_state_dict()`` (and ``scheduler.load_state_dict()``) bring back the checkpoint's
+    lr, weight decay and schedule too, silently undoing what the manager changed: a rollback usually
+    arrives together with a smaller lr. Weights and optimizer moments come from the checkpoint; every
+    param-group setting except ``params`` and, if given, the scheduler's scaled base values stay as
+    they were before the block.
+    """
+    groups = [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    sched = {a: list(getattr(scheduler, a)) for a in ("base_lrs", "max_lrs", "min_lrs")
+             if scheduler is not None and isinstance(getattr(scheduler, a, None), list)}
+    eta_min = getattr(scheduler, "eta_min", None)
+    yield
+    if len(optimizer.param_groups) != len(groups):
+        log.warning("atm: the restored optimizer has %d param groups, not %d; its hyperparameters were left "
+                    "as restored", len(optimizer.param_groups), len(groups))
+        return
+    for group, kept in zip(optimizer.param_groups, groups):
+        group.update(kept)
+    for a, vals in sched.items():
+        setattr(scheduler, a, vals)
+    if isinstance(eta_min, (int, float)):
+        scheduler.eta_min = eta_min
 
 
 def dropout_knob(model: Any) -> Knob:

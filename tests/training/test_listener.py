@@ -6,6 +6,8 @@ Uses real torch optimizers and schedulers; the tracker side is an in-memory fake
 
 from __future__ import annotations
 
+import copy
+
 import time
 
 import pytest
@@ -279,6 +281,44 @@ def test_a_rollback_that_restores_the_optimizer_keeps_the_changes_that_came_with
         assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
         wait_for(lambda: 1 in ch.acks)
         assert ch.acks[1].status == "applied" and ch.acks[1].values["lr"] == pytest.approx(5e-4)
+    finally:
+        lst.close()
+
+
+def test_a_rollback_done_later_in_the_loop_keeps_the_changes_with_keep_hyperparameters():
+    # The handler only sets a flag; the loop restores model, optimizer and scheduler at its top, after
+    # the listener applied the lr cut that came with the rollback. A plain load_state_dict undoes it.
+    model, opt = make_model()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100)
+    best = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+            "sched": copy.deepcopy(sched.state_dict())}
+    wanted = []
+    ch = FakeChannel()
+    lst = atm.listen(opt, scheduler=sched, channel=ch, poll_interval=0.01, actions={"rollback": lambda: wanted.append(1)})
+
+    def restore() -> None:
+        model.load_state_dict(best["model"])
+        opt.load_state_dict(copy.deepcopy(best["opt"]))
+        sched.load_state_dict(best["sched"])
+
+    try:
+        for _ in range(3):
+            train_step(model, opt)
+            sched.step()
+        ch.publish(1, action=Action.ROLLBACK, lr=(opt.param_groups[0]["lr"], opt.param_groups[0]["lr"] / 2))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)  # applies the update: the flag is set, the lr halved
+        assert wanted
+        halved_max = opt.param_groups[0]["max_lr"]
+        assert halved_max == pytest.approx(5e-4)
+        with atm.keep_hyperparameters(opt, sched):
+            restore()
+        assert opt.param_groups[0]["max_lr"] == pytest.approx(halved_max)
+        assert all(torch.equal(p, best["model"][k]) for k, p in model.state_dict().items())  # the weights did come back
+        sched.step()
+        assert opt.param_groups[0]["lr"] <= 5e-4  # the schedule goes on from the halved peak
+        restore()  # without it, the checkpoint's peak comes back
+        assert opt.param_groups[0]["max_lr"] == pytest.approx(1e-3)
     finally:
         lst.close()
 
