@@ -150,6 +150,24 @@ class Change(BaseModel):
         return v
 
 
+def in_force(old: float, new: float, now: Any) -> float:
+    """The value a change decided as ``old -> new`` means when the parameter reads ``now``.
+
+    The decided move, applied to the value in force: if the job moved the value since the manager
+    read it (an LR scheduler decays the lr all the time; a rollback restores an older one), setting
+    ``new`` as such could even move it the wrong way. So the ratio ``new / old`` is applied to ``now``.
+    A set-value decided from 0 (dropout 0 -> 0.1), or a value that has not moved (within 1%), is
+    ``new`` as it is. The listener applies changes this way; the daemon checks them this way.
+    """
+    try:
+        now = float(now)
+    except (TypeError, ValueError):
+        return new
+    if old > 0 and new > 0 and now > 0 and not math.isclose(now, old, rel_tol=0.01):
+        return now * (new / old)
+    return new
+
+
 Effect.model_rebuild()
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from atm.schema import Ack, Action, ListenerInfo, Update
+from atm.schema import Ack, Action, ListenerInfo, Update, in_force
 
 log = logging.getLogger("atm.listener")
 
@@ -61,23 +61,6 @@ def as_knob(name: str, spec: Any) -> Knob:
 
 #: Seconds between checks of whether the values in force moved (by more than 1%) since announced.
 VALUES_REFRESH_S = 10.0
-
-
-def _target(old: float, new: float, now: Any) -> float:
-    """The value to set for a change decided as ``old -> new`` when the knob reads ``now``.
-
-    The decided move, applied to the value in force: if the job moved the value since the manager
-    read it (an LR scheduler decays the lr all the time; a rollback restores an older one), setting
-    ``new`` as such could even move it the wrong way. So the ratio ``new / old`` is applied to ``now``.
-    A set-value decided from 0 (dropout 0 -> 0.1), or a value that has not moved, is set as it is.
-    """
-    try:
-        now = float(now)
-    except (TypeError, ValueError):
-        return new
-    if old > 0 and new > 0 and now > 0 and not math.isclose(now, old, rel_tol=0.01):
-        return now * (new / old)
-    return new
 
 
 class Listener:
@@ -244,7 +227,7 @@ class Listener:
                 errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
                 continue
             try:
-                knob.set(_target(change.old, change.new, knob.get() if knob.get is not None else None))
+                knob.set(in_force(change.old, change.new, knob.get() if knob.get is not None else None))
                 values[name] = float(knob.get()) if knob.get is not None else change.new
             except Exception as exc:
                 errors.append(f"{name}: setter raised {exc!r}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
 from atm.policies import DecisionContext, Policy, available_actions, available_choices, check
-from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt
+from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt, in_force
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.snapshot import MISSING_METRIC_AFTER, build_snapshot, eval_steps, missing_role_note
@@ -119,6 +119,12 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             rec.effective_step = step_after(view.timeline, rec.applied_at, floor=rec.step)
             changed |= rec.effective_step is not None
     return [by_seq[s] for s in sorted(by_seq)], changed
+
+
+def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """Proposed values re-expressed on the values in force: each change's ratio to the value it was
+    decided on, applied to the value now (see :func:`atm.schema.in_force`). Pure."""
+    return {k: in_force(decided[k], v, now[k]) if k in decided and k in now else v for k, v in changes.items()}
 
 
 def still_current(decided: Diagnosis, now: Diagnosis) -> bool:
@@ -397,6 +403,11 @@ class Daemon:
             if still_current(proposal.diagnosis, now_diag):
                 stale = False
                 late_note = f"decided on step {snap.step}; at step {ctx_now.step} the run still shows {now_diag.value}; "
+        moved = rebase(proposal.changes, snap.params, params)
+        if moved != proposal.changes:
+            # The job moved these values (a scheduler) while the proposer thought: the decided moves
+            # are checked, recorded and sent as applied to the values in force, as the listener would.
+            proposal = proposal.model_copy(update={"changes": moved})
         verdict = check(proposal, self.policy, ctx_now)
         if view.status != "RUNNING":
             # Nothing would ever apply it: the job is gone.

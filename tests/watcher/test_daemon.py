@@ -174,6 +174,34 @@ def test_the_daemon_says_when_answers_keep_arriving_too_late(mlflow_uri: str, ca
     assert len(warned) == 1 and "limits.stale_after" in warned[0] and "--proposer rules" in warned[0]
 
 
+class HalvingProposer(SlowProposer):
+    """Fake proposer that halves the lr it was shown, answering only when released."""
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        self.release.wait(10)
+        return ProposalResult(Proposal(diagnosis=Diagnosis.OVERFITTING, changes={"lr": snapshot.params["lr"] / 2}), self.name)
+
+
+def test_a_move_decided_on_a_value_the_job_has_since_moved_is_checked_and_sent_on_the_value_in_force(mlflow_uri: str) -> None:
+    # The job's scheduler decays the lr from 2e-3 to 1.6e-3 while the proposer halves 2e-3: "1e-3" is
+    # no allowed move from 1.6e-3 (it was refused so), and the record would show a value never in force.
+    rid = overfitting_run(mlflow_uri)
+    slow = HalvingProposer()
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    st = daemon.tick(rid)
+    assert st.inflight is not None
+    MlflowChannel(rid, mlflow_uri).announce(ListenerInfo(
+        run_id=rid, knobs=["lr", "dropout", "weight_decay"], values={"lr": 1.6e-3, "dropout": 0.0, "weight_decay": 0.0},
+        actions=["stop"], apply_mode="auto", pid=1, started_at=0.0))
+    slow.release.set()
+    st.inflight.future.result(5)
+    st = daemon.tick(rid)
+    daemon.stop()
+    rec = st.records[0]
+    assert rec.status == Status.PENDING, rec.reason
+    assert (rec.changes["lr"].old, rec.changes["lr"].new) == pytest.approx((1.6e-3, 8e-4))
+
+
 class OutOfPolicyProposer:
     """Fake proposer that ignores the offer (as a misbehaving model might)."""
 
