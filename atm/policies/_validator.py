@@ -16,7 +16,10 @@ from atm.policies._schema import ActionRule, ParamRule, Policy, Window
 from atm.schema import Action, Change, DecisionRecord, Proposal, Status, Verdict, fmt
 
 #: Decisions that count against cooldowns and budgets: they reached (or would reach) the job.
-COUNTED = (Status.APPLIED, Status.PENDING, Status.DRY_RUN)
+#: A dry run counts its own previews too, so that it shows the manager's pace; a live daemon
+#: does not count an earlier dry run's, which never reached the job.
+COUNTED = (Status.APPLIED, Status.PENDING)
+COUNTED_DRY = (*COUNTED, Status.DRY_RUN)
 
 _REL_TOL = 1e-6
 
@@ -32,6 +35,8 @@ class DecisionContext:
     history: Sequence[DecisionRecord] = ()
     #: Sorted steps at which the policy's ``eval_metric`` was logged.
     eval_steps: Sequence[int] = field(default_factory=tuple)
+    #: Deciding for a dry run: its own previews count as interventions.
+    dry_run: bool = False
 
     def evals_between(self, start: int, end: int) -> int:
         """Evaluations logged in the half-open span (start, end]."""
@@ -50,7 +55,7 @@ class DecisionContext:
         return self.step >= window.steps and bisect.bisect_right(self.eval_steps, self.step) >= window.evals
 
     def counted(self) -> list[DecisionRecord]:
-        return [r for r in self.history if r.status in COUNTED]
+        return [r for r in self.history if r.status in (COUNTED_DRY if self.dry_run else COUNTED)]
 
 
 def choices(rule: ParamRule, current: float) -> list[float]:

@@ -330,7 +330,7 @@ class Daemon:
         return view.last_metric_time > 0 and self.clock() - view.last_metric_time > self.policy.limits.idle_minutes * 60
 
     def _context(self, st: RunState, view: RunView, params: dict[str, float]) -> DecisionContext:
-        return decision_context(self.policy, view, st.records, params)
+        return decision_context(self.policy, view, st.records, params, dry_run=self.dry_run)
 
     def _maybe_decide(self, st: RunState, view: RunView) -> None:
         if view.listener is None:
@@ -338,7 +338,7 @@ class Daemon:
             return
         if any(r.status == Status.PENDING for r in st.records):
             return  # the job has not applied the last update yet; decide on what it does with it
-        snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock())
+        snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run)
         evals = ctx.eval_steps
         newest_eval = evals[-1] if evals else snapshot.step
         if newest_eval <= st.last_considered_step:
@@ -486,23 +486,23 @@ def run_step(view: RunView) -> int:
 
 
 def decision_context(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float]
+    policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float], *, dry_run: bool = False
 ) -> DecisionContext:
     """The validator's view of a run: its step, evaluations, parameter values and decisions so far."""
     steps = eval_steps(policy, view.history)
     step = run_step(view)
-    return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps)
+    return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps, dry_run=dry_run)
 
 
 def decision_inputs(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], now: float | None = None
+    policy: Policy, view: RunView, records: Sequence[DecisionRecord], now: float | None = None, *, dry_run: bool = False
 ) -> tuple[TelemetrySnapshot, DecisionContext, Offer]:
     """Everything a proposer is given for a run as it is now: snapshot, context and the offer.
 
     Used by the daemon before each decision and by ``atm explain`` to show the same thing.
     """
     params = dict(view.listener.values) if view.listener else {}
-    ctx = decision_context(policy, view, records, params)
+    ctx = decision_context(policy, view, records, params, dry_run=dry_run)
     snapshot = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name, now=now)
     allowed = set(view.listener.actions) if view.listener else set()
     if any(r.action == Action.STOP and r.status == Status.APPLIED for r in records):

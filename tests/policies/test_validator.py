@@ -285,7 +285,7 @@ def test_max_interventions() -> None:
     [
         (Status.APPLIED, True),
         (Status.PENDING, True),
-        (Status.DRY_RUN, True),
+        (Status.DRY_RUN, False),  # an earlier dry run's previews never reached the job
         (Status.REJECTED, False),
         (Status.STALE, False),
         (Status.FAILED, False),
@@ -297,6 +297,18 @@ def test_which_records_count_against_cooldowns(status: Status, counts: bool) -> 
     history = [make_record(1, 950, status=status, changes={"lr": (5e-4, 1e-3)})]
     verdict = _lr_verdict(policy, 1000, history)
     assert verdict.accepted == (not counts), verdict.reason
+
+
+def test_a_dry_run_counts_its_own_previews() -> None:
+    # So that a dry run shows the manager's real pace; a live daemon after it starts with a full budget.
+    from dataclasses import replace
+
+    policy = make_policy(limits__max_interventions=1)
+    history = [make_record(1, 500, status=Status.DRY_RUN, changes={"wd": (0.0, 0.01)})]
+    ctx = ctx_at(1000, history=history)
+    assert check(propose({"lr": 2e-3}), policy, ctx).accepted
+    verdict = check(propose({"lr": 2e-3}), policy, replace(ctx, dry_run=True))
+    assert verdict.reason == "budget: the run already had 1 of 1 interventions"
 
 
 # --------------------------------------------------------------------------- several changes and actions
