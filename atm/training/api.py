@@ -28,6 +28,7 @@ def listen(
     backend: str | None = None,
     poll_interval: float = 1.0,
     channel: Any = None,
+    distributed: bool = False,
 ) -> Listener:
     """Attach atm to this training job and start receiving the manager's updates.
 
@@ -47,6 +48,10 @@ def listen(
         run_id, backend: which run to attach to; by default the active MLflow run
             (``mlflow.active_run()`` or ``MLFLOW_RUN_ID``) or ``wandb.run``.
         channel: a ready channel (tests and custom trackers).
+        distributed: in a ``torch.distributed`` job (DDP, FSDP, ``torchrun``), call ``atm.listen`` on
+            every rank with ``distributed=True``: rank 0 receives the updates and every 10 optimizer
+            steps all ranks apply them together, so the replicas stay identical. Only rank 0 needs
+            the run (other ranks attach to none).
 
     Returns:
         The started :class:`Listener`. With no run to attach to it warns once and does nothing.
@@ -85,7 +90,28 @@ def listen(
             stacklevel=2,
         )
 
-    if channel is None:
+    from atm.training._dist import RankSync, world
+
+    rank, size = world()
+    sync: RankSync | None = None
+    if distributed and size > 1:
+        if not in_training_thread and apply != "manual":
+            raise ValueError(
+                "atm.listen(distributed=True) applies updates at optimizer steps, which every rank takes "
+                "together: pass the torch optimizer, or apply='manual' and call listener.apply_pending() on every rank"
+            )
+        sync = RankSync(rank, size)
+        in_training_thread = True
+        if rank != 0:
+            channel = False  # rank 0 talks to the tracker for the job
+    elif size > 1 and rank == 0:
+        log.warning(
+            "atm: this is rank 0 of %d in a torch.distributed job; changes applied on one rank make the replicas "
+            "differ. Call atm.listen(..., distributed=True) on every rank.", size,
+        )
+    if channel is False:
+        channel = None
+    elif channel is None:
         try:
             from atm.adapters import discover_channel
 
@@ -93,7 +119,7 @@ def listen(
         except Exception as exc:  # a broken tracker setup must not stop training
             log.warning("atm: could not attach to a tracking run (%s); training continues unmanaged", exc)
             channel = None
-    if channel is None and not _warned_no_run:
+    if channel is None and not _warned_no_run and rank == 0:
         _warned_no_run = True
         warnings.warn(
             "atm.listen: no tracking run to attach to (no mlflow.active_run(), MLFLOW_RUN_ID or wandb.run); "
@@ -108,8 +134,10 @@ def listen(
         step=step,
         poll_interval=poll_interval,
         in_training_thread=in_training_thread,
+        sync=sync,
     )
-    if channel is not None:
+    if channel is not None or sync is not None:
+        # With a sync, every rank takes part in its broadcasts, attached to a run or not.
         if hook is not None:
             hook(listener)
         listener.start()

@@ -28,9 +28,13 @@ def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any]
             self.listener: Listener | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.listener is not None or not state.is_world_process_zero:
-                return  # one listener per job: the main process applies, the others follow its weights
+            if self.listener is not None:
+                return
+            from atm.training._dist import world
+
             opts = dict(kwargs)
+            # Every process of a multi-GPU job attaches: they apply the main process's updates together.
+            opts.setdefault("distributed", world()[1] > 1)
             knobs = dict(opts.pop("knobs", None) or {})
             step = opts.pop("step", None) or (lambda: int(state.global_step))
             model = kw.get("model")

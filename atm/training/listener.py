@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from atm.schema import Ack, Action, ListenerInfo, Update, in_force
+from atm.training._dist import RankSync
 
 log = logging.getLogger("atm.listener")
 
@@ -75,6 +76,7 @@ class Listener:
         step: Callable[[], int] | None = None,
         poll_interval: float = 1.0,
         in_training_thread: bool = False,
+        sync: RankSync | None = None,
     ):
         if apply not in ("auto", "manual"):
             raise ValueError(f"apply must be 'auto' or 'manual', got {apply!r}")
@@ -105,6 +107,8 @@ class Listener:
         self._started_at = time.time()
         self._thread: threading.Thread | None = None
         self._errors_logged: set[str] = set()
+        #: A torch.distributed job's ranks apply rank 0's updates together (see atm.training._dist).
+        self._sync = sync
 
     # ------------------------------------------------------------------ public
 
@@ -186,7 +190,10 @@ class Listener:
     def _on_optimizer_step(self, *_: Any, **__: Any) -> None:
         # Runs in the training thread before every optimizer.step(): keep it cheap.
         self._steps_seen += 1
-        if self._pending and self.apply_mode == "auto":
+        if self._sync is not None:
+            if self.apply_mode == "auto" and self._sync.due(self._steps_seen):
+                self.apply_pending()
+        elif self._pending and self.apply_mode == "auto":
             self.apply_pending()
 
     def _step(self, explicit: int | None = None) -> int | None:
@@ -204,6 +211,10 @@ class Listener:
     def _apply_ready(self, step: int | None) -> list[Update]:
         with self._lock:
             ready, self._pending = sorted(self._pending, key=lambda u: u.seq), []
+        if self._sync is not None:
+            # Every rank calls this at the same optimizer step and gets rank 0's list. Rank 0's
+            # already-applied updates are dropped first, so the others see only what is new.
+            ready = self._sync.share([u for u in ready if u.seq > self._last_applied])
         done = []
         for update in ready:
             if update.seq <= self._last_applied:
@@ -246,6 +257,8 @@ class Listener:
             log.warning("atm update #%d: %s", update.seq, ack.error)
         else:
             log.info("atm update #%d applied at step %s: %s", update.seq, step, values)
+        if self.channel is None:
+            return update  # a follower rank: rank 0 acknowledges for the job
         with self._lock:
             self._outbox.append((ack, values, step))
             self._announce_needed = True
