@@ -52,6 +52,11 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         raise PolicyError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
         raise PolicyError(f"{source}:1: a policy is a YAML mapping with at least `name:`, got {type(data).__name__}")
+    dup = _duplicate_key(node)
+    if dup:
+        key, first, again = dup
+        # YAML keeps the last one silently: a bound written twice would take effect without a word.
+        raise PolicyError(f"{source}:{again}: `{key}` is given twice (first at line {first}); keep one")
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
@@ -62,6 +67,26 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
             field = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"{source}:{line}: field `{field}`: {err['msg']}")
         raise PolicyError("invalid policy\n  " + "\n  ".join(lines)) from exc
+
+
+def _duplicate_key(node: yaml.Node | None) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping, anywhere in the document: (key, first line, second line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen:
+                return name, seen[name], line
+            seen[name] = line
+            found = _duplicate_key(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found:
+                return found
+    return None
 
 
 def _line_of(node: yaml.Node | None, loc: list[Any]) -> int:

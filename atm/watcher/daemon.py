@@ -121,6 +121,26 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
     return [by_seq[s] for s in sorted(by_seq)], changed
 
 
+#: Knobs every torch optimizer offers, which policies rarely control: not worth a warning.
+OPTIMIZER_EXTRAS = frozenset({"momentum", "beta1", "beta2"})
+
+
+def unmanaged_knobs_note(policy: Policy, knobs: Sequence[str]) -> str:
+    """Non-empty when the job registered knobs the policy does not control (often a typo on one side),
+    naming the policy's parameter each most likely meant. Pure."""
+    import difflib
+
+    loose = [k for k in sorted(knobs) if k not in policy.params and k not in OPTIMIZER_EXTRAS]
+    if not loose:
+        return ""
+    hints = []
+    for k in loose:
+        near = difflib.get_close_matches(k, [p for p in policy.params if p not in knobs], n=1, cutoff=0.75)
+        hints.append(f"{k} (the policy has {near[0]!r}: a typo?)" if near else k)
+    return (f"the job's knobs {', '.join(hints)} are not parameters of policy {policy.name}, so the manager never "
+            f"changes them; it controls {', '.join(sorted(policy.params))}")
+
+
 def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, float]) -> dict[str, float]:
     """Proposed values re-expressed on the values in force: each change's ratio to the value it was
     decided on, applied to the value now (see :func:`atm.schema.in_force`). Pure."""
@@ -298,6 +318,9 @@ class Daemon:
             self._settle_decision(st, view)
         if not st.noted_bounds and view.listener is not None:
             st.noted_bounds = True
+            note = unmanaged_knobs_note(self.policy, view.listener.knobs)
+            if note:
+                log.warning("run %s: %s", run_id, note)
             for name, value in sorted(view.listener.values.items()):
                 rule = self.policy.params.get(name)
                 if rule is not None and not rule.min <= value <= rule.max:

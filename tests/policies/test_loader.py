@@ -234,6 +234,17 @@ BAD = [
         "FILE:4: field `limits`",
         "eval_metric 'safe_success' is not one of this policy's metric roles (return)",
     ),
+    (
+        "a key given twice",
+        """        name: x
+        params:
+          lr: {min: 1.0e-5, max: 1.0e-2, multipliers: [0.5, 2]}
+          dropout: {min: 0, max: 0.5, values: [0.1]}
+          lr: {min: 1.0e-5, max: 1.0, multipliers: [0.5, 2]}
+        """,
+        "FILE:5:",
+        "`lr` is given twice (first at line 3); keep one",
+    ),
 ]
 
 

@@ -369,3 +369,14 @@ def test_a_value_outside_the_policy_bounds_is_reported(mlflow_uri: str, caplog) 
         daemon.tick(rid, wait=True)
     daemon.stop()
     assert "lr is 5, outside the policy's [1e-06, 1]" in caplog.text
+
+
+def test_knobs_the_policy_does_not_control_are_named_with_the_likely_typo() -> None:
+    from atm.watcher.daemon import unmanaged_knobs_note
+
+    lm = load_policy("lm")
+    typo = lm.model_copy(update={"params": {("droput" if k == "dropout" else k): v for k, v in lm.params.items()}})
+    note = unmanaged_knobs_note(typo, ["lr", "weight_decay", "dropout", "momentum"])
+    assert "dropout (the policy has 'droput': a typo?)" in note and "momentum" not in note
+    assert unmanaged_knobs_note(lm, ["lr", "weight_decay", "dropout", "beta1", "beta2"]) == ""
+    assert "label_smoothing are not parameters" in unmanaged_knobs_note(lm, ["lr", "label_smoothing"])
