@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
@@ -38,6 +38,8 @@ MAX_BACKOFF_S = 60.0
 EXPIRED = "expired"
 #: How long a tick waits for a proposal before leaving it to a later tick.
 SETTLE_NOW_S = 0.2
+#: Record statuses whose update was published on the run.
+PUBLISHED = (Status.PENDING, Status.APPLIED, Status.FAILED)
 #: Late answers in a row after which the daemon says the proposer is too slow for the run.
 STALE_WARN_AFTER = 3
 
@@ -145,6 +147,24 @@ def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, 
     """Proposed values re-expressed on the values in force: each change's ratio to the value it was
     decided on, applied to the value now (see :func:`atm.schema.in_force`). Pure."""
     return {k: in_force(decided[k], v, now[k]) if k in decided and k in now else v for k, v in changes.items()}
+
+
+def foreign_update(records: Sequence[DecisionRecord], updates: Mapping[int, Update], seen_before: bool) -> Update | None:
+    """An update on the run that this daemon did not publish, if any. Pure.
+
+    One with a number this daemon used for a different decision (another daemon overwrote it), or,
+    once the daemon has read the run before, one with a number it never used. On the first read, such
+    updates are this daemon's own from before a restart (the log may have missed them).
+    """
+    mine = {r.seq: r for r in records}
+    for seq in sorted(updates):
+        update, rec = updates[seq], mine.get(seq)
+        if rec is None:
+            if seen_before:
+                return update
+        elif rec.status in PUBLISHED and update.created_at != rec.decided_at:
+            return update
+    return None
 
 
 def still_current(decided: Diagnosis, now: Diagnosis) -> bool:
@@ -301,10 +321,26 @@ class Daemon:
         st = self._states.setdefault(run_id, RunState(run_id))
         self.status.setdefault(run_id, RunStatus(run_id))
         view = self.backend.poll(run_id)
+        seen_before = st.recovered
         if not st.recovered:
             st.records = self.backend.read_log(run_id)
             st.recovered = True
             st.last_considered_step = max((r.step for r in st.records), default=-1)
+        foreign = foreign_update(st.records, view.updates, seen_before)
+        if foreign is not None:
+            # Two managers on one run overwrite each other's updates and logs, and each one's cooldowns
+            # and budgets miss the other's changes: this one steps back, loudly, and writes nothing more.
+            log.error(
+                "run %s: another atm-watch is managing this run (update #%d, decided at step %d, is not this "
+                "daemon's); two managers on one run overwrite each other's updates. This daemon stops managing "
+                "the run; stop the other one and restart this if it should manage it.", run_id, foreign.seq, foreign.step,
+            )
+            st.done = True
+            if st.inflight is not None:
+                st.inflight.future.cancel()
+                st.inflight = None
+            self._set(run_id, state="another daemon", error=f"update #{foreign.seq} is another daemon's")
+            return st
         st.records, changed = reconcile(st.records, view)
         st.seq = max([st.seq, view.last_seq, *(r.seq for r in st.records)])
         if changed:

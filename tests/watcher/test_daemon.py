@@ -318,7 +318,7 @@ def test_an_experiment_that_does_not_exist_yet_is_waited_for(mlflow_uri: str) ->
         wait_for(lambda: watcher.is_alive() and daemon.status == {}, timeout=2)
         client = MlflowClient(mlflow_uri)
         rid = client.create_run(client.create_experiment("later")).info.run_id
-        wait_for(lambda: rid in daemon.status, timeout=10)
+        wait_for(lambda: rid in daemon.status, timeout=30)  # generous: a loaded CI machine
         assert watcher.is_alive()
     finally:
         daemon.stop()
@@ -380,3 +380,39 @@ def test_knobs_the_policy_does_not_control_are_named_with_the_likely_typo() -> N
     assert "dropout (the policy has 'droput': a typo?)" in note and "momentum" not in note
     assert unmanaged_knobs_note(lm, ["lr", "weight_decay", "dropout", "beta1", "beta2"]) == ""
     assert "label_smoothing are not parameters" in unmanaged_knobs_note(lm, ["lr", "label_smoothing"])
+
+
+def test_a_second_daemon_on_the_same_run_is_found_out_and_steps_back(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    first = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    second = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    assert [r.status for r in first.tick(rid, wait=True).records] == [Status.PENDING]
+    # Started later, the second takes the first's decision for its own (as after a restart) ...
+    assert [r.seq for r in second.tick(rid, wait=True).records] == [1]
+    MlflowChannel(rid, mlflow_uri).ack(Ack(run_id=rid, seq=1, status="applied", applied_step=205, values={"dropout": 0.1}))
+    log_evals(MlflowClient(mlflow_uri), rid, 21, 26)
+    assert [r.seq for r in first.tick(rid, wait=True).records] == [1, 2]
+    # ... but an update it never made, appearing while it watches, gives the other one away.
+    with caplog.at_level("ERROR", logger="atm.watch"):
+        st = second.tick(rid, wait=True)
+    first.stop()
+    second.stop()
+    assert st.done and second.status[rid].state == "another daemon"
+    assert any("another atm-watch is managing this run (update #2" in r.getMessage() for r in caplog.records)
+    # It wrote nothing: the first daemon's update #2 stands.
+    assert MlflowBackend(mlflow_uri).poll(rid).updates[2].created_at == first._states[rid].records[1].decided_at
+
+
+def test_an_update_overwritten_by_another_daemon_is_told_apart() -> None:
+    from atm.testing import make_record
+    from atm.watcher.daemon import foreign_update
+
+    mine = make_record(1, 100, status=Status.PENDING, changes={"lr": (1e-3, 5e-4)})
+    same = mine.to_update()
+    other = same.model_copy(update={"created_at": mine.decided_at + 1.0})
+    assert foreign_update([mine], {1: same}, seen_before=True) is None
+    assert foreign_update([mine], {1: other}, seen_before=True) == other
+    assert foreign_update([], {1: same}, seen_before=False) is None  # after a restart: its own
+    assert foreign_update([], {1: same}, seen_before=True) == same
