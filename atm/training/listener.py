@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from atm.adapters.base import RunNotFound
 from atm.schema import Ack, Action, ListenerInfo, Update, in_force
 from atm.training._dist import RankSync
 
@@ -318,6 +319,9 @@ class Listener:
                 if not self._in_training_thread:
                     self._apply_ready(None)
                     self._flush()
+        except RunNotFound as exc:  # a wrong run id: retrying will not help, and "not reachable" would mislead
+            self._note("poll", f"the tracker has no run {self.run_id!r} ({exc}); check the run_id given to "
+                               "atm.listen. Training continues unmanaged; still retrying")
         except Exception as exc:  # the tracker may be down; keep trying, quietly
             self._note("poll", f"tracker not reachable ({exc!r}); retrying every {self.poll_interval}s")
 

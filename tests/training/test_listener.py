@@ -412,3 +412,24 @@ def test_a_stop_is_on_the_run_before_the_job_gets_to_finish_it():
         assert lst.stop_requested and 1 in ch.acks  # no waiting: written in the training thread
     finally:
         lst.close()
+
+
+def test_a_run_id_the_tracker_does_not_know_is_said_so(caplog):
+    from atm.adapters.base import RunNotFound
+
+    class UnknownRun(FakeChannel):
+        """Fake channel of a run the tracker does not have (a mistyped run_id)."""
+
+        def fetch(self, after_seq: int):
+            raise RunNotFound("run 'abc' not found (fake)")
+
+    model, opt = make_model()
+    with caplog.at_level("WARNING", logger="atm.listener"):
+        lst = atm.listen(opt, channel=UnknownRun(run_id="abc"), poll_interval=0.01)
+        try:
+            wait_for(lambda: any("has no run" in r.getMessage() for r in caplog.records))
+            train_step(model, opt)  # training goes on
+        finally:
+            lst.close()
+    msg = next(r.getMessage() for r in caplog.records if "has no run" in r.getMessage())
+    assert "'abc'" in msg and "check the run_id" in msg and "not reachable" not in msg
