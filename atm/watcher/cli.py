@@ -84,6 +84,10 @@ def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: s
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if level.upper() != "DEBUG":
+        # Each retry of a request to a server that is down is a WARNING with the full URL; the daemon
+        # says once that the tracker is unreachable, and again when it is back.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- atm-watch

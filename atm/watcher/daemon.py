@@ -284,16 +284,22 @@ class Daemon:
         t.start()
 
     def _run_loop(self, run_id: str) -> None:
-        failures = 0
+        failures = down = 0
         started = time.monotonic()
         while not self.stop_event.is_set():
             try:
                 self.tick(run_id)
-                failures = 0
+                if down:
+                    log.warning("run %s: the tracker answers again (after %d failed polls)", run_id, down)
+                failures = down = 0
             except BackendUnavailable as exc:
                 failures += 1
+                down += 1
                 self._set(run_id, state="unreachable", error=str(exc)[:200])
-                log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
+                if down == 1:
+                    log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
+                else:
+                    log.debug("run %s: still unreachable (%s)", run_id, exc)
             except RunNotFound as exc:
                 seen = self._states[run_id].recovered  # polled once: it existed, so it is gone, not late
                 if not seen and time.monotonic() - started < self.wait_for_run:

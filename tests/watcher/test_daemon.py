@@ -416,3 +416,38 @@ def test_an_update_overwritten_by_another_daemon_is_told_apart() -> None:
     assert foreign_update([mine], {1: other}, seen_before=True) == other
     assert foreign_update([], {1: same}, seen_before=False) is None  # after a restart: its own
     assert foreign_update([], {1: same}, seen_before=True) == same
+
+
+class FlakyBackend:
+    """Fake outage in front of the real MLflow backend: the first ``down`` polls fail as a dead server's would."""
+
+    def __init__(self, real: MlflowBackend, down: int):
+        self.real, self.down = real, down
+        self.name = real.name
+
+    def poll(self, run_id: str):  # noqa: ANN201
+        from atm.adapters.base import BackendUnavailable
+
+        if self.down > 0:
+            self.down -= 1
+            raise BackendUnavailable("connection refused (fake)")
+        return self.real.poll(run_id)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.real, name)
+
+
+def test_an_outage_is_reported_once_and_its_end_too(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(FlakyBackend(MlflowBackend(mlflow_uri), down=4), load_policy("lm"), interval=0.01)
+    watcher = threading.Thread(target=daemon.watch, args=([rid],), daemon=True)
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        watcher.start()
+        try:
+            wait_for(lambda: any("answers again" in r.getMessage() for r in caplog.records), timeout=30)
+        finally:
+            daemon.stop()
+            watcher.join(timeout=10)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("tracker unreachable" in m for m in said) == 1
+    assert any("answers again (after 4 failed polls)" in m for m in said)
