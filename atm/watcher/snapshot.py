@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from atm.policies import Policy
-from atm.schema import DecisionRecord, Effect, SeriesStats, Status, TelemetrySnapshot
+from atm.schema import Action, DecisionRecord, Effect, SeriesStats, Status, TelemetrySnapshot
 
 Points = Sequence[tuple[int, float]]
 
@@ -216,7 +216,9 @@ def build_snapshot(
     step = max((s.last_step for s in series.values()), default=0)
     if not series:
         step = max((int(pts[-1][0]) for pts in history.values() if pts), default=0)
-    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles})
+    restarts = [r.effective_step for r in records
+                if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
+    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles}, max(restarts, default=None))
     effects = measured_effects(records, history, roles, recent, eval_steps(policy, history))
     kw = {} if now is None else {"taken_at": now}
     return TelemetrySnapshot(
@@ -231,8 +233,14 @@ def build_snapshot(
     )
 
 
-def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Points]) -> dict[str, float | bool]:
-    """Named signals the rules read and the LLM is shown: gaps, flags, ratios."""
+def derive_signals(
+    series: Mapping[str, SeriesStats], by_key: Mapping[str, Points], restarted_at: int | None = None
+) -> dict[str, float | bool]:
+    """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
+
+    ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
+    rollback), if any; trends are read from there, not across the jump.
+    """
     sig: dict[str, float | bool] = {}
     # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
     sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if r.split("[", 1)[0] in WATCHED_FOR_NONFINITE)
@@ -259,9 +267,14 @@ def derive_signals(series: Mapping[str, SeriesStats], by_key: Mapping[str, Point
         scale = max(abs(primary.best), 1e-8)
         sig["rise_over_best"] = (primary.latest - primary.best) / scale
         window = [(st, v) for st, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
+        if restarted_at is not None:
+            # A fit across a rollback's jump reads the restore as a trend (a "plateau" seen right after it).
+            window = [(st, v) for st, v in window if st >= restarted_at]
         # Relative improvement across the trailing window by a least-squares fit (positive: still
         # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
-        sig["window_improvement"] = -fitted_change(window) / scale
+        # Fewer than 3 points since a rollback tell no trend yet.
+        if len(window) >= 3:
+            sig["window_improvement"] = -fitted_change(window) / scale
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";

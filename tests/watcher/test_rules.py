@@ -359,3 +359,20 @@ def test_a_second_remedy_is_judged_only_after_it_had_time_and_a_fair_start() -> 
     assert diagnosis_with(val, Action.ROLLBACK) == Diagnosis.OVERFITTING  # one evaluation: not yet judged
     assert diagnosis_with(later, Action.ROLLBACK) == Diagnosis.CONVERGED  # back to the best and still no new best: stop
     assert diagnosis_with(later, None) == Diagnosis.OVERFITTING  # went on from an overfit model: another remedy
+
+
+def test_no_plateau_is_read_across_a_rollback() -> None:
+    # Seen in a Lightning run: right after a rollback, the plateau fit spanned the restore's jump and
+    # read "val_loss got 15% worse" while val loss sat 0.5% from its best; the lr was halved for nothing.
+    from atm.testing import concat, make_record
+
+    lm = load_policy("lm")
+    val = concat(decay(10, 3.0, 1.0, rate=4.0), [1.05, 1.1, 1.15, 1.2, 1.25], [1.006, 1.005])  # 40..680
+    train = decay(len(val), 3.2, 0.5, rate=3.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=40)
+    rollback = make_record(1, 600, changes={"dropout": (0.0, 0.1)}, action=Action.ROLLBACK, applied_step=640)
+    snap = build_snapshot("r", lm, history, {"lr": 1e-3, "dropout": 0.1}, [rollback])
+    assert "window_improvement" not in snap.signals  # two points since the restore: no trend yet
+    assert diagnose(snap)[0] != Diagnosis.PLATEAU
+    # Without the rollback on record, the same curve's window spans the jump.
+    assert "window_improvement" in build_snapshot("r", lm, history, {"lr": 1e-3, "dropout": 0.1}, []).signals
