@@ -276,6 +276,9 @@ class DecisionRecord(_Message):
     #: Where the change took effect on the run's own step axis (the one its metrics are logged on):
     #: the step of the first point the job logged after ``applied_at``. None until such a point is read.
     effective_step: int | None = None
+    #: The values in force right after the job applied it, as its acknowledgement reports them (they
+    #: differ from ``changes`` when the job moved them meanwhile, or a restore undid them).
+    applied_values: dict[str, float] = Field(default_factory=dict)
     #: Proposer-specific audit detail: prompt, raw answers, validation errors, latency, tokens.
     audit: dict[str, Any] = Field(default_factory=dict)
 

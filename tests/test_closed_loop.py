@@ -97,6 +97,8 @@ def check_applied_exactly_once(tmp: Path, uri: str, run_id: str) -> list[dict]:
             assert row["step"] == h["applied_step"]
             if param in row:
                 assert row[param] == pytest.approx(ch["new"], rel=1e-6)
+            # ... which is what its acknowledgement reported, and the history shows.
+            assert h["applied_values"][param] == pytest.approx(ch["new"], rel=1e-6)
     # Each change in the job's trace corresponds to exactly one applied update.
     for param in ("lr", "dropout", "weight_decay"):
         changes_in_job = value_changes(trace, param)

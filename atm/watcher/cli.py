@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -315,7 +316,7 @@ def _history(args: argparse.Namespace) -> int:
     for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "source", "rationale / reason"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        changes = ", ".join(f"{k} {fmt(v['old'])}→{fmt(v['new'])}" for k, v in r["changes"].items())  # type: ignore[union-attr]
+        changes = ", ".join(_change_cell(k, v, r["applied_values"]) for k, v in r["changes"].items())  # type: ignore[union-attr, arg-type]
         if r["action"]:
             changes = (changes + ", " if changes else "") + str(r["action"])
         why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
@@ -323,6 +324,15 @@ def _history(args: argparse.Namespace) -> int:
                   str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
     Console(width=None if sys.stdout.isatty() else 160).print(t)
     return 0
+
+
+def _change_cell(name: str, change: dict[str, float], in_force: dict[str, float]) -> str:
+    """``lr 1e-3→5e-4``, and what the job reported in force after applying it when that differs."""
+    cell = f"{name} {fmt(change['old'])}→{fmt(change['new'])}"
+    now = in_force.get(name)
+    if now is not None and not math.isclose(now, change["new"], rel_tol=0.01):
+        cell += f" (in force: {fmt(now)})"
+    return cell
 
 
 def _applied_cell(row: dict[str, object]) -> str:

@@ -196,6 +196,7 @@ def _settle(rec: DecisionRecord, ack: Ack) -> None:
     rec.status = Status.APPLIED if ack.status == "applied" else Status.FAILED
     rec.applied_step = ack.applied_step
     rec.applied_at = ack.applied_at
+    rec.applied_values = dict(ack.values)
     if ack.error:
         rec.reason = (rec.reason + "; " if rec.reason else "") + f"listener: {ack.error}"
 
@@ -588,6 +589,7 @@ def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
             "step": r.step,
             "applied_step": r.applied_step,
             "effective_step": r.effective_step,
+            "applied_values": r.applied_values,
             "status": r.status.value,
             "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
             "action": r.action.value if r.action else None,

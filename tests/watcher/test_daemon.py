@@ -13,7 +13,7 @@ import pytest
 
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
-from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status
+from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status, fmt
 from atm.adapters.base import Timeline
 from atm.testing import wait_for
 from atm.watcher.daemon import Daemon, RunState, step_after
@@ -451,3 +451,24 @@ def test_an_outage_is_reported_once_and_its_end_too(mlflow_uri: str, caplog: pyt
     said = [r.getMessage() for r in caplog.records]
     assert sum("tracker unreachable" in m for m in said) == 1
     assert any("answers again (after 4 failed polls)" in m for m in said)
+
+
+def test_the_history_shows_what_the_job_reported_in_force(mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The job's restore undid the lr cut that came with a rollback: the ack says so, and so must the history.
+    import json
+
+    from atm.watcher.cli import _change_cell, main as atm_main
+
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    lr = daemon.tick(rid, wait=True).records[0].changes["lr"]
+    MlflowChannel(rid, mlflow_uri).ack(Ack(run_id=rid, seq=1, status="applied", applied_step=205, values={"lr": lr.old}))
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert st.records[0].applied_values == {"lr": lr.old}
+    atm_main(["history", "--backend", "mlflow", "--run", rid, "--tracking-uri", mlflow_uri, "--json"])
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["applied_values"] == {"lr": lr.old}
+    # The table's cell (rich folds it across lines, so it is checked here as built).
+    assert _change_cell("lr", row["changes"]["lr"], row["applied_values"]) == f"lr {fmt(lr.old)}→{fmt(lr.new)} (in force: {fmt(lr.old)})"
+    assert _change_cell("lr", row["changes"]["lr"], {"lr": lr.new}) == f"lr {fmt(lr.old)}→{fmt(lr.new)}"
