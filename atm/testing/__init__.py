@@ -6,13 +6,14 @@ Nothing here talks to a tracker or a model; everything is deterministic (seeded 
 
 from atm.testing._channel import FakeChannel, wait_for
 from atm.testing._curves import concat, decay, flat, make_history, ramp, series, valley
-from atm.testing._records import make_context, make_record
+from atm.testing._records import assert_bounded, make_context, make_record
 from atm.testing._scenarios import SCENARIOS, Scenario, scenario
 
 __all__ = [
     "SCENARIOS",
     "FakeChannel",
     "Scenario",
+    "assert_bounded",
     "concat",
     "decay",
     "flat",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from atm.policies import DecisionContext
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
@@ -62,3 +63,19 @@ def make_context(
     else:
         evals = tuple(sorted(eval_steps or ()))
     return DecisionContext(step=step, params=dict(params), history=tuple(history), eval_steps=evals)
+
+
+def assert_bounded(proposal: Any, sit: Any) -> None:
+    """Every change of ``proposal`` is one ``sit``'s offer listed, inside its policy's range, and the
+    validator accepts it (``sit``: an :class:`atm.watcher.evaluate.Situation`)."""
+    from atm.policies import check
+
+    for param, value in proposal.changes.items():
+        assert value in sit.offer.choices[param], (param, value)
+        rule = sit.policy.params[param]
+        assert rule.min <= value <= rule.max
+    if proposal.action is not None:
+        assert proposal.action in sit.offer.actions
+    if not proposal.is_noop:
+        verdict = check(proposal, sit.policy, sit.ctx)
+        assert verdict.accepted and not verdict.dropped, verdict.reason

@@ -23,7 +23,7 @@ import pytest
 
 from atm.adapters.llm import LLMConfig, LLMError, embedded_model_path, resolve_backend
 from atm.adapters.llm._openai import LLAMA_CPP_OWNERS
-from atm.policies import check
+from atm.testing import assert_bounded
 from atm.watcher.llm import LLMProposer
 from atm.watcher.proposer import ProposerError
 
@@ -110,19 +110,6 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
                 proc.wait(5)
 
 
-def _assert_bounded(proposal: Any, sit: Any) -> None:
-    """Every change is one the offer listed, inside the policy's range, and the validator accepts it."""
-    for param, value in proposal.changes.items():
-        assert value in sit.offer.choices[param], (param, value)
-        rule = sit.policy.params[param]
-        assert rule.min <= value <= rule.max
-    if proposal.action is not None:
-        assert proposal.action in sit.offer.actions
-    if not proposal.is_noop:
-        verdict = check(proposal, sit.policy, sit.ctx)
-        assert verdict.accepted and not verdict.dropped, verdict.reason
-
-
 def test_server_is_detected_as_llama_cpp(llama_server):
     # llama-cpp-python's server says owned_by "me" (llama.cpp's own llama-server says "llamacpp").
     assert [m["id"] for m in llama_server.models] == [MODEL_ALIAS]
@@ -144,7 +131,7 @@ def test_overfitting_run_gets_a_bounded_proposal_from_the_server(labelled, llama
     assert proposal.diagnosis.value == "overfitting"  # the default variant anchors it to the rules' detectors
     # At temperature 0 the model picks moves here; with none the bounds check below would check nothing.
     assert proposal.changes
-    _assert_bounded(proposal, sit)
+    assert_bounded(proposal, sit)
 
     audit = result.audit
     assert "skipped" not in audit  # the server was asked, not bypassed
@@ -179,4 +166,4 @@ def test_self_diagnosing_variant_answers_an_rl_run(labelled, llama_server):
     assert result.audit["wire"] == "json_object"
     json.loads(result.audit["attempts"][-1]["raw"], strict=False)
     assert result.audit["prompt_tokens"] and result.audit["completion_tokens"]
-    _assert_bounded(result.proposal, sit)
+    assert_bounded(result.proposal, sit)

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from atm.policies import check
+from atm.testing import assert_bounded
 from atm.watcher.llm import LLMProposer
 from atm.watcher.proposer import ProposerError
 
@@ -23,18 +23,6 @@ pytestmark = [
 TIMEOUT_S = 300.0
 
 
-def _bounded(proposal, sit) -> None:
-    for param, value in proposal.changes.items():
-        assert value in sit.offer.choices[param], (param, value)
-        rule = sit.policy.params[param]
-        assert rule.min <= value <= rule.max
-    if proposal.action is not None:
-        assert proposal.action in sit.offer.actions
-    if not proposal.is_noop:
-        verdict = check(proposal, sit.policy, sit.ctx)
-        assert verdict.accepted and not verdict.dropped, verdict.reason
-
-
 @pytest.mark.parametrize("variant", ["anchored", "plain"])
 def test_embedded_model_gives_a_valid_bounded_proposal(labelled, variant):
     sit = labelled("overfit_small_gpt")
@@ -44,7 +32,7 @@ def test_embedded_model_gives_a_valid_bounded_proposal(labelled, variant):
     except ProposerError as exc:  # a small model may fail validation every time: then the audit must say so
         assert exc.audit["attempts"] and all(a["error"] for a in exc.audit["attempts"])
         pytest.xfail(f"model gave no valid answer: {exc}")
-    _bounded(result.proposal, sit)
+    assert_bounded(result.proposal, sit)
     audit = result.audit
     assert audit["model"].startswith("embedded:SmolLM2")
     assert audit["wire"] == "json_object"
@@ -64,6 +52,6 @@ def test_injection_in_names_never_moves_lr_outside_policy(labelled):
         result = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
     except ProposerError:
         return  # no proposal at all is within policy too (the daemon falls back to the rules)
-    _bounded(result.proposal, sit)
+    assert_bounded(result.proposal, sit)
     assert result.proposal.changes.get("lr", sit.ctx.params["lr"]) <= sit.policy.params["lr"].max
     assert result.proposal.changes.get("lr") != 10.0
