@@ -226,6 +226,9 @@ class Listener:
     def _apply_one(self, update: Update, step: int | None) -> Update:
         values: dict[str, float] = {}
         errors: list[str] = []
+        # The values in force before the action: a change is the decided move from them. A rollback
+        # that restores an older optimizer state brings back an older lr, which is not what was halved.
+        before = {name: self._read(name) for name in update.changes}
         # The action first: a rollback that restores the optimizer's state would otherwise undo the
         # new lr or weight decay that came with it.
         if update.action is not None:
@@ -239,7 +242,7 @@ class Listener:
                 errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
                 continue
             try:
-                knob.set(in_force(change.old, change.new, knob.get() if knob.get is not None else None))
+                knob.set(in_force(change.old, change.new, before.get(name)))
                 values[name] = float(knob.get()) if knob.get is not None else change.new
             except Exception as exc:
                 errors.append(f"{name}: setter raised {exc!r}")
@@ -269,6 +272,16 @@ class Listener:
             self._flush()
         self._wake.set()
         return update
+
+    def _read(self, name: str) -> Any:
+        """A knob's current value, or None when it has no getter or the getter fails."""
+        knob = self.knobs.get(name)
+        if knob is None or knob.get is None:
+            return None
+        try:
+            return knob.get()
+        except Exception:
+            return None
 
     def _run_action(self, action: Action) -> None:
         handler = self.actions.get(action.value)

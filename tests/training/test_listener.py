@@ -323,6 +323,23 @@ def test_a_rollback_done_later_in_the_loop_keeps_the_changes_with_keep_hyperpara
         lst.close()
 
 
+def test_an_lr_cut_that_comes_with_a_rollback_cuts_the_lr_the_job_had_not_the_restored_one():
+    # The checkpoint was taken at lr 1e-3; the job has since gone to 5e-4; the manager halves 5e-4 and
+    # rolls back. Halving what the restore brought back (1e-3) would leave the lr where it was.
+    model, opt = make_model()
+    best = copy.deepcopy(opt.state_dict())  # lr 1e-3
+    opt.param_groups[0]["lr"] = 5e-4
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01, actions={"rollback": lambda: opt.load_state_dict(copy.deepcopy(best))})
+    try:
+        ch.publish(1, action=Action.ROLLBACK, lr=(5e-4, 2.5e-4))
+        wait_for(lambda: lst._pending)
+        train_step(model, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    finally:
+        lst.close()
+
+
 def test_an_lr_cut_decided_on_an_older_value_still_cuts_the_lr_in_force():
     # The manager read lr 1e-3 and halved it; by the time the job applies it, its scheduler has
     # decayed the lr to 1e-4. Setting 5e-4 would raise it fivefold; halving what is in force is the move.
