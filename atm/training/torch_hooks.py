@@ -32,7 +32,8 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     if getattr(optimizer.step, "_wrapped_by_lr_sched", False) and scheduler is None:
         log.warning(
             "atm: an LR scheduler is attached to this optimizer; pass it as atm.listen(optimizer, scheduler=sched) "
-            "so learning-rate changes scale its base values instead of being undone at its next step"
+            "so learning-rate changes scale its base values: schedulers that recompute the lr from them (LambdaLR, "
+            "cosine, OneCycleLR, ...) would undo a change at their next step"
         )
 
     def scale_lr(value: float) -> None:
