@@ -564,7 +564,13 @@ class LLMProposer:
             for key in ("prompt_tokens", "completion_tokens"):
                 a, b = audit.get(key), audit["reasoning"].get(key)
                 audit[key] = None if a is None or b is None else a + b
-        return ProposalResult(proposal=to_proposal(answer.value), source=self.name, audit=audit)
+        proposal = to_proposal(answer.value)
+        if only is not None and evidence is not None:
+            # Anchored: the diagnosis, and so the reason, is the measured evidence; the model chose the
+            # moves. Its own words (a small model's are often generic) follow, and stay in the audit.
+            said = proposal.rationale.strip()
+            proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if said else "")})
+        return ProposalResult(proposal=proposal, source=self.name, audit=audit)
 
 
 __all__ = [

@@ -167,6 +167,14 @@ def test_valid_answer_becomes_a_bounded_proposal(server, overfit):
     assert server.requests[0]["model"] == "test-model"
 
 
+def test_anchored_reason_is_the_measured_evidence_then_the_models_words(server, overfit):
+    server.replies.append(("json", completion(answer(moves=["dropout up to 0.1"]))))
+    res = proposer(server.url, variant="anchored").propose(overfit.snapshot, overfit.policy, overfit.ctx, overfit.offer)
+    evidence = res.audit["evidence"]["text"]
+    assert evidence.startswith("val loss") and "above its best" in evidence
+    assert res.proposal.rationale == f"{evidence} (model: val loss rises)"
+
+
 def test_out_of_bounds_answer_is_reasked_then_fails_cleanly(server, overfit):
     bad = answer(moves=["lr up to 10"])
     server.replies += [("json", completion(bad)), ("json", completion(bad))]
