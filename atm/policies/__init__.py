@@ -2,9 +2,19 @@
 
 from atm.policies._loader import PolicyError, load_policy, parse_policy, policy_json_schema, preset_names
 from atm.policies._schema import ActionRule, Limits, LLMSettings, ParamRule, Policy, Window
-from atm.policies._validator import DecisionContext, available_actions, available_choices, check, choices
+from atm.policies._validator import (
+    COUNTED,
+    COUNTED_DRY,
+    DecisionContext,
+    available_actions,
+    available_choices,
+    check,
+    choices,
+)
 
 __all__ = [
+    "COUNTED",
+    "COUNTED_DRY",
     "ActionRule",
     "DecisionContext",
     "LLMSettings",

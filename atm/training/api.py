@@ -102,15 +102,13 @@ def listen(
             )
         sync = RankSync(rank, size)
         in_training_thread = True
-        if rank != 0:
-            channel = False  # rank 0 talks to the tracker for the job
     elif size > 1 and rank == 0:
         log.warning(
             "atm: this is rank 0 of %d in a torch.distributed job; changes applied on one rank make the replicas "
             "differ. Call atm.listen(..., distributed=True) on every rank.", size,
         )
-    if channel is False:
-        channel = None
+    if sync is not None and not sync.leader:
+        channel = None  # rank 0 talks to the tracker for the job
     elif channel is None:
         try:
             from atm.adapters import discover_channel

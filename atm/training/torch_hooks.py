@@ -14,6 +14,8 @@ log = logging.getLogger("atm.listener")
 
 #: Param-group keys that hold a learning rate which a scheduler may read back later.
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+#: Scheduler attributes (lists, one per group) that it computes the lr from.
+_SCHEDULER_LRS = ("base_lrs", "max_lrs", "min_lrs")
 
 
 def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
@@ -43,7 +45,7 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
                 if isinstance(g.get(key), (int, float)):
                     g[key] = g[key] * ratio
         if scheduler is not None:
-            for attr in ("base_lrs", "max_lrs", "min_lrs"):
+            for attr in _SCHEDULER_LRS:
                 vals = getattr(scheduler, attr, None)
                 if isinstance(vals, list):
                     setattr(scheduler, attr, [v * ratio for v in vals])
@@ -117,7 +119,7 @@ def keep_hyperparameters(optimizer: Any, scheduler: Any = None) -> Iterator[None
     they were before the block.
     """
     groups = [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    sched = {a: list(getattr(scheduler, a)) for a in ("base_lrs", "max_lrs", "min_lrs")
+    sched = {a: list(getattr(scheduler, a)) for a in _SCHEDULER_LRS
              if scheduler is not None and isinstance(getattr(scheduler, a, None), list)}
     eta_min = getattr(scheduler, "eta_min", None)
     yield

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
-from atm.policies import DecisionContext, Policy, available_actions, available_choices, check
+from atm.policies import COUNTED_DRY, DecisionContext, Policy, available_actions, available_choices, check
 from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt, in_force
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
@@ -464,7 +464,7 @@ class Daemon:
         if stale and view.status == "RUNNING":
             # The answer is late, but the question may still stand: a slow model on a fast job would
             # otherwise never act. It is kept when the run, read now, shows the same problem.
-            now_snap, _, _ = decision_inputs(self.policy, view, st.records)
+            now_snap = build_snapshot(view.run_id, self.policy, view.history, params, st.records, run_name=view.name)
             now_diag, _ = diagnose(now_snap, Thresholds.from_policy(self.policy))
             if still_current(proposal.diagnosis, now_diag):
                 stale = False
@@ -525,7 +525,7 @@ class Daemon:
             self.on_change(s)
 
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
-        counted = [r for r in st.records if r.status in (Status.APPLIED, Status.PENDING, Status.DRY_RUN)]
+        counted = [r for r in st.records if r.status in COUNTED_DRY]
         pending = next((r for r in st.records if r.status == Status.PENDING), None)
         step = run_step(view)
         self._set(

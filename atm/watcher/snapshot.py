@@ -186,7 +186,11 @@ def eval_steps(policy: Policy, history: Mapping[str, Points]) -> list[int]:
     logged ``MISSING_METRIC_AFTER`` of them. Before that its first evaluation may simply not have
     come yet, and a handful of mini-batch losses would pass a warm-up of a few "evaluations".
     """
-    roles = resolve_roles(policy, list(history))
+    return _eval_steps(policy, resolve_roles(policy, list(history)), history)
+
+
+def _eval_steps(policy: Policy, roles: Mapping[str, str], history: Mapping[str, Points]) -> list[int]:
+    """:func:`eval_steps` with the run's roles already resolved."""
     key = roles.get(policy.limits.eval_metric)
     if key is None:
         key = next(iter(roles.values()), None)
@@ -219,7 +223,7 @@ def build_snapshot(
     restarts = [r.effective_step for r in records
                 if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
     signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles}, max(restarts, default=None))
-    effects = measured_effects(records, history, roles, recent, eval_steps(policy, history))
+    effects = measured_effects(records, history, roles, recent, _eval_steps(policy, roles, history))
     kw = {} if now is None else {"taken_at": now}
     return TelemetrySnapshot(
         run_id=run_id,

@@ -354,11 +354,9 @@ class _Checkpoint:
             return False
         # Keep the current hyperparameters: a rollback usually arrives together with new lr, weight
         # decay or dropout, which are applied first and must survive the restore.
-        current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        model.load_state_dict(self.model)
-        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
-        for group, hyper in zip(optimizer.param_groups, current):
-            group.update(hyper)
+        with atm.keep_hyperparameters(optimizer):
+            model.load_state_dict(self.model)
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         return True
 
 
