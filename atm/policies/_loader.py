@@ -42,6 +42,17 @@ def load_policy(spec: str | Path) -> Policy:
     return parse_policy(path.read_text(), source=str(path))
 
 
+def _yaml_hint(problem: str) -> str:
+    """What usually causes a YAML parser complaint: its words name the parser's state, not the mistake."""
+    if "'\\t'" in problem:
+        return "; indent with spaces, not tabs"
+    if any(p in problem for p in ("mapping values are not allowed", "expected <block end>", "could not find expected ':'")):
+        return "; check this line's indentation against the lines above it"
+    if "expected ',' or" in problem or "flow" in problem:
+        return "; check for an unclosed [ or { above"
+    return ""
+
+
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -49,7 +60,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise PolicyError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"{where}: not valid YAML: {problem}{_yaml_hint(problem)}") from exc
     if not isinstance(data, dict):
         raise PolicyError(f"{source}:1: a policy is a YAML mapping with at least `name:`, got {type(data).__name__}")
     dup = _duplicate_key(node)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
-from atm.policies import COUNTED_DRY, DecisionContext, Policy, available_actions, available_choices, check
+from atm.policies import COUNTED, COUNTED_DRY, DecisionContext, Policy, available_actions, available_choices, check
 from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt, in_force
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
@@ -525,7 +525,9 @@ class Daemon:
             self.on_change(s)
 
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
-        counted = [r for r in st.records if r.status in COUNTED_DRY]
+        # The same decisions the validator counts against this daemon's budgets: a live daemon after a
+        # dry run does not show the dry run's decisions as its own.
+        counted = [r for r in st.records if r.status in (COUNTED_DRY if self.dry_run else COUNTED)]
         pending = next((r for r in st.records if r.status == Status.PENDING), None)
         step = run_step(view)
         self._set(

@@ -286,7 +286,21 @@ def test_yaml_syntax_error_has_the_line(tmp_path: Path) -> None:
     assert msg.startswith("FILE:"), msg
     line = int(msg.split(":")[1])
     assert 5 <= line <= 7, msg
-    assert "not valid YAML" in msg
+    assert "not valid YAML" in msg and "unclosed [" in msg
+
+
+@pytest.mark.parametrize(
+    "text, line, hint",
+    [
+        ("name: x\nparams:\n  lr:\n    min: 0.1\n     max: 1\n", 5, "check this line's indentation"),
+        ("name: x\nparams:\n\tlr: {min: 0.1}\n", 3, "indent with spaces, not tabs"),
+    ],
+)
+def test_yaml_syntax_errors_say_what_usually_causes_them(text: str, line: int, hint: str) -> None:
+    # YAML's own words ("mapping values are not allowed here") name the parser's state, not the mistake.
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, source="p.yaml")
+    assert str(err.value).startswith(f"p.yaml:{line}: not valid YAML") and hint in str(err.value), err.value
 
 
 def test_not_a_mapping() -> None:

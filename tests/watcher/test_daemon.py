@@ -68,6 +68,13 @@ def test_dry_run_records_but_publishes_nothing(mlflow_uri: str) -> None:
     assert [r.status for r in st.records] == [Status.DRY_RUN]
     assert st.records[0].changes
     assert MlflowChannel(rid, mlflow_uri).fetch(0) == []
+    assert daemon.status[rid].decisions == 1
+    # A live daemon on the same run afterwards reads the dry run's record but does not count it as its own.
+    live = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    st = live.tick(rid, wait=True)
+    live.stop()
+    assert [r.status for r in st.records] == [Status.DRY_RUN]
+    assert live.status[rid].decisions == 0
 
 
 class FailingProposer:
