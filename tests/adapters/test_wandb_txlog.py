@@ -191,6 +191,36 @@ def test_real_log_decodes_to_run_state(reference_log: Path) -> None:
     assert exit_code_at_end(reference_log) == 0
 
 
+# Lightning's WandbLogger and the HF Trainer declare their global step as the run's x axis, log
+# training and validation in separate rows, and let step_sync fill the step into each row.
+DECLARED_STEP_JOB = r"""
+import sys, wandb
+run = wandb.init(mode="offline", dir=sys.argv[1], project="txlog")
+run.define_metric("trainer/global_step")
+run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+for i in range(6):
+    run.log({"train_loss": 1.0 / (i + 1), "trainer/global_step": 10 * i})
+    if i % 2:
+        run.log({"val_loss": 2.0 / (i + 1)})
+run.finish()
+"""
+
+
+def test_a_declared_step_metric_is_the_x_axis(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(DECLARED_STEP_JOB)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120,
+                   env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    state = RunLog()
+    state.apply(LogTail(log).read())
+    assert state.step_metric == "trainer/global_step"
+    # W&B's row counter would give 0, 1, 3, 4, 6, 7 and 2, 5, 8: two axes for one run.
+    assert [s for s, _ in state.history["train_loss"]] == [0, 10, 20, 30, 40, 50]
+    assert [s for s, _ in state.history["val_loss"]] == [10, 30, 50]
+    assert state.last_step == 50
+
+
 def test_history_values_reads_json_and_typed_items() -> None:
     hist = pb.HistoryRecord()
     hist.item.add(nested_key=["loss"], value_json="0.5")

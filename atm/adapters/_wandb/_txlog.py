@@ -210,6 +210,9 @@ class RunLog:
     timeline: Timeline = field(default_factory=Timeline)
     exit_code: int | None = None
     producer: str = ""
+    #: The run-wide x axis the job declared with ``define_metric("*", step_metric=KEY)``, as
+    #: Lightning's WandbLogger (``trainer/global_step``) and the HF Trainer (``train/global_step``) do.
+    step_metric: str = ""
 
     def apply(self, records: Iterable[pb.Record]) -> int:
         """Fold records into the state. Returns how many history points were added."""
@@ -222,6 +225,8 @@ class RunLog:
                 self._run(rec.run)
             elif kind == "config":
                 _config_items(self.config, rec.config.update, rec.config.remove)
+            elif kind == "metric":
+                self._metric(rec.metric)
             elif kind == "exit":
                 self.exit_code = int(rec.exit.exit_code)
             elif kind == "header":
@@ -245,11 +250,21 @@ class RunLog:
         self.tags = tuple(run.tags)
         _config_items(self.config, run.config.update, run.config.remove)
 
+    def _metric(self, metric: pb.MetricRecord) -> None:
+        if metric.glob_name == "*" and metric.step_metric:
+            self.step_metric = metric.step_metric
+
     def _history(self, hist: pb.HistoryRecord) -> int:
         values = history_values(hist)
         step = values.pop("_step", None)
         if hist.HasField("step"):
             step = float(hist.step.num)
+        # The job's own step, where it declared one, is the x axis of its W&B charts and the step its
+        # listener reports updates at: W&B's row counter would put decisions and acks on two axes.
+        # (step_sync fills it into every row; a row without it keeps the counter.)
+        declared = values.get(self.step_metric) if self.step_metric else None
+        if declared is not None and math.isfinite(declared):
+            step = declared
         if step is None or not math.isfinite(step):
             return 0
         ts = values.pop("_timestamp", None)
