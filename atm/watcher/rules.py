@@ -368,7 +368,7 @@ def _regularizers(snap: TelemetrySnapshot) -> str:
 #: Ranked moves per diagnosis. The first ones that the offer allows are taken.
 _REMEDIES: dict[Diagnosis, list[Move]] = {
     # The paper's remedy: back to the best checkpoint (the action), more dropout, a smaller step.
-    Diagnosis.OVERFITTING: [Move("dropout", "up", 2.0, from_zero=0.1), Move("weight_decay", "up", 2.0, from_zero=0.05), Move("lr", "down", 0.5)],
+    Diagnosis.OVERFITTING: [Move("dropout", "up", 2.0, from_zero=0.1), Move("lr", "down", 0.5), Move("weight_decay", "up", 2.0, from_zero=0.05)],
     Diagnosis.DIVERGENCE: [Move("lr", "down", 0.25)],
     Diagnosis.PLATEAU: [Move("lr", "down", 0.5)],
     Diagnosis.OVER_REGULARIZATION: [Move("weight_decay", "down", 0.5), Move("dropout", "down", 0.5)],
