@@ -318,9 +318,11 @@ class Listener:
                 # A scheduler moves the lr all the time: the manager should decide on the value in force.
                 self._values_checked = time.monotonic()
                 now = self.current_values()
-                self._announce_needed = any(
-                    not math.isclose(v, self._announced.get(k, math.nan), rel_tol=0.01) for k, v in now.items()
-                )
+                moved = any(not math.isclose(v, self._announced.get(k, math.nan), rel_tol=0.01) for k, v in now.items())
+                if moved and self._announced:
+                    # ... and the atm/<knob> charts should show it, not a straight line between changes.
+                    self.channel.log_values(now, self._step())
+                self._announce_needed = moved
             if self._announce_needed:
                 self._announce()
             known = max([self._last_applied, *(u.seq for u in self._pending)])

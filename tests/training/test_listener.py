@@ -373,6 +373,8 @@ def test_values_moved_by_a_scheduler_are_announced_again(monkeypatch):
         assert ch.infos[-1].values["lr"] == pytest.approx(1e-3)
         opt.param_groups[0]["lr"] = 2e-4  # what a scheduler does at every step
         wait_for(lambda: ch.infos[-1].values["lr"] == pytest.approx(2e-4))
+        # The atm/lr chart gets the moved value too, not only the values at interventions.
+        assert any(values.get("lr") == pytest.approx(2e-4) for values, _ in ch.metrics), ch.metrics
     finally:
         lst.close()
 
