@@ -269,10 +269,12 @@ class Daemon:
 
     def stop(self) -> None:
         self.stop_event.set()
-        for st in self._states.values():
+        for st in list(self._states.values()):
             st.wake.set()
-        for t in self._threads.values():
-            t.join(timeout=10)
+        # Runs may still be starting on the watch thread: a copy, and only threads that did start.
+        for t in list(self._threads.values()):
+            if t.ident is not None:
+                t.join(timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _start_run(self, run_id: str) -> None:
