@@ -34,6 +34,8 @@ from atm.watcher.snapshot import MISSING_METRIC_AFTER, build_snapshot, eval_step
 log = logging.getLogger("atm.watch")
 
 MAX_BACKOFF_S = 60.0
+#: Seconds a listener may be attached to a run that logs no metric of its own before the daemon says so.
+SILENT_JOB_S = 120.0
 #: Reason prefix of an update the run ended before applying.
 EXPIRED = "expired"
 #: How long a tick waits for a proposal before leaving it to a later tick.
@@ -371,7 +373,11 @@ class Daemon:
                 if rule is not None and not rule.min <= value <= rule.max:
                     log.warning("run %s: %s is %s, outside the policy's [%s, %s]; a move on it lands inside those "
                                 "bounds, however far that is", run_id, name, fmt(value), fmt(rule.min), fmt(rule.max))
-        if not st.noted_missing and _logged_steps(view) >= MISSING_METRIC_AFTER:
+        own = _logged_steps(view)
+        # A job that logs nothing of its own never reaches MISSING_METRIC_AFTER points: say it once its
+        # listener has been there a while (an SB3 script whose logger writes only to stdout).
+        silent = own == 0 and view.listener is not None and self.clock() - view.listener.started_at >= SILENT_JOB_S
+        if not st.noted_missing and (own >= MISSING_METRIC_AFTER or silent):
             st.noted_missing = True
             note = missing_role_note(self.policy, list(view.history))
             if note:

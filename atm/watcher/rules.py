@@ -48,6 +48,9 @@ class Thresholds:
     remedy_evals: int = 3
     #: Loss imbalance: largest/smallest loss component above this.
     imbalance_ratio: float = 20.0
+    #: ... unless this many loss-weight changes in a row left the ratio at more than half of what it
+    #: was: the job logs its components unweighted, and further changes would only spend the budget.
+    imbalance_remedies_unmoved: int = 2
     #: RL: safe success and collision rate that count as solved.
     solved_success: float = 0.85
     solved_collision: float = 0.15
@@ -166,7 +169,8 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
                 f"while train loss falls to {fmt(train.latest)}; the gap {fmt(float(sig.get('gap', 0)))} is widening"
             )
     ratio = float(sig.get("loss_component_ratio", 0.0))
-    if ratio > t.imbalance_ratio:
+    unmoved = _imbalance_unmoved(snap, ratio, t) if ratio > t.imbalance_ratio else ""
+    if ratio > t.imbalance_ratio and not unmoved:
         return Diagnosis.LOSS_IMBALANCE, f"largest loss component is {ratio:.0f}x the smallest"
     improvement = float(sig.get("window_improvement", 1.0))
     if improvement < t.plateau_improvement:
@@ -181,7 +185,8 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
         if exhausted:
             return Diagnosis.CONVERGED, exhausted
         return Diagnosis.PLATEAU, f"{primary.key} {moved} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
-    return Diagnosis.HEALTHY, f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
+    healthy = f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
+    return Diagnosis.HEALTHY, healthy + (f"; {unmoved}" if unmoved else "")
 
 
 def _diagnose_rl(snap: TelemetrySnapshot, t: Thresholds) -> tuple[Diagnosis, str]:
@@ -327,6 +332,31 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
     return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, in effect from step "
             f"{fixes[-1].applied_step}) brought no new best {val.key} ({fmt(val.best)} at step {val.best_step}): "
             "stop and keep the best checkpoint")
+
+
+def _imbalance_unmoved(snap: TelemetrySnapshot, ratio: float, t: Thresholds) -> str:
+    """Non-empty (the evidence) when the last loss-weight changes did not move the components' balance.
+
+    Seen in a new user's job that logged ``loss/main`` and ``loss/aux`` unweighted: the ratio does not
+    depend on the weight, and the rules halved ``loss_weight.aux`` 11 times, using up the budget.
+    """
+    n = t.imbalance_remedies_unmoved
+    tail: list[Effect] = []
+    for e in reversed(snap.recent):
+        if e.diagnosis != Diagnosis.LOSS_IMBALANCE or e.applied_step is None:
+            break
+        tail.insert(0, e)
+    if n < 1 or len(tail) < n:
+        return ""
+    before = [abs(b) for r, (b, _) in tail[0].before_after.items() if r.startswith("loss_components[")]
+    if len(before) < 2:
+        return ""
+    was = max(before) / max(min(before), 1e-12)
+    if ratio < 0.5 * was:
+        return ""
+    return (f"the largest loss component is {ratio:.0f}x the smallest, and {len(tail)} loss-weight changes since "
+            f"step {tail[0].applied_step} did not move that ({was:.0f}x before): if the job logs its components "
+            "unweighted, log each as weight * loss so that atm sees their balance")
 
 
 def _plateau_exhausted(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) -> str:

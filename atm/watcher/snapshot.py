@@ -59,6 +59,12 @@ def missing_role_note(policy: Policy, keys: Sequence[str]) -> str:
     what the run logs, and how to map it. Pure."""
     role = policy.limits.eval_metric
     logged = sorted(k for k in keys if not k.startswith("atm/"))
+    if not logged and keys:
+        return (
+            "the run logs no metrics of its own, only the listener's atm/*; atm decides on what the job logs "
+            "(losses, returns): log them to this run. Stable-Baselines3's logger does not write to MLflow or "
+            "W&B by itself: see the README's Stable-Baselines3 paragraph"
+        )
     if not logged or role in resolve_roles(policy, logged):
         return ""
     wanted = ", ".join(policy.metrics.get(role, [])) or "nothing (the policy has no such role)"
@@ -328,6 +334,8 @@ def measured_effects(
     applied = [r for r in records if r.status == Status.APPLIED][-recent:]
     out = []
     watch = [r for r in ("val_loss", "train_loss", "safe_success", "success", "collision", "return") if r in roles]
+    # Loss components too: whether a loss-weight change moved their balance is the test of that remedy.
+    watch += sorted(r for r in roles if r.startswith("loss_components["))
     for rec in applied:
         ba: dict[str, tuple[float, float]] = {}
         for role in watch:

@@ -479,3 +479,26 @@ def test_the_history_shows_what_the_job_reported_in_force(mlflow_uri: str, capsy
     # The table's cell (rich folds it across lines, so it is checked here as built).
     assert _change_cell("lr", row["changes"]["lr"], row["applied_values"]) == f"lr {fmt(lr.old)}→{fmt(lr.new)} (in force: {fmt(lr.old)})"
     assert _change_cell("lr", row["changes"]["lr"], {"lr": lr.new}) == f"lr {fmt(lr.old)}→{fmt(lr.new)}"
+
+
+def test_a_job_that_logs_nothing_of_its_own_is_told_so(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Seen in a new user's SB3 script: the listener attached, SB3 logged to stdout only, and the run
+    # held atm/* alone; the daemon watched it in silence.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("silent")).info.run_id
+    client.log_metric(rid, "atm/lr", 3e-4, step=0)
+    MlflowChannel(rid, mlflow_uri).announce(ListenerInfo(
+        run_id=rid, knobs=["lr"], values={"lr": 3e-4}, actions=["stop"], apply_mode="auto", pid=1, started_at=1000.0))
+    now = [1030.0]
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("rl-ppo"), interval=0.1, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        daemon.tick(rid, wait=True)
+        assert not [r for r in caplog.records if "no metrics of its own" in r.getMessage()]  # 30 s: too early
+        now[0] = 1000.0 + 121
+        daemon.tick(rid, wait=True)
+        daemon.tick(rid, wait=True)
+    daemon.stop()
+    said = [r.getMessage() for r in caplog.records if "no metrics of its own" in r.getMessage()]
+    assert len(said) == 1 and "Stable-Baselines3" in said[0], said

@@ -376,3 +376,27 @@ def test_no_plateau_is_read_across_a_rollback() -> None:
     assert diagnose(snap)[0] != Diagnosis.PLATEAU
     # Without the rollback on record, the same curve's window spans the jump.
     assert "window_improvement" in build_snapshot("r", lm, history, {"lr": 1e-3, "dropout": 0.1}, []).signals
+
+
+def test_loss_weight_changes_that_do_not_move_the_logged_components_stop() -> None:
+    # Seen in a new user's job: loss/main and loss/aux logged unweighted, so halving loss_weight.aux
+    # changed nothing that was logged, and the rules halved it 11 times, using up the budget.
+    from atm.testing import flat, make_record
+
+    lm = load_policy("lm")
+    n = 40
+    main, aux = flat(n, 0.01, noise=0.0001, seed=1), flat(n, 1.0, noise=0.01, seed=2)  # aux 100x main throughout
+    train, val = decay(n, 3.0, 1.0, rate=3.0), decay(n, 3.1, 1.1, rate=3.0)
+    history = make_history({"train_loss": train, "val_loss": val, "loss/main": main, "loss/aux": aux}, every=20)
+    cuts = [make_record(i + 1, s, diagnosis=Diagnosis.LOSS_IMBALANCE, changes={"loss_weight.aux": (0.1 / 2**i, 0.05 / 2**i)},
+                        applied_step=s + 20) for i, s in enumerate((300, 420))]
+    params = {"lr": 1e-3, "loss_weight.aux": 0.025}
+    # One change is not judged yet; two that left the ratio where it was are.
+    assert diagnose(build_snapshot("r", lm, history, params, cuts[:1]))[0] == Diagnosis.LOSS_IMBALANCE
+    diagnosis, evidence = diagnose(build_snapshot("r", lm, history, params, cuts))
+    assert diagnosis != Diagnosis.LOSS_IMBALANCE and "log each as weight * loss" in evidence, evidence
+    # Logged weighted, aux falls with its weight (to a quarter): the remedy works, and the run, still
+    # 25x apart, is treated again.
+    weighted = dict(history, **{"loss/aux": [(s, v * (1.0 if s <= 320 else 0.5 if s <= 440 else 0.25))
+                                             for s, v in history["loss/aux"]]})
+    assert diagnose(build_snapshot("r", lm, weighted, params, cuts))[0] == Diagnosis.LOSS_IMBALANCE

@@ -361,3 +361,10 @@ def test_a_missing_evaluation_metric_is_explained() -> None:
     assert "the run logs: dev/xent, trn/xent." in note and "atm/lr" not in note
     assert "--policy FILE" in note
     assert missing_role_note(lm, ["train_loss", "val_loss"]) == ""
+    assert missing_role_note(lm, []) == ""  # nothing logged yet: too early to say anything
+
+
+def test_a_run_that_logs_only_the_listeners_values_is_explained() -> None:
+    # Seen in a new user's SB3 script: SB3's logger writes to stdout only, so the run held atm/* alone.
+    note = missing_role_note(load_policy("rl-ppo"), ["atm/lr", "atm/ent_coef"])
+    assert note.startswith("the run logs no metrics of its own") and "Stable-Baselines3" in note
