@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
+from typing import TYPE_CHECKING
+
 from atm.training.workloads.manipulation.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from atm.training.workloads.manipulation.train import TrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Two-link MuJoCo arm reaching around an obstacle, SB3 PPO, held-out evaluation.",
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="baseline")
-    p.add_argument("--tracking", choices=["mlflow", "wandb", "none"], default="none")
+    p.add_argument("--tracking", choices=["mlflow", "wandb", "none"], default="mlflow",
+                   help="tracker to log to (wandb runs offline unless WANDB_MODE says otherwise); "
+                        "'none' trains without logging")
     p.add_argument("--timesteps", type=int, default=None, help=f"env steps (default {DEFAULT_TIMESTEPS})")
     p.add_argument("--seed", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=None, help=f"env steps (default {DEFAULT_EVAL_EVERY})")
@@ -36,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-listen", action="store_true", help="do not attach the atm listener")
     p.add_argument("--experiment", default="atm-manipulation", help="MLflow experiment / W&B project")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///atm-demo/mlflow.db)")
     p.add_argument("--run-name", help="tracker run name (default manipulation-RECIPE-sSEED)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--out", help="write the run's summary (every evaluation) to this JSON file")
@@ -54,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("timesteps", "eval_every", "eval_episodes", "test_episodes", "tracking_uri", "run_name"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.tracking == "mlflow":
+        from atm.training.workloads import resolve_tracking_uri
+
+        settings["tracking_uri"] = resolve_tracking_uri(args.tracking_uri)
     config = TrainConfig(
         recipe=args.recipe,
         tracking=args.tracking,
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         **settings,  # type: ignore[arg-type]
     )
-    result = train(config, on_start=_started)
+    result = train(config, on_start=lambda run_id: _started(config, run_id))
     final = result.final
     print(
         f"{result.recipe} seed {result.seed}: {result.timesteps} steps in {result.wall_seconds:.0f}s; "
@@ -78,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _started(run_id: str | None) -> None:
+def _started(config: TrainConfig, run_id: str | None) -> None:
     # One line a supervisor (``atm bench``, a shell script) can read to attach the daemon.
-    if run_id:
-        print(f"run id {run_id}", flush=True)
+    if not run_id:
+        return
+    if config.tracking == "mlflow":
+        hint = f"atm-watch --backend mlflow --run {run_id} --tracking-uri {config.tracking_uri} --policy rl-ppo"
+    else:
+        hint = f"atm-watch --backend wandb --run {run_id} --policy rl-ppo"
+    print(f"run id {run_id}   (to manage it: {hint})", flush=True)
 
 
 if __name__ == "__main__":

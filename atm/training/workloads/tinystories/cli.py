@@ -15,9 +15,9 @@ from atm.training.workloads.tinystories.train import (
     TrainConfig,
     TrainResult,
     early_stop_with_restore,
-    resolve_tracking_uri,
     train,
 )
+from atm.training.workloads import resolve_tracking_uri
 
 #: ``--quick``: the same recipe on a smaller corpus, model (0.26M parameters) and budget, with the same
 #: shape of curve: validation loss bottoms near step 120-140 and about doubles by step 800. 17 to 40 s on

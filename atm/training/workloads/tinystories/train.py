@@ -27,10 +27,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 import atm
+from atm.training.workloads import resolve_tracking_uri
 from atm.training.workloads.tinystories.data import DEFAULT_CORPUS_KB, Prepared, load_corpus, prepare
 from atm.training.workloads.tinystories.model import GPT, GPTConfig
 
-DEFAULT_TRACKING_URI = "sqlite:///atm-demo/mlflow.db"
 RECIPES = ("overfit", "plateau")
 #: Knobs a scripted intervention may set (the same names the lm policy uses).
 SCRIPT_KNOBS = ("lr", "weight_decay", "dropout")
@@ -219,17 +219,6 @@ def early_stop_with_restore(val_curve: Sequence[tuple[int, float]], patience: in
                                            f"{patience} evaluations; restored step {best_step}")
     return EarlyStopOutcome(stopped=False, stop_step=val_curve[-1][0], best_step=best_step, final_val_loss=best,
                             reason=f"patience never ran out; restored best step {best_step} at the end")
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///atm-demo/mlflow.db`` (under the current folder).
-
-    The folder of a relative sqlite path is created, since sqlite will not create it.
-    """
-    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if resolved.startswith("sqlite:///"):
-        Path(resolved[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return resolved
 
 
 # --------------------------------------------------------------------------- trackers (how a user logs)
