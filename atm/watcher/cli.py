@@ -89,6 +89,10 @@ def _setup_logging(level: str) -> None:
         # Each retry of a request to a server that is down is a WARNING with the full URL; the daemon
         # says once that the tracker is unreachable, and again when it is back.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        # Every LLM request at INFO, and each failed attempt as an ERROR with its traceback: the daemon
+        # says in one line when a proposer fails, and the decision's audit keeps every attempt.
+        for name in ("httpx", "httpx2", "httpcore", "openai", "instructor"):
+            logging.getLogger(name).setLevel(logging.WARNING if name != "instructor" else logging.CRITICAL)
 
 
 # --------------------------------------------------------------------------- atm-watch
@@ -169,8 +173,11 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
 
         daemon.on_change = log_changes()
         stop_display = None
+    who = getattr(proposer, "name", args.proposer)
+    if args.proposer == "llm":
+        who += f" {proposer.client.name}"  # which model, and where: a wrong setting shows here, not in the audit
     print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
-          f"({args.backend}, policy {policy.name}, proposer {getattr(proposer, 'name', args.proposer)}, "
+          f"({args.backend}, policy {policy.name}, proposer {who}, "
           f"every {args.interval:g}s{', dry run' if args.dry_run else ''}); Ctrl-C or SIGTERM stops", flush=True)
     try:
         daemon.watch(args.run, experiment=args.experiment)

@@ -441,7 +441,9 @@ class Daemon:
             if self.proposer is self.fallback:
                 raise
             audit = dict(getattr(exc, "audit", {}) or {})
-            log.warning("run %s: proposer %s failed (%s); falling back to rules", snapshot.run_id, self.proposer.name, exc)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("run %s: proposer %s failed (%s); falling back to rules (the decision's audit has the details)",
+                        snapshot.run_id, self.proposer.name, _clip(first, 240))
             result = self.fallback.propose(snapshot, self.policy, ctx, offer)
             result.audit = {"fallback_from": self.proposer.name, "error": f"{type(exc).__name__}: {exc}", "failed_attempt": audit, **result.audit}
             result.source = "fallback"
@@ -458,6 +460,17 @@ class Daemon:
             log.error("run %s: no proposal (%s)", st.run_id, exc)
             return
         snap = inflight.snapshot
+        if result.source == "fallback" and view.status == "RUNNING" and self.proposer is not self.fallback:
+            # The rules answered for the run as it was before the failed call, which may have taken the
+            # whole timeout (and retries): that answer would be stale. They take microseconds: ask again
+            # on the run as it is now.
+            snap, ctx_fresh, offer_fresh = decision_inputs(
+                self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run)
+            again = self.fallback.propose(snap, self.policy, ctx_fresh, offer_fresh)
+            again.audit = {**{k: v for k, v in result.audit.items() if k not in again.audit}, **again.audit,
+                           "first_asked_at_step": inflight.snapshot.step}
+            again.source = "fallback"
+            result = again
         proposal = result.proposal
         self._set(st.run_id, diagnosis=proposal.diagnosis.value, pending="")
         if proposal.is_noop:
@@ -550,6 +563,10 @@ class Daemon:
             listener=view.listener is not None,
             error="",
         )
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _logged_steps(view: RunView) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -569,7 +570,9 @@ class LLMProposer:
             # Anchored: the diagnosis, and so the reason, is the measured evidence; the model chose the
             # moves. Its own words (a small model's are often generic) follow, and stay in the audit.
             said = proposal.rationale.strip()
-            proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if said else "")})
+            # Fragments ("{", ".348967,") are what a small model leaves when it runs out of tokens: no words, no reason.
+            worded = len(re.findall(r"[A-Za-z]{2,}", said)) >= 3
+            proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if worded else "")})
         return ProposalResult(proposal=proposal, source=self.name, audit=audit)
 
 

@@ -47,12 +47,26 @@ def test_unknown_spec_names_the_forms(spec):
     assert "embedded" in msg and "local:/path/model.gguf" in msg and "openai/<model>" in msg
 
 
+def test_a_base_url_is_for_a_server_model_only():
+    # Seen in a trial: --llm-base-url without --llm openai/... ran the embedded model in silence, and
+    # OPENAI_BASE_URL reached the openai SDK but not atm (which then sent the wrong JSON mode).
+    assert LLMConfig.resolve("openai/m", environ={"OPENAI_BASE_URL": "http://x:1/v1"}).base_url == "http://x:1/v1"
+    assert LLMConfig.resolve("openai/m", "http://flag:2/v1", environ={"OPENAI_BASE_URL": "http://x:1/v1"}).base_url == "http://flag:2/v1"
+    assert LLMConfig.resolve(environ={"OPENAI_BASE_URL": "http://x:1/v1"}).base_url is None  # the default still works
+    with pytest.raises(LLMConfigError, match=r"--llm-base-url is http://h:1/v1 but the model is 'embedded'.*--llm openai/MODEL"):
+        LLMConfig.resolve(None, "http://h:1/v1", environ={})
+    with pytest.raises(LLMConfigError, match=r"ATM_LLM_BASE_URL is"):
+        LLMConfig.resolve(environ={"ATM_LLM_BASE_URL": "http://h:1/v1"})
+    pol = LLMSettings(model="openai/from-policy", base_url="http://policy:1/v1")
+    assert LLMConfig.resolve(policy_llm=pol, environ={}).base_url == "http://policy:1/v1"
+
+
 def test_precedence_flags_then_environment_then_policy_then_defaults():
     pol = LLMSettings(model="openai/from-policy", base_url="http://policy:1/v1", timeout_s=7, max_retries=5)
     env = {"ATM_LLM": "openai/from-env", "ATM_LLM_TIMEOUT": "3.5"}
     cfg = LLMConfig.resolve("local:/flag.gguf", None, policy_llm=pol, environ=env)
     assert cfg.model == "local:/flag.gguf"  # flag beats env and policy
-    assert cfg.base_url == "http://policy:1/v1"  # only the policy sets it
+    assert cfg.base_url is None  # the policy's base_url is its openai/ model's, not the flag's local model's
     assert cfg.timeout_s == 3.5  # env beats policy
     assert cfg.max_retries == 5  # policy beats default
     cfg = LLMConfig.resolve(policy_llm=pol, environ=env)

@@ -173,6 +173,12 @@ def test_anchored_reason_is_the_measured_evidence_then_the_models_words(server, 
     evidence = res.audit["evidence"]["text"]
     assert evidence.startswith("val loss") and "above its best" in evidence
     assert res.proposal.rationale == f"{evidence} (model: val loss rises)"
+    # A fragment a small model left when its tokens ran out is not shown as its words (seen: "(model: {)").
+    fragment = json.loads(answer(moves=["dropout up to 0.1"]))
+    fragment["rationale"] = ".348967,"
+    server.replies.append(("json", completion(json.dumps(fragment))))
+    res = proposer(server.url, variant="anchored").propose(overfit.snapshot, overfit.policy, overfit.ctx, overfit.offer)
+    assert res.proposal.rationale == res.audit["evidence"]["text"]
 
 
 def test_out_of_bounds_answer_is_reasked_then_fails_cleanly(server, overfit):
@@ -213,6 +219,32 @@ def test_http_error_status_is_a_server_error(server, overfit):
     server.replies.append(("status", 503))
     with pytest.raises(ProposerError, match="503"):
         proposer(server.url).propose(overfit.snapshot, overfit.policy, overfit.ctx, overfit.offer)
+
+
+@pytest.mark.parametrize(
+    ("status", "base", "hint"),
+    [
+        (401, "/v1", "refused a placeholder key (OPENAI_API_KEY is not set): set OPENAI_API_KEY"),
+        (404, "", "serve under /v1: try --llm-base-url"),
+        (500, "/v1", "ATM_LLM_JSON_MODE"),
+    ],
+)
+def test_http_errors_say_what_usually_causes_them(server, overfit, status, base, hint):
+    # Seen in a trial: a missing key, a base URL without /v1 and a server that cannot do the JSON mode
+    # asked for all gave a bare "HTTP 4xx/500" on every decision.
+    server.replies.append(("status", status))
+    url = server.url.removesuffix("/v1") + base
+    with pytest.raises(ProposerError) as err:
+        proposer(url).propose(overfit.snapshot, overfit.policy, overfit.ctx, overfit.offer)
+    assert f"HTTP {status}" in str(err.value) and hint in str(err.value), err.value
+
+
+def test_a_model_name_the_server_does_not_list_is_warned_about(server, overfit, caplog):
+    # Single-model servers answer any name: the audit would name a model that never answered.
+    server.replies.append(("json", completion(answer())))
+    with caplog.at_level("WARNING", logger="atm.llm"):
+        proposer(server.url).propose(overfit.snapshot, overfit.policy, overfit.ctx, overfit.offer)
+    assert any("lists the models m, not 'test-model'" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_slow_server_times_out(server, overfit):

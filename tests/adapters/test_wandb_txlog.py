@@ -221,6 +221,32 @@ def test_a_declared_step_metric_is_the_x_axis(tmp_path: Path) -> None:
     assert state.last_step == 50
 
 
+# The listener writes with commit=False, into the job's open row: W&B stamps that row when it closes,
+# after the change, which would place the change one evaluation early.
+TOUCHED_ROW_JOB = r"""
+import sys, wandb
+run = wandb.init(mode="offline", dir=sys.argv[1], project="txlog")
+for i in range(4):
+    run.log({"val_loss": 1.0 / (i + 1)}, step=10 * i)
+    if i == 1:
+        run.log({"atm/lr": 0.5, "atm/step": 15}, commit=False)
+run.finish()
+"""
+
+
+def test_rows_the_listener_wrote_into_do_not_time_the_job(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(TOUCHED_ROW_JOB)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120,
+                   env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    state = RunLog()
+    state.apply(LogTail(log).read())
+    assert [s for s, _ in state.history["val_loss"]] == [0, 10, 20, 30]
+    assert state.history["atm/lr"] == [(15, 0.5)]
+    assert [s for _, s in state.timeline.points] == [0, 20, 30]  # row 10 holds the listener's write
+
+
 def test_history_values_reads_json_and_typed_items() -> None:
     hist = pb.HistoryRecord()
     hist.item.add(nested_key=["loss"], value_json="0.5")

@@ -125,6 +125,36 @@ def decide_slowly(uri: str, meanwhile: Callable[[str], None]) -> tuple[str, RunS
     return rid, st
 
 
+class SlowFailingProposer(SlowProposer):
+    """Fake LLM proposer that fails only after the run has moved on (a hanging server that times out)."""
+
+    name = "llm"
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        self.release.wait(10)
+        raise ProposerError("did not answer within 60 s (fake)")
+
+
+def test_the_rules_fallback_after_a_slow_failure_decides_on_the_run_as_it_is_now(mlflow_uri: str) -> None:
+    # Seen in a trial: with a 15 s LLM timeout, every rules fallback answered the snapshot from before
+    # the call and was recorded stale, so a hanging server meant no management at all.
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    slow = SlowFailingProposer()
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    st = daemon.tick(rid)
+    assert st.inflight is not None
+    log_evals(MlflowClient(mlflow_uri), rid, 21, 24)  # four more evaluations while it hangs, still overfitting
+    slow.release.set()
+    assert st.inflight.future.result(5).source == "fallback"  # the rules' answer to the old snapshot
+    st = daemon.tick(rid)
+    daemon.stop()
+    rec = st.records[0]
+    assert rec.source == "fallback" and rec.status == Status.PENDING, (rec.status, rec.reason)
+    assert rec.step == 240 and rec.audit["first_asked_at_step"] == 200 and "did not answer" in rec.audit["error"]
+
+
 def test_a_late_answer_is_discarded_as_stale_when_the_run_moved_past_it(mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 

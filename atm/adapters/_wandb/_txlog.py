@@ -281,7 +281,11 @@ class RunLog:
                 continue  # _runtime and W&B's own bookkeeping
             self.history.setdefault(key, []).append((atm_istep if key.startswith("atm/") else istep, value))
             added += 1
-        if ts is not None and math.isfinite(ts) and any(not k.startswith(("_", "atm/")) for k in values):
+        # A row the listener wrote into (values or the table, commit=False, so they join the job's open
+        # row) is stamped when that row closes, after the change: it would place the change one
+        # evaluation early.
+        touched = any((item.nested_key[0] if item.nested_key else item.key).startswith("atm/") for item in hist.item)
+        if ts is not None and math.isfinite(ts) and not touched and any(not k.startswith(("_", "atm/")) for k in values):
             self.timeline.add([(ts, istep)])
         return added
 

@@ -27,8 +27,9 @@ DEFAULT_MAX_RETRIES = 2
 #: Environment variables read by :meth:`LLMConfig.resolve`, with what each sets.
 ENV_VARS = {
     "ATM_LLM": "model spec: embedded | local:/path/model.gguf | openai/<model>",
-    "ATM_LLM_BASE_URL": "base URL of an OpenAI-compatible server (http://host:port/v1)",
-    "ATM_LLM_TIMEOUT": "seconds per decision before giving up (falls back to the rules proposer)",
+    "ATM_LLM_BASE_URL": "base URL of an OpenAI-compatible server (http://host:port/v1); OPENAI_BASE_URL is read too",
+    "ATM_LLM_TIMEOUT": "seconds per request before giving up; a decision makes at most 1 + ATM_LLM_MAX_RETRIES "
+                       "requests, then falls back to the rules proposer",
     "ATM_LLM_MAX_RETRIES": "re-asks after an invalid or out-of-policy answer",
     "ATM_LLM_JSON_MODE": "auto | json_schema | json_object | tools (how structured output is requested)",
     "OPENAI_API_KEY": "API key for openai/<model> (a dummy key is used when a base URL is given)",
@@ -80,6 +81,20 @@ class LLMConfig(BaseModel):
             "base_url": base_url or env.get("ATM_LLM_BASE_URL") or getattr(pol, "base_url", None),
             "api_key": env.get("OPENAI_API_KEY") or None,
         }
+        remote = str(merged["model"]).startswith("openai/")
+        if remote and not merged["base_url"] and env.get("OPENAI_BASE_URL"):
+            # The openai SDK reads it anyway: atm must know which server it is talking to.
+            merged["base_url"] = env["OPENAI_BASE_URL"]
+        if not remote and (base_url or env.get("ATM_LLM_BASE_URL")):
+            # Given for this run with a model that runs in-process, it would be ignored in silence: no
+            # request would reach the server, and the audit would name a model the user did not mean.
+            where = "--llm-base-url" if base_url else "ATM_LLM_BASE_URL"
+            raise LLMConfigError(
+                f"{where} is {base_url or env.get('ATM_LLM_BASE_URL')} but the model is {merged['model']!r}, "
+                "which runs in-process; to use the server, name its model: --llm openai/MODEL (or ATM_LLM=openai/MODEL)"
+            )
+        if not remote:
+            merged["base_url"] = None  # a policy's base_url belongs to its openai/ model, not to this one
         timeout = _env_number(env, "ATM_LLM_TIMEOUT", float)
         merged["timeout_s"] = (
             timeout if timeout is not None else getattr(pol, "timeout_s", None) or DEFAULT_TIMEOUT_S

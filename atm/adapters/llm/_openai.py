@@ -8,10 +8,13 @@ is a setting. ``auto`` asks ``GET /models`` once: llama.cpp servers name themsel
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from atm.adapters.llm._base import LLMConnectionError, LLMError, LLMServerError, LLMTimeout, Wire
+
+log = logging.getLogger("atm.llm")
 
 #: ``owned_by`` values of llama.cpp servers in ``GET /models``.
 LLAMA_CPP_OWNERS = frozenset({"llamacpp", "me"})
@@ -47,6 +50,7 @@ class OpenAIBackend:
                     "OpenAI-compatible server (vLLM, Ollama, llama.cpp)"
                 )
             api_key = DUMMY_KEY
+        self.placeholder_key = api_key == DUMMY_KEY
         self.model = model
         self.base_url = base_url
         self.name = f"openai/{model}" + (f"@{base_url}" if base_url else "")
@@ -70,9 +74,15 @@ class OpenAIBackend:
         try:
             models = self._client.models.list()
             owners = {str(getattr(m, "owned_by", "")).lower() for m in models.data}
+            ids = sorted(str(getattr(m, "id", "")) for m in models.data)
         except (self._openai.OpenAIError, ValueError, AttributeError):
             # Unknown server (no /models, or an odd body): the chat call itself will report a connection problem, if any.
             return "json_schema"
+        if ids and self.model not in ids:
+            # Single-model servers (llama.cpp, some vLLM set-ups) answer whatever name is asked for, and
+            # the audit would then name a model that never answered.
+            log.warning("%s lists the models %s, not %r; it may answer with another model than the one named "
+                        "(fix --llm openai/MODEL)", self.base_url, ", ".join(ids[:5]), self.model)
         return "json_object" if owners & LLAMA_CPP_OWNERS else "json_schema"
 
     def create(self, **kwargs: Any) -> Any:
@@ -93,7 +103,9 @@ class OpenAIBackend:
                 f"cannot reach {where} ({exc.__cause__ or exc}); start the server or fix --llm-base-url / ATM_LLM_BASE_URL"
             ) from exc
         except o.APIStatusError as exc:
-            raise LLMServerError(f"{where} answered HTTP {exc.status_code}: {_short(exc.message)}") from exc
+            raise LLMServerError(
+                f"{where} answered HTTP {exc.status_code}: {_short(exc.message)}{self._status_hint(exc.status_code)}"
+            ) from exc
         except o.APIResponseValidationError as exc:
             raise LLMServerError(
                 f"{where} sent a body that is not a chat completion: {_short(str(exc))}"
@@ -105,6 +117,22 @@ class OpenAIBackend:
                 f"{where} sent a body that is not a chat completion: {_short(repr(response))}"
             )
         return response
+
+
+    def _status_hint(self, status: int) -> str:
+        """What usually causes an HTTP error from a chat endpoint, and what to change."""
+        if status in (401, 403):
+            sent = "a placeholder key (OPENAI_API_KEY is not set)" if self.placeholder_key else "OPENAI_API_KEY"
+            return f"; the server refused {sent}: set OPENAI_API_KEY to a key it accepts"
+        if status == 404:
+            base = (self.base_url or "").rstrip("/")
+            if base and not base.endswith("/v1"):
+                return f"; OpenAI-compatible servers serve under /v1: try --llm-base-url {base}/v1"
+            return f"; check the base URL, and that the server knows the model {self.model!r}"
+        if status in (400, 422, 500):
+            return ("; if the server cannot do structured output the way it was asked, set ATM_LLM_JSON_MODE "
+                    "(json_schema, json_object or tools)")
+        return ""
 
 
 def _short(text: str, n: int = 300) -> str:
