@@ -40,6 +40,11 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default=None,
                    help="LLM for --proposer llm: embedded (default), local:/path/model.gguf, openai/<model> ($ATM_LLM)")
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 ($ATM_LLM_BASE_URL)")
+    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS
+
+    p.add_argument("--llm-variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
+                   help=f"how the LLM is prompted (default {DEFAULT_VARIANT}: the rules' detectors fix the diagnosis, "
+                        "the model chooses the moves); compare them with `atm eval --variant`")
 
 
 def _backend(args: argparse.Namespace) -> Any:
@@ -72,14 +77,17 @@ def _policy(spec: str) -> Policy:
     return policy
 
 
-def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: str | None = None) -> Any:
+def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: str | None = None,
+                  variant: str | None = None) -> Any:
     from atm.watcher.rules import RulesProposer
 
     if kind == "rules":
         return RulesProposer()
     from atm.watcher.llm import LLMProposer
 
-    return LLMProposer.from_settings(llm, base_url, policy=policy)
+    from atm.watcher.llm import DEFAULT_VARIANT
+
+    return LLMProposer.from_settings(llm, base_url, policy=policy, variant=variant or DEFAULT_VARIANT)
 
 
 def _setup_logging(level: str) -> None:
@@ -132,7 +140,7 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
 
     policy = _policy(args.policy)
     try:
-        proposer = make_proposer(args.proposer, policy, args.llm, args.llm_base_url)
+        proposer = make_proposer(args.proposer, policy, args.llm, args.llm_base_url, args.llm_variant)
         if args.proposer == "llm":
             # A missing key, model file or package is said now, not at the first decision (after
             # which every decision would fall back to the rules). Nothing is loaded or called here.
@@ -175,7 +183,7 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
         stop_display = None
     who = getattr(proposer, "name", args.proposer)
     if args.proposer == "llm":
-        who += f" {proposer.client.name}"  # which model, and where: a wrong setting shows here, not in the audit
+        who += f" {proposer.client.name}, variant {proposer.variant.name}"  # which model, and where: a wrong setting shows here, not in the audit
     print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
           f"({args.backend}, policy {policy.name}, proposer {who}, "
           f"every {args.interval:g}s{', dry run' if args.dry_run else ''}); Ctrl-C or SIGTERM stops", flush=True)

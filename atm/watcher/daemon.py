@@ -234,6 +234,9 @@ class Daemon:
         self.clock = clock
         self.on_change = on_change
         self.stop_event = threading.Event()
+        #: Wakes the watch loop: a stop, or a run's thread ending (a run not found ends atm-watch now,
+        #: not at the next poll of the experiment).
+        self._watch_wake = threading.Event()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atm-propose")
@@ -266,11 +269,16 @@ class Daemon:
                     log.warning("listing runs of %r failed: %s", experiment, exc)
             elif self._threads and not any(t.is_alive() for t in self._threads.values()):
                 break
-            self.stop_event.wait(min(self.interval * 2**backoff, MAX_BACKOFF_S))
+            deadline = time.monotonic() + min(self.interval * 2**backoff, MAX_BACKOFF_S)
+            # In slices, so that a stop_event set from outside (a signal handler) is seen within 0.5 s too.
+            while not (self.stop_event.is_set() or self._watch_wake.is_set()) and time.monotonic() < deadline:
+                self._watch_wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._watch_wake.clear()
         self.stop()
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._watch_wake.set()
         for st in list(self._states.values()):
             st.wake.set()
         # Runs may still be starting on the watch thread: a copy, and only threads that did start.
@@ -289,6 +297,12 @@ class Daemon:
         t.start()
 
     def _run_loop(self, run_id: str) -> None:
+        try:
+            self._watch_run(run_id)
+        finally:
+            self._watch_wake.set()
+
+    def _watch_run(self, run_id: str) -> None:
         failures = down = 0
         started = time.monotonic()
         while not self.stop_event.is_set():
