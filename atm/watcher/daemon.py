@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
 from atm.policies import COUNTED, COUNTED_DRY, DecisionContext, Policy, available_actions, available_choices, check
@@ -239,7 +240,7 @@ class Daemon:
         self._watch_wake = threading.Event()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atm-propose")
+        self._pool = _DaemonPool(max_workers)
         self._threads: dict[str, threading.Thread] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -285,7 +286,12 @@ class Daemon:
         for t in list(self._threads.values()):
             if t.ident is not None:
                 t.join(timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
+        for st in list(self._states.values()):
+            if st.inflight is not None and not st.inflight.future.done():
+                log.warning("run %s: stopping with a decision in flight (asked at step %d); it is dropped and "
+                            "nothing was published", st.run_id, st.inflight.snapshot.step)
+                st.inflight = None
 
     def _start_run(self, run_id: str) -> None:
         if run_id in self._threads:
@@ -577,6 +583,36 @@ class Daemon:
             listener=view.listener is not None,
             error="",
         )
+
+
+class _DaemonPool:
+    """Runs proposals on daemon threads, at most ``max_workers`` at once.
+
+    A stopping atm-watch must not wait for a model call in flight (a hanging server held a SIGTERM for
+    87 s): ThreadPoolExecutor's workers are joined at interpreter exit, these threads are not.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_workers)
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+
+        def run() -> None:
+            with self._slots:
+                if self._closed or not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="atm-propose", daemon=True).start()
+        return future
+
+    def shutdown(self) -> None:
+        self._closed = True
 
 
 def _clip(text: str, n: int) -> str:

@@ -532,3 +532,33 @@ def test_a_job_that_logs_nothing_of_its_own_is_told_so(mlflow_uri: str, caplog: 
     daemon.stop()
     said = [r.getMessage() for r in caplog.records if "no metrics of its own" in r.getMessage()]
     assert len(said) == 1 and "Stable-Baselines3" in said[0], said
+
+
+def test_stopping_does_not_wait_for_a_decision_in_flight(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Seen in a trial: SIGTERM waited 87 s for a call to a hanging LLM server to time out.
+    import subprocess
+    import sys
+    import textwrap
+
+    rid = overfitting_run(mlflow_uri)
+    script = textwrap.dedent(f"""
+        import threading, time
+        from atm.adapters.mlflow_backend import MlflowBackend
+        from atm.policies import load_policy
+        from atm.watcher.daemon import Daemon
+
+        class Hanging:
+            name = "llm"
+            def propose(self, *a):
+                threading.Event().wait(600)  # a server that never answers
+
+        daemon = Daemon(MlflowBackend({mlflow_uri!r}), load_policy("lm"), Hanging(), interval=0.1)
+        st = daemon.tick({rid!r})
+        assert st.inflight is not None
+        daemon.stop()
+        print("stopped", flush=True)
+    """)
+    # Without the fix the process waits out the 600 s call and subprocess.run raises TimeoutExpired.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "stopped" in done.stdout and "decision in flight (asked at step 200)" in done.stderr
