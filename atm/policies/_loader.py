@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,11 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def load_policy(spec: str | Path) -> Policy:
+def load_policy(spec: str | Path, known_thresholds: Collection[str] | None = None) -> Policy:
     """Load a policy from a preset name (``lm``, ``rl-ppo``) or a YAML file path.
+
+    ``known_thresholds``: the names under ``thresholds:`` that the proposer reads (the rules'
+    ``Thresholds``); others are errors, reported with the schema's, at their line.
 
     Raises:
         PolicyError: the file is missing, is not YAML, or breaks the schema; the message
@@ -33,13 +38,13 @@ def load_policy(spec: str | Path) -> Policy:
     spec_s = str(spec)
     if spec_s in PRESETS:
         text = resources.files("atm.policies").joinpath(f"presets/{spec_s}.yaml").read_text()
-        return parse_policy(text, source=f"<preset {spec_s}>")
+        return parse_policy(text, source=f"<preset {spec_s}>", known_thresholds=known_thresholds)
     path = Path(spec_s).expanduser()
     if not path.is_file():
         raise PolicyError(
             f"policy {spec_s!r}: no such file, and not a preset name (presets: {', '.join(PRESETS)})"
         )
-    return parse_policy(path.read_text(), source=str(path))
+    return parse_policy(path.read_text(), source=str(path), known_thresholds=known_thresholds)
 
 
 def _yaml_hint(problem: str) -> str:
@@ -53,7 +58,7 @@ def _yaml_hint(problem: str) -> str:
     return ""
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
+def parse_policy(text: str, source: str = "<string>", known_thresholds: Collection[str] | None = None) -> Policy:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -69,16 +74,27 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         key, first, again = dup
         # YAML keeps the last one silently: a bound written twice would take effect without a word.
         raise PolicyError(f"{source}:{again}: `{key}` is given twice (first at line {first}); keep one")
+    lines = []
+    thresholds = data.get("thresholds")
+    if known_thresholds is not None and isinstance(thresholds, dict):
+        for name in thresholds:
+            if name not in known_thresholds:
+                near = difflib.get_close_matches(str(name), list(known_thresholds), n=1)
+                hint = f"; did you mean `{near[0]}`?" if near else f"; known: {', '.join(sorted(known_thresholds))}"
+                lines.append(f"{source}:{_line_of(node, ['thresholds', name])}: field `thresholds.{name}`: "
+                             f"unknown threshold{hint}")
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
             line = _line_of(node, loc)
             field = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"{source}:{line}: field `{field}`: {err['msg']}")
         raise PolicyError("invalid policy\n  " + "\n  ".join(lines)) from exc
+    if lines:
+        raise PolicyError("invalid policy\n  " + "\n  ".join(lines))
+    return policy
 
 
 def _duplicate_key(node: yaml.Node | None) -> tuple[str, int, int] | None:

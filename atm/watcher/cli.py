@@ -29,7 +29,7 @@ def _add_backend_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    + ". W&B: a run directory, run id, or entity/project/run_id")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
-                        "current folder: a new, empty one if there is none)")
+                        "current folder; --run refuses a store that does not exist, --experiment waits for one)")
     p.add_argument("--wandb-dir", default=None, help="W&B: folder holding offline runs (default: ./wandb)")
 
 
@@ -70,8 +70,7 @@ def _policy(spec: str) -> Policy:
     from atm.watcher.rules import Thresholds
 
     try:
-        policy = load_policy(spec)
-        Thresholds.from_policy(policy)
+        policy = load_policy(spec, known_thresholds=Thresholds.names())
     except (PolicyError, ValueError) as exc:
         raise SystemExit(f"atm: {exc}") from None
     return policy
@@ -83,9 +82,7 @@ def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: s
 
     if kind == "rules":
         return RulesProposer()
-    from atm.watcher.llm import LLMProposer
-
-    from atm.watcher.llm import DEFAULT_VARIANT
+    from atm.watcher.llm import DEFAULT_VARIANT, LLMProposer
 
     return LLMProposer.from_settings(llm, base_url, policy=policy, variant=variant or DEFAULT_VARIANT)
 
@@ -371,10 +368,9 @@ def _policy_cmd(args: argparse.Namespace) -> int:
             return 2
         return 0
     try:
-        pol = load_policy(args.file)  # a file, or a preset's name
         from atm.watcher.rules import Thresholds
 
-        Thresholds.from_policy(pol)
+        pol = load_policy(args.file, known_thresholds=Thresholds.names())  # a file, or a preset's name
     except (PolicyError, ValueError, OSError) as exc:
         print(f"atm policy check: {exc}", file=sys.stderr)
         return 1

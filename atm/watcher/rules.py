@@ -80,6 +80,11 @@ class Thresholds:
     return_regress_drop: float = 0.3
 
     @classmethod
+    def names(cls) -> frozenset[str]:
+        """The names a policy's ``thresholds:`` may set."""
+        return frozenset(f.name for f in fields(cls))
+
+    @classmethod
     def from_policy(cls, policy: Policy) -> "Thresholds":
         known = {f.name for f in fields(cls)}
         unknown = set(policy.thresholds) - known

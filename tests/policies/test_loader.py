@@ -317,3 +317,15 @@ def test_json_schema() -> None:
     # Every preset satisfies the same model the schema was made from.
     for name in preset_names():
         Policy.model_validate(load_policy(name).model_dump())
+
+
+def test_a_misspelled_threshold_is_reported_at_its_line_with_the_other_errors() -> None:
+    # Seen in a trial: it was reported without file or line, and only after the other errors were fixed.
+    text = "name: x\nparams:\n  lr: {min: 1.0e-6, max: 1.0, multipliers: [0.5]}\nfrozen: [nope]\nthresholds:\n  solved_retrun: 475\n"
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, source="p.yaml", known_thresholds={"solved_return", "overfit_rise"})
+    msg = str(err.value)
+    assert "p.yaml:6: field `thresholds.solved_retrun`: unknown threshold; did you mean `solved_return`?" in msg
+    assert "p.yaml:4: field `frozen`" in msg
+    # Without the names (the policies room does not know the proposer's), thresholds are not judged.
+    assert parse_policy(text.replace("frozen: [nope]\n", ""), source="p.yaml").thresholds == {"solved_retrun": 475}
