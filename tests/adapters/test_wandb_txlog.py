@@ -52,15 +52,25 @@ run.finish()
 """
 
 
-@pytest.fixture(scope="module")
-def reference_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("txlog")
+def offline_run(job: str, root: Path) -> Path:
+    """Run ``job`` (a script given its folder as argv[1]) with the real wandb, offline; its transaction log."""
     script = root / "job.py"
-    script.write_text(REFERENCE_JOB)
+    script.write_text(job)
     subprocess.run([sys.executable, str(script), str(root)], check=True, timeout=120,
                    env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
     (log,) = (root / "wandb").glob("offline-run-*/run-*.wandb")
     return log
+
+
+def read_state(log: Path) -> RunLog:
+    state = RunLog()
+    state.apply(LogTail(log).read())
+    return state
+
+
+@pytest.fixture(scope="module")
+def reference_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return offline_run(REFERENCE_JOB, tmp_path_factory.mktemp("txlog"))
 
 
 def frame(payloads: list[bytes]) -> bytes:
@@ -207,13 +217,7 @@ run.finish()
 
 
 def test_a_declared_step_metric_is_the_x_axis(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(DECLARED_STEP_JOB)
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120,
-                   env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
-    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    state = RunLog()
-    state.apply(LogTail(log).read())
+    state = read_state(offline_run(DECLARED_STEP_JOB, tmp_path))
     assert state.step_metric == "trainer/global_step"
     # W&B's row counter would give 0, 1, 3, 4, 6, 7 and 2, 5, 8: two axes for one run.
     assert [s for s, _ in state.history["train_loss"]] == [0, 10, 20, 30, 40, 50]
@@ -235,13 +239,7 @@ run.finish()
 
 
 def test_rows_the_listener_wrote_into_do_not_time_the_job(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(TOUCHED_ROW_JOB)
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120,
-                   env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
-    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    state = RunLog()
-    state.apply(LogTail(log).read())
+    state = read_state(offline_run(TOUCHED_ROW_JOB, tmp_path))
     assert [s for s, _ in state.history["val_loss"]] == [0, 10, 20, 30]
     assert state.history["atm/lr"] == [(15, 0.5)]
     assert [s for _, s in state.timeline.points] == [0, 20, 30]  # row 10 holds the listener's write

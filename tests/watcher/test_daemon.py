@@ -110,10 +110,10 @@ class SlowProposer:
         return ProposalResult(Proposal(diagnosis=Diagnosis.OVERFITTING, changes={"dropout": 0.1}), self.name)
 
 
-def decide_slowly(uri: str, meanwhile: Callable[[str], None]) -> tuple[str, RunState]:
+def decide_slowly(uri: str, meanwhile: Callable[[str], None], slow: SlowProposer | None = None) -> tuple[str, RunState]:
     """One decision on an overfitting run by a slow proposer, with ``meanwhile(run_id)`` done while it thinks."""
     rid = overfitting_run(uri)
-    slow = SlowProposer()
+    slow = slow or SlowProposer()
     daemon = Daemon(MlflowBackend(uri), load_policy("lm"), slow, interval=0.1)
     st = daemon.tick(rid)
     assert st.inflight is not None
@@ -140,16 +140,8 @@ def test_the_rules_fallback_after_a_slow_failure_decides_on_the_run_as_it_is_now
     # the call and was recorded stale, so a hanging server meant no management at all.
     from mlflow.tracking import MlflowClient
 
-    rid = overfitting_run(mlflow_uri)
-    slow = SlowFailingProposer()
-    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
-    st = daemon.tick(rid)
-    assert st.inflight is not None
-    log_evals(MlflowClient(mlflow_uri), rid, 21, 24)  # four more evaluations while it hangs, still overfitting
-    slow.release.set()
-    assert st.inflight.future.result(5).source == "fallback"  # the rules' answer to the old snapshot
-    st = daemon.tick(rid)
-    daemon.stop()
+    # four more evaluations while it hangs, still overfitting
+    rid, st = decide_slowly(mlflow_uri, lambda rid: log_evals(MlflowClient(mlflow_uri), rid, 21, 24), SlowFailingProposer())
     rec = st.records[0]
     assert rec.source == "fallback" and rec.status == Status.PENDING, (rec.status, rec.reason)
     assert rec.step == 240 and rec.audit["first_asked_at_step"] == 200 and "did not answer" in rec.audit["error"]

@@ -18,3 +18,17 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if resolved.startswith("sqlite:///"):
         Path(resolved[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return resolved
+
+
+def announce_run(run_id: str | None, tracking: str, tracking_uri: str | None, *, wandb_dir: str | None = None,
+                 policy: str | None = None) -> None:
+    """Print ``run id <id>`` and the atm-watch command that manages the run: one line a supervisor
+    (``atm bench``, a shell script) reads to attach the daemon, and a user copies."""
+    if not run_id:
+        return
+    if tracking == "mlflow":
+        hint = f"atm-watch --backend mlflow --run {run_id} --tracking-uri {tracking_uri}"
+    else:
+        hint = f"atm-watch --backend wandb --run {run_id}" + (f" --wandb-dir {wandb_dir}" if wandb_dir else "")
+    hint += f" --policy {policy}" if policy else ""
+    print(f"run id {run_id}   (to manage it: {hint})", flush=True)

@@ -91,14 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _started(config: TrainConfig, run_id: str | None) -> None:
-    # One line a supervisor (``atm bench``, a shell script) can read to attach the daemon.
-    if not run_id:
-        return
-    if config.tracking == "mlflow":
-        hint = f"atm-watch --backend mlflow --run {run_id} --tracking-uri {config.tracking_uri} --policy rl-ppo"
-    else:
-        hint = f"atm-watch --backend wandb --run {run_id} --policy rl-ppo"
-    print(f"run id {run_id}   (to manage it: {hint})", flush=True)
+    from atm.training.workloads import announce_run
+
+    announce_run(run_id, config.tracking, config.tracking_uri, policy="rl-ppo")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from atm.training.workloads.tinystories.train import (
     early_stop_with_restore,
     train,
 )
-from atm.training.workloads import resolve_tracking_uri
+from atm.training.workloads import announce_run, resolve_tracking_uri
 
 #: ``--quick``: the same recipe on a smaller corpus, model (0.26M parameters) and budget, with the same
 #: shape of curve: validation loss bottoms near step 120-140 and about doubles by step 800. 17 to 40 s on
@@ -141,14 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _started(config: TrainConfig, run_id: str | None) -> None:
-    if not run_id:
-        return
-    if config.tracking == "mlflow":
-        hint = f"atm-watch --backend mlflow --run {run_id} --tracking-uri {config.tracking_uri}"
-    else:
-        hint = f"atm-watch --backend wandb --run {run_id}" + (f" --wandb-dir {config.tracking_uri}/wandb"
-                                                                if config.tracking_uri else "")
-    print(f"run id {run_id}   (to manage it: {hint})", flush=True)
+    wandb_dir = f"{config.tracking_uri}/wandb" if config.tracking == "wandb" and config.tracking_uri else None
+    announce_run(run_id, config.tracking, config.tracking_uri, wandb_dir=wandb_dir)
 
 
 if __name__ == "__main__":
