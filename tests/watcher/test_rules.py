@@ -400,3 +400,23 @@ def test_loss_weight_changes_that_do_not_move_the_logged_components_stop() -> No
     weighted = dict(history, **{"loss/aux": [(s, v * (1.0 if s <= 320 else 0.5 if s <= 440 else 0.25))
                                              for s, v in history["loss/aux"]]})
     assert diagnose(build_snapshot("r", lm, weighted, params, cuts))[0] == Diagnosis.LOSS_IMBALANCE
+
+
+def test_new_bests_within_the_plateau_threshold_do_not_keep_lr_cuts_coming() -> None:
+    # Seen in cosine-annealed Lightning runs: a new best of 0.2% after each halving kept the plateau
+    # stop away while the lr was cut from 3e-3 to 1.4e-6.
+    from atm.testing import flat, make_record
+
+    lm = load_policy("lm")
+    train = decay(50, 3.2, 1.0, rate=4.0)
+    cuts = [make_record(i + 1, s, diagnosis=Diagnosis.PLATEAU, changes={"lr": (1e-3 / 2**i, 5e-4 / 2**i)}, applied_step=s + 20)
+            for i, s in enumerate((580, 780))]
+
+    def diagnosis_ending_at(last: float) -> tuple[Diagnosis, str]:
+        val = decay(20, 3.0, 1.2, rate=6.0) + flat(29, 1.21, noise=0.002, seed=1) + [last]
+        history = make_history({"train_loss": train, "val_loss": val}, every=20)
+        return diagnose(build_snapshot("r", lm, history, {"lr": 2.5e-4}, cuts))
+
+    diagnosis, evidence = diagnosis_ending_at(1.202)  # a new best (earlier best 1.204), 0.7% below the plateau
+    assert diagnosis == Diagnosis.CONVERGED and "better than 1% below" in evidence, evidence
+    assert diagnosis_ending_at(1.15)[0] != Diagnosis.CONVERGED  # 5% better: the cuts work
