@@ -22,7 +22,8 @@ def test_the_readmes_sb3_logger_snippet_puts_sb3s_metrics_on_the_run(tmp_path: P
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run() as run:
+        # An experiment of its own: an earlier test's active experiment (fluent state) is not in this store.
+        with mlflow.start_run(experiment_id=MlflowClient(uri).create_experiment("readme-sb3")) as run:
             model = PPO("MlpPolicy", "CartPole-v1", n_steps=128, batch_size=64, n_epochs=1, seed=0, verbose=0)
             exec(snippet, {"mlflow": mlflow, "model": model})  # noqa: S102 - the README's own code
             model.learn(256)
