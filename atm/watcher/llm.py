@@ -570,8 +570,9 @@ class LLMProposer:
             # Anchored: the diagnosis, and so the reason, is the measured evidence; the model chose the
             # moves. Its own words (a small model's are often generic) follow, and stay in the audit.
             said = proposal.rationale.strip()
-            # Fragments ("{", ".348967,") are what a small model leaves when it runs out of tokens: no words, no reason.
-            worded = len(re.findall(r"[A-Za-z]{2,}", said)) >= 3
+            # Fragments ("{", ".348967,") and loops ("1.108 is 1.108 is ...") are what a small model leaves
+            # when it runs out of tokens or repeats itself: no words of its own, no reason.
+            worded = len({w.lower() for w in re.findall(r"[A-Za-z]{3,}", said)}) >= 3
             proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if worded else "")})
         return ProposalResult(proposal=proposal, source=self.name, audit=audit)
 
