@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -158,11 +159,20 @@ class MlflowBackend:
         pts = cache.history.setdefault(key, [])
         prev_step, prev_ts = cache.seen.get(key, (-1, -1))
         if key in cache.stepless or (pts and latest_step <= prev_step):
-            # Logged without step=: the window query cannot find new points by step.
             full = self._full_history(run_id, key)
-            cache.stepless.add(key)
-            cache.history[key] = [(i, v) for i, (_, v, _) in enumerate(full)]
-            new = [(ts / 1000.0, i) for i, (_, _, ts) in enumerate(full) if i >= len(pts)]
+            if key in cache.stepless or _stepless(full):
+                # Logged without step= (every point at step 0): the window query cannot find new
+                # points by step, and the points' order is their only axis.
+                cache.stepless.add(key)
+                cache.history[key] = [(i, v) for i, (_, v, _) in enumerate(full)]
+                new = [(ts / 1000.0, i) for i, (_, _, ts) in enumerate(full) if i >= len(pts)]
+            else:
+                # The step went back: a job resumed from a checkpoint logs its steps again. The newest
+                # point of each step is the run as it is (read as row numbers, the run's step axis
+                # was lost and the daemon waited for evaluations past the old steps for good).
+                newest = {s: v for s, v, _ in full}  # full is in time order: later points win
+                cache.history[key] = sorted(newest.items())
+                new = [(ts / 1000.0, s) for s, _, ts in full if ts > prev_ts]
         else:
             got = self._window(run_id, key, prev_step + 1, latest_step)
             if got is None:
@@ -206,7 +216,7 @@ class MlflowBackend:
             timeout=10,
         )
         resp.raise_for_status()
-        return [(int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0))) for m in resp.json().get("metrics", [])]
+        return [(int(m.get("step", 0)), _as_float(m["value"]), int(m.get("timestamp", 0))) for m in resp.json().get("metrics", [])]
 
     def _full_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
         ms = _translate(f"metric history {key}", lambda: self.client.get_metric_history(run_id, key))
@@ -286,9 +296,20 @@ class MlflowChannel:
         pass
 
 
+def _stepless(points: Sequence[tuple[int, float, int]]) -> bool:
+    """Whether a metric's points were logged without ``step=``: most of them share a step (MLflow's 0).
+
+    A resumed job repeats some steps too, but most of its steps stay distinct.
+    """
+    return len({s for s, _, _ in points}) * 2 <= len(points)
+
+
 def _as_float(v: Any) -> float:
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
         return float("nan")
+    # MLflow stores an infinite value as the largest float: read back, it would look finite, and
+    # the loss that blew up would break every statistic instead of being seen as divergence.
+    return math.copysign(math.inf, x) if abs(x) >= sys.float_info.max else x
 

@@ -62,7 +62,9 @@ def as_knob(name: str, spec: Any) -> Knob:
 
 
 #: Seconds between checks of whether the values in force moved (by more than 1%) since announced.
-VALUES_REFRESH_S = 10.0
+#: 3 s: a warm-up or a job's own lr change otherwise reached the daemon up to 10 s late, and a cut was
+#: decided on the old value (seen: "lr 0.0025 -> 0.000625 (in force: 0.125)").
+VALUES_REFRESH_S = 3.0
 
 
 class Listener:

@@ -151,7 +151,12 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if primary is None or primary.n < t.min_points:
         n = primary.n if primary else 0
         return Diagnosis.INSUFFICIENT_DATA, f"{n} points of the primary metric; need {t.min_points}"
-    if float(sig.get("train_lost_progress", 0.0)) > t.diverge_lost:
+    # A validation loss at a new best measured after the train loss's best says the model still
+    # generalises better: a noisy train loss that made little progress (a long warm-up) is not
+    # divergence. Seen in a trial: "gave back 74% of its progress" on flat noise cut the lr 4x.
+    val_improving = (val is not None and val.steps_since_best == 0
+                     and val.best_step > float(sig.get("train_smoothed_best_step", math.inf)))
+    if float(sig.get("train_lost_progress", 0.0)) > t.diverge_lost and not val_improving:
         assert train is not None
         return Diagnosis.DIVERGENCE, (
             f"train loss (smoothed) {fmt(float(sig['train_smoothed']))} gave back {float(sig['train_lost_progress']):.0%} "

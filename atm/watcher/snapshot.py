@@ -98,15 +98,24 @@ def running_ema(values: Sequence[float]) -> list[float]:
     return out
 
 
+#: Values this large are a blow-up, not a measurement: treated as non-finite (a tracker may also store
+#: inf as the largest float), and squaring them in the statistics would overflow.
+OVERFLOW = 1e100
+
+
+def _usable(v: float) -> bool:
+    return math.isfinite(v) and abs(v) < OVERFLOW
+
+
 def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
     """Windowed statistics of one series (points sorted by step). ``None`` for an empty series."""
     if not points:
         return None
     pts = sorted(points, key=lambda p: p[0])
-    finite = [(s, v) for s, v in pts if math.isfinite(v)]
+    finite = [(s, v) for s, v in pts if _usable(v)]
     # Only the trailing window: a NaN the run has since recovered from (after a rollback, say)
     # must not read as divergence for the rest of the run.
-    nonfinite = any(not math.isfinite(v) for _, v in pts[-WINDOW:])
+    nonfinite = any(not _usable(v) for _, v in pts[-WINDOW:])
     last_step, latest = pts[-1]
     if not finite:
         return SeriesStats(
@@ -257,11 +266,11 @@ def derive_signals(
     train, val = series.get("train_loss"), series.get("val_loss")
     if train and val:
         train_pts = by_key[train.key]
-        val_pts = [p for p in by_key[val.key] if math.isfinite(p[1])]
+        val_pts = [p for p in by_key[val.key] if _usable(p[1])]
         gaps = []
         for s, v in val_pts:
             t = value_at(train_pts, s)
-            if t is not None and math.isfinite(t):
+            if t is not None and _usable(t):
                 gaps.append((s, v - t))
         if gaps:
             sig["gap"] = gaps[-1][1]
@@ -276,7 +285,7 @@ def derive_signals(
         # Rise of the latest value over the best one, relative to the best.
         scale = max(abs(primary.best), 1e-8)
         sig["rise_over_best"] = (primary.latest - primary.best) / scale
-        window = [(st, v) for st, v in by_key[primary.key] if math.isfinite(v)][-WINDOW:]
+        window = [(st, v) for st, v in by_key[primary.key] if _usable(v)][-WINDOW:]
         if restarted_at is not None:
             # A fit across a rollback's jump reads the restore as a trend (a "plateau" seen right after it).
             window = [(st, v) for st, v in window if st >= restarted_at]
@@ -289,13 +298,15 @@ def derive_signals(
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
         # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
-        ema = running_ema([v for _, v in by_key[train.key] if math.isfinite(v)])
+        usable = [(st, v) for st, v in by_key[train.key] if _usable(v)]
+        ema = running_ema([v for _, v in usable])
         best, worst = min(ema), max(ema)
         sig["train_lost_progress"] = (ema[-1] - best) / max(worst - best, 1e-8)
+        sig["train_smoothed_best_step"] = usable[ema.index(best)][0]
         sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = ema[-1], best, worst
     goal = series.get("safe_success") or series.get("success") or series.get("return")
     if goal is not None and not goal.nonfinite and goal.key in by_key:
-        window = [v for _, v in by_key[goal.key] if math.isfinite(v)][-WINDOW:]
+        window = [v for _, v in by_key[goal.key] if _usable(v)][-WINDOW:]
         # Absolute gain across the trailing window (success rates are already on a 0-1 scale), of the
         # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
         # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
@@ -304,7 +315,7 @@ def derive_signals(
     if ret is not None and not ret.nonfinite and ret.key in by_key:
         # Returns are noisy and in the task's units: the mean of the last 3 evaluations, and how far it is
         # below the best such mean. (An EMA lags too far behind on evaluations a few dozen apart.)
-        finite = [(st, v) for st, v in by_key[ret.key] if math.isfinite(v)]
+        finite = [(st, v) for st, v in by_key[ret.key] if _usable(v)]
         vals = [v for _, v in finite]
         means = [sum(last) / len(last) for last in (vals[max(0, i - 2): i + 1] for i in range(len(vals)))]
         sig["return_recent"] = means[-1]

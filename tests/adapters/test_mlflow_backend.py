@@ -74,6 +74,43 @@ def test_stepless_metrics_are_numbered_by_arrival(mlflow_uri: str) -> None:
     assert [s for s, _ in pts] == [0, 1, 2]
 
 
+def test_a_job_resumed_from_a_checkpoint_keeps_its_step_axis(mlflow_uri: str) -> None:
+    # Seen in a trial: killed at step 140 and resumed from its step-100 checkpoint into the same run,
+    # the job logged steps 101-140 again; read as row numbers from then on, the run's steps were lost
+    # and the daemon waited for evaluations past step 140 that never came (by its numbering).
+    import time as _time
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("resumed")).info.run_id
+    backend = MlflowBackend(mlflow_uri)
+    for step in range(10, 150, 10):
+        client.log_metric(rid, "val_loss", 1.0, step=step)
+    backend.poll(rid)
+    _time.sleep(0.01)
+    for step in range(110, 170, 10):  # the resumed job: 110..140 again, then on
+        client.log_metric(rid, "val_loss", 0.5, step=step)
+        backend.poll(rid)
+    pts = backend.poll(rid).history["val_loss"]
+    assert [s for s, _ in pts] == list(range(10, 170, 10))
+    assert dict(pts)[100] == 1.0 and dict(pts)[120] == 0.5 and dict(pts)[160] == 0.5  # the newest point per step
+
+
+def test_an_infinite_value_is_read_back_as_infinite(mlflow_uri: str) -> None:
+    # MLflow's sqlite store keeps inf as the largest float: read as finite, a blown-up loss broke
+    # the daemon's statistics (OverflowError) instead of being seen as divergence.
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("inf")).info.run_id
+    for step, v in ((1, 1.0), (2, math.inf), (3, -math.inf)):
+        client.log_metric(rid, "train_loss", v, step=step)
+    assert MlflowBackend(mlflow_uri).poll(rid).history["train_loss"] == [(1, 1.0), (2, math.inf), (3, -math.inf)]
+
+
 def test_oversized_update_is_refused_not_truncated(mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
