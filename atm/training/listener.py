@@ -157,17 +157,8 @@ class Listener:
             return []
 
     def current_values(self) -> dict[str, float]:
-        out = {}
-        for name, knob in self.knobs.items():
-            if knob.get is None:
-                continue
-            try:
-                value = knob.get()
-                if value is not None:  # None: disabled (SB3's target_kl), nothing to show
-                    out[name] = float(value)
-            except Exception as exc:
-                self._note(f"get:{name}", f"reading knob {name!r} failed: {exc!r}")
-        return out
+        # None: no getter, a failing one, or disabled (SB3's target_kl): nothing to show.
+        return {name: value for name in self.knobs if (value := self._read(name)) is not None}
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background thread after flushing acks and metrics still in the outbox."""
@@ -275,14 +266,16 @@ class Listener:
         self._wake.set()
         return update
 
-    def _read(self, name: str) -> Any:
-        """A knob's current value, or None when it has no getter or the getter fails."""
+    def _read(self, name: str) -> float | None:
+        """A knob's current value, or None when it has no getter, the getter fails or returns None."""
         knob = self.knobs.get(name)
         if knob is None or knob.get is None:
             return None
         try:
-            return knob.get()
-        except Exception:
+            value = knob.get()
+            return None if value is None else float(value)
+        except Exception as exc:
+            self._note(f"get:{name}", f"reading knob {name!r} failed: {exc!r}")
             return None
 
     def _run_action(self, action: Action) -> None:

@@ -96,8 +96,9 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         # Every LLM request at INFO, and each failed attempt as an ERROR with its traceback: the daemon
         # says in one line when a proposer fails, and the decision's audit keeps every attempt.
-        for name in ("httpx", "httpx2", "httpcore", "openai", "instructor"):
-            logging.getLogger(name).setLevel(logging.WARNING if name != "instructor" else logging.CRITICAL)
+        for name in ("httpx", "httpx2", "httpcore", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("instructor").setLevel(logging.CRITICAL)
 
 
 # --------------------------------------------------------------------------- atm-watch

@@ -480,7 +480,7 @@ class Daemon:
             log.error("run %s: no proposal (%s)", st.run_id, exc)
             return
         snap = inflight.snapshot
-        if result.source == "fallback" and view.status == "RUNNING" and self.proposer is not self.fallback:
+        if result.source == "fallback" and view.status == "RUNNING":
             # The rules answered for the run as it was before the failed call, which may have taken the
             # whole timeout (and retries): that answer would be stale. They take microseconds: ask again
             # on the run as it is now.

@@ -86,7 +86,7 @@ class Thresholds:
 
     @classmethod
     def from_policy(cls, policy: Policy) -> "Thresholds":
-        known = {f.name for f in fields(cls)}
+        known = cls.names()
         unknown = set(policy.thresholds) - known
         if unknown:
             raise ValueError(f"policy {policy.name!r}: unknown thresholds {sorted(unknown)}; known: {sorted(known)}")

@@ -118,7 +118,6 @@ class OpenAIBackend:
             )
         return response
 
-
     def _status_hint(self, status: int) -> str:
         """What usually causes an HTTP error from a chat endpoint, and what to change."""
         if status in (401, 403):

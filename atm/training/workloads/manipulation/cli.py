@@ -6,12 +6,7 @@ import argparse
 import json
 import sys
 
-from typing import TYPE_CHECKING
-
 from atm.training.workloads.manipulation.recipes import RECIPES
-
-if TYPE_CHECKING:
-    from atm.training.workloads.manipulation.train import TrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         **settings,  # type: ignore[arg-type]
     )
-    result = train(config, on_start=lambda run_id: _started(config, run_id))
+    from atm.training.workloads import announce_run
+
+    result = train(config, on_start=lambda run_id: announce_run(run_id, config.tracking, config.tracking_uri, policy="rl-ppo"))
     final = result.final
     print(
         f"{result.recipe} seed {result.seed}: {result.timesteps} steps in {result.wall_seconds:.0f}s; "
@@ -88,12 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as fh:
             json.dump(result.model_dump(), fh, indent=1)
     return 0
-
-
-def _started(config: TrainConfig, run_id: str | None) -> None:
-    from atm.training.workloads import announce_run
-
-    announce_run(run_id, config.tracking, config.tracking_uri, policy="rl-ppo")
 
 
 if __name__ == "__main__":
