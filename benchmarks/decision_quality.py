@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write
 
 from atm.watcher.evaluate import EvalReport, Scenario, load_scenarios, score
-from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer
+from atm.watcher.llm import LLMProposer
+from atm.watcher.llm_variants import DEFAULT_VARIANT, VARIANTS
 from atm.watcher.proposer import ProposerError
 from atm.watcher.rules import RulesProposer
 

@@ -24,7 +24,7 @@ from _common import summary, write
 
 from atm.adapters.mlflow_backend import MlflowBackend
 from atm.policies import parse_policy
-from atm.watcher.cli import make_proposer
+from atm.watcher.proposers import make_proposer
 from atm.watcher.daemon import Daemon
 
 POLICY = """

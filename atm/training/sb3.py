@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
-    from stable_baselines3.common.callbacks import BaseCallback
 
-__all__ = ["APPLY_HOOK", "Knob", "constant_schedule", "manager_callback", "sb3_knobs"]
+__all__ = ["APPLY_HOOK", "Knob", "constant_schedule", "sb3_knobs"]
 
 Getter = Callable[[], Any]
 Setter = Callable[[float], None]
@@ -186,28 +185,3 @@ def sb3_knobs(
         non-finite or out-of-domain value. Apply them at :data:`APPLY_HOOK`.
     """
     return {**_algorithm_knobs(model), **_reward_knobs(model, reward_getter, reward_setter)}
-
-
-def manager_callback(
-    model: BaseAlgorithm, *, actions: dict[str, Callable[[], Any]] | None = None, **listen_kwargs: Any
-) -> BaseCallback:
-    """The atm callback for ``model``: the listener, with the knobs of :func:`sb3_knobs`.
-
-    ``atm.sb3_callback`` attaches the listener to the model when learning starts; it takes the
-    knobs from :func:`sb3_knobs` and applies updates between rollouts. Pass it to
-    ``model.learn(callback=...)``. ``actions`` (e.g. ``{"rollback": ..., "stop": ...}``) and
-    ``listen_kwargs`` go to ``atm.listen``.
-
-    Raises:
-        ImportError: when the installed atm has no ``atm.sb3_callback`` (install atm with the
-            listener, or train without it).
-    """
-    import atm
-
-    make = getattr(atm, "sb3_callback", None)
-    if make is None:
-        raise ImportError(
-            "this atm install has no atm.sb3_callback; reinstall atm or train without the listener"
-        )
-    del model  # the callback reads the model from SB3 when learning starts
-    return make(actions=actions, **listen_kwargs)

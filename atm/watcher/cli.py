@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -13,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from atm.policies import Policy, PolicyError, load_policy, policy_json_schema
-from atm.schema import fmt
 
 log = logging.getLogger("atm")
 
@@ -40,7 +38,7 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default=None,
                    help="LLM for --proposer llm: embedded (default), local:/path/model.gguf, openai/<model> ($ATM_LLM)")
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 ($ATM_LLM_BASE_URL)")
-    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS
+    from atm.watcher.llm_variants import DEFAULT_VARIANT, VARIANTS
 
     p.add_argument("--llm-variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
                    help=f"how the LLM is prompted (default {DEFAULT_VARIANT}: the rules' detectors fix the diagnosis, "
@@ -74,17 +72,6 @@ def _policy(spec: str) -> Policy:
     except (PolicyError, ValueError) as exc:
         raise SystemExit(f"atm: {exc}") from None
     return policy
-
-
-def make_proposer(kind: str, policy: Policy, llm: str | None = None, base_url: str | None = None,
-                  variant: str | None = None) -> Any:
-    from atm.watcher.rules import RulesProposer
-
-    if kind == "rules":
-        return RulesProposer()
-    from atm.watcher.llm import DEFAULT_VARIANT, LLMProposer
-
-    return LLMProposer.from_settings(llm, base_url, policy=policy, variant=variant or DEFAULT_VARIANT)
 
 
 def _setup_logging(level: str) -> None:
@@ -135,10 +122,12 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     _setup_logging("WARNING" if table else args.log_level)
     from atm.adapters import BackendUnavailable, RunNotFound
     from atm.watcher.daemon import Daemon
+    from atm.watcher.proposers import make_proposer
 
     policy = _policy(args.policy)
     try:
-        proposer = make_proposer(args.proposer, policy, args.llm, args.llm_base_url, args.llm_variant)
+        proposer = make_proposer(args.proposer, policy, llm=args.llm, base_url=args.llm_base_url,
+                                 variant=args.llm_variant)
         if args.proposer == "llm":
             # A missing key, model file or package is said now, not at the first decision (after
             # which every decision would fall back to the rules). Nothing is loaded or called here.
@@ -256,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _optional_subcommands(sub: Any) -> None:
     """Subcommands that live in other modules (explain, eval, bench); each registers its own parser."""
     for module, fn in (("atm.watcher.evaluate", "add_eval_parser"),
-                       ("atm.training.workloads.bench", "add_bench_parser")):
+                       ("atm.bench.cli", "add_bench_parser")):
         try:
             mod = __import__(module, fromlist=[fn])
         except ImportError:
@@ -271,7 +260,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     if args.scenario:
         return explain_command(args)
-    from atm.watcher.daemon import decision_inputs
+    from atm.watcher.decide import decision_inputs
     from atm.watcher.snapshot import missing_role_note
 
     policy = _policy(args.policy)
@@ -293,7 +282,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] | int:
     """The run's current view and its decisions (log merged with acks), or an exit code after an error."""
     from atm.adapters import BackendUnavailable, RunNotFound
-    from atm.watcher.daemon import reconcile
+    from atm.watcher.reconcile import reconcile
 
     if len(args.run) != 1:
         print(f"atm {command}: give exactly one --run", file=sys.stderr)
@@ -309,50 +298,17 @@ def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] |
 
 
 def _history(args: argparse.Namespace) -> int:
-    from atm.watcher.daemon import history_rows
+    from atm.watcher.report import history_rows, print_history
 
     got = _read_run(args, "history")
     if isinstance(got, int):
         return got
     _, records = got
-    rows = history_rows(records)
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print(f"no interventions on run {args.run[0]}")
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"atm interventions — run {args.run[0]}")
-    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "source", "rationale / reason"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        changes = ", ".join(_change_cell(k, v, r["applied_values"]) for k, v in r["changes"].items())  # type: ignore[union-attr, arg-type]
-        if r["action"]:
-            changes = (changes + ", " if changes else "") + str(r["action"])
-        why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
-        t.add_row(str(r["seq"]), str(r["step"]), _applied_cell(r),
-                  str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+        print(json.dumps(history_rows(records), indent=2))
+    else:
+        print_history(args.run[0], records)
     return 0
-
-
-def _change_cell(name: str, change: dict[str, float], in_force: dict[str, float]) -> str:
-    """``lr 1e-3→5e-4``, and what the job reported in force after applying it when that differs."""
-    cell = f"{name} {fmt(change['old'])}→{fmt(change['new'])}"
-    now = in_force.get(name)
-    if now is not None and not math.isclose(now, change["new"], rel_tol=0.01):
-        cell += f" (in force: {fmt(now)})"
-    return cell
-
-
-def _applied_cell(row: dict[str, object]) -> str:
-    """Where the change took effect on the run's step axis; the job's own count until that is known."""
-    if row["effective_step"] is not None:
-        return str(row["effective_step"])
-    return "" if row["applied_step"] is None else f"(job step {row['applied_step']})"
 
 
 def _policy_cmd(args: argparse.Namespace) -> int:

@@ -1,12 +1,16 @@
 """The daemon: one watch loop per run, proposals off the loop, every decision recorded on the run.
 
-A run's loop, every ``interval`` seconds (a wait that stop interrupts):
+A run's path, one module each, every ``interval`` seconds (a wait that stop interrupts):
 
-1. poll the backend (new metric points, listener state, acks);
-2. settle acknowledged updates and finished proposals (re-checking the policy and staleness
-   against the run as it is *now*, since the run kept training while the proposer thought);
-3. when the run logged a new evaluation and nothing is pending, build a snapshot and hand it to
-   the proposer on a worker thread (one decision in flight per run).
+1. :mod:`~atm.watcher.poll`: read the run (new metric points, listener state, acks) and what to
+   tell the user about it once;
+2. :mod:`~atm.watcher.reconcile`: merge the decision log with what is on the run;
+3. :mod:`~atm.watcher.decide`: when the run logged a new evaluation and nothing is pending, build
+   the snapshot and the offer and hand them to the proposer on a worker (one decision in flight per run);
+4. :mod:`~atm.watcher.settle`: re-check the answer against the run as it is *now* (it kept training
+   while the proposer thought) and make the decision record;
+5. :mod:`~atm.watcher.publish`: put it on the run;
+6. :mod:`~atm.watcher.report`: the status line and ``atm history``.
 
 Everything the daemon knows about a run's decisions is also on the run (``atm.seq``, update
 tags, acks, the decision log), so a restarted daemon recovers it and neither repeats nor loses
@@ -15,53 +19,34 @@ an update.
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures as cf
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
-from atm.policies import COUNTED, COUNTED_DRY, DecisionContext, Policy, available_actions, available_choices, check
-from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, Update, fmt, in_force
+from atm.policies import Policy
+from atm.schema import Status, TelemetrySnapshot, DecisionRecord
+from atm.watcher.decide import decision_inputs
+from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
+from atm.watcher.publish import publish
+from atm.watcher.reconcile import foreign_update, reconcile
+from atm.watcher.report import RunStatus, status_fields
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
-from atm.watcher.snapshot import MISSING_METRIC_AFTER, build_snapshot, eval_steps, missing_role_note
+from atm.watcher.settle import settle
+from atm.watcher.workers import ProposalPool
+from atm.policies import DecisionContext
 
 log = logging.getLogger("atm.watch")
 
 MAX_BACKOFF_S = 60.0
-#: Seconds a listener may be attached to a run that logs no metric of its own before the daemon says so.
-SILENT_JOB_S = 120.0
-#: Reason prefix of an update the run ended before applying.
-EXPIRED = "expired"
 #: How long a tick waits for a proposal before leaving it to a later tick.
 SETTLE_NOW_S = 0.2
-#: Record statuses whose update was published on the run.
-PUBLISHED = (Status.PENDING, Status.APPLIED, Status.FAILED)
 #: Late answers in a row after which the daemon says the proposer is too slow for the run.
 STALE_WARN_AFTER = 3
-
-
-@dataclass
-class RunStatus:
-    """What the status table shows for one run."""
-
-    run_id: str
-    name: str = ""
-    step: int = 0
-    state: str = "starting"
-    diagnosis: str = ""
-    applied: int = 0
-    decisions: int = 0
-    pending: str = ""
-    last: str = ""
-    listener: bool = False
-    error: str = ""
 
 
 @dataclass
@@ -94,114 +79,8 @@ class RunState:
     wake: threading.Event = field(default_factory=threading.Event)
 
 
-def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[DecisionRecord], bool]:
-    """Merge the decision log with what is on the run: updates the log missed, acks that arrived.
-
-    Pure. Returns the merged records (sorted by seq) and whether anything changed.
-    """
-    by_seq = {r.seq: r.model_copy() for r in records}
-    changed = False
-    for seq, update in view.updates.items():
-        if seq not in by_seq:
-            # Published, then the daemon died before writing its log: rebuild the record from the update.
-            by_seq[seq] = _record_from_update(update)
-            changed = True
-    ended = view.status != "RUNNING"
-    for seq, rec in by_seq.items():
-        ack = view.acks.get(seq)
-        late = rec.status == Status.STALE and rec.reason.startswith(EXPIRED)
-        if ack is not None and (rec.status == Status.PENDING or late):
-            if late:
-                rec.reason = "acknowledged after the run ended"
-            _settle(rec, ack)
-            changed = True
-        elif ack is None and ended and rec.status == Status.PENDING:
-            # The job finished before it reached the next apply point; a late ack still settles it.
-            rec.status = Status.STALE
-            rec.reason = f"{EXPIRED}: the run ended ({view.status}) before the job applied it"
-            changed = True
-        if rec.status == Status.APPLIED and rec.effective_step is None and rec.applied_at is not None:
-            rec.effective_step = step_after(view.timeline, rec.applied_at, floor=rec.step)
-            changed |= rec.effective_step is not None
-    return [by_seq[s] for s in sorted(by_seq)], changed
-
-
-#: Knobs every torch optimizer offers, which policies rarely control: not worth a warning.
-OPTIMIZER_EXTRAS = frozenset({"momentum", "beta1", "beta2"})
-
-
-def unmanaged_knobs_note(policy: Policy, knobs: Sequence[str]) -> str:
-    """Non-empty when the job registered knobs the policy does not control (often a typo on one side),
-    naming the policy's parameter each most likely meant. Pure."""
-    import difflib
-
-    loose = [k for k in sorted(knobs) if k not in policy.params and k not in OPTIMIZER_EXTRAS]
-    if not loose:
-        return ""
-    hints = []
-    for k in loose:
-        near = difflib.get_close_matches(k, [p for p in policy.params if p not in knobs], n=1, cutoff=0.75)
-        hints.append(f"{k} (the policy has {near[0]!r}: a typo?)" if near else k)
-    return (f"the job's knobs {', '.join(hints)} are not parameters of policy {policy.name}, so the manager never "
-            f"changes them; it controls {', '.join(sorted(policy.params))}")
-
-
-def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, float]) -> dict[str, float]:
-    """Proposed values re-expressed on the values in force: each change's ratio to the value it was
-    decided on, applied to the value now (see :func:`atm.schema.in_force`). Pure."""
-    return {k: in_force(decided[k], v, now[k]) if k in decided and k in now else v for k, v in changes.items()}
-
-
-def foreign_update(records: Sequence[DecisionRecord], updates: Mapping[int, Update], seen_before: bool) -> Update | None:
-    """An update on the run that this daemon did not publish, if any. Pure.
-
-    One with a number this daemon used for a different decision (another daemon overwrote it), or,
-    once the daemon has read the run before, one with a number it never used. On the first read, such
-    updates are this daemon's own from before a restart (the log may have missed them).
-    """
-    mine = {r.seq: r for r in records}
-    for seq in sorted(updates):
-        update, rec = updates[seq], mine.get(seq)
-        if rec is None:
-            if seen_before:
-                return update
-        elif rec.status in PUBLISHED and update.created_at != rec.decided_at:
-            return update
-    return None
-
-
-def still_current(decided: Diagnosis, now: Diagnosis) -> bool:
-    """Whether a late answer to ``decided`` still answers the run as it is ``now``. Pure."""
-    return decided == now and decided not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA)
-
-
-def step_after(timeline: Sequence[tuple[float, int]], when: float, floor: int = 0) -> int | None:
-    """The lowest step, at least ``floor``, among the points the job logged at or after wall time
-    ``when`` (its own clock): where a change it applied at ``when`` first shows in its metrics.
-
-    ``floor`` is the decision's step: a change cannot take effect before the step it was decided on,
-    so lower steps logged later (a summary value logged without ``step=``) are not where it shows.
-    None when nothing was logged since. Pure. ``timeline`` is (time, step), oldest first.
-    """
-    i = bisect.bisect_left(timeline, (when, -math.inf))
-    return min((s for _, s in timeline[i:] if s >= floor), default=None)
-
-
-def _record_from_update(u: Update) -> DecisionRecord:
-    return DecisionRecord(
-        run_id=u.run_id, seq=u.seq, step=u.step, status=Status.PENDING, source=u.source, diagnosis=u.diagnosis,
-        changes=u.changes, action=u.action, rationale=u.rationale, decided_at=u.created_at,
-        reason="recovered from the run's update tag",
-    )
-
-
-def _settle(rec: DecisionRecord, ack: Ack) -> None:
-    rec.status = Status.APPLIED if ack.status == "applied" else Status.FAILED
-    rec.applied_step = ack.applied_step
-    rec.applied_at = ack.applied_at
-    rec.applied_values = dict(ack.values)
-    if ack.error:
-        rec.reason = (rec.reason + "; " if rec.reason else "") + f"listener: {ack.error}"
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 class Daemon:
@@ -240,7 +119,7 @@ class Daemon:
         self._watch_wake = threading.Event()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
-        self._pool = _DaemonPool(max_workers)
+        self._pool = ProposalPool(max_workers)
         self._threads: dict[str, threading.Thread] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -385,28 +264,14 @@ class Daemon:
             self._settle_decision(st, view)
         if not st.noted_bounds and view.listener is not None:
             st.noted_bounds = True
-            note = unmanaged_knobs_note(self.policy, view.listener.knobs)
-            if note:
+            for note in listener_notes(self.policy, view):
                 log.warning("run %s: %s", run_id, note)
-            for name, value in sorted(view.listener.values.items()):
-                rule = self.policy.params.get(name)
-                if rule is not None and not rule.min <= value <= rule.max:
-                    log.warning("run %s: %s is %s, outside the policy's [%s, %s]; a move on it lands inside those "
-                                "bounds, however far that is", run_id, name, fmt(value), fmt(rule.min), fmt(rule.max))
-        own = _logged_steps(view)
-        # A job that logs nothing of its own never reaches MISSING_METRIC_AFTER points: say it once its
-        # listener has been there a while (an SB3 script whose logger writes only to stdout).
-        silent = own == 0 and view.listener is not None and self.clock() - view.listener.started_at >= SILENT_JOB_S
-        if not st.noted_missing and (own >= MISSING_METRIC_AFTER or silent):
+        if not st.noted_missing and metric_notes_due(view, self.clock()):
             st.noted_missing = True
-            note = missing_role_note(self.policy, list(view.history))
-            if note:
+            for note in metric_notes(self.policy, view):
                 log.warning("run %s: %s", run_id, note)
-            if view.listener is None and view.status == "RUNNING":
-                log.warning("run %s: it logs metrics, but no listener has attached, so nothing can be changed; "
-                            "call atm.listen(...) in the training script once its run has started", run_id)
 
-        ended = view.status != "RUNNING" or self._idle(view)
+        ended = view.status != "RUNNING" or is_idle(view, self.clock(), self.policy.limits.idle_minutes)
         if ended:
             st.done = st.inflight is None
             self._update_status(st, view, state="finished" if view.status != "RUNNING" else "idle")
@@ -419,12 +284,6 @@ class Daemon:
             self._settle_decision(st, view)
         self._update_status(st, view)
         return st
-
-    def _idle(self, view: RunView) -> bool:
-        return view.last_metric_time > 0 and self.clock() - view.last_metric_time > self.policy.limits.idle_minutes * 60
-
-    def _context(self, st: RunState, view: RunView, params: dict[str, float]) -> DecisionContext:
-        return decision_context(self.policy, view, st.records, params, dry_run=self.dry_run)
 
     def _maybe_decide(self, st: RunState, view: RunView) -> None:
         if view.listener is None:
@@ -479,76 +338,25 @@ class Daemon:
         except Exception as exc:
             log.error("run %s: no proposal (%s)", st.run_id, exc)
             return
-        snap = inflight.snapshot
-        if result.source == "fallback" and view.status == "RUNNING":
-            # The rules answered for the run as it was before the failed call, which may have taken the
-            # whole timeout (and retries): that answer would be stale. They take microseconds: ask again
-            # on the run as it is now.
-            snap, ctx_fresh, offer_fresh = decision_inputs(
-                self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run)
-            again = self.fallback.propose(snap, self.policy, ctx_fresh, offer_fresh)
-            again.audit = {**{k: v for k, v in result.audit.items() if k not in again.audit}, **again.audit,
-                           "first_asked_at_step": inflight.snapshot.step}
-            again.source = "fallback"
-            result = again
-        proposal = result.proposal
-        self._set(st.run_id, diagnosis=proposal.diagnosis.value, pending="")
-        if proposal.is_noop:
-            log.info("run %s step %d: %s, no change (%s)", st.run_id, snap.step, proposal.diagnosis.value, result.source)
+        out = settle(result, inflight.snapshot, view, st.records, self.policy, seq=st.seq + 1, now=self.clock(),
+                     dry_run=self.dry_run, fallback=self.fallback)
+        self._set(st.run_id, diagnosis=out.proposal.diagnosis.value, pending="")
+        record = out.record
+        if record is None:
+            log.info("run %s step %d: %s, no change (%s)", st.run_id, out.asked.step, out.proposal.diagnosis.value,
+                     out.source)
             return
-        # Re-check everything against the run as it is now: it kept training while the proposer thought.
-        params = dict(view.listener.values) if view.listener else snap.params
-        ctx_now = self._context(st, view, params)
-        stale_window = self.policy.limits.stale_after
-        stale = bool(stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
-        late_note = ""
-        if stale and view.status == "RUNNING":
-            # The answer is late, but the question may still stand: a slow model on a fast job would
-            # otherwise never act. It is kept when the run, read now, shows the same problem.
-            now_snap = build_snapshot(view.run_id, self.policy, view.history, params, st.records, run_name=view.name)
-            now_diag, _ = diagnose(now_snap, Thresholds.from_policy(self.policy))
-            if still_current(proposal.diagnosis, now_diag):
-                stale = False
-                late_note = f"decided on step {snap.step}; at step {ctx_now.step} the run still shows {now_diag.value}; "
-        moved = rebase(proposal.changes, snap.params, params)
-        if moved != proposal.changes:
-            # The job moved these values (a scheduler) while the proposer thought: the decided moves
-            # are checked, recorded and sent as applied to the values in force, as the listener would.
-            proposal = proposal.model_copy(update={"changes": moved})
-        verdict = check(proposal, self.policy, ctx_now)
-        if view.status != "RUNNING":
-            # Nothing would ever apply it: the job is gone.
-            status, reason = Status.STALE, f"{EXPIRED}: the run ended ({view.status}) while deciding"
-        elif stale:
-            status, reason = Status.STALE, f"stale: the run moved from step {snap.step} to {ctx_now.step} while deciding"
-        elif verdict.accepted:
-            status, reason = (Status.DRY_RUN if self.dry_run else Status.PENDING), late_note + verdict.reason
-        else:
-            status, reason = Status.REJECTED, late_note + verdict.reason
-        self._note_staleness(st, status, result, snap.step, ctx_now.step)
-        # Changes are recorded against the values in force now, which is what the job will replace.
-        changes = verdict.changes if status in (Status.PENDING, Status.DRY_RUN) else {}
-        st.seq += 1
-        record = DecisionRecord(
-            run_id=st.run_id, seq=st.seq, step=snap.step, status=status, source=result.source,
-            diagnosis=proposal.diagnosis, changes=changes, action=verdict.action if status in (Status.PENDING, Status.DRY_RUN) else None,
-            rationale=proposal.rationale, expected_outcome=proposal.expected_outcome, watch_next=proposal.watch_next,
-            reason=reason, dropped=verdict.dropped, proposal=proposal, snapshot=snap, decided_at=self.clock(),
-            audit=result.audit,
-        )
-        self.backend.reserve_seq(st.run_id, st.seq)
-        st.records.append(record)
-        self.backend.publish(record)
-        self.backend.write_log(st.run_id, st.records)
-        log.info("run %s: %s — %s", st.run_id, record.summary(), reason)
+        self._note_staleness(st, record.status, record.audit.get("latency_s"), record.step, out.now_step)
+        st.seq = record.seq
+        publish(self.backend, st.records, record)
+        log.info("run %s: %s — %s", st.run_id, record.summary(), record.reason)
 
-    def _note_staleness(self, st: RunState, status: Status, result: ProposalResult, decided: int, now: int) -> None:
+    def _note_staleness(self, st: RunState, status: Status, took: object, decided: int, now: int) -> None:
         """Say once per run when the proposer is too slow for the run: its answers keep arriving stale."""
         st.stale_in_a_row = st.stale_in_a_row + 1 if status == Status.STALE else 0
         if st.stale_in_a_row < STALE_WARN_AFTER or st.noted_slow:
             return
         st.noted_slow = True
-        took = result.audit.get("latency_s")
         log.warning(
             "run %s: %d decisions in a row came too late to apply (the last took %s while the run went from "
             "step %d to %d). Give the proposer more time (limits.stale_after in the policy), a faster model "
@@ -566,119 +374,9 @@ class Daemon:
             self.on_change(s)
 
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
-        # The same decisions the validator counts against this daemon's budgets: a live daemon after a
-        # dry run does not show the dry run's decisions as its own.
-        counted = [r for r in st.records if r.status in (COUNTED_DRY if self.dry_run else COUNTED)]
-        pending = next((r for r in st.records if r.status == Status.PENDING), None)
-        step = run_step(view)
-        self._set(
-            st.run_id,
-            name=view.name,
-            step=step,
-            state=state or ("deciding" if st.inflight else ("no listener" if view.listener is None else "watching")),
-            applied=sum(r.status == Status.APPLIED for r in st.records),
-            decisions=len(counted),
-            pending=(f"#{pending.seq} waiting for the job" if pending else (self.status[st.run_id].pending if st.inflight else "")),
-            last=st.records[-1].summary() if st.records else "",
-            listener=view.listener is not None,
-            error="",
-        )
+        deciding = self.status[st.run_id].pending if st.inflight else None
+        self._set(st.run_id, **status_fields(st.records, view, deciding=deciding, dry_run=self.dry_run, state=state))
 
 
-class _DaemonPool:
-    """Runs proposals on daemon threads, at most ``max_workers`` at once.
 
-    A stopping atm-watch must not wait for a model call in flight (a hanging server held a SIGTERM for
-    87 s): ThreadPoolExecutor's workers are joined at interpreter exit, these threads are not.
-    """
-
-    def __init__(self, max_workers: int) -> None:
-        self._slots = threading.BoundedSemaphore(max_workers)
-        self._closed = False
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
-        future: cf.Future[Any] = cf.Future()
-
-        def run() -> None:
-            with self._slots:
-                if self._closed or not future.set_running_or_notify_cancel():
-                    return
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
-                    future.set_exception(exc)
-
-        threading.Thread(target=run, name="atm-propose", daemon=True).start()
-        return future
-
-    def shutdown(self) -> None:
-        self._closed = True
-
-
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _logged_steps(view: RunView) -> int:
-    return max((len(pts) for k, pts in view.history.items() if not k.startswith("atm/")), default=0)
-
-
-def run_step(view: RunView) -> int:
-    """The run's latest logged step, not counting the listener's own ``atm/*`` metrics."""
-    return max((pts[-1][0] for k, pts in view.history.items() if pts and not k.startswith("atm/")), default=0)
-
-
-def decision_context(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float], *, dry_run: bool = False
-) -> DecisionContext:
-    """The validator's view of a run: its step, evaluations, parameter values and decisions so far."""
-    steps = eval_steps(policy, view.history)
-    step = run_step(view)
-    return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps, dry_run=dry_run)
-
-
-def decision_inputs(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], now: float | None = None, *, dry_run: bool = False
-) -> tuple[TelemetrySnapshot, DecisionContext, Offer]:
-    """Everything a proposer is given for a run as it is now: snapshot, context and the offer.
-
-    Used by the daemon before each decision and by ``atm explain`` to show the same thing.
-    """
-    params = dict(view.listener.values) if view.listener else {}
-    ctx = decision_context(policy, view, records, params, dry_run=dry_run)
-    snapshot = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name, now=now)
-    allowed = set(view.listener.actions) if view.listener else set()
-    if any(r.action == Action.STOP and r.status == Status.APPLIED for r in records):
-        # The job was told to stop and goes on: asking again would only use up the budget.
-        allowed.discard(Action.STOP.value)
-    offer = Offer(
-        choices=available_choices(policy, ctx),
-        actions=[a for a in available_actions(policy, ctx) if a.value in allowed],
-    )
-    return snapshot, ctx, offer
-
-
-def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
-    """The ``atm history --json`` items."""
-    return [
-        {
-            "seq": r.seq,
-            "step": r.step,
-            "applied_step": r.applied_step,
-            "effective_step": r.effective_step,
-            "applied_values": r.applied_values,
-            "status": r.status.value,
-            "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
-            "action": r.action.value if r.action else None,
-            "diagnosis": r.diagnosis.value,
-            "rationale": r.rationale,
-            "source": r.source,
-            "reason": r.reason,
-            "decided_at": r.decided_at,
-            "applied_at": r.applied_at,
-        }
-        for r in records
-    ]
-
-
-__all__ = ["Daemon", "RunState", "RunStatus", "history_rows", "reconcile", "still_current", "Diagnosis"]
+__all__ = ["Daemon", "RunState", "RunStatus"]

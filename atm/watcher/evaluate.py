@@ -22,7 +22,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,13 @@ from atm.policies import (
     DecisionContext,
     Policy,
     PolicyError,
-    available_actions,
-    available_choices,
     check,
     load_policy,
 )
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status, TelemetrySnapshot, fmt
 from atm.watcher.proposer import Offer, Proposer, ProposerError
-from atm.watcher.snapshot import Points, build_snapshot, eval_steps
+from atm.watcher.decide import Situation, offline_situation
+from atm.watcher.proposers import make_proposer
 
 
 class ScenarioError(ValueError):
@@ -134,40 +133,12 @@ class Scenario(_Strict):
         ]
 
 
-class Situation(BaseModel):
-    """What a proposer is handed for one scenario."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    snapshot: TelemetrySnapshot
-    policy: Policy
-    ctx: DecisionContext
-    offer: Offer
-
-
 def situation(sc: Scenario, policy: Policy | None = None) -> Situation:
     """Snapshot, decision context and offer for a scenario, as the daemon would build them."""
     history = {k: sorted((int(s), float(v)) for s, v in pts) for k, pts in sc.metrics.items()}
     return offline_situation(
         sc.name, policy or sc.load_policy(), history, sc.params, sc.records(), run_name=sc.run_name
     )
-
-
-def offline_situation(
-    name: str,
-    policy: Policy,
-    history: Mapping[str, Points],
-    params: Mapping[str, float],
-    records: Sequence[DecisionRecord] = (),
-    run_name: str = "",
-) -> Situation:
-    """The same for metric history held in memory (key -> sorted (step, value)), taken at time 0."""
-    snap = build_snapshot(name, policy, history, params, records=records, run_name=run_name, now=0.0)
-    ctx = DecisionContext(
-        step=snap.step, params=dict(params), history=list(records), eval_steps=eval_steps(policy, history)
-    )
-    offer = Offer(choices=available_choices(policy, ctx), actions=available_actions(policy, ctx))
-    return Situation(snapshot=snap, policy=policy, ctx=ctx, offer=offer)
 
 
 def load_scenarios(directory: str | Path) -> list[Scenario]:
@@ -369,7 +340,8 @@ def render_explain(
     """
     from dataclasses import replace
 
-    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer
+    from atm.watcher.llm import LLMProposer
+    from atm.watcher.llm_variants import DEFAULT_VARIANT, VARIANTS
 
     variant = VARIANTS[DEFAULT_VARIANT]
     if not evidence:
@@ -426,7 +398,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.only:
         scenarios = [s for s in scenarios if any(o in s.name for o in args.only)]
     try:
-        proposer = make_proposer(args.proposer, args.llm_model, args.llm_base_url, args.variant)
+        proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)
     except ValueError as exc:  # unknown variant or an unusable LLM setting (the message names it)
         print(f"atm eval: {exc}", file=sys.stderr)
         return 2
@@ -440,20 +412,6 @@ def eval_command(args: argparse.Namespace) -> int:
         return 2
     print(report.model_dump_json(indent=2) if args.json else format_report(report))
     return 0
-
-
-def make_proposer(kind: str, model: str | None, base_url: str | None, variant: str | None) -> Proposer:
-    """The proposer for ``atm eval``. The few-shot variant's examples ship with atm, apart from the suite."""
-    if kind == "rules":
-        from atm.watcher.rules import RulesProposer
-
-        return RulesProposer()
-    from atm.watcher.llm import DEFAULT_VARIANT, VARIANTS, LLMProposer
-
-    name = variant or DEFAULT_VARIANT
-    if name not in VARIANTS:
-        raise ValueError(f"unknown --variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    return LLMProposer.from_settings(model, base_url, variant=name)
 
 
 def explain_command(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from atm.adapters.base import WANDB_RUN_DIR_RE
-from atm.watcher.daemon import RunStatus
+from atm.watcher.report import RunStatus
 
 log = logging.getLogger("atm.watch")
 

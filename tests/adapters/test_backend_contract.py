@@ -14,7 +14,7 @@ import pytest
 
 from atm.adapters.base import BackendUnavailable, RunNotFound
 from atm.schema import Ack, Change, DecisionRecord, Diagnosis, ListenerInfo, Status
-from atm.watcher.daemon import reconcile
+from atm.watcher.reconcile import reconcile
 
 
 class Harness(Protocol):

@@ -26,7 +26,8 @@ from atm.adapters.llm import (
     LLMServerError,
     LLMTimeout,
 )
-from atm.watcher.llm import LLMProposer, response_model
+from atm.watcher.llm import LLMProposer
+from atm.watcher.llm_answer import response_model
 from atm.watcher.proposer import ProposerError
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
-from atm.training.workloads.manipulation_bench import build_report, compare, markdown, summarize
+from atm.bench.manipulation import build_report, compare, markdown, summarize
 
 
 def _run_json(safe: list[float], collision: float = 0.05, every: int = 20_480) -> dict:
@@ -100,8 +100,8 @@ def test_bench_runs_fixed_and_managed_arms_through_the_real_daemon(tmp_path):
     rollout size) and is in the run's audit log, and the shape of the written report.
     """
     from atm.adapters.mlflow_backend import MlflowBackend
-    from atm.training.workloads.manipulation_bench import main
-    from atm.training.workloads.bench import run_records
+    from atm.bench.manipulation import main
+    from atm.bench.harness import run_records
 
     args = argparse.Namespace(seeds=1, proposers="rules", arms=None, quick=True, out=tmp_path, interval=0.5,
                               timesteps=None, recipes="cautious", jobs=1, resume=False)
@@ -140,7 +140,7 @@ def test_bench_runs_fixed_and_managed_arms_through_the_real_daemon(tmp_path):
 
 
 def test_an_llm_arm_whose_model_is_missing_is_dropped_before_training(monkeypatch, capsys):
-    from atm.training.workloads.bench import drop_unbuildable
+    from atm.bench.harness import drop_unbuildable
 
     monkeypatch.setenv("ATM_LLM", "local:/nonexistent/model.gguf")
     arms = ["fixed", "managed-rules", "managed-llm"]

@@ -252,32 +252,6 @@ def test_other_algorithms_get_the_knobs_they_have():
     assert fixed.actor.optimizer.param_groups[0]["lr"] == 1e-4 and fixed.critic.optimizer.param_groups[0]["lr"] == 1e-4
 
 
-def test_manager_callback_passes_the_actions_to_atm(monkeypatch):
-    import atm
-
-    calls: dict[str, Any] = {}
-
-    def fake_sb3_callback(**kwargs):
-        calls.update(kwargs)
-        return at_apply_hook(lambda m: None)
-
-    monkeypatch.setattr(atm, "sb3_callback", fake_sb3_callback, raising=False)
-    stop = lambda: None  # noqa: E731
-    callback = sb3.manager_callback(make_model(), actions={"stop": stop}, poll_interval=0.5)
-    assert isinstance(callback, BaseCallback)
-    assert calls == {"actions": {"stop": stop}, "poll_interval": 0.5}
-
-
-def test_manager_callback_says_what_to_do_without_the_listener(monkeypatch):
-    import atm
-
-    monkeypatch.delattr(atm, "sb3_callback", raising=False)
-    with pytest.raises(ImportError, match="atm.sb3_callback"):
-        sb3.manager_callback(make_model())
-
-
-
-
 def test_a_model_with_a_listener_still_saves_and_loads(tmp_path):
     # SB3's save() pickles the model's attributes; atm's train() wrapper must not be among them.
     from atm.testing import FakeChannel

@@ -16,8 +16,8 @@ ARMS = {"fixed", "plateau", "early-stop", "managed-rules"}
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
-    from atm.training.workloads.tinystories_bench import main
-    from atm.training.workloads.bench import run_records
+    from atm.bench.tinystories import main
+    from atm.bench.harness import run_records
 
     args = argparse.Namespace(seeds=1, proposers="rules", quick=True, out=tmp_path, interval=0.5, steps=None,
                               resume=False)

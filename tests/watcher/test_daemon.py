@@ -16,7 +16,8 @@ from atm.policies import load_policy
 from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status, fmt
 from atm.adapters.base import Timeline
 from atm.testing import wait_for
-from atm.watcher.daemon import Daemon, RunState, step_after
+from atm.watcher.daemon import Daemon, RunState
+from atm.watcher.reconcile import step_after
 from atm.watcher.proposer import ProposerError, ProposalResult
 
 
@@ -272,7 +273,7 @@ def test_unknown_thresholds_fail_at_start() -> None:
 def test_an_update_the_run_ended_before_applying_expires_and_a_late_ack_still_settles_it() -> None:
     from atm.adapters.base import RunView
     from atm.schema import Change, DecisionRecord
-    from atm.watcher.daemon import reconcile
+    from atm.watcher.reconcile import reconcile
 
     rec = DecisionRecord(run_id="r", seq=1, step=10, status=Status.PENDING, source="rules",
                          diagnosis=Diagnosis.OVERFITTING, changes={"lr": Change(old=1e-3, new=5e-4)})
@@ -299,7 +300,7 @@ def test_a_decision_that_arrives_after_the_run_ended_is_not_left_pending(mlflow_
 
 def test_explain_shows_what_the_daemon_would_send(mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     from atm.watcher.cli import main as atm_main
-    from atm.watcher.daemon import decision_inputs
+    from atm.watcher.decide import decision_inputs
     from atm.watcher.llm import LLMProposer
 
     rid = overfitting_run(mlflow_uri)  # the job registered only the stop action
@@ -379,7 +380,7 @@ def test_a_run_that_does_not_exist_yet_is_waited_for_with_wait(tmp_path) -> None
 def test_stop_is_not_offered_again_to_a_job_that_went_on(mlflow_uri: str) -> None:
     from atm.schema import Action
     from atm.testing import make_record
-    from atm.watcher.daemon import decision_inputs
+    from atm.watcher.decide import decision_inputs
 
     rid = overfitting_run(mlflow_uri, upto=20)
     view = MlflowBackend(mlflow_uri).poll(rid)
@@ -401,7 +402,7 @@ def test_a_value_outside_the_policy_bounds_is_reported(mlflow_uri: str, caplog) 
 
 
 def test_knobs_the_policy_does_not_control_are_named_with_the_likely_typo() -> None:
-    from atm.watcher.daemon import unmanaged_knobs_note
+    from atm.watcher.poll import unmanaged_knobs_note
 
     lm = load_policy("lm")
     typo = lm.model_copy(update={"params": {("droput" if k == "dropout" else k): v for k, v in lm.params.items()}})
@@ -436,7 +437,7 @@ def test_a_second_daemon_on_the_same_run_is_found_out_and_steps_back(mlflow_uri:
 
 def test_an_update_overwritten_by_another_daemon_is_told_apart() -> None:
     from atm.testing import make_record
-    from atm.watcher.daemon import foreign_update
+    from atm.watcher.reconcile import foreign_update
 
     mine = make_record(1, 100, status=Status.PENDING, changes={"lr": (1e-3, 5e-4)})
     same = mine.to_update()
@@ -486,7 +487,8 @@ def test_the_history_shows_what_the_job_reported_in_force(mlflow_uri: str, capsy
     # The job's restore undid the lr cut that came with a rollback: the ack says so, and so must the history.
     import json
 
-    from atm.watcher.cli import _change_cell, main as atm_main
+    from atm.watcher.cli import main as atm_main
+    from atm.watcher.report import change_cell as _change_cell
 
     rid = overfitting_run(mlflow_uri)
     daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)

@@ -10,14 +10,9 @@ from pydantic import ValidationError
 
 from atm.policies import DecisionContext, load_policy
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
-from atm.watcher.llm import (
-    VARIANTS,
-    LLMProposer,
-    bundled_examples,
-    remedy_moves,
-    response_model,
-    to_proposal,
-)
+from atm.watcher.llm import LLMProposer
+from atm.watcher.llm_answer import response_model, to_proposal
+from atm.watcher.llm_variants import VARIANTS, bundled_examples, remedy_moves
 from atm.watcher.prompt import offered_moves
 from atm.watcher.proposer import Offer
 

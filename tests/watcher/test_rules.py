@@ -11,7 +11,8 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Action, Diagnosis
 from atm.testing import SCENARIOS, decay, make_history, scenario, series
 from atm.watcher.proposer import Offer, ProposalResult
-from atm.watcher.evaluate import Situation, load_scenario, situation
+from atm.watcher.decide import Situation
+from atm.watcher.evaluate import load_scenario, situation
 from atm.watcher.prompt import diagnoses_for
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose, pick
 from atm.watcher.snapshot import build_snapshot

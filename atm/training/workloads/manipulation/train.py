@@ -6,7 +6,7 @@ Logged with ``step=num_timesteps``: every evaluation's ``eval/*`` metrics (see
 With ``test_episodes``, every evaluation also runs a second held-out set (``test/*``) that is
 returned in :class:`TrainResult` and never logged, so a manager reading the run cannot see it.
 
-The listener is attached only through :func:`atm.training.sb3.manager_callback`. The workload gives it
+The listener is attached only through :func:`atm.sb3_callback`. The workload gives it
 two actions: ``rollback`` (restore the best evaluated policy and its optimizer state, done at the
 next rollout start so the update in progress is not mixed with restored weights) and ``stop`` (end
 training and keep the best evaluated policy, as early stopping with restore does; the final
@@ -30,7 +30,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from atm.training import sb3
+import atm
 from atm.training.workloads.manipulation.env import ArmSpec, PlanarArmReachEnv
 from atm.training.workloads.manipulation.evaluate import TEST_SEED_BASE, EvalReport, Evaluator
 from atm.training.workloads.manipulation.recipes import get_recipe
@@ -278,7 +278,7 @@ def train(
     if config.listen and config.tracking != "none":
         try:
             actions = {"rollback": workload_cb.request_rollback, "stop": workload_cb.request_stop}
-            callbacks.append(sb3.manager_callback(model, actions=actions))
+            callbacks.append(atm.sb3_callback(actions=actions))
         except ImportError as exc:
             print(
                 f"warning: {exc}; training with the fixed recipe (pass --no-listen to silence)",

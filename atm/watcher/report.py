@@ -1,0 +1,114 @@
+"""Report: what the daemon shows of a run (its status line) and of its decisions (``atm history``)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from atm.adapters.base import RunView
+from atm.policies import COUNTED, COUNTED_DRY
+from atm.schema import DecisionRecord, Status, fmt
+from atm.watcher.poll import run_step
+
+
+@dataclass
+class RunStatus:
+    """What the status table shows for one run."""
+
+    run_id: str
+    name: str = ""
+    step: int = 0
+    state: str = "starting"
+    diagnosis: str = ""
+    applied: int = 0
+    decisions: int = 0
+    pending: str = ""
+    last: str = ""
+    listener: bool = False
+    error: str = ""
+
+
+def status_fields(
+    records: Sequence[DecisionRecord], view: RunView, *, deciding: str | None, dry_run: bool, state: str | None = None
+) -> dict[str, Any]:
+    """The status line's fields for a run read just now. ``deciding`` is the pending text of a
+    decision in flight (None when there is none)."""
+    # The same decisions the validator counts against this daemon's budgets: a live daemon after a
+    # dry run does not show the dry run's decisions as its own.
+    counted = [r for r in records if r.status in (COUNTED_DRY if dry_run else COUNTED)]
+    pending = next((r for r in records if r.status == Status.PENDING), None)
+    return dict(
+        name=view.name,
+        step=run_step(view),
+        state=state or ("deciding" if deciding is not None else ("no listener" if view.listener is None else "watching")),
+        applied=sum(r.status == Status.APPLIED for r in records),
+        decisions=len(counted),
+        pending=(f"#{pending.seq} waiting for the job" if pending else (deciding or "")),
+        last=records[-1].summary() if records else "",
+        listener=view.listener is not None,
+        error="",
+    )
+
+
+def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
+    """The ``atm history --json`` items."""
+    return [
+        {
+            "seq": r.seq,
+            "step": r.step,
+            "applied_step": r.applied_step,
+            "effective_step": r.effective_step,
+            "applied_values": r.applied_values,
+            "status": r.status.value,
+            "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
+            "action": r.action.value if r.action else None,
+            "diagnosis": r.diagnosis.value,
+            "rationale": r.rationale,
+            "source": r.source,
+            "reason": r.reason,
+            "decided_at": r.decided_at,
+            "applied_at": r.applied_at,
+        }
+        for r in records
+    ]
+
+
+def print_history(run_id: str, records: Sequence[DecisionRecord]) -> None:
+    """The ``atm history`` table."""
+    rows = history_rows(records)
+    if not rows:
+        print(f"no interventions on run {run_id}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"atm interventions — run {run_id}")
+    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "source", "rationale / reason"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        changes = ", ".join(change_cell(k, v, r["applied_values"]) for k, v in r["changes"].items())  # type: ignore[union-attr, arg-type]
+        if r["action"]:
+            changes = (changes + ", " if changes else "") + str(r["action"])
+        why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
+        t.add_row(str(r["seq"]), str(r["step"]), applied_cell(r),
+                  str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+def change_cell(name: str, change: dict[str, float], in_force: dict[str, float]) -> str:
+    """``lr 1e-3→5e-4``, and what the job reported in force after applying it when that differs."""
+    cell = f"{name} {fmt(change['old'])}→{fmt(change['new'])}"
+    now = in_force.get(name)
+    if now is not None and not math.isclose(now, change["new"], rel_tol=0.01):
+        cell += f" (in force: {fmt(now)})"
+    return cell
+
+
+def applied_cell(row: dict[str, object]) -> str:
+    """Where the change took effect on the run's step axis; the job's own count until that is known."""
+    if row["effective_step"] is not None:
+        return str(row["effective_step"])
+    return "" if row["applied_step"] is None else f"(job step {row['applied_step']})"

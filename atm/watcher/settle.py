@@ -1,0 +1,103 @@
+"""Settle: turn a proposer's answer into a decision record, re-checked against the run as it is now.
+
+The run kept training while the proposer thought, so the answer is re-checked here: a fallback is
+re-asked on the fresh run, values a scheduler moved meanwhile are rebased, a late answer is kept only
+when the run still shows the same problem, and the policy has the last word. Pure but for the
+fallback proposer it may call (the rules: microseconds, no I/O).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atm.adapters.base import RunView
+from atm.policies import Policy, check
+from atm.schema import DecisionRecord, Proposal, Status, TelemetrySnapshot
+from atm.watcher.decide import decision_context, decision_inputs, rebase, still_current
+from atm.watcher.proposer import Proposer, ProposalResult
+from atm.watcher.reconcile import EXPIRED
+from atm.watcher.rules import Thresholds, diagnose
+from atm.watcher.snapshot import build_snapshot
+
+
+@dataclass
+class Settled:
+    """What became of one answer."""
+
+    #: The proposal as answered (its diagnosis is what the status line shows).
+    proposal: Proposal
+    #: The snapshot the answer is for: the one asked, or for a fallback the run re-read at settling.
+    asked: TelemetrySnapshot
+    source: str
+    #: The run's step when the answer was settled.
+    now_step: int
+    #: None when the answer was "no change" (logged, not recorded).
+    record: DecisionRecord | None
+
+
+def settle(
+    result: ProposalResult,
+    asked: TelemetrySnapshot,
+    view: RunView,
+    records: list[DecisionRecord],
+    policy: Policy,
+    *,
+    seq: int,
+    now: float,
+    dry_run: bool,
+    fallback: Proposer,
+) -> Settled:
+    """The record for ``result``, the answer to ``asked``, numbered ``seq``, as of the run's ``view``."""
+    snap = asked
+    if result.source == "fallback" and view.status == "RUNNING":
+        # The rules answered for the run as it was before the failed call, which may have taken the
+        # whole timeout (and retries): that answer would be stale. They take microseconds: ask again
+        # on the run as it is now.
+        snap, ctx_fresh, offer_fresh = decision_inputs(policy, view, records, now=now, dry_run=dry_run)
+        again = fallback.propose(snap, policy, ctx_fresh, offer_fresh)
+        again.audit = {**{k: v for k, v in result.audit.items() if k not in again.audit}, **again.audit,
+                       "first_asked_at_step": asked.step}
+        again.source = "fallback"
+        result = again
+    proposal = result.proposal
+    params = dict(view.listener.values) if view.listener else snap.params
+    ctx_now = decision_context(policy, view, records, params, dry_run=dry_run)
+    if proposal.is_noop:
+        return Settled(proposal, snap, result.source, ctx_now.step, None)
+    stale_window = policy.limits.stale_after
+    stale = bool(stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
+    late_note = ""
+    if stale and view.status == "RUNNING":
+        # The answer is late, but the question may still stand: a slow model on a fast job would
+        # otherwise never act. It is kept when the run, read now, shows the same problem.
+        now_snap = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name)
+        now_diag, _ = diagnose(now_snap, Thresholds.from_policy(policy))
+        if still_current(proposal.diagnosis, now_diag):
+            stale = False
+            late_note = f"decided on step {snap.step}; at step {ctx_now.step} the run still shows {now_diag.value}; "
+    moved = rebase(proposal.changes, snap.params, params)
+    if moved != proposal.changes:
+        # The job moved these values (a scheduler) while the proposer thought: the decided moves
+        # are checked, recorded and sent as applied to the values in force, as the listener would.
+        proposal = proposal.model_copy(update={"changes": moved})
+    verdict = check(proposal, policy, ctx_now)
+    if view.status != "RUNNING":
+        # Nothing would ever apply it: the job is gone.
+        status, reason = Status.STALE, f"{EXPIRED}: the run ended ({view.status}) while deciding"
+    elif stale:
+        status, reason = Status.STALE, f"stale: the run moved from step {snap.step} to {ctx_now.step} while deciding"
+    elif verdict.accepted:
+        status, reason = (Status.DRY_RUN if dry_run else Status.PENDING), late_note + verdict.reason
+    else:
+        status, reason = Status.REJECTED, late_note + verdict.reason
+    # Changes are recorded against the values in force now, which is what the job will replace.
+    carried = status in (Status.PENDING, Status.DRY_RUN)
+    record = DecisionRecord(
+        run_id=view.run_id, seq=seq, step=snap.step, status=status, source=result.source,
+        diagnosis=proposal.diagnosis, changes=verdict.changes if carried else {},
+        action=verdict.action if carried else None,
+        rationale=proposal.rationale, expected_outcome=proposal.expected_outcome, watch_next=proposal.watch_next,
+        reason=reason, dropped=verdict.dropped, proposal=proposal, snapshot=snap, decided_at=now,
+        audit=result.audit,
+    )
+    return Settled(proposal, snap, result.source, ctx_now.step, record)
