@@ -25,6 +25,19 @@ class Window(_Strict):
     steps: int = Field(0, ge=0)
     evals: int = Field(0, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping_of_evals_or_steps(cls, v: Any) -> Any:
+        # pydantic would say "Input should be a valid dictionary or instance of Window": name the forms.
+        forms = "a window is written {evals: N}, {steps: N}, or both ({evals: 2, steps: 20000})"
+        if isinstance(v, dict):
+            unknown = [k for k in v if k not in ("evals", "steps")]
+            if unknown:
+                raise ValueError(f"{forms}; {', '.join(map(str, unknown))} is not a unit it counts")
+        elif not isinstance(v, Window):
+            raise ValueError(f"{forms}; got {v!r}")
+        return v
+
 
 class ParamRule(_Strict):
     """Bounds and pace for one controllable parameter."""
@@ -129,6 +142,9 @@ class Policy(_Strict):
     """A whole policy file. See ``atm policy schema`` for the JSON Schema."""
 
     name: str
+    #: The policy this one changes: a preset name (``rl-ppo``) or a policy file's path, relative to
+    #: this file. Only what differs is given; the loader merges it over the base.
+    extends: str | None = None
     description: str = ""
     #: Role -> metric keys to look for, first match wins (``train_loss: [train_loss, train/loss]``).
     #: A key ending in ``*`` matches every metric with that prefix (``loss/*`` for loss components).
