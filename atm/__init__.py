@@ -10,11 +10,21 @@ then ``atm-watch --backend mlflow --run <run_id>`` next to it.
 
 from __future__ import annotations
 
-from atm.training.api import attr, dropout, hf_callback, listen, sb3_callback
+from atm.training.api import (
+    attr,
+    attrs,
+    dropout,
+    hf_callback,
+    lightning_callback,
+    listen,
+    log_metrics,
+    sb3_callback,
+)
 from atm.training.listener import Knob, Listener
 from atm.training.torch_hooks import keep_hyperparameters
 
 __version__ = "0.1.0"
 __all__ = [
-    "Knob", "Listener", "attr", "dropout", "hf_callback", "keep_hyperparameters", "listen", "sb3_callback", "__version__",
+    "Knob", "Listener", "attr", "attrs", "dropout", "hf_callback", "keep_hyperparameters", "lightning_callback",
+    "listen", "log_metrics", "sb3_callback", "__version__",
 ]

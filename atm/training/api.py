@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from atm.training.listener import ApplyMode, Knob, Listener, as_knob, attr
 
 log = logging.getLogger("atm.listener")
 
-__all__ = ["attr", "dropout", "hf_callback", "listen", "sb3_callback"]
+__all__ = ["attr", "attrs", "dropout", "hf_callback", "lightning_callback", "listen", "log_metrics", "sb3_callback"]
 
 _warned_no_run = False
 
@@ -36,8 +38,9 @@ def listen(
         target: a ``torch.optim.Optimizer`` (lr, weight_decay, momentum, betas of every group,
             applied just before the next ``optimizer.step()``), a Stable-Baselines3 model
             (applied between rollouts), or None when only ``knobs`` are controlled.
-        knobs: extra controllable values by name: a setter, a ``(getter, setter)`` pair or
-            ``atm.attr(obj, "name")``. Names must match the policy's parameters.
+        knobs: extra controllable values by name: a setter, a ``(getter, setter)`` pair,
+            ``atm.attr(obj, "name")``, or a whole mapping from ``atm.attrs(obj, "recipe.actor_lr", ...)``.
+            Names must match the policy's parameters.
         actions: handlers for the manager's actions, e.g. ``{"rollback": restore_best}``.
             ``stop`` always sets ``listener.stop_requested``.
         apply: ``"auto"`` (at the next optimizer step; with no optimizer, as soon as an update
@@ -164,6 +167,151 @@ def _kind(target: Any) -> str | None:
     return None
 
 
+def attrs(obj: Any, *paths: str, **named: str) -> dict[str, Knob]:
+    """Knobs for attributes (or mapping items) of ``obj`` by dotted path, for ``atm.listen(knobs=...)``.
+
+    ``atm.attrs(trainer, "reward.collision_penalty", lr="recipe.actor_lr")`` gives the knobs
+    ``reward.collision_penalty`` and ``lr``: a positional path is its own knob name, a keyword names
+    the knob (names must match the policy's ``params``). The path is followed from ``obj`` at every
+    read and every write, so a trainer that rebinds ``self.recipe`` (or replaces a dict of reward
+    weights) is changed where it looks now, not on the object it had when ``atm.listen`` ran. Each
+    step of a path is an attribute, or a key when the object there is a mapping (``reward`` may be
+    a dict). A new value keeps the attribute's type (an int stays an int). A frozen dataclass or a
+    NamedTuple on the path is replaced by a changed copy, stored where the job will read it.
+
+    Raises:
+        ValueError: a path is empty or named twice.
+        AttributeError / KeyError: a path does not lead to a value now (the message names the path
+            and the step that failed).
+        TypeError: the value there is not a number (the manager only moves numbers).
+    """
+    specs = {**{p: p for p in paths}, **named}
+    if len(specs) != len(paths) + len(named):
+        raise ValueError(f"atm.attrs: a knob is named twice in {list(paths)} and {sorted(named)}")
+    knobs = {}
+    for name, path in specs.items():
+        parts = path.split(".")
+        if not all(parts):
+            raise ValueError(f"atm.attrs: {path!r} is not a dotted path like 'recipe.actor_lr'")
+        value = _follow(obj, parts, path)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"atm.attrs: {path!r} is {value!r} ({type(value).__name__}), not a number the manager can move")
+        knobs[name] = Knob(get=lambda parts=parts, path=path: float(_follow(obj, parts, path)),
+                           set=lambda v, parts=parts, path=path: _assign(obj, parts, path, v))
+    return knobs
+
+
+def _follow(obj: Any, parts: list[str], path: str) -> Any:
+    """The value at ``parts`` from ``obj``: attributes, or keys of mappings. Read fresh at each call."""
+    here = obj
+    for i, part in enumerate(parts):
+        if isinstance(here, Mapping):
+            if part not in here:
+                raise KeyError(f"atm.attrs: {path!r}: {'.'.join(parts[:i]) or 'the object'} has no key {part!r}")
+            here = here[part]
+        elif hasattr(here, part):
+            here = getattr(here, part)
+        else:
+            where = ".".join(parts[:i]) or type(obj).__name__
+            raise AttributeError(f"atm.attrs: {path!r}: {where} ({type(here).__name__}) has no attribute {part!r}")
+    return here
+
+
+def _assign(obj: Any, parts: list[str], path: str, value: float) -> None:
+    # The objects along the path, read now: the trainer may have rebound any of them since the last call.
+    chain = [obj]
+    for part in parts[:-1]:
+        chain.append(_follow(chain[-1], [part], path))
+    old = _follow(chain[-1], parts[-1:], path)
+    # Keep the type the job uses: an epoch count stays an int, a numpy float stays one.
+    new: Any = type(old)(round(value) if isinstance(old, numbers.Integral) else value)
+    for here, part in zip(reversed(chain), reversed(parts)):
+        changed = _put(here, part, new)
+        if changed is here:
+            return
+        new = changed  # an immutable object (a frozen dataclass) was copied: store the copy one level up
+    raise TypeError(f"atm.attrs: {path!r}: {type(obj).__name__} is immutable; pass the object that holds it")
+
+
+def _put(here: Any, part: str, value: Any) -> Any:
+    """``here`` with ``part`` set: changed in place (``here`` itself), or a changed copy when immutable."""
+    if isinstance(here, MutableMapping):
+        here[part] = value
+        return here
+    if dataclasses.is_dataclass(here) and not isinstance(here, type) and here.__dataclass_params__.frozen:
+        return dataclasses.replace(here, **{part: value})
+    if isinstance(here, tuple) and hasattr(here, "_replace"):  # a NamedTuple
+        return here._replace(**{part: value})
+    setattr(here, part, value)
+    return here
+
+
+def log_metrics(row: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+    """Log the numbers of ``row`` to the job's active tracker run: ``mlflow.active_run()`` and/or ``wandb.run``.
+
+    For trainers whose rows mix numbers with strings, bools and None (MLflow refuses strings).
+    Logged: ints, floats, numpy scalars and one-element tensors or arrays, NaN and infinities
+    included (a NaN loss is divergence, which the manager must see). Not logged: bools (a flag is not
+    a metric), strings, None and anything else; each such key is named once, in a warning, the
+    first time it is dropped. With ``step=None`` each tracker does what it does without one (W&B
+    numbers the row, MLflow logs it at step 0): pass the step your metrics use.
+
+    Returns:
+        The values logged (empty when there is no active run: said once, in a warning).
+    """
+    values, dropped = numeric_items(row)
+    new = sorted(k for k in dropped if k not in _dropped_keys)
+    if new:
+        _dropped_keys.update(new)
+        warnings.warn(
+            "atm.log_metrics: not logged, not numbers: "
+            + ", ".join(f"{k!r} ({dropped[k]})" for k in new)
+            + "; each key is named once",
+            stacklevel=2,
+        )
+    from atm.adapters.metrics import log_to_active_runs
+
+    trackers = log_to_active_runs(values, step)  # the tracker's own errors reach the job, as its own calls would
+    global _warned_no_tracker
+    if not trackers and not _warned_no_tracker:
+        _warned_no_tracker = True
+        warnings.warn(
+            "atm.log_metrics: no active run (mlflow.start_run() or wandb.init() first); nothing was logged",
+            stacklevel=2,
+        )
+    return values if trackers else {}
+
+
+_dropped_keys: set[str] = set()
+_warned_no_tracker = False
+
+
+def numeric_items(row: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """Split a row into the values a tracker can chart and the rest: ``(values, {key: type name})``. Pure."""
+    values: dict[str, float] = {}
+    dropped: dict[str, str] = {}
+    for key, value in row.items():
+        number = _as_number(value)
+        if number is None:
+            dropped[str(key)] = type(value).__name__
+        else:
+            values[str(key)] = number
+    return values, dropped
+
+
+def _as_number(value: Any) -> float | None:
+    # A 0-d or one-element tensor or array (loss.detach(), np.float32(...).reshape(1)) is a number.
+    size = getattr(value, "numel", None)
+    size = size() if callable(size) else getattr(value, "size", None)
+    if size == 1 and callable(getattr(value, "item", None)) and not isinstance(value, numbers.Number):
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool is not numbers.Real
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
 def dropout(model: Any) -> Knob:
     """A knob for every dropout probability in a torch model: ``knobs={"dropout": atm.dropout(model)}``."""
     from atm.training.torch_hooks import dropout_knob
@@ -180,6 +328,20 @@ def hf_callback(**kwargs: Any) -> Any:
     to :func:`listen` (``knobs=``, ``actions=``, ...). Training ends when the manager asks to stop.
     """
     from atm.training.hf_hooks import make_callback
+
+    return make_callback(listen, dropout, **kwargs)
+
+
+def lightning_callback(**kwargs: Any) -> Any:
+    """A PyTorch Lightning ``Callback`` that attaches the listener when training starts.
+
+    ``L.Trainer(..., callbacks=[atm.lightning_callback()])``. The trainer's first optimizer and its
+    LR scheduler are controlled (lr, weight_decay, betas, applied just before the next optimizer
+    step), plus ``dropout`` of every ``nn.Dropout`` in the module unless ``knobs`` names it, on the
+    run of the trainer's ``MLFlowLogger`` or ``WandbLogger``. Keyword arguments go to :func:`listen`
+    (``knobs=``, ``actions=``, ...). Training ends (``trainer.should_stop``) when the manager asks to stop.
+    """
+    from atm.training.lightning_hooks import make_callback
 
     return make_callback(listen, dropout, **kwargs)
 
