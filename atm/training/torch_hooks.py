@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,14 +25,19 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     A change is applied to every parameter group as a ratio of group 0's value, so groups with
     different learning rates (a backbone at lr/10) keep their proportions. Learning-rate changes
     also scale the scheduler's ``base_lrs`` so LambdaLR, CosineAnnealingLR, OneCycleLR and friends
-    do not silently undo them at their next step.
+    do not silently undo them at their next step. Without the scheduler, an lr change is read back
+    when the lr next moves, and a change that was undone is said in the job's log with its cause
+    and fix (PyTorch keeps no reference from an optimizer to its schedulers, so none can be found).
     """
     # Read the groups at each use: optimizer.load_state_dict() (a rollback) replaces the list.
     def groups() -> list[dict[str, Any]]:
         return optimizer.param_groups
 
     knobs: dict[str, Knob] = {}
-    if getattr(optimizer.step, "_wrapped_by_lr_sched", False) and scheduler is None:
+    undo = _UndoWatch(groups, scheduled=_has_scheduler(optimizer)) if scheduler is None else None
+    if undo is not None:
+        optimizer.register_step_pre_hook(undo.check)
+    if undo is not None and undo.scheduled:
         log.warning(
             "atm: an LR scheduler is attached to this optimizer; pass it as atm.listen(optimizer, scheduler=sched) "
             "so learning-rate changes scale its base values: schedulers that recompute the lr from them (LambdaLR, "
@@ -39,11 +45,14 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
         )
 
     def scale_lr(value: float) -> None:
-        ratio = _ratio(float(value), float(groups()[0]["lr"]))
+        before = float(groups()[0]["lr"])
+        ratio = _ratio(float(value), before)
         for g in groups():
             for key in _LR_KEYS:
                 if isinstance(g.get(key), (int, float)):
                     g[key] = g[key] * ratio
+        if undo is not None:
+            undo.arm(before, float(groups()[0]["lr"]))
         if scheduler is not None:
             for attr in _SCHEDULER_LRS:
                 vals = getattr(scheduler, attr, None)
@@ -64,6 +73,69 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
         for i, name in enumerate(("beta1", "beta2")):
             knobs[name] = Knob(get=lambda i=i: float(groups()[0]["betas"][i]), set=_beta_setter(groups, i))
     return knobs
+
+
+def _has_scheduler(optimizer: Any) -> bool:
+    """Whether an LR scheduler was made on this optimizer. PyTorch's schedulers keep a reference to the
+    optimizer but not the other way round; they do leave ``initial_lr`` in every param group and wrap
+    ``optimizer.step`` (the wrapper holds only a weak reference to the optimizer, not the scheduler)."""
+    return bool(getattr(optimizer.step, "_wrapped_by_lr_sched", False)) or any(
+        "initial_lr" in g for g in optimizer.param_groups
+    )
+
+
+class _UndoWatch:
+    """Reads back an lr change made without the scheduler: when the lr next moves (a scheduler's or the
+    job's own step), was the change kept, or did the lr go back to where it was? Warns once if undone.
+
+    A step pre-hook, so it sees what the optimizer is about to use. The move is judged on a log scale:
+    undone when the new lr is nearer the value before the change than the value it was set to (a
+    scheduler's own move between two steps is small beside a manager's change, a x0.5 or x2).
+    """
+
+    def __init__(self, groups: Callable[[], list[dict[str, Any]]], scheduled: bool) -> None:
+        self.groups = groups
+        self.scheduled = scheduled
+        self.armed: tuple[float, float] | None = None
+        self.warned = False
+
+    def arm(self, before: float, after: float) -> None:
+        self.armed = (before, after) if before > 0 and after > 0 and before != after else None
+
+    def check(self, *_: Any, **__: Any) -> None:
+        if self.armed is None:
+            return
+        before, after = self.armed
+        now = float(self.groups()[0]["lr"])
+        if now == after:
+            return  # nothing moved the lr yet (a scheduler stepped once per epoch, say)
+        self.armed = None
+        if now > 0 and undone(before, after, now) and not self.warned:
+            self.warned = True
+            log.warning("atm: %s", undone_note(before, after, now, self.scheduled))
+
+
+def undone(before: float, after: float, now: float) -> bool:
+    """Whether ``now`` is the lr going back to ``before`` rather than moving on from ``after``. Pure."""
+    return abs(math.log(now / before)) < abs(math.log(now / after))
+
+
+def undone_note(before: float, after: float, now: float, scheduled: bool) -> str:
+    """What undid an lr change and how to fix it, for the job's log. Pure."""
+    head = (f"the lr change {before:.4g} -> {after:.4g} was undone before the next optimizer step "
+            f"(the lr is {now:.4g} again). ")
+    if scheduled:
+        return head + (
+            "An LR scheduler made on this optimizer was not given to atm: LambdaLR (and the HF warm-up "
+            "schedules built on it), CyclicLR, warm restarts and others recompute the lr from their own base "
+            "values at every step. Pass it, atm.listen(optimizer, scheduler=sched), so a change scales the "
+            "schedule itself."
+        )
+    return head + (
+        "Something in the job sets the lr itself (code that writes param_groups' lr from a config at every "
+        "update, or a restore of the optimizer's state): point the knob at what that code reads, "
+        "knobs={'lr': atm.attr(config, 'lr')} without the optimizer, or restore inside atm.keep_hyperparameters."
+    )
 
 
 def _ratio(new: float, old: float) -> float:

@@ -1,0 +1,112 @@
+"""An lr change made while a scheduler atm was not given drives the optimizer: read back, and said.
+
+Shaped after the MLP script that took atm with ``atm.listen(optimizer)`` and a warm-up ``LambdaLR``
+it did not pass: the change was undone at the next ``scheduler.step()`` while the history said
+"applied". Real torch optimizers and schedulers; the tracker side is ``FakeChannel``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import atm
+from atm.testing import FakeChannel, wait_for
+from atm.training.torch_hooks import undone
+
+
+def job(make_scheduler):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt, make_scheduler(opt)
+
+
+def step(model, opt, sched) -> float:
+    opt.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    used = opt.param_groups[0]["lr"]
+    sched.step()
+    return used
+
+
+def run_with_a_cut_at_step_3(make_scheduler, caplog, pass_scheduler: bool) -> list[float]:
+    model, opt, sched = job(make_scheduler)
+    ch = FakeChannel()
+    with caplog.at_level(logging.WARNING, logger="atm.listener"):
+        lst = atm.listen(opt, scheduler=sched if pass_scheduler else None, channel=ch, poll_interval=0.01)
+        try:
+            used = [step(model, opt, sched) for _ in range(3)]
+            now = opt.param_groups[0]["lr"]
+            ch.publish(1, lr=(now, now / 2))
+            wait_for(lambda: lst._pending)
+            used += [step(model, opt, sched) for _ in range(4)]
+        finally:
+            lst.close()
+    return used
+
+
+def warm_up(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+
+def cosine(opt):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+
+
+def test_a_lambda_schedule_it_was_not_given_undoes_the_change_and_the_log_says_how_to_fix_it(caplog) -> None:
+    used = run_with_a_cut_at_step_3(warm_up, caplog, pass_scheduler=False)
+    # Step 4 ran at the halved lr; LambdaLR then recomputed the lr from its own base: undone at step 5.
+    assert used[3] == pytest.approx(1e-3 * 4 / 100 / 2)
+    assert used[4] == pytest.approx(1e-3 * 5 / 100)
+    notes = [r.getMessage() for r in caplog.records if "was undone" in r.getMessage()]
+    assert len(notes) == 1, [r.getMessage() for r in caplog.records]
+    assert "atm.listen(optimizer, scheduler=sched)" in notes[0] and "LambdaLR" in notes[0]
+
+
+def test_the_same_schedule_passed_keeps_the_change_and_says_nothing(caplog) -> None:
+    used = run_with_a_cut_at_step_3(warm_up, caplog, pass_scheduler=True)
+    assert used[3:] == pytest.approx([1e-3 * s / 100 / 2 for s in range(4, 8)])
+    assert not [r for r in caplog.records if "was undone" in r.getMessage()]
+
+
+def test_cosine_annealing_not_given_keeps_the_change_at_its_next_steps(caplog) -> None:
+    # CosineAnnealingLR computes each lr from the last one, so a change it was not given holds (with
+    # eta_min above 0 it fades as the schedule anneals; given the scheduler, atm scales eta_min too).
+    plain = run_with_a_cut_at_step_3(cosine, caplog, pass_scheduler=True)
+    caplog.clear()
+    blind = run_with_a_cut_at_step_3(cosine, caplog, pass_scheduler=False)
+    assert blind == pytest.approx(plain)
+    assert not [r for r in caplog.records if "was undone" in r.getMessage()]
+
+
+def test_code_that_sets_the_lr_itself_is_named_as_the_cause(caplog) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ch = FakeChannel()
+    with caplog.at_level(logging.WARNING, logger="atm.listener"):
+        lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+        try:
+            ch.publish(1, lr=(0.1, 0.05))
+            wait_for(lambda: lst._pending)
+            for _ in range(3):
+                opt.param_groups[0]["lr"] = 0.1  # a trainer re-applying its config every update
+                model(torch.randn(2, 4)).sum().backward()
+                opt.step()
+        finally:
+            lst.close()
+    (note,) = [r.getMessage() for r in caplog.records if "was undone" in r.getMessage()]
+    assert "sets the lr itself" in note and "atm.attr(config, 'lr')" in note
+
+
+@pytest.mark.parametrize(
+    "before, after, now, expected",
+    [(1.0, 0.5, 1.0, True), (1.0, 0.5, 0.5, False), (1.0, 0.5, 0.49, False), (1.0, 0.5, 1.02, True),
+     (1.0, 2.0, 1.9, False), (1.0, 2.0, 0.98, True)],
+)
+def test_undone_is_judged_on_a_log_scale(before: float, after: float, now: float, expected: bool) -> None:
+    assert undone(before, after, now) is expected
