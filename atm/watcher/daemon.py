@@ -1,4 +1,7 @@
-"""The daemon: one watch loop per run, proposals off the loop, every decision recorded on the run.
+"""The daemon: a fixed pool of workers polls the runs, proposals run off the loop, every decision is recorded on the run.
+
+Runs are spread over the poll interval (:mod:`~atm.watcher.schedule`), each polled by one worker at a time;
+with ``shard``, only the runs this replica owns are watched (:mod:`~atm.watcher.shard`).
 
 A run's path, one module each, every ``interval`` seconds (a wait that stop interrupts):
 
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from atm.adapters.base import Backend, BackendUnavailable, RunNotFound, RunView
+from atm.adapters.base import Backend, BackendUnavailable, PoolExhausted, RunNotFound, RunView
 from atm.policies import Policy
 from atm.schema import Status, TelemetrySnapshot, DecisionRecord
 from atm.watcher.decide import decision_inputs
@@ -36,7 +39,11 @@ from atm.watcher.publish import publish
 from atm.watcher.reconcile import foreign_update, reconcile
 from atm.watcher.report import RunStatus, status_fields
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
+from atm.watcher.schedule import PollSchedule
+from atm.watcher.service import ErrorKind, Hooks
 from atm.watcher.settle import settle
+from atm.watcher.shard import Shard, owns
+from atm.watcher.snapshot import RunTelemetry
 from atm.watcher.workers import ProposalPool
 from atm.policies import DecisionContext
 
@@ -54,6 +61,8 @@ class _Inflight:
     future: cf.Future[ProposalResult]
     snapshot: TelemetrySnapshot
     started: float
+    #: When the evaluation it answers was logged (the job's clock), for the decision-lag metric; None if unknown.
+    logged_at: float | None = None
 
 
 @dataclass
@@ -75,8 +84,28 @@ class RunState:
     #: Decisions in a row that came too late to apply, and whether that was reported (once per run).
     stale_in_a_row: int = 0
     noted_slow: bool = False
-    #: Set when a proposal finishes, so the run's loop settles it without waiting a full interval.
-    wake: threading.Event = field(default_factory=threading.Event)
+    #: The run's metrics folded so far: each poll adds only what is new.
+    telemetry: RunTelemetry | None = None
+
+
+@dataclass
+class _Watch:
+    """How the polls of one run are going (its decisions are in :class:`RunState`)."""
+
+    #: When the daemon started watching it (monotonic): ``wait_for_run`` counts from here.
+    started: float
+    #: Failed polls in a row (the back-off), and of those the tracker's (said once, and when it is back).
+    failures: int = 0
+    down: int = 0
+
+
+def _error_kind(exc: BackendUnavailable) -> ErrorKind:
+    return ErrorKind.POOL_EXHAUSTED if isinstance(exc, PoolExhausted) else ErrorKind.UNREACHABLE
+
+
+def _logged_at(view: RunView, step: int) -> float | None:
+    """When the job logged its newest point at ``step`` (its own clock), if the view's timeline still holds it."""
+    return next((t for t, s in reversed(view.timeline) if s == step), None)
 
 
 def _clip(text: str, n: int) -> str:
@@ -96,12 +125,20 @@ class Daemon:
         dry_run: bool = False,
         wait_for_run: float = 0.0,
         fallback: Proposer | None = None,
-        max_workers: int = 4,
+        workers: int = 4,
+        proposal_workers: int = 4,
+        shard: Shard | None = None,
+        hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[RunStatus], None] | None = None,
     ):
+        """``workers``: threads polling runs (each run by one at a time); ``proposal_workers``: proposals
+        in flight at once, on threads of their own (a slow model never holds up polling); ``shard``: watch
+        only the experiment's runs this replica owns; ``hooks``: metrics and liveness (:mod:`~atm.watcher.service`)."""
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         Thresholds.from_policy(policy)  # unknown thresholds fail at start, not at the first decision
         self.backend = backend
         self.policy = policy
@@ -114,41 +151,58 @@ class Daemon:
         self.clock = clock
         self.on_change = on_change
         self.stop_event = threading.Event()
-        #: Wakes the watch loop: a stop, or a run's thread ending (a run not found ends atm-watch now,
+        #: Wakes the watch loop: a stop, or a run's watch ending (a run not found ends atm-watch now,
         #: not at the next poll of the experiment).
         self._watch_wake = threading.Event()
         self.status: dict[str, RunStatus] = {}
         self._states: dict[str, RunState] = {}
-        self._pool = ProposalPool(max_workers)
-        self._threads: dict[str, threading.Thread] = {}
+        self._pool = ProposalPool(proposal_workers)
+        self.workers = workers
+        self.shard = shard
+        self.hooks = hooks or Hooks()
+        #: Guards the schedule and the watches; idle workers wait on it for the next run due.
+        self._lock = threading.Condition()
+        self._schedule = PollSchedule(interval)
+        #: Every run watched so far, kept after it ends (an idle run still listed RUNNING is not picked up again).
+        self._watches: dict[str, _Watch] = {}
+        self._workers: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     def watch(self, run_ids: Sequence[str] = (), experiment: str | None = None) -> None:
-        """Watch until stopped (SIGTERM, Ctrl-C) or, without ``experiment``, until every run ended."""
+        """Watch until stopped (SIGTERM, Ctrl-C) or, without ``experiment``, until every run ended.
+
+        With ``experiment``, its RUNNING runs are listed every interval, and those this daemon's
+        shard owns are watched from then on.
+        """
+        self._start_workers()
         for rid in run_ids:
-            self._start_run(rid)
+            self._add_run(rid)
         backoff = 0
         said: str | None = None
         while not self.stop_event.is_set():
             if experiment is not None:
                 try:
-                    found = self.backend.running_runs(experiment)
+                    found = [rid for rid in self.backend.running_runs(experiment) if owns(rid, self.shard)]
+                    self.hooks.listing_finished()
                     for rid in found:
-                        self._start_run(rid)
+                        self._add_run(rid)
                     backoff = 0
-                    if not found and not self._threads and said != "none":
+                    if not found and not self._watches and said != "none":
                         said = "none"
-                        log.warning("no running runs in %r yet; waiting (runs are picked up as they start)", experiment)
+                        log.warning("no running runs%s in %r yet; waiting (runs are picked up as they start)",
+                                    f" of shard {self.shard}" if self.shard else "", experiment)
                 except RunNotFound as exc:
                     if said != "missing":  # the job's first run creates it: start the daemon first, that is fine
                         said = "missing"
                         log.warning("%s; waiting for it to appear", exc)
                 except BackendUnavailable as exc:
                     backoff += 1
+                    self.hooks.listing_finished(_error_kind(exc))
                     log.warning("listing runs of %r failed: %s", experiment, exc)
-            elif self._threads and not any(t.is_alive() for t in self._threads.values()):
-                break
+            elif self._watches and not self._schedule:
+                break  # every --run ended
+            self.hooks.idle()
             deadline = time.monotonic() + min(self.interval * 2**backoff, MAX_BACKOFF_S)
             # In slices, so that a stop_event set from outside (a signal handler) is seen within 0.5 s too.
             while not (self.stop_event.is_set() or self._watch_wake.is_set()) and time.monotonic() < deadline:
@@ -157,14 +211,16 @@ class Daemon:
         self.stop()
 
     def stop(self) -> None:
+        """Stop watching: every wait ends, the workers are joined (10 s for all: a poll stuck in a
+        tracker call is left behind, its thread is a daemon thread) and decisions in flight are dropped."""
         self.stop_event.set()
         self._watch_wake.set()
-        for st in list(self._states.values()):
-            st.wake.set()
-        # Runs may still be starting on the watch thread: a copy, and only threads that did start.
-        for t in list(self._threads.values()):
-            if t.ident is not None:
-                t.join(timeout=10)
+        with self._lock:
+            self._lock.notify_all()
+        deadline = time.monotonic() + 10
+        for t in list(self._workers):
+            if t.ident is not None and t is not threading.current_thread():
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._pool.shutdown()
         for st in list(self._states.values()):
             if st.inflight is not None and not st.inflight.future.done():
@@ -172,57 +228,104 @@ class Daemon:
                             "nothing was published", st.run_id, st.inflight.snapshot.step)
                 st.inflight = None
 
-    def _start_run(self, run_id: str) -> None:
-        if run_id in self._threads:
-            return
-        self._states[run_id] = RunState(run_id)
-        self.status[run_id] = RunStatus(run_id)
-        t = threading.Thread(target=self._run_loop, args=(run_id,), name=f"atm-run-{run_id[:8]}", daemon=True)
-        self._threads[run_id] = t
-        t.start()
+    def _start_workers(self) -> None:
+        with self._lock:
+            if self._workers:
+                return
+            self._workers = [threading.Thread(target=self._work, name=f"atm-poll-{i}", daemon=True)
+                             for i in range(self.workers)]
+        for t in self._workers:
+            t.start()
 
-    def _run_loop(self, run_id: str) -> None:
-        try:
-            self._watch_run(run_id)
-        finally:
-            self._watch_wake.set()
+    def _add_run(self, run_id: str) -> None:
+        """Watch a run from now on, first polled at its place in the interval (runs found together are spread)."""
+        with self._lock:
+            if run_id in self._watches:
+                return
+            now = time.monotonic()
+            self._watches[run_id] = _Watch(started=now)
+            self._states.setdefault(run_id, RunState(run_id))
+            self.status.setdefault(run_id, RunStatus(run_id))
+            self._schedule.add(run_id, now)
+            watched = len(self._schedule)
+            self._lock.notify()
+        self.hooks.watching(watched)
 
-    def _watch_run(self, run_id: str) -> None:
-        failures = down = 0
-        started = time.monotonic()
+    def _work(self) -> None:
+        """One poll worker: takes the run due longest ago, polls it, gives it back with its next due time."""
+        while (run_id := self._next_due()) is not None:
+            self.hooks.poll_started(run_id)
+            started = time.monotonic()
+            retry_in, done, error = self._poll(run_id)
+            self.hooks.poll_finished(run_id, time.monotonic() - started, error)
+            with self._lock:
+                self._schedule.give_back(run_id, time.monotonic(), retry_in=retry_in, done=done)
+                watched = len(self._schedule)
+                self._lock.notify()
+            if done:
+                self.hooks.watching(watched)
+                self._watch_wake.set()  # a run not found ends atm-watch now, not at the next listing
+
+    def _next_due(self) -> str | None:
+        """The next run to poll, once one is due; None when the daemon stops."""
         while not self.stop_event.is_set():
-            try:
-                self.tick(run_id)
-                if down:
-                    log.warning("run %s: the tracker answers again (after %d failed polls)", run_id, down)
-                failures = down = 0
-            except BackendUnavailable as exc:
-                failures += 1
-                down += 1
-                self._set(run_id, state="unreachable", error=str(exc)[:200])
-                if down == 1:
-                    log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
-                else:
-                    log.debug("run %s: still unreachable (%s)", run_id, exc)
-            except RunNotFound as exc:
-                seen = self._states[run_id].recovered  # polled once: it existed, so it is gone, not late
-                if not seen and time.monotonic() - started < self.wait_for_run:
-                    if self.status[run_id].state != "waiting":
-                        self._set(run_id, state="waiting", error=str(exc)[:200])
-                        log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)
-                    self.stop_event.wait(self.interval)
-                    continue
-                # Said once, in full, when atm-watch ends (and on the status line meanwhile).
-                self._set(run_id, state="not found", error=str(exc))
-                return
-            except Exception:
-                failures += 1
-                log.exception("run %s: unexpected error; the watch goes on", run_id)
-            st = self._states[run_id]
-            if st.done:
-                return
-            st.wake.wait(min(self.interval * 2**failures, MAX_BACKOFF_S))
-            st.wake.clear()
+            with self._lock:
+                now = time.monotonic()
+                run_id = self._schedule.take(now)
+                if run_id is not None:
+                    return run_id
+                wait = self._schedule.wait_time(now)
+                # In slices: a stop_event set by a signal handler does not notify this condition.
+                self._lock.wait(0.5 if wait is None else min(wait, 0.5))
+            self.hooks.idle()
+        return None
+
+    def _poll(self, run_id: str) -> tuple[float | None, bool, ErrorKind | None]:
+        """Tick one run; returns (seconds until a retry, or None for its next slot; whether its watch
+        ended; what went wrong, if anything)."""
+        w = self._watches[run_id]
+        try:
+            st = self.tick(run_id)
+        except BackendUnavailable as exc:
+            w.failures += 1
+            w.down += 1
+            kind = _error_kind(exc)
+            exhausted = kind is ErrorKind.POOL_EXHAUSTED
+            self._set(run_id, state="pool exhausted" if exhausted else "unreachable", error=str(exc)[:200])
+            if w.down == 1 and exhausted:
+                log.warning("run %s: %s; retrying", run_id, exc)  # the message says what to change
+            elif w.down == 1:
+                log.warning("run %s: tracker unreachable (%s); retrying", run_id, exc)
+            else:
+                log.debug("run %s: still failing (%s)", run_id, exc)
+            return self._backoff(w.failures), False, kind
+        except RunNotFound as exc:
+            seen = self._states[run_id].recovered  # polled once: it existed, so it is gone, not late
+            if not seen and time.monotonic() - w.started < self.wait_for_run:
+                if self.status[run_id].state != "waiting":
+                    self._set(run_id, state="waiting", error=str(exc)[:200])
+                    log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)
+                return None, False, None
+            # Said once, in full, when atm-watch ends (and on the status line meanwhile).
+            self._set(run_id, state="not found", error=str(exc))
+            return None, True, ErrorKind.NOT_FOUND
+        except Exception:
+            w.failures += 1
+            log.exception("run %s: unexpected error; the watch goes on", run_id)
+            return self._backoff(w.failures), self._states[run_id].done, ErrorKind.UNEXPECTED
+        if w.down:
+            log.warning("run %s: the tracker answers again (after %d failed polls)", run_id, w.down)
+        w.failures = w.down = 0
+        return None, st.done, None
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.interval * 2**failures, MAX_BACKOFF_S)
+
+    def _poke(self, run_id: str) -> None:
+        """Poll ``run_id`` as soon as a worker is free: its proposal answered, settle it now."""
+        with self._lock:
+            self._schedule.poke(run_id, time.monotonic())
+            self._lock.notify()
 
     # ------------------------------------------------------------------ one step of one run
 
@@ -291,19 +394,21 @@ class Daemon:
             return
         if any(r.status == Status.PENDING for r in st.records):
             return  # the job has not applied the last update yet; decide on what it does with it
-        snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run)
-        evals = ctx.eval_steps
-        newest_eval = evals[-1] if evals else snapshot.step
+        telemetry = self._telemetry(st, view)
+        evals = telemetry.eval_steps()
+        newest_eval = evals[-1] if evals else telemetry.step()
         if newest_eval <= st.last_considered_step:
-            return
+            return  # no new evaluation: nothing to decide, and no snapshot to build
         st.last_considered_step = newest_eval
+        snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run,
+                                               telemetry=telemetry)
         diag, _ = diagnose(snapshot, Thresholds.from_policy(self.policy))
         self._set(st.run_id, diagnosis=diag.value)
         if not offer.choices and not offer.actions:
             return  # warm-up, cooldown or budget: nothing the proposer could do
         future = self._pool.submit(self._propose, snapshot, ctx, offer)
-        future.add_done_callback(lambda _f: st.wake.set())
-        st.inflight = _Inflight(future, snapshot, self.clock())
+        future.add_done_callback(lambda _f: self._poke(st.run_id))
+        st.inflight = _Inflight(future, snapshot, self.clock(), logged_at=_logged_at(view, newest_eval))
         self._set(st.run_id, pending=f"deciding on step {snapshot.step}")
         # A fast proposer (rules) answers at once: settle against the view just read.
         try:
@@ -311,6 +416,13 @@ class Daemon:
         except (cf.TimeoutError, Exception):
             return
         self._settle_decision(st, view)
+
+    def _telemetry(self, st: RunState, view: RunView) -> RunTelemetry:
+        """The run's telemetry, with what is new in ``view`` folded in."""
+        if st.telemetry is None:
+            st.telemetry = RunTelemetry(self.policy)
+        st.telemetry.fold(view.history)
+        return st.telemetry
 
     def _propose(self, snapshot: TelemetrySnapshot, ctx: DecisionContext, offer: Offer) -> ProposalResult:
         started = time.monotonic()
@@ -339,17 +451,23 @@ class Daemon:
             log.error("run %s: no proposal (%s)", st.run_id, exc)
             return
         out = settle(result, inflight.snapshot, view, st.records, self.policy, seq=st.seq + 1, now=self.clock(),
-                     dry_run=self.dry_run, fallback=self.fallback)
+                     dry_run=self.dry_run, fallback=self.fallback, telemetry=self._telemetry(st, view))
         self._set(st.run_id, diagnosis=out.proposal.diagnosis.value, pending="")
         record = out.record
         if record is None:
             log.info("run %s step %d: %s, no change (%s)", st.run_id, out.asked.step, out.proposal.diagnosis.value,
                      out.source)
+            self.hooks.decided(self._lag(inflight))
             return
         self._note_staleness(st, record.status, record.audit.get("latency_s"), record.step, out.now_step)
         st.seq = record.seq
         publish(self.backend, st.records, record)
+        self.hooks.decided(self._lag(inflight))
         log.info("run %s: %s — %s", st.run_id, record.summary(), record.reason)
+
+    def _lag(self, inflight: _Inflight) -> float | None:
+        """Seconds from the evaluation being logged to now (the job's clock against this one's)."""
+        return None if inflight.logged_at is None else self.clock() - inflight.logged_at
 
     def _note_staleness(self, st: RunState, status: Status, took: object, decided: int, now: int) -> None:
         """Say once per run when the proposer is too slow for the run: its answers keep arriving stale."""

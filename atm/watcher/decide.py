@@ -3,6 +3,7 @@ way for a live run, for ``atm explain`` and for runs held in memory (scenarios, 
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -12,7 +13,7 @@ from atm.policies import DecisionContext, Policy, available_actions, available_c
 from atm.schema import Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, in_force
 from atm.watcher.poll import run_step
 from atm.watcher.proposer import Offer
-from atm.watcher.snapshot import Points, build_snapshot, eval_steps
+from atm.watcher.snapshot import Points, RunTelemetry, build_snapshot, eval_steps
 
 
 class Situation(BaseModel):
@@ -27,24 +28,47 @@ class Situation(BaseModel):
 
 
 def decision_context(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], params: dict[str, float], *, dry_run: bool = False
+    policy: Policy,
+    view: RunView,
+    records: Sequence[DecisionRecord],
+    params: dict[str, float],
+    *,
+    dry_run: bool = False,
+    telemetry: RunTelemetry | None = None,
 ) -> DecisionContext:
-    """The validator's view of a run: its step, evaluations, parameter values and decisions so far."""
-    steps = eval_steps(policy, view.history)
-    step = run_step(view)
-    return DecisionContext(step=step, params=params, history=list(records), eval_steps=steps, dry_run=dry_run)
+    """The validator's view of a run: its step, evaluations, parameter values and decisions so far.
+
+    With the run's ``telemetry``, the evaluations come from it (folded up to ``view`` first);
+    without, from ``view.history`` read whole.
+    """
+    if telemetry is not None:
+        telemetry.fold(view.history)
+        # A copy: the proposer reads it on a worker while the run's telemetry takes new points.
+        steps: Sequence[int] = array("q", telemetry.eval_steps())
+    else:
+        steps = eval_steps(policy, view.history)
+    return DecisionContext(step=run_step(view), params=params, history=list(records), eval_steps=steps,
+                           dry_run=dry_run)
 
 
 def decision_inputs(
-    policy: Policy, view: RunView, records: Sequence[DecisionRecord], now: float | None = None, *, dry_run: bool = False
+    policy: Policy,
+    view: RunView,
+    records: Sequence[DecisionRecord],
+    now: float | None = None,
+    *,
+    dry_run: bool = False,
+    telemetry: RunTelemetry | None = None,
 ) -> tuple[TelemetrySnapshot, DecisionContext, Offer]:
     """Everything a proposer is given for a run as it is now: snapshot, context and the offer.
 
-    Used by the daemon before each decision and by ``atm explain`` to show the same thing.
+    Used by the daemon before each decision, with the run's ``telemetry`` (only what is new is
+    folded in), and by ``atm explain``, which reads the run whole, to show the same thing.
     """
+    telemetry = telemetry or RunTelemetry(policy)
     params = dict(view.listener.values) if view.listener else {}
-    ctx = decision_context(policy, view, records, params, dry_run=dry_run)
-    snapshot = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name, now=now)
+    ctx = decision_context(policy, view, records, params, dry_run=dry_run, telemetry=telemetry)
+    snapshot = telemetry.snapshot(view.run_id, params, records, run_name=view.name, now=now)
     allowed = set(view.listener.actions) if view.listener else set()
     if any(r.action == Action.STOP and r.status == Status.APPLIED for r in records):
         # The job was told to stop and goes on: asking again would only use up the budget.

@@ -17,7 +17,7 @@ from atm.watcher.decide import decision_context, decision_inputs, rebase, still_
 from atm.watcher.proposer import Proposer, ProposalResult
 from atm.watcher.reconcile import EXPIRED
 from atm.watcher.rules import Thresholds, diagnose
-from atm.watcher.snapshot import build_snapshot
+from atm.watcher.snapshot import RunTelemetry
 
 
 @dataclass
@@ -46,14 +46,18 @@ def settle(
     now: float,
     dry_run: bool,
     fallback: Proposer,
+    telemetry: RunTelemetry | None = None,
 ) -> Settled:
-    """The record for ``result``, the answer to ``asked``, numbered ``seq``, as of the run's ``view``."""
+    """The record for ``result``, the answer to ``asked``, numbered ``seq``, as of the run's ``view``
+    (and its ``telemetry``, when the caller keeps one)."""
+    telemetry = telemetry or RunTelemetry(policy)
     snap = asked
     if result.source == "fallback" and view.status == "RUNNING":
         # The rules answered for the run as it was before the failed call, which may have taken the
         # whole timeout (and retries): that answer would be stale. They take microseconds: ask again
         # on the run as it is now.
-        snap, ctx_fresh, offer_fresh = decision_inputs(policy, view, records, now=now, dry_run=dry_run)
+        snap, ctx_fresh, offer_fresh = decision_inputs(policy, view, records, now=now, dry_run=dry_run,
+                                                       telemetry=telemetry)
         again = fallback.propose(snap, policy, ctx_fresh, offer_fresh)
         again.audit = {**{k: v for k, v in result.audit.items() if k not in again.audit}, **again.audit,
                        "first_asked_at_step": asked.step}
@@ -61,7 +65,7 @@ def settle(
         result = again
     proposal = result.proposal
     params = dict(view.listener.values) if view.listener else snap.params
-    ctx_now = decision_context(policy, view, records, params, dry_run=dry_run)
+    ctx_now = decision_context(policy, view, records, params, dry_run=dry_run, telemetry=telemetry)
     if proposal.is_noop:
         return Settled(proposal, snap, result.source, ctx_now.step, None)
     stale_window = policy.limits.stale_after
@@ -70,7 +74,7 @@ def settle(
     if stale and view.status == "RUNNING":
         # The answer is late, but the question may still stand: a slow model on a fast job would
         # otherwise never act. It is kept when the run, read now, shows the same problem.
-        now_snap = build_snapshot(view.run_id, policy, view.history, params, records, run_name=view.name)
+        now_snap = telemetry.snapshot(view.run_id, params, records, run_name=view.name)
         now_diag, _ = diagnose(now_snap, Thresholds.from_policy(policy))
         if still_current(proposal.diagnosis, now_diag):
             stale = False

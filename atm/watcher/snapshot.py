@@ -1,4 +1,12 @@
-"""Snapshot building: pure functions from metric history to a :class:`TelemetrySnapshot`.
+"""Snapshot building: running statistics of a run's metrics, folded in as points arrive.
+
+A :class:`RunTelemetry` keeps, per metric the policy maps, O(1) summaries (count, EMA, best, min,
+max, the smoothed curve's extremes) and short rings (the trailing window, the recent points for
+looking a value up by step, every k-th point for the trend trail); each poll folds in only the
+points that are new, so its cost depends on what is new, not on the run's length. The one
+full-length structure is each mapped metric's list of distinct steps (8 bytes a step), which
+windows counted in evaluations need. :func:`build_snapshot` folds a whole history at once and
+gives the same snapshot as any split of the same points into polls.
 
 No I/O here. The daemon hands in what the backend read; tests hand in lists.
 """
@@ -8,6 +16,8 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import math
+from array import array
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 from atm.policies import Policy
@@ -29,6 +39,12 @@ RL_ROLES = frozenset({"return", "success", "safe_success", "collision"})
 WINDOW = 8
 TRAIL = 8
 EMA_ALPHA = 0.3
+#: Points of a series kept for its trend trail: every k-th usable point, k the smallest power of two
+#: that keeps at most this many (the trail is spread over them and ends with the latest).
+THIN_CAP = 256
+#: Recent points of a series kept for looking up its value at a step (the train loss at an
+#: evaluation's step, a metric at an intervention's step); older steps read the thinned points.
+RECENT = 4096
 
 
 def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
@@ -107,50 +123,6 @@ def _usable(v: float) -> bool:
     return math.isfinite(v) and abs(v) < OVERFLOW
 
 
-def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
-    """Windowed statistics of one series (points sorted by step). ``None`` for an empty series."""
-    if not points:
-        return None
-    pts = sorted(points, key=lambda p: p[0])
-    finite = [(s, v) for s, v in pts if _usable(v)]
-    # Only the trailing window: a NaN the run has since recovered from (after a rollback, say)
-    # must not read as divergence for the rest of the run.
-    nonfinite = any(not _usable(v) for _, v in pts[-WINDOW:])
-    last_step, latest = pts[-1]
-    if not finite:
-        return SeriesStats(
-            key=key, n=len(pts), first_step=pts[0][0], last_step=last_step, latest=latest, ema=latest,
-            slope=0.0, window_mean=latest, window_std=0.0, best=latest, best_step=last_step,
-            steps_since_best=0, min=latest, max=latest, nonfinite=True, trail=[],
-        )
-    ema = smoothed([v for _, v in finite])
-    window = finite[-WINDOW:]
-    mean = sum(v for _, v in window) / len(window)
-    std = math.sqrt(sum((v - mean) ** 2 for _, v in window) / len(window))
-    pick = max if higher_is_better else min
-    best_step, best = pick(finite, key=lambda p: p[1])
-    # Ties: the earliest step that reached the best value.
-    best_step = next(s for s, v in finite if v == best)
-    return SeriesStats(
-        key=key,
-        n=len(pts),
-        first_step=pts[0][0],
-        last_step=last_step,
-        latest=latest,
-        ema=ema,
-        slope=slope(window) * 1000.0,
-        window_mean=mean,
-        window_std=std,
-        best=best,
-        best_step=best_step,
-        steps_since_best=last_step - best_step,
-        min=min(v for _, v in finite),
-        max=max(v for _, v in finite),
-        nonfinite=nonfinite,
-        trail=trail(finite, TRAIL),
-    )
-
-
 def fitted_change(points: Points) -> float:
     """How much a least-squares line through ``points`` moves from their first step to their last."""
     return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
@@ -170,7 +142,7 @@ def slope(points: Points) -> float:
 
 
 def trail(points: Points, n: int) -> list[tuple[int, float]]:
-    """``n`` points spread evenly over the series, always ending with the latest."""
+    """``n`` points spread evenly over ``points``, always ending with the latest."""
     if len(points) <= n:
         return [(int(s), float(v)) for s, v in points]
     idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
@@ -178,14 +150,205 @@ def trail(points: Points, n: int) -> list[tuple[int, float]]:
 
 
 def value_at(points: Points, step: int) -> float | None:
-    """The last value logged at or before ``step``."""
-    best = None
-    for s, v in points:
-        if s <= step:
-            best = v
+    """The last value logged at or before ``step`` (``points`` sorted by step)."""
+    i = bisect.bisect_right(points, step, key=lambda p: p[0])
+    return points[i - 1][1] if i else None
+
+
+class SeriesState:
+    """Running statistics of one metric series, folded a point at a time in step order.
+
+    Memory is bounded but for ``steps`` (the distinct steps, for windows counted in evaluations):
+    O(1) summaries, the last ``WINDOW`` usable points, the last ``recent`` points, and at most
+    ``thin_cap`` thinned points for the trail.
+    """
+
+    def __init__(self, key: str, higher_is_better: bool = False, *, thin_cap: int = THIN_CAP,
+                 recent: int = RECENT) -> None:
+        self.key = key
+        self.higher_is_better = higher_is_better
+        self.thin_cap = thin_cap
+        self.n = 0
+        self.first_step = 0
+        self.last: tuple[int, float] = (0, math.nan)
+        #: Whether each of the last WINDOW points (usable or not) was usable.
+        self.tail_usable: deque[bool] = deque(maxlen=WINDOW)
+        #: The last WINDOW usable points.
+        self.window: deque[tuple[int, float]] = deque(maxlen=WINDOW)
+        #: The last ``recent`` points, usable or not, for :meth:`value_at`.
+        self.recent: deque[tuple[int, float]] = deque(maxlen=recent)
+        self.steps = array("q")
+        self.n_usable = 0
+        self.ema = math.nan
+        #: Extremes of the smoothed curve, and the first step of its minimum.
+        self.ema_min = self.ema_max = math.nan
+        self.ema_min_step = 0
+        self.best = self.min = self.max = math.nan
+        self.best_step = 0
+        #: Every ``stride``-th usable point (by usable index), for the trail.
+        self.thin: list[tuple[int, float]] = []
+        self.stride = 1
+        #: The last three usable values and the best of their running means (returns read that way).
+        self.last3: deque[float] = deque(maxlen=3)
+        self.best_mean3 = -math.inf
+
+    def add(self, step: int, value: float) -> None:
+        step, value = int(step), float(value)
+        if self.n == 0:
+            self.first_step = step
+        if not self.steps or step > self.steps[-1]:
+            self.steps.append(step)
+        self.n += 1
+        self.last = (step, value)
+        self.recent.append((step, value))
+        ok = _usable(value)
+        self.tail_usable.append(ok)
+        if not ok:
+            return
+        i = self.n_usable
+        self.n_usable += 1
+        self.window.append((step, value))
+        if i == 0:
+            self.ema = self.ema_min = self.ema_max = value
+            self.ema_min_step = step
+            self.best = self.min = self.max = value
+            self.best_step = step
         else:
-            break
-    return best
+            self.ema = EMA_ALPHA * value + (1 - EMA_ALPHA) * self.ema
+            if self.ema < self.ema_min:
+                self.ema_min, self.ema_min_step = self.ema, step
+            self.ema_max = max(self.ema_max, self.ema)
+            if (value > self.best) if self.higher_is_better else (value < self.best):
+                self.best, self.best_step = value, step
+            self.min, self.max = min(self.min, value), max(self.max, value)
+        if i % self.stride == 0:
+            self.thin.append((step, value))
+            if len(self.thin) > self.thin_cap:
+                # Keep every other one: the kept points are exactly every (2 * stride)-th usable point,
+                # whatever the split of the series into polls.
+                self.thin = self.thin[::2]
+                self.stride *= 2
+        self.last3.append(value)
+        self.best_mean3 = max(self.best_mean3, sum(self.last3) / len(self.last3))
+
+    def value_at(self, step: int) -> float | None:
+        """The last value logged at or before ``step``: exact within the recent points, read from the
+        thinned points before them."""
+        if self.recent and step >= self.recent[0][0]:
+            return value_at(self.recent, step)  # type: ignore[arg-type]
+        return value_at(self.thin, step)
+
+    def trail(self) -> list[tuple[int, float]]:
+        pts = list(self.thin)
+        if self.window and pts[-1] != self.window[-1]:
+            pts.append(self.window[-1])
+        return trail(pts, TRAIL)
+
+    def stats(self) -> SeriesStats | None:
+        if self.n == 0:
+            return None
+        last_step, latest = self.last
+        # Only the trailing window: a NaN the run has since recovered from (after a rollback, say)
+        # must not read as divergence for the rest of the run.
+        nonfinite = not all(self.tail_usable)
+        if self.n_usable == 0:
+            return SeriesStats(
+                key=self.key, n=self.n, first_step=self.first_step, last_step=last_step, latest=latest, ema=latest,
+                slope=0.0, window_mean=latest, window_std=0.0, best=latest, best_step=last_step,
+                steps_since_best=0, min=latest, max=latest, nonfinite=True, trail=[],
+            )
+        window = list(self.window)
+        mean = sum(v for _, v in window) / len(window)
+        std = math.sqrt(sum((v - mean) ** 2 for _, v in window) / len(window))
+        return SeriesStats(
+            key=self.key, n=self.n, first_step=self.first_step, last_step=last_step, latest=latest, ema=self.ema,
+            slope=slope(window) * 1000.0, window_mean=mean, window_std=std, best=self.best,
+            best_step=self.best_step, steps_since_best=last_step - self.best_step, min=self.min, max=self.max,
+            nonfinite=nonfinite, trail=self.trail(),
+        )
+
+
+def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
+    """Windowed statistics of one series held in memory (sorted by step here). ``None`` for an empty series."""
+    state = SeriesState(key, higher_is_better)
+    for s, v in sorted(points, key=lambda p: p[0]):
+        state.add(s, v)
+    return state.stats()
+
+
+class _Gaps:
+    """The train/val gap at each evaluation, folded as the two series arrive (merged in step order).
+
+    The gap at an evaluation of step s is val minus the last train value at or before s. It is final
+    once the train loss has moved past s; until then it is read at snapshot time from the latest
+    train value (no later train point can be at or before s yet).
+    """
+
+    def __init__(self, train_key: str, val_key: str) -> None:
+        self.keys = (train_key, val_key)
+        self.first: tuple[int, float] | None = None
+        self.tail: deque[tuple[int, float]] = deque(maxlen=WINDOW)
+        #: Gaps at or after the val loss's best evaluation: the last WINDOW, how many, and the one at it.
+        self.since_best: deque[tuple[int, float]] = deque(maxlen=WINDOW)
+        self.n_since_best = 0
+        self.at_best: float | None = None
+        self.best_step: int | None = None
+        #: Evaluations whose train value is not final yet: (step, val).
+        self.pending: deque[tuple[int, float]] = deque()
+
+    def on_train(self, train: SeriesState, step: int) -> None:
+        """Before ``train`` takes a point at ``step``: evaluations before it are final now."""
+        while self.pending and self.pending[0][0] < step:
+            s, v = self.pending.popleft()
+            self._final(s, v, train.last[1] if train.n else None)
+
+    def on_val(self, train: SeriesState, val: SeriesState, step: int, value: float) -> None:
+        """After ``val`` took a point."""
+        if val.best_step == step and self.best_step != step and val.n_usable and _usable(value):
+            # A new best evaluation: the gaps that count for widening start again from it.
+            self.best_step = step
+            self.since_best.clear()
+            self.n_since_best = 0
+            self.at_best = None
+        if not _usable(value):
+            return
+        if train.n and train.last[0] > step:
+            self._final(step, value, train.value_at(step))
+        else:
+            self.pending.append((step, value))
+
+    def _final(self, step: int, val: float, train: float | None) -> None:
+        if train is None or not _usable(train):
+            return
+        if self.first is None:
+            self.first = (step, val - train)
+        self.tail.append((step, val - train))
+        if self.best_step is not None and step >= self.best_step:
+            self.since_best.append((step, val - train))
+            self.n_since_best += 1
+            if step == self.best_step and self.at_best is None:
+                self.at_best = val - train
+
+    def signals(self, train: SeriesState, val: SeriesState) -> dict[str, float]:
+        t = train.last[1] if train.n else None
+        provisional = [(s, v - t) for s, v in self.pending] if t is not None and _usable(t) else []
+        tail = list(self.tail) + provisional
+        if not tail:
+            return {}
+        since = list(self.since_best) + [g for g in provisional if self.best_step is not None and g[0] >= self.best_step]
+        n_since = self.n_since_best + (len(since) - len(self.since_best))
+        at_best = self.at_best
+        if at_best is None:
+            at_best = next((g for s, g in provisional if s == self.best_step), None)
+        first = self.first[1] if self.first is not None else provisional[0][1]
+        return {
+            "gap": tail[-1][1],
+            # Widening is judged from the val best on when there is enough of it: a window reaching back
+            # past a rollback's drop would read the drop as a narrowing gap.
+            "gap_slope": slope((since if n_since >= 3 else tail)[-WINDOW:]) * 1000.0,
+            "gap_ratio": val.last[1] / train.ema if train.ema > 0 else float("inf"),
+            "gap_at_best": at_best if at_best is not None else first,
+        }
 
 
 #: Distinct steps a run logs before a missing evaluation metric is taken to be missing for good (a
@@ -214,6 +377,262 @@ def _eval_steps(policy: Policy, roles: Mapping[str, str], history: Mapping[str, 
     return sorted({int(s) for s, _ in history[key]})
 
 
+class RunTelemetry:
+    """A run's telemetry, kept up to date by folding in only the points each poll brings.
+
+    ``fold(history)`` reads each mapped metric's points past the ones already folded; a series that
+    did not simply grow (a job resumed from a checkpoint logs its steps again, and the backend
+    rewrites it) is refolded from the history given. ``snapshot()`` costs O(metrics x window),
+    whatever the run's length.
+    """
+
+    def __init__(self, policy: Policy, *, thin_cap: int = THIN_CAP, recent: int = RECENT) -> None:
+        self.policy = policy
+        self._thin_cap, self._recent = thin_cap, recent
+        self.roles: dict[str, str] = {}
+        self._keys: frozenset[str] = frozenset()
+        self._series: dict[str, SeriesState] = {}
+        #: key -> (points folded, first point, last point folded): how a grown series is told from a rewritten one.
+        self._folded: dict[str, tuple[int, tuple[int, float], tuple[int, float]]] = {}
+        self._gaps: _Gaps | None = None
+        #: The latest step of any metric, mapped or not (the run's step before any mapped metric shows).
+        self._any_step = 0
+
+    def fold(self, history: Mapping[str, Points]) -> bool:
+        """Fold in what is new in ``history`` (key -> points sorted by step, as a backend keeps them).
+
+        Returns whether any mapped metric had new points.
+        """
+        keys = frozenset(history)
+        if keys != self._keys:
+            self._keys = keys
+            roles = resolve_roles(self.policy, sorted(keys))
+            if roles != self.roles:
+                self._remap(roles, history)
+        self._any_step = max((int(pts[-1][0]) for pts in history.values() if pts), default=self._any_step)
+        gaps = self._gaps
+        new: dict[str, list[tuple[int, float]]] = {}
+        for key, state in self._series.items():
+            pts = history[key]
+            n, first, last = self._folded.get(key, (0, None, None))
+            if n and (len(pts) < n or _point(pts[0]) != first or _point(pts[n - 1]) != last):
+                # Not an append: the backend rewrote the series. Fold it again from the start.
+                state = self._series[key] = self._fresh(key)
+                if gaps is not None and key in gaps.keys:
+                    gaps = self._gaps = None
+                n = 0
+            if len(pts) > n:
+                new[key] = [_point(p) for p in pts[n:]]
+                self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1]))
+        if gaps is None and "train_loss" in self.roles and "val_loss" in self.roles:
+            gaps = self._gaps = self._fresh_gaps(history)
+            for key in gaps.keys:
+                if new.pop(key, None) is None:
+                    continue
+                new[key] = []  # folded from the whole history just now: still counts as new
+        for key, pts in new.items():
+            if gaps is not None and key in gaps.keys:
+                continue
+            state = self._series[key]
+            for s, v in pts:
+                state.add(s, v)
+        if gaps is not None:
+            self._fold_pair(gaps, new.get(gaps.keys[0], []), new.get(gaps.keys[1], []))
+        return bool(new)
+
+    def _remap(self, roles: dict[str, str], history: Mapping[str, Points]) -> None:
+        """Roles changed (a metric appeared): keep the series whose reading did not change, start the rest."""
+        old = {key: role for role, key in self.roles.items()}
+        self.roles = roles
+        kept: dict[str, SeriesState] = {}
+        for role, key in roles.items():
+            state = self._series.get(key)
+            same_reading = key in old and (_base(old[key]) in HIGHER_IS_BETTER) == (_base(role) in HIGHER_IS_BETTER)
+            if state is not None and same_reading:
+                kept[key] = state
+            else:
+                kept[key] = self._fresh(key)
+                self._folded.pop(key, None)
+        self._series = kept
+        self._folded = {k: v for k, v in self._folded.items() if k in kept}
+        pair = (roles.get("train_loss"), roles.get("val_loss"))
+        if self._gaps is not None and self._gaps.keys != pair:
+            self._gaps = None
+
+    def _fresh(self, key: str) -> SeriesState:
+        role = next((r for r, k in self.roles.items() if k == key), "")
+        return SeriesState(key, _base(role) in HIGHER_IS_BETTER, thin_cap=self._thin_cap, recent=self._recent)
+
+    def _fresh_gaps(self, history: Mapping[str, Points]) -> _Gaps:
+        """The gap state for the run's train and val losses, folded from their whole histories (once,
+        when the pair first appears or changes), together with the two series."""
+        train_key, val_key = self.roles["train_loss"], self.roles["val_loss"]
+        gaps = _Gaps(train_key, val_key)
+        for key in (train_key, val_key):
+            self._series[key] = self._fresh(key)
+            pts = history[key]
+            self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1])) if pts else (0, (0, 0.0), (0, 0.0))
+        self._fold_pair(gaps, [_point(p) for p in history[train_key]], [_point(p) for p in history[val_key]])
+        return gaps
+
+    def _fold_pair(self, gaps: _Gaps, train_new: Sequence[tuple[int, float]],
+                   val_new: Sequence[tuple[int, float]]) -> None:
+        """Fold new train and val points merged in step order (train first at equal steps: the gap
+        at an evaluation reads the train value logged at its step)."""
+        train, val = self._series[gaps.keys[0]], self._series[gaps.keys[1]]
+        i = j = 0
+        while i < len(train_new) or j < len(val_new):
+            if j >= len(val_new) or (i < len(train_new) and train_new[i][0] <= val_new[j][0]):
+                s, v = train_new[i]
+                gaps.on_train(train, s)
+                train.add(s, v)
+                i += 1
+            else:
+                s, v = val_new[j]
+                val.add(s, v)
+                gaps.on_val(train, val, s, v)
+                j += 1
+
+    # ------------------------------------------------------------------ reading
+
+    def series(self) -> dict[str, SeriesStats]:
+        out = {}
+        for role, key in self.roles.items():
+            st = self._series[key].stats()
+            if st is not None:
+                out[role] = st
+        return out
+
+    def step(self, series: Mapping[str, SeriesStats] | None = None) -> int:
+        """The run's step: the latest of its mapped metrics, or of any metric before one shows."""
+        series = self.series() if series is None else series
+        return max((s.last_step for s in series.values()), default=0) if series else self._any_step
+
+    def eval_steps(self) -> Sequence[int]:
+        """Steps at which the policy's ``eval_metric`` was logged (see :func:`eval_steps`). Not a copy."""
+        key = self.roles.get(self.policy.limits.eval_metric)
+        if key is None:
+            key = next(iter(self.roles.values()), None)
+            if key is None or self._series[key].n < MISSING_METRIC_AFTER:
+                return ()
+        return self._series[key].steps
+
+    def signals(self, series: Mapping[str, SeriesStats], restarted_at: int | None = None) -> dict[str, float | bool]:
+        """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
+
+        ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
+        rollback), if any; trends are read from there, not across the jump.
+        """
+        sig: dict[str, float | bool] = {}
+        # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
+        sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if _base(r) in WATCHED_FOR_NONFINITE)
+        train, val = series.get("train_loss"), series.get("val_loss")
+        if train and val and self._gaps is not None:
+            sig.update(self._gaps.signals(self._series[train.key], self._series[val.key]))
+        primary = val or train
+        if primary is not None and primary.n >= 3 and not primary.nonfinite:
+            # Rise of the latest value over the best one, relative to the best.
+            scale = max(abs(primary.best), 1e-8)
+            sig["rise_over_best"] = (primary.latest - primary.best) / scale
+            window = list(self._series[primary.key].window)
+            if restarted_at is not None:
+                # A fit across a rollback's jump reads the restore as a trend (a "plateau" seen right after it).
+                window = [(st, v) for st, v in window if st >= restarted_at]
+            # Relative improvement across the trailing window by a least-squares fit (positive: still
+            # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
+            # Fewer than 3 points since a rollback tell no trend yet.
+            if len(window) >= 3:
+                sig["window_improvement"] = -fitted_change(window) / scale
+        if train is not None and train.n >= 3 and not train.nonfinite:
+            # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
+            # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
+            # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
+            t = self._series[train.key]
+            sig["train_lost_progress"] = (t.ema - t.ema_min) / max(t.ema_max - t.ema_min, 1e-8)
+            sig["train_smoothed_best_step"] = t.ema_min_step
+            sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = t.ema, t.ema_min, t.ema_max
+        goal = series.get("safe_success") or series.get("success") or series.get("return")
+        if goal is not None and not goal.nonfinite:
+            window_values = [v for _, v in self._series[goal.key].window]
+            # Absolute gain across the trailing window (success rates are already on a 0-1 scale), of the
+            # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
+            # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
+            sig["goal_window_gain"] = smoothed(window_values) - window_values[0]
+        ret = series.get("return")
+        if ret is not None and not ret.nonfinite:
+            # Returns are noisy and in the task's units: the mean of the last 3 evaluations, and how far it is
+            # below the best such mean. (An EMA lags too far behind on evaluations a few dozen apart.)
+            r = self._series[ret.key]
+            recent = sum(r.last3) / len(r.last3)
+            sig["return_recent"] = recent
+            sig["return_recent_best"] = r.best_mean3
+            sig["return_recent_drop"] = r.best_mean3 - recent
+            # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
+            sig["return_window_gain"] = fitted_change(list(r.window))
+        gn = series.get("grad_norm")
+        if gn is not None and gn.window_mean > 0:
+            sig["grad_norm_ratio"] = gn.latest / gn.window_mean
+        comps = {r: s for r, s in series.items() if r.startswith("loss_components[")}
+        if len(comps) >= 2:
+            vals = [abs(s.ema) for s in comps.values()]
+            sig["loss_component_ratio"] = max(vals) / max(min(vals), 1e-12)
+        return sig
+
+    def effects(self, records: Sequence[DecisionRecord], recent: int) -> list[Effect]:
+        """Before/after values of the watched metrics for the last ``recent`` applied interventions, and
+        how many evaluations were logged since each took effect."""
+        applied = [r for r in records if r.status == Status.APPLIED][-recent:]
+        watch = [r for r in ("val_loss", "train_loss", "safe_success", "success", "collision", "return") if r in self.roles]
+        # Loss components too: whether a loss-weight change moved their balance is the test of that remedy.
+        watch += sorted(r for r in self.roles if r.startswith("loss_components["))
+        evals = self.eval_steps()
+        out = []
+        for rec in applied:
+            ba: dict[str, tuple[float, float]] = {}
+            for role in watch:
+                state = self._series[self.roles[role]]
+                before = state.value_at(rec.step)
+                if before is not None and state.n:
+                    ba[role] = (before, state.last[1])
+            since = None if rec.effective_step is None else len(evals) - bisect.bisect_left(evals, rec.effective_step)
+            out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes,
+                              diagnosis=rec.diagnosis, action=rec.action, before_after=ba, evals_since=since))
+        return out
+
+    def snapshot(
+        self,
+        run_id: str,
+        params: Mapping[str, float],
+        records: Sequence[DecisionRecord] = (),
+        run_name: str = "",
+        now: float | None = None,
+        recent: int = 3,
+    ) -> TelemetrySnapshot:
+        """The snapshot a proposer sees, from what has been folded so far."""
+        series = self.series()
+        restarts = [r.effective_step for r in records
+                    if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
+        kw = {} if now is None else {"taken_at": now}
+        return TelemetrySnapshot(
+            run_id=run_id,
+            run_name=run_name,
+            step=self.step(series),
+            series=series,
+            signals=self.signals(series, max(restarts, default=None)),
+            params=dict(params),
+            recent=self.effects(records, recent),
+            **kw,
+        )
+
+
+def _base(role: str) -> str:
+    return role.split("[", 1)[0]
+
+
+def _point(p: Sequence[float]) -> tuple[int, float]:
+    return int(p[0]), float(p[1])
+
+
 def build_snapshot(
     run_id: str,
     policy: Policy,
@@ -224,137 +643,7 @@ def build_snapshot(
     now: float | None = None,
     recent: int = 3,
 ) -> TelemetrySnapshot:
-    """Rebuild the snapshot a proposer sees from metric history (key -> sorted (step, value))."""
-    roles = resolve_roles(policy, list(history))
-    series: dict[str, SeriesStats] = {}
-    for role, key in roles.items():
-        base = role.split("[", 1)[0]
-        st = series_stats(key, history[key], higher_is_better=base in HIGHER_IS_BETTER)
-        if st is not None:
-            series[role] = st
-    step = max((s.last_step for s in series.values()), default=0)
-    if not series:
-        step = max((int(pts[-1][0]) for pts in history.values() if pts), default=0)
-    restarts = [r.effective_step for r in records
-                if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
-    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles}, max(restarts, default=None))
-    effects = measured_effects(records, history, roles, recent, _eval_steps(policy, roles, history))
-    kw = {} if now is None else {"taken_at": now}
-    return TelemetrySnapshot(
-        run_id=run_id,
-        run_name=run_name,
-        step=step,
-        series=series,
-        signals=signals,
-        params=dict(params),
-        recent=effects,
-        **kw,
-    )
-
-
-def derive_signals(
-    series: Mapping[str, SeriesStats], by_key: Mapping[str, Points], restarted_at: int | None = None
-) -> dict[str, float | bool]:
-    """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
-
-    ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
-    rollback), if any; trends are read from there, not across the jump.
-    """
-    sig: dict[str, float | bool] = {}
-    # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
-    sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if r.split("[", 1)[0] in WATCHED_FOR_NONFINITE)
-    train, val = series.get("train_loss"), series.get("val_loss")
-    if train and val:
-        train_pts = by_key[train.key]
-        val_pts = [p for p in by_key[val.key] if _usable(p[1])]
-        gaps = []
-        for s, v in val_pts:
-            t = value_at(train_pts, s)
-            if t is not None and _usable(t):
-                gaps.append((s, v - t))
-        if gaps:
-            sig["gap"] = gaps[-1][1]
-            # Widening is judged from the val best on when there is enough of it: a window reaching back
-            # past a rollback's drop would read the drop as a narrowing gap.
-            since_best = [g for g in gaps if g[0] >= val.best_step]
-            sig["gap_slope"] = slope((since_best if len(since_best) >= 3 else gaps)[-WINDOW:]) * 1000.0
-            sig["gap_ratio"] = val.latest / train.ema if train.ema > 0 else float("inf")
-            sig["gap_at_best"] = next((g for s, g in gaps if s == val.best_step), gaps[0][1])
-    primary = val or train
-    if primary is not None and primary.n >= 3 and not primary.nonfinite:
-        # Rise of the latest value over the best one, relative to the best.
-        scale = max(abs(primary.best), 1e-8)
-        sig["rise_over_best"] = (primary.latest - primary.best) / scale
-        window = [(st, v) for st, v in by_key[primary.key] if _usable(v)][-WINDOW:]
-        if restarted_at is not None:
-            # A fit across a rollback's jump reads the restore as a trend (a "plateau" seen right after it).
-            window = [(st, v) for st, v in window if st >= restarted_at]
-        # Relative improvement across the trailing window by a least-squares fit (positive: still
-        # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
-        # Fewer than 3 points since a rollback tell no trend yet.
-        if len(window) >= 3:
-            sig["window_improvement"] = -fitted_change(window) / scale
-    if train is not None and train.n >= 3 and not train.nonfinite:
-        # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
-        # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
-        # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
-        usable = [(st, v) for st, v in by_key[train.key] if _usable(v)]
-        ema = running_ema([v for _, v in usable])
-        best, worst = min(ema), max(ema)
-        sig["train_lost_progress"] = (ema[-1] - best) / max(worst - best, 1e-8)
-        sig["train_smoothed_best_step"] = usable[ema.index(best)][0]
-        sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = ema[-1], best, worst
-    goal = series.get("safe_success") or series.get("success") or series.get("return")
-    if goal is not None and not goal.nonfinite and goal.key in by_key:
-        window = [v for _, v in by_key[goal.key] if _usable(v)][-WINDOW:]
-        # Absolute gain across the trailing window (success rates are already on a 0-1 scale), of the
-        # smoothed value: one lucky evaluation (0.00, 0.00, 0.08 on a few dozen episodes) is not
-        # progress enough to stop pushing a stalled run, nor one unlucky one a regression.
-        sig["goal_window_gain"] = smoothed(window) - window[0]
-    ret = series.get("return")
-    if ret is not None and not ret.nonfinite and ret.key in by_key:
-        # Returns are noisy and in the task's units: the mean of the last 3 evaluations, and how far it is
-        # below the best such mean. (An EMA lags too far behind on evaluations a few dozen apart.)
-        finite = [(st, v) for st, v in by_key[ret.key] if _usable(v)]
-        vals = [v for _, v in finite]
-        means = [sum(last) / len(last) for last in (vals[max(0, i - 2): i + 1] for i in range(len(vals)))]
-        sig["return_recent"] = means[-1]
-        sig["return_recent_best"] = max(means)
-        sig["return_recent_drop"] = max(means) - means[-1]
-        # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
-        sig["return_window_gain"] = fitted_change(finite[-WINDOW:])
-    gn = series.get("grad_norm")
-    if gn is not None and gn.window_mean > 0:
-        sig["grad_norm_ratio"] = gn.latest / gn.window_mean
-    comps = {r: s for r, s in series.items() if r.startswith("loss_components[")}
-    if len(comps) >= 2:
-        vals = [abs(s.ema) for s in comps.values()]
-        sig["loss_component_ratio"] = max(vals) / max(min(vals), 1e-12)
-    return sig
-
-
-def measured_effects(
-    records: Sequence[DecisionRecord],
-    history: Mapping[str, Points],
-    roles: Mapping[str, str],
-    recent: int,
-    evals: Sequence[int] = (),
-) -> list[Effect]:
-    """Before/after values of the watched metrics for the last ``recent`` applied interventions, and
-    how many evaluations (steps in ``evals``, sorted) were logged since each took effect."""
-    applied = [r for r in records if r.status == Status.APPLIED][-recent:]
-    out = []
-    watch = [r for r in ("val_loss", "train_loss", "safe_success", "success", "collision", "return") if r in roles]
-    # Loss components too: whether a loss-weight change moved their balance is the test of that remedy.
-    watch += sorted(r for r in roles if r.startswith("loss_components["))
-    for rec in applied:
-        ba: dict[str, tuple[float, float]] = {}
-        for role in watch:
-            pts = history[roles[role]]
-            before = value_at(pts, rec.step)
-            if before is not None and pts:
-                ba[role] = (before, pts[-1][1])
-        since = None if rec.effective_step is None else len(evals) - bisect.bisect_left(evals, rec.effective_step)
-        out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes, diagnosis=rec.diagnosis,
-                          action=rec.action, before_after=ba, evals_since=since))
-    return out
+    """The snapshot of a whole metric history at once (key -> (step, value) points, sorted here by step)."""
+    telemetry = RunTelemetry(policy)
+    telemetry.fold({k: sorted(pts, key=lambda p: p[0]) for k, pts in history.items()})
+    return telemetry.snapshot(run_id, params, records, run_name=run_name, now=now, recent=recent)

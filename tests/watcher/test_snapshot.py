@@ -13,9 +13,7 @@ from atm.watcher.snapshot import (
     MISSING_METRIC_AFTER,
     TRAIL,
     build_snapshot,
-    derive_signals,
     eval_steps,
-    measured_effects,
     missing_role_note,
     resolve_roles,
     series_stats,
@@ -262,8 +260,8 @@ def test_nonfinite_signal(lm: Policy) -> None:
     assert "train_lost_progress" not in sig
 
 
-def test_derive_signals_with_no_series() -> None:
-    assert derive_signals({}, {}) == {"nonfinite": False}
+def test_signals_with_no_series(lm: Policy) -> None:
+    assert build_snapshot("r", lm, {"accuracy": [(1, 0.5)]}, {}).signals == {"nonfinite": False}
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -325,8 +323,7 @@ def test_measured_effects_for_applied_records(lm: Policy) -> None:
         make_record(2, 60, status=Status.REJECTED, changes={"dropout": (0.0, 0.9)}),
         make_record(3, 80, action=Action.ROLLBACK, applied_step=82),
     ]
-    roles = resolve_roles(lm, list(history))
-    effects = measured_effects(records, history, roles, recent=3, evals=eval_steps(lm, history))
+    effects = build_snapshot("r", lm, history, {}, records, recent=3).recent
     assert [e.seq for e in effects] == [1, 3]
     # Evaluations at 60, 80 and 100 came after #1 took effect (45); only 100 after #3 (82).
     assert [e.evals_since for e in effects] == [3, 1]
@@ -336,14 +333,12 @@ def test_measured_effects_for_applied_records(lm: Policy) -> None:
     assert first.before_after["val_loss"] == (2.5, 2.2)
     assert first.before_after["train_loss"] == (pytest.approx(3.0 - 0.2 * 3), pytest.approx(1.2))
     # Only the newest `recent` ones are kept.
-    assert [e.seq for e in measured_effects(records, history, roles, recent=1)] == [3]
-    snap = build_snapshot("r", lm, history, {}, records, recent=3)
-    assert snap.recent == effects
+    assert [e.seq for e in build_snapshot("r", lm, history, {}, records, recent=1).recent] == [3]
 
 
 def test_measured_effects_skip_metrics_logged_after_the_decision(lm: Policy) -> None:
     history = {"train/loss": [(10, 2.0), (20, 1.5)], "eval_loss": [(50, 1.8)]}
-    effects = measured_effects([make_record(1, 20, applied_step=20)], history, resolve_roles(lm, list(history)), 3)
+    effects = build_snapshot("r", lm, history, {}, [make_record(1, 20, applied_step=20)]).recent
     assert set(effects[0].before_after) == {"train_loss"}
 
 
