@@ -177,8 +177,12 @@ class MlflowBackend:
             got = self._window(run_id, key, prev_step + 1, latest_step)
             if got is None:
                 got = [p for p in self._full_history(run_id, key) if p[0] > prev_step]
-            pts.extend((s, v) for s, v, _ in got)
-            pts.sort(key=lambda p: p[0])
+            fresh = sorted(((s, v) for s, v, _ in got), key=lambda p: p[0])
+            pts.extend(fresh)
+            if fresh and len(pts) > len(fresh) and fresh[0][0] < pts[-len(fresh) - 1][0]:
+                # Rare: a point older than the ones already read. Sorting the whole series on every poll
+                # made a poll cost the run's length, not what is new.
+                pts.sort(key=lambda p: p[0])
             new = [(ts / 1000.0, s) for s, _, ts in got]
         if not key.startswith("atm/"):
             cache.timeline.add(new)
