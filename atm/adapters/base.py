@@ -8,8 +8,8 @@ Rules every implementation keeps:
 - Reads are incremental: a backend keeps what it already read per run and key and fetches only
   what is new.
 - Writes are idempotent by ``seq``: publishing the same update twice leaves one update.
-- Thread safety: a Backend is used by one daemon thread per run; a Channel by the listener's
-  own thread only.
+- Thread safety: a Backend is used by the daemon's poll workers at once, each run by one worker
+  at a time; a Channel by the listener's own thread only.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class RunNotFound(BackendError):
 
 class BackendUnavailable(BackendError):
     """The tracker could not be reached or refused for now; worth retrying later."""
+
+
+class PoolExhausted(BackendUnavailable):
+    """The tracker answers, but this process ran out of connections to it (more calls at once than
+    its client's pool allows). Retried like an outage; its message says which setting to raise."""
 
 
 class Timeline:

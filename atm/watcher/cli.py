@@ -53,6 +53,15 @@ def _backend(args: argparse.Namespace) -> Any:
         # seconds, and the daemon retries on its own with back-off.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # Connections sized to the daemon's calls at once: one per poll worker and one for listing the
+        # experiment. A database store (sqlite:///, postgresql://) opened in this process gets as many
+        # again in reserve (past them, calls wait and then fail); a server's HTTP pool keeps at least
+        # requests' 10 (past it, connections are opened and dropped, not refused). MLflow reads these
+        # when it makes the store, so they are set before the backend is; the user's own values win.
+        calls = getattr(args, "workers", 1) + 1
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", str(calls))
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", str(calls))
+        os.environ.setdefault("MLFLOW_HTTP_POOL_MAXSIZE", str(max(10, calls)))
         # With --experiment the job may create the store later; a run id is only in a store that exists.
         existing = not getattr(args, "experiment", None)
         try:
@@ -102,6 +111,19 @@ def watch_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", dest="experiment", help=argparse.SUPPRESS)
     _add_proposer_args(p)
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls of each run (default: 5)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="threads polling runs, each run by one at a time, the runs spread over the interval "
+                        "(default: 4); proposals run on threads of their own")
+    p.add_argument("--shard", default=None, metavar="k/N",
+                   help="with --experiment: watch only the runs whose id hashes to shard k of N, so that N replicas "
+                        "share an experiment. A bare N takes k from the pod's ordinal (HOSTNAME atm-watch-3: k=3), "
+                        "as in a Kubernetes StatefulSet (default: $ATM_SHARD, or $ATM_SHARDS with the ordinal)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (/metrics), a liveness check (/healthz) and readiness (/readyz) "
+                        "on this port, all interfaces (needs pip install 'atm[server]')")
+    p.add_argument("--health-file", default=None, metavar="PATH",
+                   help="rewrite this file every few seconds while the watch is live: a liveness check without a "
+                        "port (stale for more than 5 minutes: the watch has stalled)")
     p.add_argument("--once", action="store_true", help="poll each run once, decide if due, and exit")
     p.add_argument("--dry-run", action="store_true", help="decide and record, but publish nothing to the job")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
@@ -118,6 +140,17 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
         watch_parser().error("give --run RUN_ID (repeatable) or --experiment NAME")
     if args.interval <= 0:
         watch_parser().error(f"--interval must be positive, got {args.interval}")
+    if args.workers < 1:
+        watch_parser().error(f"--workers must be at least 1, got {args.workers}")
+    from atm.watcher.shard import resolve_shard
+
+    try:
+        shard = resolve_shard(args.shard, os.environ)
+    except ValueError as exc:
+        watch_parser().error(str(exc))
+    if shard is not None and not args.experiment:
+        watch_parser().error(f"shard {shard} (from --shard, ATM_SHARD or ATM_SHARDS) divides the runs of an "
+                             "--experiment among replicas; with --run you choose the runs yourself")
     table = sys.stdout.isatty() and not args.no_table and not args.once
     _setup_logging("WARNING" if table else args.log_level)
     from atm.adapters import BackendUnavailable, RunNotFound
@@ -135,14 +168,20 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, ValueError, RuntimeError) as exc:
         print(f"atm-watch: cannot start the {args.proposer} proposer: {exc}", file=sys.stderr)
         return 2
+    service = _service(args)
+    if isinstance(service, int):
+        return service
     backend = _backend(args)
-    daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait)
+    daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait,
+                    workers=args.workers, shard=shard, hooks=service)
 
     if args.once:
         run_ids = list(args.run)
         try:
             if args.experiment:
-                run_ids += backend.running_runs(args.experiment)
+                from atm.watcher.shard import owns
+
+                run_ids += [rid for rid in backend.running_runs(args.experiment) if owns(rid, shard)]
             for rid in run_ids:
                 daemon.tick(rid, wait=True)
         except (RunNotFound, BackendUnavailable) as exc:
@@ -173,17 +212,41 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
         who += f" {proposer.client.name}, variant {proposer.variant.name}"  # which model, and where: a wrong setting shows here, not in the audit
     print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
           f"({args.backend}, policy {policy.name}, proposer {who}, "
-          f"every {args.interval:g}s{', dry run' if args.dry_run else ''}); Ctrl-C or SIGTERM stops", flush=True)
+          f"every {args.interval:g}s, {args.workers} workers{f', shard {shard}' if shard else ''}"
+          f"{', dry run' if args.dry_run else ''}{_service_note(args)}); Ctrl-C or SIGTERM stops", flush=True)
     try:
         daemon.watch(args.run, experiment=args.experiment)
     finally:
         daemon.stop()
+        if service is not None:
+            service.close()
         if stop_display:
             stop_display()
     errors = [s for s in daemon.status.values() if s.state == "not found"]
     for s in errors:
         print(f"atm-watch: {s.error}", file=sys.stderr)
     return 1 if errors and len(errors) == len(daemon.status) else 0
+
+
+def _service(args: argparse.Namespace) -> Any:
+    """The metrics endpoint and health file asked for (None when neither), or an exit code after an error."""
+    if args.metrics_port is None and args.health_file is None:
+        return None
+    from atm.watcher.service import Service
+
+    try:
+        service = Service(metrics=args.metrics_port is not None, health_file=args.health_file)
+        if args.metrics_port is not None:
+            service.serve(args.metrics_port)
+    except (ImportError, OSError) as exc:
+        print(f"atm-watch: {exc}", file=sys.stderr)
+        return 2
+    return service
+
+
+def _service_note(args: argparse.Namespace) -> str:
+    note = f", metrics on :{args.metrics_port}" if args.metrics_port is not None else ""
+    return note + (f", health file {args.health_file}" if args.health_file else "")
 
 
 # --------------------------------------------------------------------------- atm
