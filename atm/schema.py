@@ -13,6 +13,10 @@ Rules both sides keep:
   after a crash is harmless, and the listener still refuses to do it.
 - Messages are small JSON documents: an update must fit one MLflow tag (8000 characters)
   or one inbox file; long text (prompts, raw LLM answers) lives in the decision record.
+- Updates, acks and decision records are signed (``atm.signing``): ``signature`` and ``key_id``
+  are optional here so that messages written before signing still parse, but the listener applies
+  only updates whose signature checks with its key, and only within the limits each change carries
+  (:func:`target_value`).
 """
 
 from __future__ import annotations
@@ -138,19 +142,44 @@ class TelemetrySnapshot(_Message):
 # --------------------------------------------------------------------------- decisions
 
 
+#: The largest factor :func:`in_force` applies to a value in force when a change does not carry its
+#: policy's own bound (``Change.max_factor``): past it a move is a set-value, never a multiplication.
+DEFAULT_MAX_FACTOR = 10.0
+
+#: Knobs the listener never makes negative, whatever an update says: a negative lr climbs the loss.
+NEVER_NEGATIVE = frozenset({"lr", "weight_decay"})
+
+
 class Change(BaseModel):
+    """A decided move of one parameter, ``old -> new``, with the limits the listener holds it to.
+
+    ``max_factor`` and ``min`` come from the policy (the validator fills them) and travel inside the
+    signed update, so the listener enforces the policy's bounds without a policy file.
+    """
+
     old: float
     new: float
+    #: The most this move may multiply (or divide) the value in force by: the policy's largest multiplier.
+    max_factor: float | None = None
+    #: The policy's lower bound; when it is 0 or more, the listener never sets a negative value.
+    min: float | None = None
 
-    @field_validator("old", "new")
+    @field_validator("old", "new", "min")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
             raise ValueError(f"parameter values must be finite, got {v}")
         return v
 
+    @field_validator("max_factor")
+    @classmethod
+    def _factor(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v >= 1):
+            raise ValueError(f"max_factor must be a finite number of at least 1, got {v}")
+        return v
 
-def in_force(old: float, new: float, now: Any) -> float:
+
+def in_force(old: float, new: float, now: Any, max_factor: float | None = None) -> float:
     """The value a change decided as ``old -> new`` means when the parameter reads ``now``.
 
     The decided move, applied to the value in force: if the job moved the value since the manager
@@ -158,14 +187,49 @@ def in_force(old: float, new: float, now: Any) -> float:
     ``new`` as such could even move it the wrong way. So the ratio ``new / old`` is applied to ``now``.
     A set-value decided from 0 (dropout 0 -> 0.1), or a value that has not moved (within 1%), is
     ``new`` as it is. The listener applies changes this way; the daemon checks them this way.
+
+    The ratio is applied only while it is within ``max_factor`` (default :data:`DEFAULT_MAX_FACTOR`)
+    either way: a larger one is no multiplier move but a set-value from a value near zero (weight
+    decay 1e-9 -> 0.01), and as a ratio it would multiply the value in force without limit.
     """
     try:
         now = float(now)
     except (TypeError, ValueError):
         return new
-    if old > 0 and new > 0 and now > 0 and not math.isclose(now, old, rel_tol=0.01):
-        return now * (new / old)
+    if old > 0 and new > 0 and now > 0 and math.isfinite(now) and not math.isclose(now, old, rel_tol=0.01):
+        ratio = new / old
+        bound = DEFAULT_MAX_FACTOR if max_factor is None else max_factor
+        if 1 / bound <= ratio <= bound:
+            return now * ratio
     return new
+
+
+class LimitExceeded(ValueError):
+    """A change the listener refuses to apply; the message names the parameter and the limit."""
+
+
+def target_value(name: str, change: Change, now: float | None) -> float:
+    """The value the listener sets for ``change`` of knob ``name`` now at ``now``. Pure.
+
+    Checked whatever arrived (a message built without validation too): every number finite, the
+    result finite, and not negative for :data:`NEVER_NEGATIVE` knobs or a policy minimum of 0 or more.
+
+    Raises:
+        LimitExceeded: with the reason, for the ack.
+    """
+    numbers = {"old": change.old, "new": change.new, "max_factor": change.max_factor, "min": change.min}
+    bad = {k: v for k, v in numbers.items() if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v))}
+    if bad:
+        raise LimitExceeded(f"{name}: {', '.join(f'{k}={v}' for k, v in bad.items())} is not a finite number")
+    if change.max_factor is not None and change.max_factor < 1:
+        raise LimitExceeded(f"{name}: max_factor {change.max_factor} is below 1")
+    value = in_force(change.old, change.new, now, change.max_factor)
+    if not math.isfinite(value):
+        raise LimitExceeded(f"{name} would be {value}: values must be finite")
+    floor = name in NEVER_NEGATIVE or (change.min is not None and change.min >= 0)
+    if floor and value < 0:
+        raise LimitExceeded(f"{name} would be {fmt(value)}: {name} may not be negative")
+    return value
 
 
 Effect.model_rebuild()
@@ -214,6 +278,9 @@ class Update(_Message):
     rationale: str = ""
     source: str
     created_at: float = Field(default_factory=time.time)
+    #: HMAC-SHA256 of the rest (:mod:`atm.signing`) and the id of the key that made it.
+    signature: str | None = None
+    key_id: str | None = None
 
     @field_validator("rationale")
     @classmethod
@@ -226,13 +293,17 @@ class Ack(_Message):
 
     run_id: str
     seq: int
-    status: Literal["applied", "failed"]
+    #: ``rejected``: not applied at all (bad signature or a limit); ``error`` says why and what to do.
+    status: Literal["applied", "failed", "rejected"]
     #: The job's step when the update took effect.
     applied_step: int | None
     applied_at: float = Field(default_factory=time.time)
     #: Parameter -> value actually in force after applying (may differ if a knob rounds).
     values: dict[str, float] = Field(default_factory=dict)
     error: str = ""
+    #: The listener signs its acks too, so a written-in ack cannot pass for one of the job's.
+    signature: str | None = None
+    key_id: str | None = None
 
 
 class ListenerInfo(_Message):
@@ -281,10 +352,17 @@ class DecisionRecord(_Message):
     applied_values: dict[str, float] = Field(default_factory=dict)
     #: Proposer-specific audit detail: prompt, raw answers, validation errors, latency, tokens.
     audit: dict[str, Any] = Field(default_factory=dict)
+    #: The daemon signs its records as it writes its log, so it only takes for its own what it wrote.
+    signature: str | None = None
+    key_id: str | None = None
 
-    def to_update(self) -> Update:
+    def to_update(self, *, run_id: str | None = None) -> Update:
+        """The message for the job, unsigned: backends sign it as they publish it (:func:`atm.signing.sign`).
+
+        ``run_id``: the job's own name for its run when it differs from the daemon's (W&B).
+        """
         return Update(
-            run_id=self.run_id,
+            run_id=run_id or self.run_id,
             seq=self.seq,
             step=self.step,
             changes=self.changes,

@@ -28,6 +28,19 @@ def _isolated_environment():
     os.environ.update(saved)
 
 
+#: The key every test's watcher and listener share (jobs started as subprocesses inherit it).
+TEST_KEY = "atm-test-key-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _atm_key(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test signs and checks with ``TEST_KEY``, and a per-user key file, if a test asks for
+    one, lands in a temporary config folder: no test reads or writes the real ~/.config/atm/key."""
+    monkeypatch.setenv("ATM_KEY", TEST_KEY)
+    monkeypatch.delenv("ATM_KEY_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+
+
 @pytest.fixture(scope="session")
 def scenario_dir() -> Path:
     """The labelled scenarios that `atm eval --scenarios tests/scenarios` scores."""

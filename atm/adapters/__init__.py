@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from atm.adapters.base import Backend, BackendError, BackendUnavailable, Channel, RunNotFound, RunView
+from atm.signing import SigningKey
 
 __all__ = [
     "Backend",
@@ -25,7 +26,9 @@ def make_backend(name: str, **options: Any) -> Backend:
     if name == "mlflow":
         from atm.adapters.mlflow_backend import MlflowBackend
 
-        return MlflowBackend(tracking_uri=options.get("tracking_uri"), existing=bool(options.get("existing")))
+        return MlflowBackend(
+            tracking_uri=options.get("tracking_uri"), existing=bool(options.get("existing")), key=options.get("key")
+        )
     if name == "wandb":
         from atm.adapters import wandb_backend  # type: ignore[attr-defined]
 
@@ -33,11 +36,12 @@ def make_backend(name: str, **options: Any) -> Backend:
     raise ValueError(f"unknown backend {name!r}: choose mlflow or wandb")
 
 
-def discover_channel(run_id: str | None = None, backend: str | None = None) -> Channel | None:
+def discover_channel(run_id: str | None = None, backend: str | None = None, key: SigningKey | None = None) -> Channel | None:
     """The listener's channel to the job's own run, or None when there is no run to attach to.
 
     MLflow: ``mlflow.active_run()`` or ``MLFLOW_RUN_ID`` (or ``run_id``). W&B: ``wandb.run``.
     Only a tracker the job already imported is consulted, so attaching costs no extra imports.
+    ``key`` signs the channel's acks (default: resolved from the environment on first use).
     """
     if backend in (None, "wandb") and "wandb" in sys.modules:
         wandb = sys.modules["wandb"]
@@ -47,11 +51,11 @@ def discover_channel(run_id: str | None = None, backend: str | None = None) -> C
             except ImportError:
                 pass
             else:
-                return wandb_backend.WandbChannel.from_run(wandb.run)
+                return wandb_backend.WandbChannel.from_run(wandb.run, key=key)
     if backend in (None, "mlflow") and ("mlflow" in sys.modules or os.environ.get("MLFLOW_RUN_ID") or run_id):
         from atm.adapters.mlflow_backend import MlflowChannel
 
         if run_id:
-            return MlflowChannel(run_id)
-        return MlflowChannel.from_environment()
+            return MlflowChannel(run_id, key=key)
+        return MlflowChannel.from_environment(key=key)
     return None

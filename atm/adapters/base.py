@@ -8,8 +8,14 @@ Rules every implementation keeps:
 - Reads are incremental: a backend keeps what it already read per run and key and fetches only
   what is new.
 - Writes are idempotent by ``seq``: publishing the same update twice leaves one update.
-- Thread safety: a Backend is used by the daemon's poll workers at once, each run by one worker
-  at a time; a Channel by the listener's own thread only.
+- Messages are signed at this edge (:mod:`atm.signing`): a backend signs the updates it publishes
+  and the records it logs, a channel signs its acks, with the key given to it or resolved from the
+  environment on first use. A backend's :meth:`Backend.poll` returns only updates and acks that
+  check with its key; everything else on the run (malformed, unsigned, foreign) is listed in
+  ``RunView.problems``. A channel returns what parses and lists the rest in its ``problems``; the
+  listener checks signatures itself, so it can acknowledge what it refuses and why.
+- Thread safety: a Backend is used by one daemon thread per run; a Channel by the listener's
+  own thread only.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from atm.schema import Ack, DecisionRecord, ListenerInfo, Update
+from atm.signing import SigningKey, sign, verify
+
+M = TypeVar("M", bound=BaseModel)
 
 Points = list[tuple[int, float]]
 
@@ -37,6 +48,35 @@ LOG_ARTIFACT = "atm/interventions.jsonl"
 WANDB_RUN_DIR_RE = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
 
 
+@dataclass(frozen=True)
+class MessageProblem:
+    """A message on a run that atm did not take: malformed, not signed with this side's key, or
+    filed under another number than its own. Reported, never acted on."""
+
+    #: Where it is: ``tag atm.update.000007``, ``file atm/inbox/update-000007.json``.
+    where: str
+    reason: str
+    #: ``update``, ``ack`` or ``listener``.
+    kind: str
+    #: The number its name gives, when it has one.
+    seq: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" if self.where else self.reason
+
+
+@dataclass
+class RunMessages:
+    """A run's atm messages, split by kind: what :func:`parse_messages` returns."""
+
+    updates: dict[int, Update] = field(default_factory=dict)
+    acks: dict[int, Ack] = field(default_factory=dict)
+    listener: ListenerInfo | None = None
+    #: The highest number taken: the reserved seq, every update's, and any a malformed update's name holds.
+    seq: int = 0
+    problems: list[MessageProblem] = field(default_factory=list)
+
+
 class BackendError(RuntimeError):
     """Base of the errors a backend raises."""
 
@@ -47,11 +87,6 @@ class RunNotFound(BackendError):
 
 class BackendUnavailable(BackendError):
     """The tracker could not be reached or refused for now; worth retrying later."""
-
-
-class PoolExhausted(BackendUnavailable):
-    """The tracker answers, but this process ran out of connections to it (more calls at once than
-    its client's pool allows). Retried like an outage; its message says which setting to raise."""
 
 
 class Timeline:
@@ -96,6 +131,9 @@ class RunView:
     last_seq: int = 0
     #: (wall time on the job's clock, step) of the newest points logged, oldest first: see :class:`Timeline`.
     timeline: Sequence[tuple[float, int]] = ()
+    #: Messages on the run that were not taken (malformed, unsigned, signed with another key), each
+    #: reported by every poll: the daemon says each one once. ``updates`` and ``acks`` hold none of them.
+    problems: list[MessageProblem] = field(default_factory=list)
 
 
 class Backend(Protocol):
@@ -129,7 +167,13 @@ class Backend(Protocol):
 
 
 class Channel(Protocol):
-    """The listener's view of its own run."""
+    """The listener's view of its own run.
+
+    ``ack`` signs the ack with the channel's key. ``fetch`` returns every update that parses,
+    signed or not (the listener checks signatures and acknowledges what it refuses); a channel may
+    also keep ``problems``, the :class:`MessageProblem` list of malformed messages seen by its last
+    fetch, which the listener reports once each (and acknowledges as rejected when the name gives a seq).
+    """
 
     run_id: str
 
@@ -160,36 +204,93 @@ def ack_key(seq: int) -> str:
     return f"{ACK_PREFIX}{seq:06d}"
 
 
-def parse_messages(tags: Mapping[str, str]) -> tuple[dict[int, Update], dict[int, Ack], ListenerInfo | None, int]:
-    """Split a run's key/value state into updates, acks, listener info and the reserved seq.
+_NUMBERED_TAG = re.compile(r"^(atm\.(?:update|ack)\.)(\d+)$")
 
-    Malformed entries are skipped: a hand-edited tag must not stop the daemon or the job.
+
+def parse_message(model: type[M], text: str, where: str, kind: str, seq: int | None) -> M | MessageProblem:
+    """One message, or the problem with it: text that is not a valid ``model``, or a numbered
+    message whose own ``seq`` is not the number it is filed under (a copy cannot stand in for
+    another number's message). Pure."""
+    try:
+        msg = model.model_validate_json(text)
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
+        return MessageProblem(where, f"not a valid {kind} ({detail[:200]}); ignored", kind, seq)
+    own = getattr(msg, "seq", None)
+    if seq is not None and own != seq:
+        return MessageProblem(where, f"holds {kind} #{own}, filed under #{seq}; ignored", kind, seq)
+    return msg
+
+
+def parse_messages(tags: Mapping[str, str]) -> RunMessages:
+    """Split a run's key/value state into updates, acks, listener info and the highest seq taken.
+
+    Malformed entries do not stop the daemon or the job; each is listed in ``problems`` for the
+    caller to report. Signatures are not checked here (see :func:`verified`).
     """
+    out = RunMessages()
+    taken: list[int] = []
+    for key, value in tags.items():
+        if not key.startswith("atm."):
+            continue
+        numbered = _NUMBERED_TAG.match(key)
+        if key.startswith((UPDATE_PREFIX, ACK_PREFIX)) and numbered is None:
+            kind = "update" if key.startswith(UPDATE_PREFIX) else "ack"
+            out.problems.append(MessageProblem(f"tag {key}", f"is not an atm {kind} name ({kind} tags are "
+                                               f"{UPDATE_PREFIX if kind == 'update' else ACK_PREFIX}NNNNNN); ignored", kind))
+            continue
+        got: BaseModel | MessageProblem | None = None
+        if numbered is not None and numbered.group(1) == UPDATE_PREFIX:
+            taken.append(int(numbered.group(2)))
+            got = parse_message(Update, value, f"tag {key}", "update", int(numbered.group(2)))
+        elif numbered is not None:
+            got = parse_message(Ack, value, f"tag {key}", "ack", int(numbered.group(2)))
+        elif key == LISTENER_KEY:
+            got = parse_message(ListenerInfo, value, f"tag {key}", "listener", None)
+        if isinstance(got, MessageProblem):
+            out.problems.append(got)
+        elif isinstance(got, Update):
+            out.updates[got.seq] = got
+        elif isinstance(got, Ack):
+            out.acks[got.seq] = got
+        elif isinstance(got, ListenerInfo):
+            out.listener = got
+    try:
+        reserved = int(tags.get(SEQ_KEY, "0"))
+    except ValueError:
+        reserved = 0
+        out.problems.append(MessageProblem(f"tag {SEQ_KEY}", f"is not a number ({tags.get(SEQ_KEY)!r}); ignored", "seq"))
+    out.seq = max([reserved, *taken])
+    return out
+
+
+def verified(messages: RunMessages, key: SigningKey | None, *, key_problem: str = "") -> RunMessages:
+    """``messages`` with only the updates and acks signed with ``key``; the others join ``problems``. Pure.
+
+    The daemon's side: what it takes for its own updates, and for the job's acks, is what checks.
+    """
+    problems = list(messages.problems)
     updates: dict[int, Update] = {}
     acks: dict[int, Ack] = {}
-    listener = None
-    for key, value in tags.items():
-        try:
-            if key.startswith(UPDATE_PREFIX):
-                u = Update.model_validate_json(value)
-                updates[u.seq] = u
-            elif key.startswith(ACK_PREFIX):
-                a = Ack.model_validate_json(value)
-                acks[a.seq] = a
-            elif key == LISTENER_KEY:
-                listener = ListenerInfo.model_validate_json(value)
-        except ValueError:
-            continue
-    try:
-        seq = int(tags.get(SEQ_KEY, "0"))
-    except ValueError:
-        seq = 0
-    seq = max([seq, *updates])
-    return updates, acks, listener, seq
+    for seq, u in messages.updates.items():
+        check = verify(u, key, key_problem=key_problem, here="this watcher")
+        if check:
+            updates[seq] = u
+        else:
+            problems.append(MessageProblem("", check.reason, "update", seq))
+    for seq, a in messages.acks.items():
+        check = verify(a, key, key_problem=key_problem, here="this watcher")
+        if check:
+            acks[seq] = a
+        else:
+            problems.append(MessageProblem("", check.reason, "ack", seq))
+    return RunMessages(updates=updates, acks=acks, listener=messages.listener, seq=messages.seq, problems=problems)
 
 
-def records_to_jsonl(records: Sequence[DecisionRecord]) -> str:
-    return "".join(r.model_dump_json() + "\n" for r in records)
+def records_to_jsonl(records: Sequence[DecisionRecord], key: SigningKey | None = None) -> str:
+    """The decision log's text; each record signed with ``key`` when one is given (backends always give it)."""
+    return "".join((sign(r, key) if key is not None else r).model_dump_json() + "\n" for r in records)
 
 
 def records_from_jsonl(text: str) -> list[DecisionRecord]:

@@ -2,8 +2,8 @@
 
 On the run, atm keeps:
 
-- ``atm.update.NNNNNN`` tags: one :class:`~atm.schema.Update` each, the messages the listener applies;
-- ``atm.ack.NNNNNN`` tags: the listener's :class:`~atm.schema.Ack` for each;
+- ``atm.update.NNNNNN`` tags: one signed :class:`~atm.schema.Update` each, the messages the listener applies;
+- ``atm.ack.NNNNNN`` tags: the listener's signed :class:`~atm.schema.Ack` for each;
 - ``atm.listener``: what the listener announced (knobs, current values);
 - ``atm.seq`` (last number taken) and ``atm.latest`` (a one-line summary for the runs table);
 - the artifact ``atm/interventions.jsonl``: every decision with its full context;
@@ -33,7 +33,7 @@ from atm.adapters.base import (
     LOG_ARTIFACT,
     SEQ_KEY,
     BackendUnavailable,
-    PoolExhausted,
+    MessageProblem,
     Points,
     RunNotFound,
     RunView,
@@ -43,8 +43,10 @@ from atm.adapters.base import (
     records_from_jsonl,
     records_to_jsonl,
     update_key,
+    verified,
 )
 from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.signing import KeySource, SigningKey, sign
 
 try:
     import mlflow
@@ -68,47 +70,17 @@ def _translate(what: str, fn: Callable[[], T]) -> T:
     """Run one MLflow call, mapping its errors onto the backend contract."""
     try:
         return fn()
-    except Exception as exc:
-        advice = _pool_advice(exc)
-        if advice is not None:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PoolExhausted(f"{what}: {advice} ({first[:200]})") from exc
-        if isinstance(exc, MlflowException):
-            code = getattr(exc, "error_code", "")
-            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower():
-                raise RunNotFound(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
-            raise BackendUnavailable(f"{what}: {exc}") from exc
-        # OS and network errors, and requests' and sqlalchemy's: all transient from our side.
-        if isinstance(exc, (OSError, ConnectionError, TimeoutError)) or (
-            type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
-        ):
+    except MlflowException as exc:
+        code = getattr(exc, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower():
+            raise RunNotFound(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+        raise BackendUnavailable(f"{what}: {exc}") from exc
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise BackendUnavailable(f"{what}: {exc}") from exc
+    except Exception as exc:  # requests' and sqlalchemy's errors: all transient from our side
+        if type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy"):
             raise BackendUnavailable(f"{what}: {exc}") from exc
         raise
-
-
-def _pool_advice(exc: BaseException) -> str | None:
-    """What to change when ``exc`` is a connection pool that ran dry (SQLAlchemy's ``QueuePool limit
-    of size N overflow M reached``), in this process or in the MLflow server; None for any other error.
-
-    A database store opened in this process raises SQLAlchemy's TimeoutError (MLflow wraps it); a
-    server whose own pool ran dry answers with its text. Either way the tracker works but is asked
-    for more at once than it was sized for: "unreachable" would send the user looking at the network.
-    """
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    here = any(type(c).__name__ == "TimeoutError" and type(c).__module__.startswith("sqlalchemy") for c in chain)
-    if not here and not any("QueuePool limit" in str(c) for c in chain):
-        return None
-    if here:
-        size = os.environ.get("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "unset: 5")
-        overflow = os.environ.get("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "unset: 10")
-        return (f"this process ran out of connections to the tracking database (MLFLOW_SQLALCHEMYSTORE_POOL_SIZE "
-                f"{size}, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW {overflow}): raise them, or lower atm-watch --workers")
-    return ("the MLflow server ran out of connections to its database: raise MLFLOW_SQLALCHEMYSTORE_POOL_SIZE and "
-            "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW in the server's environment, or lower atm-watch --workers")
 
 
 @dataclass
@@ -127,9 +99,11 @@ class MlflowBackend:
 
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str | None = None, existing: bool = False):
+    def __init__(self, tracking_uri: str | None = None, existing: bool = False, key: SigningKey | None = None):
         """``existing``: refuse (ValueError) a local sqlite store that does not exist yet, rather than
-        create it empty: a run id can only be found in a store that exists, so it is a mistyped path."""
+        create it empty: a run id can only be found in a store that exists, so it is a mistyped path.
+        ``key``: signs what is published and logged, checks what is read; default from the
+        environment on first use (:func:`atm.signing.resolve_key`)."""
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         path = self.tracking_uri[len("sqlite:///"):] if self.tracking_uri.startswith("sqlite:///") else ""
         if existing and path and path != ":memory:" and not os.path.exists(path):
@@ -143,6 +117,7 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._cache: dict[str, _RunCache] = {}
         self._lock = threading.Lock()
+        self.keys = KeySource(key)
 
     # ------------------------------------------------------------------ discovery
 
@@ -171,7 +146,7 @@ class MlflowBackend:
                 continue
             self._read_new(run_id, m.key, m.step, m.timestamp, cache)
             moved = True
-        updates, acks, listener, seq = parse_messages(run.data.tags)
+        msgs = verified(parse_messages(run.data.tags), self.keys.get_or_none(), key_problem=self.keys.problem)
         return RunView(
             run_id=run_id,
             name=run.info.run_name or "",
@@ -179,11 +154,12 @@ class MlflowBackend:
             history=cache.history,
             last_metric_time=last_time,
             moved=moved,
-            listener=listener,
-            acks=acks,
-            updates=updates,
-            last_seq=seq,
+            listener=msgs.listener,
+            acks=msgs.acks,
+            updates=msgs.updates,
+            last_seq=msgs.seq,
             timeline=cache.timeline.points,
+            problems=msgs.problems,
         )
 
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
@@ -267,14 +243,14 @@ class MlflowBackend:
     def publish(self, record: DecisionRecord) -> None:
         run_id = record.run_id
         if record.status == Status.PENDING:
-            msg = record.to_update().model_dump_json()
+            msg = sign(record.to_update(), self.keys.get()).model_dump_json()
             if len(msg) > TAG_LIMIT:
                 raise ValueError(f"update #{record.seq} is {len(msg)} characters; tags hold {TAG_LIMIT}")
             _translate("set tag", lambda: self.client.set_tag(run_id, update_key(record.seq), msg))
         _translate("set tag", lambda: self.client.set_tag(run_id, LATEST_KEY, record.summary()[:TAG_LIMIT]))
 
     def write_log(self, run_id: str, records: Sequence[DecisionRecord]) -> None:
-        text = records_to_jsonl(records)
+        text = records_to_jsonl(records, self.keys.get())
         _translate("log artifact", lambda: self.client.log_text(run_id, text, LOG_ARTIFACT))
         with self._lock:
             self._cache.setdefault(run_id, _RunCache()).log_records = list(records)
@@ -291,18 +267,24 @@ class MlflowBackend:
 
 
 class MlflowChannel:
-    """The listener's MLflow access: reads update tags, writes acks, info and ``atm/*`` metrics."""
+    """The listener's MLflow access: reads update tags, writes signed acks, info and ``atm/*`` metrics.
 
-    def __init__(self, run_id: str, tracking_uri: str | None = None):
+    ``key`` signs the acks; default from the environment on first use.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, key: SigningKey | None = None):
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        self.keys = KeySource(key)
+        #: Malformed update tags seen by the last fetch (see :class:`~atm.adapters.base.Channel`).
+        self.problems: list[MessageProblem] = []
 
     @classmethod
-    def from_environment(cls) -> "MlflowChannel | None":
+    def from_environment(cls, key: SigningKey | None = None) -> "MlflowChannel | None":
         """The job's active MLflow run, or ``MLFLOW_RUN_ID``; None when there is neither."""
         run = mlflow.active_run()
         run_id = run.info.run_id if run is not None else os.environ.get("MLFLOW_RUN_ID")
-        return cls(run_id) if run_id else None
+        return cls(run_id, key=key) if run_id else None
 
     def _tags(self) -> Mapping[str, str]:
         return _translate(f"run {self.run_id}", lambda: self.client.get_run(self.run_id)).data.tags
@@ -311,15 +293,17 @@ class MlflowChannel:
         _translate("set tag", lambda: self.client.set_tag(self.run_id, LISTENER_KEY, info.model_dump_json()[:TAG_LIMIT]))
 
     def fetch(self, after_seq: int) -> list[Update]:
-        updates, _, _, _ = parse_messages(self._tags())
-        return [updates[s] for s in sorted(updates) if s > after_seq]
+        msgs = parse_messages(self._tags())
+        self.problems = [p for p in msgs.problems if p.kind == "update" and (p.seq is None or p.seq > after_seq)]
+        return [msgs.updates[s] for s in sorted(msgs.updates) if s > after_seq]
 
     def acked(self) -> dict[int, Ack]:
-        _, acks, _, _ = parse_messages(self._tags())
-        return acks
+        return parse_messages(self._tags()).acks
 
     def ack(self, ack: Ack) -> None:
-        _translate("set tag", lambda: self.client.set_tag(self.run_id, ack_key(ack.seq), ack.model_dump_json()[:TAG_LIMIT]))
+        key = self.keys.get_or_none()  # without one the listener has said why; the ack still tells the watcher
+        text = (sign(ack, key) if key is not None else ack).model_dump_json()[:TAG_LIMIT]
+        _translate("set tag", lambda: self.client.set_tag(self.run_id, ack_key(ack.seq), text))
 
     def log_values(self, values: Mapping[str, float], step: int | None) -> None:
         ts = int(time.time() * 1000)

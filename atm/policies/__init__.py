@@ -10,6 +10,7 @@ from atm.policies._validator import (
     available_choices,
     check,
     choices,
+    max_factor,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "check",
     "choices",
     "load_policy",
+    "max_factor",
     "parse_policy",
     "policy_json_schema",
     "preset_names",

@@ -81,6 +81,15 @@ def choices(rule: ParamRule, current: float) -> list[float]:
     return sorted(out)
 
 
+def max_factor(rule: ParamRule) -> float | None:
+    """The most one move of this parameter may multiply or divide it by: its largest multiplier.
+
+    It travels in the signed update so the listener can refuse anything larger (see
+    :func:`atm.schema.in_force`). None for a parameter moved only by set-values.
+    """
+    return max((max(m, 1 / m) for m in rule.multipliers), default=None)
+
+
 def available_choices(policy: Policy, ctx: DecisionContext) -> dict[str, list[float]]:
     """Parameter -> allowed new values right now (cooldowns and budgets applied).
 
@@ -133,7 +142,10 @@ def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
             dropped[name] = why
             continue
         rule = policy.params[name]
-        accepted[name] = Change(old=ctx.params[name], new=float(round(new)) if rule.integer else float(new))
+        accepted[name] = Change(
+            old=ctx.params[name], new=float(round(new)) if rule.integer else float(new),
+            max_factor=max_factor(rule), min=rule.min,
+        )
 
     action = proposal.action
     if action is not None:

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+from atm.signing import SigningKey, key_from_text
 from atm.training.listener import ApplyMode, Knob, Listener, as_knob, attr
 
 log = logging.getLogger("atm.listener")
@@ -31,6 +32,7 @@ def listen(
     poll_interval: float = 1.0,
     channel: Any = None,
     distributed: bool = False,
+    key: SigningKey | str | None = None,
 ) -> Listener:
     """Attach atm to this training job and start receiving the manager's updates.
 
@@ -55,11 +57,16 @@ def listen(
             every rank with ``distributed=True``: rank 0 receives the updates and every 10 optimizer
             steps all ranks apply them together, so the replicas stay identical. Only rank 0 needs
             the run (other ranks attach to none).
+        key: the secret updates must be signed with (a :class:`atm.signing.SigningKey` or its text);
+            by default ``ATM_KEY``, ``ATM_KEY_FILE`` or the per-user key file, as the watcher finds
+            it. Updates not signed with it are never applied (acknowledged as ``rejected``).
 
     Returns:
         The started :class:`Listener`. With no run to attach to it warns once and does nothing.
     """
     global _warned_no_run
+    if isinstance(key, str):
+        key = key_from_text(key, "atm.listen(key=...)")
     target, scheduler = _unwrap(target), _unwrap(scheduler, "scheduler")
     all_knobs: dict[str, Knob] = {}
     hook: Callable[[Listener], None] | None = None
@@ -116,7 +123,7 @@ def listen(
         try:
             from atm.adapters import discover_channel
 
-            channel = discover_channel(run_id=run_id, backend=backend)
+            channel = discover_channel(run_id=run_id, backend=backend, key=key)
         except Exception as exc:  # a broken tracker setup must not stop training
             log.warning("atm: could not attach to a tracking run (%s); training continues unmanaged", exc)
             channel = None
@@ -136,6 +143,7 @@ def listen(
         poll_interval=poll_interval,
         in_training_thread=in_training_thread,
         sync=sync,
+        key=key,
     )
     if channel is not None or sync is not None:
         # With a sync, every rank takes part in its broadcasts, attached to a run or not.

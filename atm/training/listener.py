@@ -7,11 +7,18 @@ metrics); the training thread only takes updates off an in-memory queue, at the 
 network, and nothing the listener does raises into it.
 
 Updates are applied in ascending ``seq``, each at most once: a restarted listener resumes after
-the highest ``seq`` it has acknowledged on the run.
+the highest ``seq`` it has acknowledged on the run (with an ack it signed: one written in by anyone
+else does not count).
+
+Only the watcher can steer the job: an update is applied only when its signature checks with this
+job's key (:mod:`atm.signing`) and every change stays within the limits it carries
+(:func:`atm.schema.target_value`). Anything else is never applied, is acknowledged as ``rejected``
+with the reason, and is logged once; training goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -23,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from atm.adapters.base import RunNotFound
-from atm.schema import Ack, Action, ListenerInfo, Update, in_force
+from atm.schema import Ack, Action, LimitExceeded, ListenerInfo, Update, target_value
+from atm.signing import KeySource, SigningKey, verify
 from atm.training._dist import RankSync
 
 log = logging.getLogger("atm.listener")
@@ -61,6 +69,29 @@ def as_knob(name: str, spec: Any) -> Knob:
     )
 
 
+def resume_after(acks: Mapping[int, Ack], updates: Mapping[int, Update], key: SigningKey | None) -> int:
+    """The highest ``seq`` an earlier process of this job already dealt with: where to resume. Pure.
+
+    Only acks signed with the job's key count (a written-in ``atm.ack.000050`` would otherwise make
+    a resumed job skip every genuine update below it), and a ``rejected`` one only when its update
+    is genuine: an update refused for its signature takes no number from the watcher's own.
+    """
+    done = [
+        seq for seq, ack in acks.items()
+        if verify(ack, key) and (ack.status != "rejected" or (seq in updates and verify(updates[seq], key)))
+    ]
+    return max(done, default=0)
+
+
+def same_run(named: str, run_id: str | None) -> bool:
+    """Whether an update names this run: its id, or a path ending in it (a W&B ``entity/project/id``)."""
+    return run_id is not None and (named == run_id or named.endswith("/" + run_id))
+
+
+def _fingerprint(update: Update) -> str:
+    return hashlib.sha256(update.model_dump_json().encode()).hexdigest()
+
+
 #: Seconds between checks of whether the values in force moved (by more than 1%) since announced.
 #: 3 s: a warm-up or a job's own lr change otherwise reached the daemon up to 10 s late, and a cut was
 #: decided on the old value (seen: "lr 0.0025 -> 0.000625 (in force: 0.125)").
@@ -80,6 +111,7 @@ class Listener:
         poll_interval: float = 1.0,
         in_training_thread: bool = False,
         sync: RankSync | None = None,
+        key: SigningKey | None = None,
     ):
         if apply not in ("auto", "manual"):
             raise ValueError(f"apply must be 'auto' or 'manual', got {apply!r}")
@@ -112,6 +144,12 @@ class Listener:
         self._errors_logged: set[str] = set()
         #: A torch.distributed job's ranks apply rank 0's updates together (see atm.training._dist).
         self._sync = sync
+        #: The key updates must be signed with; resolved from the environment at start when not given.
+        self._keys = KeySource(key)
+        self._key: SigningKey | None = key
+        #: seq -> fingerprint of the message refused under it, so each is refused (logged, acked) once,
+        #: and a different message under the same number is judged afresh.
+        self._refused: dict[int, str] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -126,9 +164,12 @@ class Listener:
     def start(self) -> "Listener":
         if self.channel is None or self._thread is not None:
             return self
+        self._key = self._keys.get_or_none()
+        if self._key is None:
+            self._note("key", f"this job has no atm key ({self._keys.problem}); every update will be rejected "
+                              "until it has one. Training continues unmanaged.")
         try:
-            acked = self.channel.acked()
-            self._last_applied = max(acked, default=0)
+            self._resume()
         except Exception as exc:  # keep going: the thread retries the tracker
             self._note("resume", f"could not read earlier acks yet ({exc}); will retry")
             self._last_applied = -1  # unknown: do not apply anything until the acks were read
@@ -213,15 +254,24 @@ class Listener:
         for update in ready:
             if update.seq <= self._last_applied:
                 continue  # already applied (by an earlier process or a duplicate fetch)
-            done.append(self._apply_one(update, self._step(step)))
+            applied = self._apply_one(update, self._step(step))
+            if applied is not None:
+                done.append(applied)
         return done
 
-    def _apply_one(self, update: Update, step: int | None) -> Update:
+    def _apply_one(self, update: Update, step: int | None) -> Update | None:
         values: dict[str, float] = {}
         errors: list[str] = []
         # The values in force before the action: a change is the decided move from them. A rollback
         # that restores an older optimizer state brings back an older lr, which is not what was halved.
         before = {name: self._read(name) for name in update.changes}
+        # Every change is checked before anything is touched: an update lands whole or not at all.
+        try:
+            targets = {name: target_value(name, change, before.get(name)) for name, change in update.changes.items()}
+        except LimitExceeded as exc:
+            self._last_applied = update.seq  # dealt with: a genuine update, refused for good
+            self._reject(update.run_id, update.seq, f"update #{update.seq} not applied: {exc}", step)
+            return None
         # The action first: a rollback that restores the optimizer's state would otherwise undo the
         # new lr or weight decay that came with it.
         if update.action is not None:
@@ -235,8 +285,8 @@ class Listener:
                 errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
                 continue
             try:
-                knob.set(in_force(change.old, change.new, before.get(name)))
-                values[name] = float(knob.get()) if knob.get is not None else change.new
+                knob.set(targets[name])
+                values[name] = float(knob.get()) if knob.get is not None else targets[name]
             except Exception as exc:
                 errors.append(f"{name}: setter raised {exc!r}")
         ok = bool(values) or (update.action is not None and not any(e.startswith(update.action.value) for e in errors))
@@ -265,6 +315,58 @@ class Listener:
             self._flush()
         self._wake.set()
         return update
+
+    def _reject(self, run_id: str, seq: int, reason: str, step: int | None = None) -> None:
+        """Acknowledge ``seq`` as rejected, with the reason, and say it once in the job's log."""
+        log.warning("atm: %s", reason)
+        if self.channel is None:
+            return  # a follower rank: rank 0 acknowledges for the job
+        ack = Ack(run_id=run_id, seq=seq, status="rejected", applied_step=step, error=reason)
+        with self._lock:
+            self._outbox.append((ack, {}, step))
+        self._wake.set()
+
+    def _resume(self) -> None:
+        acks = self.channel.acked()
+        trusted = {seq: a for seq, a in acks.items() if verify(a, self._key)}
+        settled = max((seq for seq, a in trusted.items() if a.status != "rejected"), default=0)
+        # The updates are needed only to judge rejections above the last applied one (rare): most
+        # restarts read nothing more than before.
+        rejected_above = any(a.status == "rejected" and seq > settled for seq, a in trusted.items())
+        updates = {u.seq: u for u in self.channel.fetch(settled)} if rejected_above else {}
+        self._last_applied = resume_after(acks, updates, self._key)
+
+    def _admit(self, fresh: list[Update]) -> list[Update]:
+        """The updates from ``fresh`` that are the watcher's own for this run; the others are refused once each."""
+        ok = []
+        for update in fresh:
+            fingerprint = _fingerprint(update)
+            if self._refused.get(update.seq) == fingerprint:
+                continue
+            check = verify(update, self._key, key_problem=self._keys.problem, here="this job")
+            reason = check.reason
+            if check and not same_run(update.run_id, self.run_id):
+                reason = (f"update #{update.seq} is signed for run {update.run_id}, and this job is run {self.run_id}: "
+                          "a copy from another run; ignored")
+            if reason:
+                self._refused[update.seq] = fingerprint
+                self._reject(self.channel.run_id, update.seq, reason)
+                continue
+            ok.append(update)
+        # Messages that did not even parse: said once each, and refused when their name gives a number.
+        taken = {u.seq for u in ok}
+        for problem in list(getattr(self.channel, "problems", None) or ()):
+            if problem.seq is not None and (problem.seq <= self._last_applied or problem.seq in taken):
+                continue
+            key = f"problem:{problem}"
+            if problem.seq is not None:
+                if self._refused.get(problem.seq) == key:
+                    continue
+                self._refused[problem.seq] = key
+                self._reject(self.channel.run_id, problem.seq, str(problem))
+            else:
+                self._note(key, str(problem))
+        return ok
 
     def _read(self, name: str) -> float | None:
         """A knob's current value, or None when it has no getter, the getter fails or returns None."""
@@ -307,7 +409,7 @@ class Listener:
     def _cycle(self) -> None:
         try:
             if self._last_applied < 0:
-                self._last_applied = max(self.channel.acked(), default=0)
+                self._resume()
             self._flush()
             if not self._announce_needed and time.monotonic() - self._values_checked >= VALUES_REFRESH_S:
                 # A scheduler moves the lr all the time: the manager should decide on the value in force.
@@ -321,7 +423,7 @@ class Listener:
             if self._announce_needed:
                 self._announce()
             known = max([self._last_applied, *(u.seq for u in self._pending)])
-            fresh = self.channel.fetch(known)
+            fresh = self._admit(self.channel.fetch(known))
             if fresh:
                 with self._lock:
                     have = {u.seq for u in self._pending}

@@ -121,6 +121,13 @@ def test_accepted_reason_lists_each_change() -> None:
     assert verdict.reason == "within policy: lr 0.001 -> 0.002, wd 0 -> 0.1"
 
 
+def test_accepted_changes_carry_the_limits_the_listener_enforces() -> None:
+    # The policy's largest multiplier (either way) and its minimum travel inside the signed update.
+    verdict = check(propose({"lr": 5e-4, "dropout": 0.2}), make_policy(params__lr__multipliers=[0.25, 0.5, 2.0]), ctx_at())
+    assert verdict.changes["lr"].max_factor == 4.0 and verdict.changes["lr"].min == 1e-5
+    assert verdict.changes["dropout"].max_factor is None and verdict.changes["dropout"].min == 0.0
+
+
 def test_integer_value_is_a_whole_float() -> None:
     verdict = check(propose({"epochs": 6.0000002}), make_policy(), ctx_at())
     assert verdict.changes["epochs"].new == 6.0

@@ -79,7 +79,7 @@ def test_restarted_listener_resumes_after_acked_updates():
     model, opt = make_model()
     ch = FakeChannel()
     ch.publish(1, lr=(1e-3, 5e-4))
-    ch.acks[1] = Ack(run_id="run-1", seq=1, status="applied", applied_step=5, values={"lr": 5e-4})
+    ch.ack(Ack(run_id="run-1", seq=1, status="applied", applied_step=5, values={"lr": 5e-4}))  # signed, as a listener's
     ch.publish(2, weight_decay=(0.0, 0.01))
     lst = atm.listen(opt, channel=ch, poll_interval=0.01)
     try:

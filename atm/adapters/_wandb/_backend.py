@@ -13,10 +13,13 @@ from typing import Any
 from atm.adapters.base import (
     BackendError,
     BackendUnavailable,
+    MessageProblem,
+    RunMessages,
     RunNotFound,
     RunView,
     records_from_jsonl,
     records_to_jsonl,
+    verified,
 )
 from atm.adapters._wandb._local import (
     ACK_FILE_RE,
@@ -45,6 +48,7 @@ from atm.adapters._wandb._online import (
 from atm.adapters._wandb._txlog import LogFormatError, LogTail, RunLog, exit_code_at_end, read_run_record
 from atm.adapters._wandb._ui import RunUI
 from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.signing import KeySource, SigningKey, sign
 
 log = logging.getLogger("atm.wandb")
 
@@ -82,12 +86,13 @@ def _truthy(value: str | None) -> bool:
 class _LocalRun:
     """The daemon's view of one run directory. Not thread-safe: one daemon thread per run."""
 
-    def __init__(self, layout: RunLayout):
+    def __init__(self, layout: RunLayout, keys: KeySource):
         self.layout = layout
+        self.keys = keys
         self.tail: LogTail | None = None
         self.state = RunLog()
-        self.inbox = MessageFolder(layout.inbox, UPDATE_FILE_RE, Update)
-        self.outbox = MessageFolder(layout.outbox, ACK_FILE_RE, Ack)
+        self.inbox = MessageFolder(layout.inbox, UPDATE_FILE_RE, Update, "update")
+        self.outbox = MessageFolder(layout.outbox, ACK_FILE_RE, Ack, "ack")
 
     def poll(self, run_id: str) -> RunView:
         if self.tail is None:
@@ -103,6 +108,13 @@ class _LocalRun:
             raise BackendUnavailable(f"reading {self.tail.path}: {exc}") from exc
         listener = self.listener()
         updates = self.inbox.read()
+        acks = self.outbox.read()
+        taken = [*updates, *(p.seq for p in self.inbox.problems if p.seq is not None)]
+        msgs = verified(
+            RunMessages(updates, acks, listener, max([read_seq(self.layout.seq_file), *taken]),
+                        [*self.inbox.problems, *self.outbox.problems]),
+            self.keys.get_or_none(), key_problem=self.keys.problem,
+        )
         alive = process_alive(listener.pid, listener.host) if listener else None
         return RunView(
             run_id=run_id,
@@ -112,10 +124,11 @@ class _LocalRun:
             last_metric_time=self.state.last_time,
             moved=added > 0,
             listener=listener,
-            acks=self.outbox.read(),
-            updates=updates,
-            last_seq=max([read_seq(self.layout.seq_file), *updates]),
+            acks=msgs.acks,
+            updates=msgs.updates,
+            last_seq=msgs.seq,
             timeline=self.state.timeline.points,
+            problems=msgs.problems,
         )
 
     def listener(self) -> ListenerInfo | None:
@@ -133,11 +146,11 @@ class _LocalRun:
     def publish(self, record: DecisionRecord) -> None:
         if record.status == Status.PENDING:
             # The job knows its run by W&B's id, not by the folder or `latest-run` link the daemon was given.
-            update = record.to_update().model_copy(update={"run_id": self.layout.run_id or record.run_id})
+            update = sign(record.to_update(run_id=self.layout.run_id or record.run_id), self.keys.get())
             write_atomic(self.layout.inbox / update_name(record.seq), update.model_dump_json())
 
     def write_log(self, records: Sequence[DecisionRecord]) -> None:
-        write_atomic(self.layout.log_file, records_to_jsonl(records))
+        write_atomic(self.layout.log_file, records_to_jsonl(records, self.keys.get()))
 
     def read_log(self) -> list[DecisionRecord]:
         return records_from_jsonl(read_text(self.layout.log_file) or "")
@@ -156,6 +169,8 @@ class WandbBackend:
         api_timeout: seconds each W&B API request may take, the credential check included.
         api_factory: builds the ``wandb.Api`` (tests pass a fake); default ``wandb.Api(timeout=...)``.
         min_request_interval: seconds between two API requests for one run (W&B allows ~2/s).
+        key: signs what is published and logged, checks what is read; default from the
+            environment on first use (:func:`atm.signing.resolve_key`).
     """
 
     name = "wandb"
@@ -169,6 +184,7 @@ class WandbBackend:
         api_factory: Callable[[], Any] | None = None,
         min_request_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        key: SigningKey | None = None,
     ):
         if idle_seconds <= 0:
             raise ValueError(f"idle_seconds must be positive, got {idle_seconds}")
@@ -181,6 +197,7 @@ class WandbBackend:
         self.min_request_interval = min_request_interval
         self.clock = clock
         self._api = ApiHandle(api_factory or default_api_factory(api_timeout))
+        self.keys = KeySource(key)
         self._runs: dict[str, _LocalRun | OnlineRun] = {}
         self._projects: dict[Path, str] = {}
         self._lock = threading.Lock()
@@ -195,9 +212,9 @@ class WandbBackend:
         found: _LocalRun | OnlineRun
         run_dir = find_run_dir(run_id, self.wandb_dir)
         if run_dir is not None:
-            found = _LocalRun(RunLayout(run_dir.resolve()))
+            found = _LocalRun(RunLayout(run_dir.resolve()), self.keys)
         elif is_run_path(run_id):
-            found = OnlineRun(run_id, self._api, Pacer(self.min_request_interval))
+            found = OnlineRun(run_id, self._api, Pacer(self.min_request_interval), keys=self.keys)
         else:
             if "/" in run_id or os.sep in run_id:
                 where = f"{run_id!r} is not a W&B run directory (one holding a run-*.wandb file)"
@@ -227,7 +244,7 @@ class WandbBackend:
             except (OSError, LogFormatError) as exc:
                 log.debug("skipping %s: %s", run_dir, exc)
                 continue
-            info = _LocalRun(layout).listener()
+            info = _LocalRun(layout, self.keys).listener()
             if info is not None and process_alive(info.pid, info.host) is False:
                 continue
             if layout.run_id not in out:
@@ -293,6 +310,7 @@ class WandbChannel:
         remote_path: ``entity/project/run_id`` to also fetch updates through the public API.
         api_factory: builds the ``wandb.Api`` for ``remote_path`` (tests pass a fake).
         polling: force (True) or forbid (False) the polling observer; default from ``ATM_WANDB_POLLING``.
+        key: signs the acks; default from the environment on first use.
     """
 
     def __init__(
@@ -305,13 +323,17 @@ class WandbChannel:
         api_factory: Callable[[], Any] | None = None,
         polling: bool | None = None,
         remote_interval: float = REMOTE_INTERVAL_S,
+        key: SigningKey | None = None,
     ):
         self.layout = RunLayout(Path(run_dir))
         if not self.layout.run_dir.is_dir():
             raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
         self.run_id = run_id or self.layout.run_id
-        self.inbox = MessageFolder(self.layout.inbox, UPDATE_FILE_RE, Update)
-        self.outbox = MessageFolder(self.layout.outbox, ACK_FILE_RE, Ack)
+        self.keys = KeySource(key)
+        self.inbox = MessageFolder(self.layout.inbox, UPDATE_FILE_RE, Update, "update")
+        self.outbox = MessageFolder(self.layout.outbox, ACK_FILE_RE, Ack, "ack")
+        #: Malformed update files seen by the last fetch (see :class:`~atm.adapters.base.Channel`).
+        self.problems: list[MessageProblem] = []
         self.ui = RunUI(run, self.layout.files_dir, online=remote_path is not None) if run is not None else None
         self.remote = (
             RemoteInbox(remote_path, ApiHandle(api_factory or default_api_factory(10.0)), min_interval=remote_interval)
@@ -326,7 +348,7 @@ class WandbChannel:
         self._observer = self._watch(_truthy(os.environ.get(POLLING_ENV)) if polling is None else polling)
 
     @classmethod
-    def from_run(cls, run: Any) -> "WandbChannel | None":
+    def from_run(cls, run: Any, key: SigningKey | None = None) -> "WandbChannel | None":
         """The channel of a live ``wandb`` run (``wandb.run``); None for a disabled run."""
         settings = getattr(run, "settings", None)
         mode = str(getattr(settings, "mode", "") or "")
@@ -338,7 +360,7 @@ class WandbChannel:
         remote_path = None
         if not offline and os.environ.get(REMOTE_ENV, "1").strip() != "0":
             remote_path = f"{run.entity}/{run.project}/{run.id}"
-        return cls(run_dir, run=run, run_id=run.id, remote_path=remote_path)
+        return cls(run_dir, run=run, run_id=run.id, remote_path=remote_path, key=key)
 
     # ------------------------------------------------------------------ inbox watch
 
@@ -392,6 +414,7 @@ class WandbChannel:
 
     def fetch(self, after_seq: int) -> list[Update]:
         found = self.inbox.read(after_seq)
+        problems = list(self.inbox.problems)
         if self.remote is not None:
             try:
                 for seq, update in self.remote.fetch(after_seq).items():
@@ -402,6 +425,9 @@ class WandbChannel:
                 log.log(level, "atm: could not read updates from the W&B server (%s); the local inbox still works", exc)
                 if isinstance(exc, RunNotFound):
                     self.remote = None  # credentials or run missing: asking again will not help
+            if self.remote is not None:
+                problems += [p for p in self.remote.problems if p.seq is None or p.seq > after_seq]
+        self.problems = problems
         self._updates.update(found)
         self._show_acked()  # an update with an action only gets no log_values call
         if self.ui is not None:
@@ -415,7 +441,8 @@ class WandbChannel:
 
     def ack(self, ack: Ack) -> None:
         path = self.layout.outbox / ack_name(ack.seq)
-        write_atomic(path, ack.model_dump_json())
+        key = self.keys.get_or_none()  # without one the listener has said why; the ack still tells the watcher
+        write_atomic(path, (sign(ack, key) if key is not None else ack).model_dump_json())
         if self.ui is None:
             return
         if self.ui.online:

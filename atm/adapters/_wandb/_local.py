@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from atm.adapters.base import LOG_ARTIFACT, WANDB_RUN_DIR_RE
+from atm.adapters.base import LOG_ARTIFACT, WANDB_RUN_DIR_RE, MessageProblem, parse_message
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -159,18 +159,24 @@ class MessageFolder:
     """The numbered JSON messages in one folder (the inbox or the outbox), parsed once each.
 
     Messages are written once and never change (a re-publish writes identical content), so a
-    parsed message is cached by file name and size. Malformed files are skipped: a hand-edited or
-    foreign file must not stop the daemon or the job.
+    parsed message is cached by file name and size. Malformed files (and a file holding another
+    number's message) are not returned but listed in :attr:`problems`: a hand-edited or foreign
+    file must not stop the daemon or the job, nor go unsaid.
     """
 
-    def __init__(self, folder: Path, pattern: re.Pattern[str], model: type[M]):
+    def __init__(self, folder: Path, pattern: re.Pattern[str], model: type[M], kind: str):
         self.folder = folder
         self.pattern = pattern
         self.model = model
-        self._cache: dict[str, tuple[int, BaseModel | None]] = {}
+        #: ``update`` or ``ack``, for problem reports.
+        self.kind = kind
+        #: The malformed messages above ``after`` seen by the last :meth:`read`.
+        self.problems: list[MessageProblem] = []
+        self._cache: dict[str, tuple[int, BaseModel | MessageProblem | None]] = {}
 
     def read(self, after: int = 0) -> dict[int, M]:
         """Messages with a sequence number above ``after``, by sequence number."""
+        self.problems = []
         try:
             entries = list(os.scandir(self.folder))
         except (FileNotFoundError, NotADirectoryError):
@@ -186,22 +192,21 @@ class MessageFolder:
                 continue
             hit = self._cache.get(entry.name)
             if hit is None or hit[0] != size:
-                hit = (size, _parse(Path(entry.path), self.model))
+                hit = (size, self._parse(Path(entry.path), int(m.group(1))))
                 self._cache[entry.name] = hit
             msg = hit[1]
-            if msg is not None:
+            if isinstance(msg, MessageProblem):
+                self.problems.append(msg)
+            elif msg is not None:
                 out[int(m.group(1))] = msg  # type: ignore[assignment]
         return out
 
-
-def _parse(path: Path, model: type[M]) -> M | None:
-    text = read_text(path)
-    if text is None:
-        return None
-    try:
-        return model.model_validate_json(text)
-    except ValueError:
-        return None
+    def _parse(self, path: Path, seq: int) -> BaseModel | MessageProblem | None:
+        text = read_text(path)
+        if text is None:
+            return None  # removed meanwhile
+        where = f"file {path.parent.name}/{path.name}"
+        return parse_message(self.model, text, where, self.kind, seq)
 
 
 def read_seq(path: Path) -> int:

@@ -42,15 +42,20 @@ from atm.adapters.base import (
     LOG_ARTIFACT,
     BackendError,
     BackendUnavailable,
+    MessageProblem,
     Points,
+    RunMessages,
     RunNotFound,
     RunView,
     Timeline,
+    parse_message,
     records_from_jsonl,
     records_to_jsonl,
+    verified,
 )
 from atm.adapters._wandb._local import LISTENER_FILE, update_name
 from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.signing import KeySource, sign
 
 log = logging.getLogger("atm.wandb")
 
@@ -286,8 +291,10 @@ def _file_version(file: Any) -> str:
 class OnlineRun:
     """The daemon's view of one online run. Not thread-safe: one daemon thread per run."""
 
-    def __init__(self, path: str, api: ApiHandle, pacer: Pacer | None = None, scan_page_size: int = 1000):
+    def __init__(self, path: str, api: ApiHandle, pacer: Pacer | None = None, scan_page_size: int = 1000,
+                 keys: KeySource | None = None):
         self.path = path
+        self.keys = keys or KeySource()
         self.api = api
         self.pacer = pacer or Pacer()
         self.scan_page_size = scan_page_size
@@ -303,6 +310,8 @@ class OnlineRun:
         self._listener: ListenerInfo | None = None
         self._seq = 0
         self._log_listed = False
+        #: file name -> why it was not taken (malformed, or filed under another number).
+        self._problems: dict[str, MessageProblem] = {}
 
     def _refresh(self) -> Any:
         if self._run is None:
@@ -321,6 +330,12 @@ class OnlineRun:
             if self._read_through.get(key, -1) < last_step:
                 moved |= self._scan(run, key, last_step)
         self._read_messages(run)
+        taken = [*self._updates, *(p.seq for p in self._problems.values() if p.kind == "update" and p.seq is not None)]
+        msgs = verified(
+            RunMessages(dict(self._updates), dict(self._acks), self._listener, max([self._seq, *taken]),
+                        list(self._problems.values())),
+            self.keys.get_or_none(), key_problem=self.keys.problem,
+        )
         return RunView(
             run_id=run_id,
             name=str(getattr(run, "display_name", None) or getattr(run, "name", "") or ""),
@@ -328,11 +343,12 @@ class OnlineRun:
             history=self.history,
             last_metric_time=self.last_time,
             moved=moved,
-            listener=self._listener,
-            acks=dict(self._acks),
-            updates=dict(self._updates),
-            last_seq=max([self._seq, *self._updates]),
+            listener=msgs.listener,
+            acks=msgs.acks,
+            updates=msgs.updates,
+            last_seq=msgs.seq,
             timeline=self.timeline.points,
+            problems=msgs.problems,
         )
 
     def _history_keys(self, run: Any) -> tuple[int, list[str]]:
@@ -390,19 +406,31 @@ class OnlineRun:
                 self._take(name, text)
 
     def _take(self, name: str, text: str) -> None:
-        try:
-            if UPDATE_NAME_RE.match(name):
-                u = Update.model_validate_json(text)
-                self._updates[u.seq] = u
-            elif ACK_NAME_RE.match(name):
-                a = Ack.model_validate_json(text)
-                self._acks[a.seq] = a
-            elif name == LISTENER_NAME:
-                self._listener = ListenerInfo.model_validate_json(text)
-            elif name == SEQ_NAME:
+        self._problems.pop(name, None)
+        numbered = UPDATE_NAME_RE.match(name) or ACK_NAME_RE.match(name)
+        got: Any
+        if numbered and UPDATE_NAME_RE.match(name):
+            got = parse_message(Update, text, f"file {name}", "update", int(numbered.group(1)))
+            if isinstance(got, Update):
+                self._updates[got.seq] = got
+            else:
+                self._updates.pop(int(numbered.group(1)), None)  # replaced by something else
+        elif numbered:
+            got = parse_message(Ack, text, f"file {name}", "ack", int(numbered.group(1)))
+            if isinstance(got, Ack):
+                self._acks[got.seq] = got
+        elif name == LISTENER_NAME:
+            got = parse_message(ListenerInfo, text, f"file {name}", "listener", None)
+            if isinstance(got, ListenerInfo):
+                self._listener = got
+        else:  # SEQ_NAME
+            try:
                 self._seq = int(text.strip() or 0)
-        except ValueError:
-            log.debug("skipping malformed run file %s", name)
+                got = None
+            except ValueError:
+                got = MessageProblem(f"file {name}", f"is not a number ({text[:40]!r}); ignored", "seq")
+        if isinstance(got, MessageProblem):
+            self._problems[name] = got
 
     def reserve_seq(self, seq: int) -> None:
         self._upload(SEQ_NAME, str(seq))
@@ -410,12 +438,12 @@ class OnlineRun:
 
     def publish(self, record: DecisionRecord) -> None:
         if record.status == Status.PENDING:
-            update = record.to_update()
+            update = sign(record.to_update(), self.keys.get())
             self._upload(INBOX_PREFIX + update_name(record.seq), update.model_dump_json())
             self._updates[record.seq] = update
 
     def write_log(self, records: Sequence[DecisionRecord]) -> None:
-        self._upload(LOG_ARTIFACT, records_to_jsonl(records))
+        self._upload(LOG_ARTIFACT, records_to_jsonl(records, self.keys.get()))
         self._log_listed = True
 
     def read_log(self) -> list[DecisionRecord]:
@@ -470,6 +498,8 @@ class RemoteInbox:
         self._updates: dict[int, Update] = {}
         #: file name -> version downloaded (malformed ones too, so they are not fetched again).
         self._seen: dict[str, str] = {}
+        #: Malformed update files, by name: reported by the listener once each.
+        self._problems: dict[str, MessageProblem] = {}
         self._last = -math.inf
         self._run: Any = None
 
@@ -492,12 +522,18 @@ class RemoteInbox:
                 continue
             text = self.pacer.call(f"W&B file {f.name}", lambda f=f: _download_text(f))
             self._seen[str(f.name)] = _file_version(f)
-            try:
-                update = Update.model_validate_json(text)
-            except ValueError:
-                log.warning("atm: skipping malformed update file %s on run %s", f.name, self.path)
+            got = parse_message(Update, text, f"file {f.name} on W&B run {self.path}", "update", int(m.group(1)))
+            if isinstance(got, MessageProblem):
+                self._problems[str(f.name)] = got
+                self._updates.pop(int(m.group(1)), None)
                 continue
-            self._updates[update.seq] = update
+            self._problems.pop(str(f.name), None)
+            self._updates[got.seq] = got
+
+    @property
+    def problems(self) -> list[MessageProblem]:
+        """Malformed update files seen so far (the listener reports each once)."""
+        return list(self._problems.values())
 
 
 __all__ = [

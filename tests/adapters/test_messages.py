@@ -1,0 +1,77 @@
+"""A run's atm messages (atm.adapters.base): malformed ones are reported, not dropped; only signed ones are taken."""
+
+from __future__ import annotations
+
+from atm.adapters.base import (
+    LISTENER_KEY,
+    SEQ_KEY,
+    MessageProblem,
+    ack_key,
+    parse_messages,
+    update_key,
+    verified,
+)
+from atm.schema import Ack, Change, Diagnosis, ListenerInfo, Update
+from atm.signing import key_from_text, sign
+
+KEY = key_from_text("k" * 32, "test")
+OTHER = key_from_text("o" * 32, "other")
+
+
+def _update(seq: int) -> Update:
+    return Update(run_id="r", seq=seq, step=1, diagnosis=Diagnosis.PLATEAU, source="rules",
+                  changes={"lr": Change(old=1e-3, new=5e-4)})
+
+
+def test_malformed_tags_are_reported_with_what_is_wrong() -> None:
+    tags = {
+        update_key(1): sign(_update(1), KEY).model_dump_json(),
+        update_key(2): "{not json",
+        update_key(3): sign(_update(4), KEY).model_dump_json(),     # another number's update
+        "atm.update.7b": sign(_update(7), KEY).model_dump_json(),  # not an update name
+        ack_key(1): Ack(run_id="r", seq=1, status="applied", applied_step=3).model_dump_json(),
+        ack_key(2): '{"seq": 2}',
+        LISTENER_KEY: "null",
+        SEQ_KEY: "three",
+        "mlflow.user": "someone",
+    }
+    msgs = parse_messages(tags)
+    assert list(msgs.updates) == [1] and list(msgs.acks) == [1] and msgs.listener is None
+    by_where = {p.where: p for p in msgs.problems}
+    assert set(by_where) == {"tag atm.update.000002", "tag atm.update.000003", "tag atm.update.7b",
+                             "tag atm.ack.000002", "tag atm.listener", "tag atm.seq"}
+    assert "not a valid update" in by_where["tag atm.update.000002"].reason
+    assert by_where["tag atm.update.000002"].seq == 2 and by_where["tag atm.update.000002"].kind == "update"
+    assert "holds update #4, filed under #3" in by_where["tag atm.update.000003"].reason
+    assert "atm.update.NNNNNN" in by_where["tag atm.update.7b"].reason
+    assert "not a valid ack" in by_where["tag atm.ack.000002"].reason
+    # Numbers a malformed update took are taken: the watcher continues past them.
+    assert msgs.seq == 3
+    assert str(by_where["tag atm.ack.000002"]).startswith("tag atm.ack.000002: not a valid ack")
+
+
+def test_verified_keeps_only_what_the_key_signed_and_reports_the_rest() -> None:
+    tags = {
+        update_key(1): sign(_update(1), KEY).model_dump_json(),
+        update_key(2): _update(2).model_dump_json(),
+        update_key(3): sign(_update(3), OTHER).model_dump_json(),
+        ack_key(1): sign(Ack(run_id="r", seq=1, status="applied", applied_step=3), KEY).model_dump_json(),
+        ack_key(50): Ack(run_id="r", seq=50, status="applied", applied_step=3).model_dump_json(),
+        LISTENER_KEY: ListenerInfo(run_id="r", knobs=["lr"], values={"lr": 1e-3}, apply_mode="auto", pid=1,
+                                   started_at=0.0).model_dump_json(),
+    }
+    msgs = verified(parse_messages(tags), KEY)
+    assert list(msgs.updates) == [1] and list(msgs.acks) == [1] and msgs.listener is not None
+    assert msgs.seq == 3
+    reasons = {(p.kind, p.seq): p.reason for p in msgs.problems}
+    assert "update #2 is not signed" in reasons[("update", 2)]
+    assert f"signed with key id {OTHER.key_id}, this watcher has key id {KEY.key_id}" in reasons[("update", 3)]
+    assert "ack #50 is not signed" in reasons[("ack", 50)]
+    nokey = verified(parse_messages(tags), None, key_problem="ATM_KEY: too short")
+    assert nokey.updates == {} and "this watcher has no atm key (ATM_KEY: too short)" in nokey.problems[0].reason
+
+
+def test_a_problem_reads_as_one_line() -> None:
+    assert str(MessageProblem("tag atm.update.000002", "not a valid update; ignored", "update", 2)) == \
+        "tag atm.update.000002: not a valid update; ignored"
+    assert str(MessageProblem("", "update #2 is not signed", "update", 2)) == "update #2 is not signed"
