@@ -14,8 +14,8 @@ Rules every implementation keeps:
   check with its key; everything else on the run (malformed, unsigned, foreign) is listed in
   ``RunView.problems``. A channel returns what parses and lists the rest in its ``problems``; the
   listener checks signatures itself, so it can acknowledge what it refuses and why.
-- Thread safety: a Backend is used by one daemon thread per run; a Channel by the listener's
-  own thread only.
+- Thread safety: a Backend is used by the daemon's poll workers at once, each run by one worker
+  at a time; a Channel by the listener's own thread only.
 """
 
 from __future__ import annotations
@@ -87,6 +87,11 @@ class RunNotFound(BackendError):
 
 class BackendUnavailable(BackendError):
     """The tracker could not be reached or refused for now; worth retrying later."""
+
+
+class PoolExhausted(BackendUnavailable):
+    """The tracker answers, but this process ran out of connections to it (more calls at once than
+    its client's pool allows). Retried like an outage; its message says which setting to raise."""
 
 
 class Timeline:

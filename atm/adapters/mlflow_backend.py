@@ -33,6 +33,7 @@ from atm.adapters.base import (
     LOG_ARTIFACT,
     SEQ_KEY,
     BackendUnavailable,
+    PoolExhausted,
     MessageProblem,
     Points,
     RunNotFound,
@@ -70,17 +71,47 @@ def _translate(what: str, fn: Callable[[], T]) -> T:
     """Run one MLflow call, mapping its errors onto the backend contract."""
     try:
         return fn()
-    except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower():
-            raise RunNotFound(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
-        raise BackendUnavailable(f"{what}: {exc}") from exc
-    except (OSError, ConnectionError, TimeoutError) as exc:
-        raise BackendUnavailable(f"{what}: {exc}") from exc
-    except Exception as exc:  # requests' and sqlalchemy's errors: all transient from our side
-        if type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy"):
+    except Exception as exc:
+        advice = _pool_advice(exc)
+        if advice is not None:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PoolExhausted(f"{what}: {advice} ({first[:200]})") from exc
+        if isinstance(exc, MlflowException):
+            code = getattr(exc, "error_code", "")
+            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower():
+                raise RunNotFound(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+            raise BackendUnavailable(f"{what}: {exc}") from exc
+        # OS and network errors, and requests' and sqlalchemy's: all transient from our side.
+        if isinstance(exc, (OSError, ConnectionError, TimeoutError)) or (
+            type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+        ):
             raise BackendUnavailable(f"{what}: {exc}") from exc
         raise
+
+
+def _pool_advice(exc: BaseException) -> str | None:
+    """What to change when ``exc`` is a connection pool that ran dry (SQLAlchemy's ``QueuePool limit
+    of size N overflow M reached``), in this process or in the MLflow server; None for any other error.
+
+    A database store opened in this process raises SQLAlchemy's TimeoutError (MLflow wraps it); a
+    server whose own pool ran dry answers with its text. Either way the tracker works but is asked
+    for more at once than it was sized for: "unreachable" would send the user looking at the network.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    here = any(type(c).__name__ == "TimeoutError" and type(c).__module__.startswith("sqlalchemy") for c in chain)
+    if not here and not any("QueuePool limit" in str(c) for c in chain):
+        return None
+    if here:
+        size = os.environ.get("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "unset: 5")
+        overflow = os.environ.get("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "unset: 10")
+        return (f"this process ran out of connections to the tracking database (MLFLOW_SQLALCHEMYSTORE_POOL_SIZE "
+                f"{size}, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW {overflow}): raise them, or lower atm-watch --workers")
+    return ("the MLflow server ran out of connections to its database: raise MLFLOW_SQLALCHEMYSTORE_POOL_SIZE and "
+            "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW in the server's environment, or lower atm-watch --workers")
 
 
 @dataclass
