@@ -85,13 +85,13 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
 def _kubectl_has_server() -> bool:
     if shutil.which("kubectl") is None:
         return False
-    done = subprocess.run(["kubectl", "version", "--request-timeout=3s"], capture_output=True, text=True)
+    done = subprocess.run(["kubectl", "version", "--request-timeout=3s"], capture_output=True, text=True, check=False)
     return done.returncode == 0 and "Server Version" in done.stdout
 
 
 @pytest.mark.skipif(not _kubectl_has_server(), reason="kubectl --dry-run=client needs an API server to reach; none here")
 def test_kubectl_accepts_the_manifests() -> None:
-    done = subprocess.run(["kubectl", "apply", "--dry-run=client", "-f", str(DEPLOY / "k8s")], capture_output=True, text=True)
+    done = subprocess.run(["kubectl", "apply", "--dry-run=client", "-f", str(DEPLOY / "k8s")], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -202,11 +202,11 @@ def test_compose_runs_mlflow_on_postgres_and_the_daemon_against_it() -> None:
         assert "image" in svc and not svc["image"].endswith(":latest")
 
 
-@pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
+@pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode != 0
                     if shutil.which("docker") else True, reason="the docker compose plugin is not installed here")
 def test_docker_compose_accepts_the_file() -> None:
     done = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "-q"],
-                          capture_output=True, text=True, env={"ATM_KEY": "k" * 32, "PATH": "/usr/bin:/usr/local/bin"})
+                          capture_output=True, text=True, env={"ATM_KEY": "k" * 32, "PATH": "/usr/bin:/usr/local/bin"}, check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -258,14 +258,14 @@ def test_the_dockerfile_lints() -> None:
 def test_the_images_entrypoint_command_runs() -> None:
     exe = Path(sys.executable).parent / "atm-watch"
     assert exe.exists(), "atm-watch is installed with the package (pip install -e .)"
-    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     for flag in ("--workers", "--shard", "--metrics-port", "--health-file", "--experiment"):
         assert flag in done.stdout
 
 
 def _docker_daemon() -> bool:
-    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
 
 
 @pytest.mark.slow
@@ -273,9 +273,9 @@ def _docker_daemon() -> bool:
 def test_the_image_builds_and_its_entrypoint_answers() -> None:
     tag = "atm-watch:test"
     done = subprocess.run(["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run(["docker", "run", "--rm", tag, "--help"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["docker", "run", "--rm", tag, "--help"], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "--metrics-port" in done.stdout
 
 
@@ -284,8 +284,8 @@ def test_the_image_builds_and_its_entrypoint_answers() -> None:
 
 def test_the_systemd_unit_runs_a_command_atm_watch_accepts() -> None:
     unit = (DEPLOY / "atm-watch.service").read_text()
-    env = dict(re.findall(r"^Environment=(\w+)=(.*)$", unit, flags=re.M))
-    [exec_start] = re.findall(r"^ExecStart=(.*)$", unit, flags=re.M)
+    env = dict(re.findall(r"^Environment=(\w+)=(.*)$", unit, flags=re.MULTILINE))
+    [exec_start] = re.findall(r"^ExecStart=(.*)$", unit, flags=re.MULTILINE)
     argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], exec_start))
     assert argv[0].endswith("/atm-watch")
     args = parses_as_atm_watch(argv[1:])

@@ -240,7 +240,7 @@ class Service(Hooks):
         service = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(service.registry), CONTENT_TYPE_LATEST)
@@ -260,8 +260,8 @@ class Service(Hooks):
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds: not logged
-                pass
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # probes come every few seconds: not worth a log line each
 
         try:
             server = http.server.ThreadingHTTPServer((host, port), Handler)
@@ -279,4 +279,4 @@ class Service(Hooks):
             self._server = None
 
 
-__all__ = ["ErrorKind", "Hooks", "STALL_AFTER_S", "Service", "liveness"]
+__all__ = ["STALL_AFTER_S", "ErrorKind", "Hooks", "Service", "liveness"]

@@ -151,7 +151,8 @@ def test_shards_split_an_experiment_between_replicas(count: int) -> None:
         watcher = watching(daemon, experiment="e")
         mine = {r for r in runs if owns(r, Shard(k, count))}
         try:
-            wait_for(lambda: set(daemon.status) == mine and all(s.state != "starting" for s in daemon.status.values()), timeout=60)
+            wait_for(lambda d=daemon, m=mine: set(d.status) == m and all(s.state != "starting" for s in d.status.values()),
+                     timeout=60)
         finally:
             daemon.stop()
             watcher.join(timeout=30)

@@ -46,7 +46,7 @@ class CountingService(Service):
             self.lags.append(lag_s)
 
 
-def log_points(client, rid: str, start: int, end: int) -> None:  # noqa: ANN001
+def log_points(client, rid: str, start: int, end: int) -> None:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
