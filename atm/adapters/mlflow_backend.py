@@ -227,7 +227,37 @@ class MlflowBackend:
         cache.seen[key] = (latest_step, latest_ts)
 
     def _window(self, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]] | None:
-        """Points with start <= step <= end, or None when the fast path is unavailable or downsampled."""
+        """Points with start <= step <= end, or None when the fast path is unavailable (or a single step
+        holds more points than one read returns).
+
+        One read when few points are new. A range the store would downsample (a first read of a long
+        run) is read in pages of steps sized to hold fewer than ``WINDOW_MAX`` points each, which keeps
+        a first poll of a 100k-point metric to tens of reads instead of the whole-history call.
+        """
+        rows = self._window_rows(run_id, key, start, end)
+        if rows is None or len(rows) < WINDOW_MAX:
+            return rows
+        out: list[tuple[int, float, int]] = []
+        lo, span = start, WINDOW_MAX - 1
+        while lo <= end:
+            hi = min(end, lo + span - 1)
+            page = self._window_rows(run_id, key, lo, hi)
+            if page is None:
+                return None
+            if len(page) >= WINDOW_MAX:  # more than one point a step here: a smaller page
+                if span == 1:
+                    return None
+                span = max(1, span // 2)
+                continue
+            out.extend(page)
+            lo = hi + 1
+            # Sparse steps (an evaluation every 100 steps): widen the page to the density just seen.
+            span = max(span, int(span * (WINDOW_MAX - 1) / max(len(page), 1) * 0.8))
+        return out
+
+    def _window_rows(self, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]] | None:
+        """One step-window read (downsampled by the store past ``WINDOW_MAX`` points), or None when the
+        fast path is unavailable."""
         store = self.client._tracking_client.store
         try:
             if hasattr(store, "get_host_creds"):
@@ -242,8 +272,6 @@ class MlflowBackend:
         except Exception as exc:  # an optimisation only: any failure means "use the public API"
             log.debug("step-window read of %s failed (%s); using full history", key, exc)
             return None
-        if len(rows) >= WINDOW_MAX:
-            return None  # the window was downsampled: read everything instead
         return rows
 
     @staticmethod

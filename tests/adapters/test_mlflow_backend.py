@@ -43,6 +43,33 @@ def test_mlflow_server_reads_only_new_step_windows(mlflow_server: str) -> None:
     _incremental_reads_use_step_windows(mlflow_server)
 
 
+def _first_read_of_a_long_metric_is_paged(uri: str) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    rid = client.create_run(client.create_experiment("paged")).info.run_id
+    # 6,000 points a step apart and 600 an evaluation (every 10 steps): more than one step-window
+    # read returns (2,500) before the store downsamples.
+    for lo in range(0, 6000, 1000):
+        client.log_batch(rid, metrics=[Metric("train_loss", 1.0 / (s + 1), 0, s) for s in range(lo, lo + 1000)]
+                         + [Metric("val_loss", 2.0 / (s + 1), 0, s) for s in range(lo, lo + 1000, 10)])
+    backend = CountingBackend(uri)
+    view = backend.poll(rid)
+    assert [s for s, _ in view.history["train_loss"]] == list(range(6000))
+    assert [s for s, _ in view.history["val_loss"]] == list(range(0, 6000, 10))
+    assert backend.full_reads == 0, "a long first read goes in step-window pages, not the whole-history call"
+
+
+def test_sqlite_store_reads_a_long_metric_in_pages(mlflow_uri: str) -> None:
+    _first_read_of_a_long_metric_is_paged(mlflow_uri)
+
+
+@pytest.mark.server
+def test_mlflow_server_reads_a_long_metric_in_pages(mlflow_server: str) -> None:
+    _first_read_of_a_long_metric_is_paged(mlflow_server)
+
+
 @pytest.mark.server
 def test_mlflow_server_update_roundtrip(mlflow_server: str) -> None:
     from mlflow.tracking import MlflowClient
