@@ -32,13 +32,17 @@ def _isolated_environment():
 TEST_KEY = "atm-test-key-0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def _atm_key(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _atm_key(tmp_path_factory: pytest.TempPathFactory):
     """Every test signs and checks with ``TEST_KEY``, and a per-user key file, if a test asks for
-    one, lands in a temporary config folder: no test reads or writes the real ~/.config/atm/key."""
-    monkeypatch.setenv("ATM_KEY", TEST_KEY)
-    monkeypatch.delenv("ATM_KEY_FILE", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    one, lands in a temporary config folder: no test reads or writes the real ~/.config/atm/key.
+    Session-wide, so that processes started by module- and session-scoped fixtures (job servers,
+    daemons) have it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATM_KEY", TEST_KEY)
+        mp.delenv("ATM_KEY_FILE", raising=False)
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+        yield
 
 
 @pytest.fixture(scope="session")
