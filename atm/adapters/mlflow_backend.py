@@ -35,7 +35,7 @@ from atm.adapters.base import (
     BackendUnavailable,
     PoolExhausted,
     MessageProblem,
-    Points,
+    PointSeries,
     RunNotFound,
     RunView,
     Timeline,
@@ -116,7 +116,7 @@ def _pool_advice(exc: BaseException) -> str | None:
 
 @dataclass
 class _RunCache:
-    history: dict[str, Points] = field(default_factory=dict)
+    history: dict[str, PointSeries] = field(default_factory=dict)
     #: key -> (step, timestamp ms) of the newest point read.
     seen: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Keys logged without ``step=`` (every point at step 0): numbered by arrival instead.
@@ -194,7 +194,7 @@ class MlflowBackend:
         )
 
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
-        pts = cache.history.setdefault(key, [])
+        pts = cache.history.setdefault(key, PointSeries())
         prev_step, prev_ts = cache.seen.get(key, (-1, -1))
         if key in cache.stepless or (pts and latest_step <= prev_step):
             full = self._full_history(run_id, key)
@@ -202,14 +202,14 @@ class MlflowBackend:
                 # Logged without step= (every point at step 0): the window query cannot find new
                 # points by step, and the points' order is their only axis.
                 cache.stepless.add(key)
-                cache.history[key] = [(i, v) for i, (_, v, _) in enumerate(full)]
+                cache.history[key] = PointSeries((i, v) for i, (_, v, _) in enumerate(full))
                 new = [(ts / 1000.0, i) for i, (_, _, ts) in enumerate(full) if i >= len(pts)]
             else:
                 # The step went back: a job resumed from a checkpoint logs its steps again. The newest
                 # point of each step is the run as it is (read as row numbers, the run's step axis
                 # was lost and the daemon waited for evaluations past the old steps for good).
                 newest = {s: v for s, v, _ in full}  # full is in time order: later points win
-                cache.history[key] = sorted(newest.items())
+                cache.history[key] = PointSeries(sorted(newest.items()))
                 new = [(ts / 1000.0, s) for s, _, ts in full if ts > prev_ts]
         else:
             got = self._window(run_id, key, prev_step + 1, latest_step)
@@ -220,7 +220,7 @@ class MlflowBackend:
             if fresh and len(pts) > len(fresh) and fresh[0][0] < pts[-len(fresh) - 1][0]:
                 # Rare: a point older than the ones already read. Sorting the whole series on every poll
                 # made a poll cost the run's length, not what is new.
-                pts.sort(key=lambda p: p[0])
+                pts.sort_by_step()
             new = [(ts / 1000.0, s) for s, _, ts in got]
         if not key.startswith("atm/"):
             cache.timeline.add(new)

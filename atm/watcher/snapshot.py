@@ -422,7 +422,15 @@ class RunTelemetry:
                     gaps = self._gaps = None
                 n = 0
             if len(pts) > n:
-                new[key] = [_point(p) for p in pts[n:]]
+                fresh = [_point(p) for p in pts[n:]]
+                if not _in_order(fresh, state.last[0] if state.n else None):
+                    # Points older than ones already folded (a tracker that keeps arrival order): the
+                    # statistics are of the series in step order, so fold it again, sorted.
+                    state = self._series[key] = self._fresh(key)
+                    if gaps is not None and key in gaps.keys:
+                        gaps = self._gaps = None
+                    fresh = sorted((_point(p) for p in pts), key=lambda p: p[0])
+                new[key] = fresh
                 self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1]))
         if gaps is None and "train_loss" in self.roles and "val_loss" in self.roles:
             gaps = self._gaps = self._fresh_gaps(history)
@@ -472,7 +480,7 @@ class RunTelemetry:
             self._series[key] = self._fresh(key)
             pts = history[key]
             self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1])) if pts else (0, (0, 0.0), (0, 0.0))
-        self._fold_pair(gaps, [_point(p) for p in history[train_key]], [_point(p) for p in history[val_key]])
+        self._fold_pair(gaps, *(sorted((_point(p) for p in history[k]), key=lambda p: p[0]) for k in gaps.keys))
         return gaps
 
     def _fold_pair(self, gaps: _Gaps, train_new: Sequence[tuple[int, float]],
@@ -623,6 +631,16 @@ class RunTelemetry:
             recent=self.effects(records, recent),
             **kw,
         )
+
+
+def _in_order(points: Sequence[tuple[int, float]], after: int | None) -> bool:
+    """Whether ``points`` are in step order and none is before step ``after``."""
+    prev = after if after is not None else -math.inf
+    for s, _ in points:
+        if s < prev:
+            return False
+        prev = s
+    return True
 
 
 def _base(role: str) -> str:

@@ -162,3 +162,25 @@ def test_eval_steps_count_the_evaluation_metric(policy: Policy) -> None:
     telemetry = RunTelemetry(policy)
     telemetry.fold(history)
     assert list(telemetry.eval_steps()) == list(range(100, 1001, 100))
+
+
+def test_points_folded_out_of_order_read_as_the_series_in_step_order() -> None:
+    # A tracker that keeps arrival order (W&B rows) can hand over a point older than ones already folded.
+    early = {"train_loss": [(1, 3.0), (2, 2.5), (4, 2.0)]}
+    late = {"train_loss": [(1, 3.0), (2, 2.5), (4, 2.0), (3, 2.2), (5, 1.9)]}
+    telemetry = RunTelemetry(LM)
+    telemetry.fold(early)
+    telemetry.fold(late)
+    assert snap(telemetry) == snap(folded(LM, {"train_loss": sorted(late["train_loss"])}, [{"train_loss": 5}]))
+
+
+def test_a_backend_series_in_compact_arrays_folds_like_a_list() -> None:
+    from atm.adapters.base import PointSeries
+
+    pts = [(s, 1.0 / (s + 1)) for s in range(500)]
+    compact = RunTelemetry(LM)
+    compact.fold({"train_loss": PointSeries(pts[:300])})
+    compact.fold({"train_loss": PointSeries(pts)})
+    assert snap(compact) == snap(folded(LM, {"train_loss": pts}, [{"train_loss": 500}]))
+    series = PointSeries(pts)
+    assert series[3] == (3, 0.25) and series[-1] == pts[-1] and series[10:12] == pts[10:12] and series == pts

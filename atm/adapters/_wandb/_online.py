@@ -43,7 +43,7 @@ from atm.adapters.base import (
     BackendError,
     BackendUnavailable,
     MessageProblem,
-    Points,
+    PointSeries,
     RunMessages,
     RunNotFound,
     RunView,
@@ -298,7 +298,7 @@ class OnlineRun:
         self.api = api
         self.pacer = pacer or Pacer()
         self.scan_page_size = scan_page_size
-        self.history: dict[str, Points] = {}
+        self.history: dict[str, PointSeries] = {}
         self.last_time = 0.0
         self.timeline = Timeline()
         #: key -> last step read.
@@ -370,7 +370,7 @@ class OnlineRun:
             f"W&B history {key}",
             lambda: list(run.scan_history(keys=[key], min_step=start, page_size=self.scan_page_size, use_cache=False)),
         )
-        pts = self.history.setdefault(key, [])
+        pts = self.history.setdefault(key, PointSeries())
         added = 0
         logged: list[tuple[float, int]] = []
         for row in rows:

@@ -33,7 +33,7 @@ from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
-from atm.adapters.base import Timeline
+from atm.adapters.base import PointSeries, Timeline
 
 log = logging.getLogger("atm.wandb")
 
@@ -202,7 +202,7 @@ class RunLog:
     tags: tuple[str, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
     #: Metric key -> (step, value) points in log order. Media and non-numeric values are left out.
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    history: dict[str, PointSeries] = field(default_factory=dict)
     last_step: int = -1
     #: Wall time (seconds) of the newest history row; 0 when none.
     last_time: float = 0.0
@@ -279,7 +279,7 @@ class RunLog:
         for key, value in values.items():
             if key.startswith("_"):
                 continue  # _runtime and W&B's own bookkeeping
-            self.history.setdefault(key, []).append((atm_istep if key.startswith("atm/") else istep, value))
+            self.history.setdefault(key, PointSeries()).append((atm_istep if key.startswith("atm/") else istep, value))
             added += 1
         # A row the listener wrote into (values or the table, commit=False, so they join the job's open
         # row) is stamped when that row closes, after the change: it would place the change one
