@@ -119,11 +119,17 @@ class Service(Hooks):
         self._last_progress = clock()
         self._file_written = float("-inf")
         self._writing = False
+        self._said_file_error = False
         self.ready = False
         self.registry: Any = None
         self._server: http.server.ThreadingHTTPServer | None = None
         if metrics:
             self._make_metrics()
+        if self.health_file is not None:
+            try:  # a folder that does not exist or cannot be written is said now, not as a failing probe later
+                self._replace_health_file("starting\n")
+            except OSError as exc:
+                raise OSError(f"cannot write the health file {self.health_file}: {exc.strerror or exc}") from exc
 
     def _make_metrics(self) -> None:
         try:
@@ -202,28 +208,34 @@ class Service(Hooks):
             self._writing = self._writing or due
         if not due:
             return
-        written = False
+        attempted = False
         try:
-            written = self._write_health_file()
+            attempted = self._write_health_file()
         finally:
             with self._lock:
                 self._writing = False
-                if written:
+                if attempted:
                     self._file_written = now
 
     def _write_health_file(self) -> bool:
-        assert self.health_file is not None
+        """Rewrite the file if the watch is live; returns whether it tried (a stalled watch leaves it to age)."""
         live, why = self.live()
         if not live:
-            return False  # left to age: the check of its age fails
-        tmp = self.health_file.with_name(self.health_file.name + ".tmp")
-        try:
-            tmp.write_text(f"{why}\n")
-            os.replace(tmp, self.health_file)
-        except OSError as exc:
-            log.warning("cannot write the health file %s (%s); a liveness check reading it will fail", self.health_file, exc)
             return False
+        try:
+            self._replace_health_file(f"{why}\n")
+        except OSError as exc:
+            if not self._said_file_error:
+                self._said_file_error = True
+                log.warning("cannot write the health file %s (%s); a liveness check reading it will fail",
+                            self.health_file, exc)
         return True
+
+    def _replace_health_file(self, text: str) -> None:
+        assert self.health_file is not None
+        tmp = self.health_file.with_name(self.health_file.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.health_file)  # whole or not at all: a probe never reads half a file
 
     # ------------------------------------------------------------------ HTTP
 

@@ -49,6 +49,11 @@ def test_the_health_file_is_kept_fresh_only_while_the_watch_is_live(tmp_path: Pa
     assert health.exists() and service.live()[0]
 
 
+def test_a_health_file_that_cannot_be_written_is_said_at_start(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match=r"cannot write the health file .*/missing/health: No such file or directory"):
+        Service(metrics=False, health_file=tmp_path / "missing" / "health")
+
+
 def get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
