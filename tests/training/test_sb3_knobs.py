@@ -271,14 +271,12 @@ def test_a_model_with_a_listener_still_saves_and_loads(tmp_path):
 
 def test_a_second_learn_with_a_new_callback_applies_its_updates():
     import atm
-    from atm.schema import Change, Diagnosis, Update
     from atm.testing import FakeChannel, wait_for
 
     model = make_model()
     first, second = FakeChannel(), FakeChannel()
     model.learn(ROLLOUT, callback=atm.sb3_callback(channel=first, poll_interval=0.01))
-    second.updates[1] = Update(run_id="run-1", seq=1, step=0, diagnosis=Diagnosis.PLATEAU, source="rules",
-                               changes={"lr": Change(old=3e-4, new=1e-3)})
+    second.publish(1, step=0, lr=(3e-4, 1e-3))  # signed, as the watcher's
     cb = atm.sb3_callback(channel=second, poll_interval=0.01)
 
     def received(_model):  # at each rollout's end: the first update must be in before training on it
