@@ -313,11 +313,9 @@ def _as_number(value: Any) -> float | None:
     size = size() if callable(size) else getattr(value, "size", None)
     if size == 1 and callable(getattr(value, "item", None)) and not isinstance(value, numbers.Number):
         value = value.item()
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool is not numbers.Real
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # a flag is not a metric
         return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return None
+    return float(value)
 
 
 def dropout(model: Any) -> Knob:
