@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from atm.adapters.base import RunNotFound
 from atm.schema import Ack, Action, LimitExceeded, ListenerInfo, Update, target_value
-from atm.signing import KeySource, SigningKey, verify
+from atm.signing import KeySource, SignatureCheck, SigningKey, verify
 from atm.training._dist import RankSync
 
 log = logging.getLogger("atm.listener")
@@ -343,7 +343,10 @@ class Listener:
             fingerprint = _fingerprint(update)
             if self._refused.get(update.seq) == fingerprint:
                 continue
-            check = verify(update, self._key, key_problem=self._keys.problem, here="this job")
+            try:
+                check = verify(update, self._key, key_problem=self._keys.problem, here="this job")
+            except Exception as exc:  # a message that cannot even be serialized is refused, not retried forever
+                check = SignatureCheck(False, f"update #{update.seq} could not be checked ({exc!r}); ignored")
             reason = check.reason
             if check and not same_run(update.run_id, self.run_id):
                 reason = (f"update #{update.seq} is signed for run {update.run_id}, and this job is run {self.run_id}: "
