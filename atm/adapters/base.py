@@ -216,6 +216,11 @@ class Backend(Protocol):
         """Record that ``seq`` is taken, before anything with that number is written."""
         ...
 
+    def forget(self, run_id: str) -> None:
+        """Drop what is kept for a run the daemon stopped watching (the points read so far); a later poll
+        reads it anew. A daemon watching an experiment for months sees thousands of runs end."""
+        ...
+
 
 class Channel(Protocol):
     """The listener's view of its own run.

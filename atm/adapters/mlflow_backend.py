@@ -299,6 +299,10 @@ class MlflowBackend:
     def reserve_seq(self, run_id: str, seq: int) -> None:
         _translate("set tag", lambda: self.client.set_tag(run_id, SEQ_KEY, str(seq)))
 
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._cache.pop(run_id, None)
+
     def publish(self, record: DecisionRecord) -> None:
         run_id = record.run_id
         if record.status == Status.PENDING:

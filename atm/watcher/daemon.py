@@ -263,6 +263,7 @@ class Daemon:
                 watched = len(self._schedule)
                 self._lock.notify()
             if done:
+                self._release(run_id)
                 self.hooks.watching(watched)
                 self._watch_wake.set()  # a run not found ends atm-watch now, not at the next listing
 
@@ -317,6 +318,11 @@ class Daemon:
             log.warning("run %s: the tracker answers again (after %d failed polls)", run_id, w.down)
         w.failures = w.down = 0
         return None, st.done, None
+
+    def _release(self, run_id: str) -> None:
+        """A run's watch ended: drop its points here and in the backend (its decisions and status stay)."""
+        self._states[run_id].telemetry = None
+        self.backend.forget(run_id)
 
     def _backoff(self, failures: int) -> float:
         return min(self.interval * 2**failures, MAX_BACKOFF_S)

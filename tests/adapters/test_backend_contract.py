@@ -91,6 +91,19 @@ def test_reads_incrementally(harness: Harness) -> None:
     assert pts[-1][1] == pytest.approx(1.2)
 
 
+def test_a_forgotten_run_is_read_anew(harness: Harness) -> None:
+    # The daemon forgets a run whose watch ended; what the backend kept for it goes, and nothing breaks.
+    rid = harness.new_run()
+    for s in range(1, 4):
+        harness.log(rid, "val_loss", 2.0 - s * 0.1, s * 10)
+    backend = harness.backend()
+    backend.poll(rid)
+    backend.forget(rid)
+    view = backend.poll(rid)
+    assert view.moved and [s for s, _ in view.history["val_loss"]] == [10, 20, 30]
+    backend.forget(harness.missing_run_id)  # never read: nothing to drop
+
+
 def test_publish_fetch_ack_roundtrip(harness: Harness) -> None:
     rid = harness.new_run()
     backend, channel = harness.backend(), harness.channel(rid)

@@ -21,14 +21,18 @@ from atm.watcher.shard import Shard, owns
 
 
 class CountingTracker:
-    """Fake tracker: RUNNING runs with no listener. Counts polls, records any run polled by two threads at
-    once, and holds the polls of runs in ``held`` until ``release`` is set."""
+    """Fake tracker: RUNNING runs with no listener (``finished`` ones FINISHED). Counts polls, records any run
+    polled by two threads at once and the runs forgotten, and holds the polls of runs in ``held`` until
+    ``release`` is set."""
 
     name = "fake"
 
-    def __init__(self, runs: list[str], held: set[str] = frozenset(), fail: BaseException | None = None) -> None:
+    def __init__(self, runs: list[str], held: set[str] = frozenset(), fail: BaseException | None = None,
+                 finished: set[str] = frozenset()) -> None:
         self.runs = runs
         self.held = held
+        self.finished = finished
+        self.forgotten: list[str] = []
         self.release = threading.Event()
         self.fail = fail
         self.polls: Counter[str] = Counter()
@@ -49,7 +53,8 @@ class CountingTracker:
                 self.release.wait(60)
             if self.fail is not None:
                 raise self.fail
-            return RunView(run_id=run_id, name=run_id, status="RUNNING", history={}, last_metric_time=0.0, moved=False)
+            status = "FINISHED" if run_id in self.finished else "RUNNING"
+            return RunView(run_id=run_id, name=run_id, status=status, history={}, last_metric_time=0.0, moved=False)
         finally:
             with self._lock:
                 self._active.discard(run_id)
@@ -66,6 +71,9 @@ class CountingTracker:
 
     def reserve_seq(self, run_id: str, seq: int) -> None:
         pass
+
+    def forget(self, run_id: str) -> None:
+        self.forgotten.append(run_id)
 
 
 class RecordingHooks(Hooks):
@@ -129,6 +137,20 @@ def test_a_run_whose_poll_hangs_holds_up_one_worker_not_the_others() -> None:
         daemon.stop()
         watcher.join(timeout=30)
     assert tracker.overlaps == [] and tracker.polls[runs[0]] == 1
+
+
+def test_a_run_whose_watch_ended_is_forgotten_and_not_picked_up_again() -> None:
+    runs = ids(3)
+    tracker = CountingTracker(runs, finished={runs[0]})  # still listed by the experiment, as an idle run would be
+    daemon = Daemon(tracker, load_policy("lm"), interval=0.02, workers=2)
+    watcher = watching(daemon, experiment="e")
+    try:
+        wait_for(lambda: tracker.forgotten == [runs[0]] and min(tracker.polls[r] for r in runs[1:]) >= 5, timeout=60)
+    finally:
+        daemon.stop()
+        watcher.join(timeout=30)
+    assert daemon.status[runs[0]].state == "finished" and tracker.polls[runs[0]] == 1
+    assert daemon._states[runs[0]].telemetry is None
 
 
 def test_stop_ends_the_waits_of_idle_workers() -> None:

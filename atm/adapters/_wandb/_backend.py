@@ -280,6 +280,10 @@ class WandbBackend:
     def reserve_seq(self, run_id: str, seq: int) -> None:
         self._write(run_id, lambda t: t.reserve_seq(seq))
 
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
     def _write(self, run_id: str, fn: Callable[[Any], None]) -> None:
         target = self._target(run_id)
         try:
