@@ -222,6 +222,30 @@ def test_publish_reaches_a_remote_listener_and_its_ack_comes_back(tmp_path: Path
     assert list(view.updates) == [1] and list(view.acks) == [1] and view.last_seq == 1
 
 
+def test_only_signed_update_files_are_the_runs_and_the_rest_is_reported(tmp_path: Path) -> None:
+    from atm.signing import key_from_text, sign
+
+    run = FakeWandbApiRun(PATH)
+    api = FakeWandbApi(run)
+    backend = backend_for(api, tmp_path)
+    backend.publish(record(1))
+    run.save_file("atm/inbox/update-000002.json", record(2).to_update().model_dump_json())           # unsigned
+    other = key_from_text("a-colleagues-own-atm-key", "other")
+    run.save_file("atm/inbox/update-000003.json", sign(record(3).to_update(), other).model_dump_json())
+    run.save_file("atm/inbox/update-000004.json", "{broken")
+    run.save_file("atm/outbox/ack-000009.json", Ack(run_id=PATH, seq=9, status="applied", applied_step=1).model_dump_json())
+    view = backend.poll(PATH)
+    assert list(view.updates) == [1] and view.acks == {} and view.last_seq == 4
+    reported = " | ".join(str(p) for p in view.problems)
+    for needle in ("update #2 is not signed", f"update #3 is signed with key id {other.key_id}",
+                   "file atm/inbox/update-000004.json: not a valid update", "ack #9 is not signed"):
+        assert needle in reported
+    inbox = RemoteInbox(PATH, ApiHandle(lambda: api), min_interval=0)
+    inbox.pacer.min_interval = 0
+    assert sorted(inbox.fetch(0)) == [1, 2, 3]  # the listener checks signatures itself, and acks what it refuses
+    assert [p.seq for p in inbox.problems] == [4] and "not a valid update" in inbox.problems[0].reason
+
+
 def test_remote_inbox_downloads_each_update_once() -> None:
     run = FakeWandbApiRun(PATH)
     api = FakeWandbApi(run)
