@@ -13,7 +13,9 @@ Rules every implementation keeps:
   environment on first use. A backend's :meth:`Backend.poll` returns only updates and acks that
   check with its key; everything else on the run (malformed, unsigned, foreign) is listed in
   ``RunView.problems``. A channel returns what parses and lists the rest in its ``problems``; the
-  listener checks signatures itself, so it can acknowledge what it refuses and why.
+  listener checks signatures itself, so it can acknowledge what it refuses and why. With no key to
+  sign with, publishing and logging raise :class:`atm.signing.KeyUnavailable` (a setting to fix, not
+  worth retrying; the daemon should resolve the key when it starts and pass it in).
 - Thread safety: a Backend is used by the daemon's poll workers at once, each run by one worker
   at a time; a Channel by the listener's own thread only.
 """
