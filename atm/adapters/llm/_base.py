@@ -48,6 +48,8 @@ class Attempt:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Prompt tokens the server took from its cache instead of evaluating (None: not reported).
+    cached_tokens: int | None = None
     #: Why the answer was refused (validation error) or why the call failed (transport error).
     error: str = ""
 

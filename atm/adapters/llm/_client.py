@@ -203,6 +203,7 @@ class LLMClient:
                     finish_reason=choice.finish_reason,
                     prompt_tokens=getattr(usage, "prompt_tokens", None),
                     completion_tokens=getattr(usage, "completion_tokens", None),
+                    cached_tokens=getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None),
                 )
             )
             return response
@@ -224,6 +225,7 @@ class LLMClient:
             "latency_s": round(time.perf_counter() - t0, 3),
             "prompt_tokens": total("prompt_tokens"),
             "completion_tokens": total("completion_tokens"),
+            "cached_tokens": total("cached_tokens"),
         }
 
 

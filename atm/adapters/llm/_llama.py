@@ -4,12 +4,27 @@ llama-cpp-python builds a grammar only for ``response_format={"type": "json_obje
 (it ignores OpenAI's ``json_schema`` form), so this backend always asks for ``json_object``.
 Each model file is loaded once per process and shared; calls on it are serialised by a lock
 because a ``Llama`` object holds one KV cache and is not thread-safe.
+
+Speed on a small CPU shared with a training job (``benchmarks/llm_latency.py``):
+
+- The KV cache of the prompt prefix a call shares with the previous one (the chat template and
+  system prompt, which every decision starts with; the whole first prompt when a re-ask follows
+  it) is reused: the shared ``Llama`` keeps its last tokens and llama-cpp-python evaluates only
+  what differs. A ``LlamaRAMCache`` is not used: it would help only where an older call shared
+  more of the prompt than the last one did, and it copies the model state after every call
+  (117 MB for SmolLM2, 100 MB of it logits; 0.1 to 0.8 s). The reuse is reported as OpenAI's
+  ``usage.prompt_tokens_details.cached_tokens``.
+- Prompt evaluation and generation run on the same small number of threads
+  (:func:`default_threads`): llama.cpp's threads meet at a barrier after every step, so a thread
+  that waits for a core held by another process stalls the others. On a busy 2-core machine two
+  threads were 1.2 to 2.3x (prompt) and 4 to 9x (generation) slower than one.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import threading
 import time
 from pathlib import Path
@@ -60,8 +75,26 @@ def check_loadable(path: Path) -> None:
         raise LLMError(f"GGUF model {str(path)!r} does not exist; give an existing file: --llm local:/path/model.gguf")
 
 
+def default_threads() -> int:
+    """Threads for an in-process model: half the CPUs this process may use, at least 1.
+
+    On a 2-core machine that is one thread, leaving the other core to the training job and the
+    daemon's polling.
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, usable // 2)
+
+
 def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, threading.Lock]:
-    """The shared ``Llama`` for this file and its call lock, loading it on first use."""
+    """The shared ``Llama`` for this file and its call lock, loading it on first use.
+
+    ``n_threads`` (None: :func:`default_threads`) is used for prompt evaluation too: llama-cpp-python
+    would otherwise evaluate prompts on every core.
+    """
+    n_threads = n_threads or default_threads()
     key = (str(path.resolve()), n_ctx, n_threads)
     with _LOAD_LOCK:
         if key in _MODELS:
@@ -72,10 +105,9 @@ def load_llama(path: Path, n_ctx: int, n_threads: int | None) -> tuple[Any, thre
         except ImportError as exc:  # found but broken
             raise LLMError(NEEDS_LLAMA_CPP) from exc
         try:
-            kw: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
-            if n_threads is not None:
-                kw["n_threads"] = n_threads
-            llama = Llama(model_path=str(path), **kw)
+            llama = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+            )
         except (ValueError, RuntimeError) as exc:
             raise LLMError(f"could not load GGUF model {str(path)!r}: {exc}") from exc
         if not _MODELS:
@@ -94,10 +126,22 @@ def _close_models() -> None:
 
 
 class LlamaBackend:
-    """A GGUF model run in this process. Streams tokens so that the timeout can cut generation."""
+    """A GGUF model run in this process. Streams tokens so that the timeout can cut generation.
+
+    ``reuse_prefix=False`` evaluates every prompt from its first token, as if nothing were cached:
+    for measuring what the reuse saves (``benchmarks/llm_latency.py``) and checking that it changes
+    no answer (the tests). Backends of the same file share one model whichever they choose.
+    """
 
     def __init__(
-        self, path: Path, *, label: str, timeout_s: float, n_ctx: int = 4096, n_threads: int | None = None
+        self,
+        path: Path,
+        *,
+        label: str,
+        timeout_s: float,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        reuse_prefix: bool = True,
     ):
         # Checked now too, so that a missing file or package shows when the client is made rather
         # than at the first decision.
@@ -105,6 +149,7 @@ class LlamaBackend:
         self.path = path
         self.name = label
         self.timeout_s = timeout_s
+        self.reuse_prefix = reuse_prefix
         self._n_ctx = n_ctx
         self._n_threads = n_threads
 
@@ -133,6 +178,9 @@ class LlamaBackend:
         content, tool_args, finish = "", "", None
         n_out = 0
         with lock:
+            if not self.reuse_prefix:
+                llama.reset()  # forgets the evaluated tokens; the next call evaluates its whole prompt
+            before = llama.input_ids[: llama.n_tokens].tolist()
             try:
                 stream = llama.create_chat_completion(stream=True, **call)
                 for chunk in stream:
@@ -155,6 +203,7 @@ class LlamaBackend:
                             f"({n_out} tokens so far); raise timeout_s (policy llm.timeout_s or ATM_LLM_TIMEOUT)"
                         )
                 n_prompt = max(int(llama.n_tokens) - n_out, 0)
+                n_cached = _reused(before, llama.input_ids[:n_prompt].tolist())
             except LLMError:
                 raise
             except (ValueError, RuntimeError) as exc:
@@ -181,9 +230,24 @@ class LlamaBackend:
                     "prompt_tokens": n_prompt,
                     "completion_tokens": n_out,
                     "total_tokens": n_prompt + n_out,
+                    "prompt_tokens_details": {"cached_tokens": n_cached},
                 },
             }
         )
+
+
+def _reused(before: list[int], prompt: list[int]) -> int:
+    """How many of ``prompt``'s tokens llama-cpp-python took from the KV cache left by ``before``.
+
+    It keeps the longest common prefix; when that is the whole prompt it evaluates the last token
+    again, for fresh logits.
+    """
+    n = 0
+    for a, b in zip(before, prompt):
+        if a != b:
+            break
+        n += 1
+    return n if n < len(prompt) else max(len(prompt) - 1, 0)
 
 
 def _tool_name(call: dict[str, Any]) -> str:
