@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,22 +114,13 @@ def test_a_readable_key_file_is_warned_about(monkeypatch: pytest.MonkeyPatch, tm
     assert f"chmod 600 {path}" in caplog.text
 
 
-def _resolve_in_child(xdg: str, out: "multiprocessing.Queue[str]") -> None:
-    os.environ.pop("ATM_KEY", None)
-    os.environ["XDG_CONFIG_HOME"] = xdg
-    out.put(resolve_key().key_id)
-
-
 def test_processes_starting_at_once_share_one_key(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_resolve_in_child, args=(str(tmp_path), out)) for _ in range(6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-    ids = {out.get(timeout=5) for _ in procs}
-    assert len(ids) == 1
+    env = {k: v for k, v in os.environ.items() if k != "ATM_KEY"} | {"XDG_CONFIG_HOME": str(tmp_path)}
+    code = "from atm.signing import resolve_key; print(resolve_key().key_id)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    ids = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(ids) == 1 and all(p.returncode == 0 for p in procs)
+    assert ids == {resolve_key({"XDG_CONFIG_HOME": str(tmp_path), "HOME": "/nonexistent"}).key_id}
 
 
 def test_key_source_resolves_lazily_and_keeps_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
