@@ -7,8 +7,8 @@ message that moves a job or that the daemon later treats as its own carries ``si
 The key, on both sides: ``ATM_KEY`` (the secret itself) or ``ATM_KEY_FILE`` (a file holding it);
 with neither set, a per-user key file created on first use with mode 0600 at
 ``$XDG_CONFIG_HOME/atm/key`` (``~/.config/atm/key``), so a job and a watcher run by one account on
-one machine share it with no set-up. Everything here but :func:`resolve_key` is pure, and this
-module imports nothing of atm's, so both sides (and the contract, :mod:`atm.schema`) can use it.
+one machine share it with no set-up. Everything here but key resolution (:func:`resolve_key`,
+:class:`KeySource`) is pure, and this module imports nothing of atm's, so both sides can use it.
 """
 
 from __future__ import annotations
