@@ -144,3 +144,43 @@ def test_lightning_example_takes_an_lr_cut_through_its_cosine_schedule(
     assert all(v == pytest.approx(cosine[s] * share, rel=1e-4) for s, v in lr if s > at + 1), (at, lr)
     assert len([s for s, _ in lr if s > at + 1]) >= 30
     assert "val_loss" in MlflowClient(mlflow_uri).get_run(run_id).data.metrics
+
+
+@pytest.mark.slow
+def test_sb3_example_takes_an_entropy_bonus_and_a_clip_range_between_rollouts(tmp_path: Path, mlflow_uri: str) -> None:
+    run_id = prepare_run(mlflow_uri, "sb3-mlflow-test", ent_coef=(0.0, 0.01), clip_range=(0.2, 0.1))
+    run_example("sb3_mlflow.py", mlflow_uri, run_id, "--experiment", "sb3-mlflow-test", "--timesteps", "8192",
+                "--eval-every", "2048", tmp_path=tmp_path)
+    ack = ack_of(mlflow_uri, run_id, 1)
+    assert ack.status == "applied", ack
+    assert ack.values == {"ent_coef": pytest.approx(0.01), "clip_range": pytest.approx(0.1)}
+    at = ack.applied_step
+    assert at is not None and at <= 8192 - 2048, f"applied at timestep {at} of 8192"
+    # SB3's own rows, sent to the run by the example's output format: the clip range each update used.
+    clip = history(mlflow_uri, run_id, "train/clip_range")
+    assert all(v == pytest.approx(0.2 if s < at else 0.1) for s, v in clip), (at, clip)
+    assert any(s >= at for s, _ in clip)
+    assert history(mlflow_uri, run_id, "atm/ent_coef")[-1][1] == pytest.approx(0.01)
+    assert history(mlflow_uri, run_id, "eval/mean_reward")
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_takes_an_lr_cut_through_its_linear_schedule(tmp_path: Path, mlflow_uri: str) -> None:
+    pytest.importorskip("transformers")
+    run_id = prepare_run(mlflow_uri, "hf-trainer-test", lr=(1e-3, 5e-4))
+    steps = 60
+    run_example("hf_trainer_mlflow.py", mlflow_uri, run_id, "--experiment", "hf-trainer-test", "--steps", str(steps),
+                "--eval-every", "20", tmp_path=tmp_path)
+    ack = ack_of(mlflow_uri, run_id, 1)
+    assert ack.status == "applied", ack
+    at = ack.applied_step
+    assert at is not None and at <= steps - 20, f"applied at step {at} of {steps}"
+    linear = {s: 1e-3 * (steps - s) / steps for s in range(steps + 1)}
+    # What the Trainer itself logged at step s: the lr that step ran with, its schedule's value after s - 1
+    # scheduler steps. From the cut on, the same share of the schedule: it was scaled, not undone.
+    lr = history(mlflow_uri, run_id, "learning_rate")
+    shares = [v / linear[s - 1] for s, v in lr if s - 1 > at]
+    assert len(shares) >= 5 and shares[0] == pytest.approx(0.5, rel=0.02), (at, lr)
+    assert shares == pytest.approx([shares[0]] * len(shares), rel=1e-4), (at, lr)
+    assert all(v == pytest.approx(linear[s - 1], rel=1e-4) for s, v in lr if s - 1 < at), (at, lr)
+    assert history(mlflow_uri, run_id, "eval_loss")
