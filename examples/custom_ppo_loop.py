@@ -4,7 +4,7 @@ The shape of a hand-written RL trainer: its own frozen ``Recipe`` that it re-app
 optimizers at every update (so a change made to an optimizer would be undone at the next update),
 a schedule that rebinds ``self.recipe`` (an entropy bonus that decays), reward weights in a dict
 (a penalty when the pole falls, a scale on the reward for staying up), and metrics logged with
-``step=update``.
+``step=update``. ``--actor-lr 1e-5`` makes a recipe that stalls, for the manager to mend.
 
 atm is the lines marked ``# atm``: knobs on the recipe and the reward weights by path (re-read at
 every use, so the rebinding does not lose them), applied at the top of each update, before the
@@ -153,13 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--actor-lr", type=float, default=Recipe.actor_lr, help="the recipe's (1e-5 stalls: a case to manage)")
     p.add_argument("--tracking-uri", default="sqlite:///examples-mlflow.db")
     p.add_argument("--experiment", default="custom-ppo")
     args = p.parse_args(argv)
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment(args.experiment)
-    trainer = Trainer(Recipe(), n_steps=args.n_steps, seed=args.seed)
+    trainer = Trainer(Recipe(actor_lr=args.actor_lr), n_steps=args.n_steps, seed=args.seed)
     with mlflow.start_run() as run:
         print(f"run_id {run.info.run_id}", flush=True)
         mlflow.log_params(dataclasses.asdict(trainer.recipe))
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             stats = trainer.train(batch)
             row = {f"train/{k}": v for k, v in stats.items()}
             row["rollout/ep_rew_mean"] = float(np.mean(trainer.episode_returns[-20:] or [0.0]))
-            row["rollout/collision_rate"] = float(np.mean(trainer.episode_falls[-20:] or [0.0]))
+            row["rollout/fall_rate"] = float(np.mean(trainer.episode_falls[-20:] or [0.0]))
             # What the optimizers used this update, and the reward weights in force.
             row["charts/actor_lr"] = trainer.actor_opt.param_groups[0]["lr"]
             row["charts/critic_lr"] = trainer.critic_opt.param_groups[0]["lr"]

@@ -7,6 +7,7 @@ and checks in the store what the job did: its acknowledgement and the values it 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -78,6 +79,43 @@ def test_custom_ppo_loop_takes_a_change_on_its_recipe_and_keeps_it(tmp_path: Pat
     tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
     for knob in ("lr", "critic_lr", "ent_coef", "clip_range", "n_epochs", "reward.collision_penalty"):
         assert f'"{knob}"' in tags["atm.listener"]
+
+
+@pytest.mark.slow
+def test_custom_ppo_loop_managed_by_the_daemon_gets_an_lr_change_that_holds(tmp_path: Path, mlflow_uri: str) -> None:
+    # The whole loop: atm-watch with the rules and the example's policy, on a recipe that stalls (actor lr
+    # 1e-5: no evaluation episode is held to the time limit). The stall remedy raises the lr; it must reach
+    # the recipe, and from it the Adam optimizer, at the update it was applied at and stay until the next.
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("custom-ppo-daemon")).info.run_id
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "atm.watcher.cli", "watch", "--backend", "mlflow", "--run", run_id,
+         "--tracking-uri", mlflow_uri, "--policy", str(EXAMPLES / "custom_ppo_policy.yaml"), "--proposer", "rules",
+         "--interval", "0.5", "--no-table"],
+        stdout=open(tmp_path / "daemon.log", "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        run_example("custom_ppo_loop.py", mlflow_uri, run_id, "--experiment", "custom-ppo-daemon", "--updates", "60",
+                    "--n-steps", "256", "--eval-every", "2", "--eval-episodes", "1", "--actor-lr", "1e-5",
+                    tmp_path=tmp_path)
+        assert daemon.wait(120) == 0, (tmp_path / "daemon.log").read_text()[-3000:]  # it ends with the run
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    out = subprocess.run(
+        [sys.executable, "-m", "atm.watcher.cli", "history", "--backend", "mlflow", "--run", run_id,
+         "--tracking-uri", mlflow_uri, "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    lr_changes = [h for h in json.loads(out.stdout) if h["status"] == "applied" and "lr" in h["changes"]]
+    assert lr_changes, (tmp_path / "daemon.log").read_text()[-3000:]
+    first, at = lr_changes[0], lr_changes[0]["applied_step"]
+    until = lr_changes[1]["applied_step"] if len(lr_changes) > 1 else 61
+    assert first["changes"]["lr"]["new"] > 1e-5  # the stall remedy: bolder updates
+    actor_lr = dict(history(mlflow_uri, run_id, "charts/actor_lr"))
+    assert until - at >= 2, lr_changes
+    assert all(actor_lr[s] == pytest.approx(1e-5) for s in range(1, at))
+    assert all(actor_lr[s] == pytest.approx(first["applied_values"]["lr"]) for s in range(at, until)), (at, actor_lr)
 
 
 def test_the_custom_ppo_policy_extends_the_preset_and_names_every_knob_of_the_example() -> None:
