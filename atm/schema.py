@@ -104,6 +104,45 @@ class SeriesStats(BaseModel):
     trail: list[tuple[int, float]] = Field(default_factory=list)
 
 
+class EffectLabel(str, enum.Enum):
+    """What an applied change did, judged against the run's own trend and noise."""
+
+    HELPED = "helped"
+    NEUTRAL = "neutral"
+    HURT = "hurt"
+    #: It could not be judged: too few evaluations before it to project from, or the run ended first.
+    UNKNOWN = "unknown"
+
+
+class Outcome(BaseModel):
+    """The measured effect of one applied change on the metric the policy optimises: its mean over
+    the evaluations after the change took effect, against what the run's trend before it projected."""
+
+    model_config = _JSON
+
+    label: EffectLabel
+    #: The metric judged (the run's key) and how many evaluations were measured.
+    metric: str
+    evals: int = 0
+    #: Mean of the last evaluations before the change; mean projected and measured over the ones after.
+    before: float = math.nan
+    projected: float = math.nan
+    measured: float = math.nan
+    #: The run's own spread around its trend before the change (residual standard deviation).
+    noise: float = math.nan
+    #: Slope per 1000 steps before the change and over the evaluations after it.
+    slope_before: float = math.nan
+    slope_after: float = math.nan
+    note: str = ""
+
+    def summary(self) -> str:
+        if self.label == EffectLabel.UNKNOWN:
+            return f"unknown ({self.note})" if self.note else "unknown"
+        return (f"{self.label.value}: {self.metric} {fmt(self.measured)} against {fmt(self.projected)} projected "
+                f"over {self.evals} evaluations (noise {fmt(self.noise)}; slope {fmt(self.slope_before)} -> "
+                f"{fmt(self.slope_after)} per 1k steps)")
+
+
 class Effect(BaseModel):
     """What happened to the watched metrics after an applied intervention."""
 
@@ -120,6 +159,8 @@ class Effect(BaseModel):
     before_after: dict[str, tuple[float, float]] = Field(default_factory=dict)
     #: Evaluations logged since it took effect (at or after ``applied_step``); None until known.
     evals_since: int | None = None
+    #: What it did, once measured (see :class:`Outcome`).
+    outcome: Outcome | None = None
 
 
 class TelemetrySnapshot(_Message):
@@ -137,6 +178,8 @@ class TelemetrySnapshot(_Message):
     params: dict[str, float] = Field(default_factory=dict)
     #: Recent interventions and their measured effects, newest last.
     recent: list[Effect] = Field(default_factory=list)
+    #: Applied interventions per diagnosis over the whole run (``recent`` holds only the last few).
+    applied: dict[str, int] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -247,6 +290,11 @@ class Proposal(BaseModel):
     rationale: str = ""
     expected_outcome: str = ""
     watch_next: str = ""
+    #: The earlier decision this proposal undoes (its change was measured ``hurt``).
+    reverts: int | None = None
+    #: For a stop: the problem it ends (overfitting or a plateau that remedies did not fix); None
+    #: when the run reached its goal.
+    problem: Diagnosis | None = None
 
     @property
     def is_noop(self) -> bool:
@@ -352,6 +400,12 @@ class DecisionRecord(_Message):
     applied_values: dict[str, float] = Field(default_factory=dict)
     #: Proposer-specific audit detail: prompt, raw answers, validation errors, latency, tokens.
     audit: dict[str, Any] = Field(default_factory=dict)
+    #: What the change did, once the policy's ``limits.settle`` evaluations after it were logged.
+    effect: Outcome | None = None
+    #: The earlier decision this one undoes (its change was measured ``hurt``).
+    reverts: int | None = None
+    #: For a stop: the problem it ends, when that is not convergence (see :attr:`Proposal.problem`).
+    problem: Diagnosis | None = None
     #: The daemon signs its records as it writes its log, so it only takes for its own what it wrote.
     signature: str | None = None
     key_id: str | None = None
@@ -375,14 +429,23 @@ class DecisionRecord(_Message):
 
     def summary(self) -> str:
         """One line for tags, logs and tables."""
-        parts = [f"#{self.seq} @{self.step} {self.status.value} {self.diagnosis.value}"]
+        parts = [f"#{self.seq} @{self.step} {self.status.value} {self.label()}"]
         if self.changes:
             parts.append(", ".join(f"{k} {fmt(c.old)}->{fmt(c.new)}" for k, c in self.changes.items()))
         if self.action:
             parts.append(self.action.value)
         if self.effective_step is not None:
             parts.append(f"applied@{self.effective_step}")
+        if self.effect is not None:
+            parts.append(self.effect.label.value)
         return " ".join(parts)
+
+    def label(self) -> str:
+        """The diagnosis as tables show it: a stop names the problem it ends (``overfitting -> stop``),
+        not "converged", unless the run reached its goal."""
+        if self.problem is not None:
+            return f"{self.problem.value} -> stop"
+        return self.diagnosis.value
 
     def counts_from(self, now: int) -> int:
         """The step after which evaluations count towards this decision's cooldowns.

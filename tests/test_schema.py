@@ -17,7 +17,9 @@ from atm.schema import (
     DecisionRecord,
     Diagnosis,
     Effect,
+    EffectLabel,
     ListenerInfo,
+    Outcome,
     Proposal,
     SeriesStats,
     Status,
@@ -76,6 +78,8 @@ EXAMPLES: list[BaseModel] = [
                  apply_mode="auto", pid=1234, host="box", started_at=1.0, last_applied_seq=6, step=990),
     _record(),
     DecisionRecord(run_id="r", seq=1, step=0, status=Status.REJECTED, source="rules", diagnosis=Diagnosis.PLATEAU),
+    Outcome(label=EffectLabel.HELPED, metric="val_loss", evals=3, before=1.5, projected=1.6, measured=1.4, noise=0.02,
+            slope_before=0.1, slope_after=-0.2),
 ]
 
 

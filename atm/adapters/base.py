@@ -89,6 +89,8 @@ ACK_PREFIX = "atm.ack."
 LISTENER_KEY = "atm.listener"
 SEQ_KEY = "atm.seq"
 LATEST_KEY = "atm.latest"
+#: ``atm.effect.NNNNNN``: what an applied change did, in words, once measured (shown in the tracker's UI).
+EFFECT_PREFIX = "atm.effect."
 LOG_ARTIFACT = "atm/interventions.jsonl"
 #: A W&B run folder, ``offline-run-20260101_120000-abc123`` or ``run-20260101_120000-abc123``: its
 #: time and run id. Here rather than in the W&B backend, which imports ``wandb``, so that naming a

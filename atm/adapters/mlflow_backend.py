@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from atm.adapters.base import (
+    EFFECT_PREFIX,
     LATEST_KEY,
     LISTENER_KEY,
     LOG_ARTIFACT,
@@ -310,6 +311,9 @@ class MlflowBackend:
             if len(msg) > TAG_LIMIT:
                 raise ValueError(f"update #{record.seq} is {len(msg)} characters; tags hold {TAG_LIMIT}")
             _translate("set tag", lambda: self.client.set_tag(run_id, update_key(record.seq), msg))
+        if record.effect is not None:
+            effect = f"#{record.seq} {record.effect.summary()}"[:TAG_LIMIT]
+            _translate("set tag", lambda: self.client.set_tag(run_id, f"{EFFECT_PREFIX}{record.seq:06d}", effect))
         _translate("set tag", lambda: self.client.set_tag(run_id, LATEST_KEY, record.summary()[:TAG_LIMIT]))
 
     def write_log(self, run_id: str, records: Sequence[DecisionRecord]) -> None:

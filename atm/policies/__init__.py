@@ -11,6 +11,7 @@ from atm.policies._validator import (
     check,
     choices,
     max_factor,
+    unsettled,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "parse_policy",
     "policy_json_schema",
     "preset_names",
+    "unsettled",
 ]

@@ -58,6 +58,10 @@ class ParamRule(_Strict):
     budget_window: Window | None = None
     #: Values are whole numbers (epochs per update, ...).
     integer: bool = False
+    #: Parameters of one group move together: a remedy that moves the group (``lr`` for an
+    #: ``actor_lr`` and a ``critic_lr``) moves every member by the same factor, each within its own
+    #: bounds, and counts as one change.
+    group: str | None = None
 
     @field_validator("multipliers")
     @classmethod
@@ -106,6 +110,9 @@ class Limits(_Strict):
     eval_metric: str = "val_loss"
     #: A RUNNING run with no new metric for this long is treated as dead (killed jobs stay RUNNING).
     idle_minutes: float = Field(30.0, gt=0)
+    #: How long an applied change is watched before its effect is judged (helped, neutral, hurt);
+    #: until then another remedy for the same problem waits (divergence excepted: speed wins there).
+    settle: Window = Field(default_factory=lambda: Window(evals=3))
 
 
 class LLMSettings(_Strict):

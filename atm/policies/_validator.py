@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from atm.policies._schema import ActionRule, ParamRule, Policy, Window
-from atm.schema import Action, Change, DecisionRecord, Proposal, Status, Verdict, fmt
+from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status, Verdict, fmt
 
 #: Decisions that count against cooldowns and budgets: they reached (or would reach) the job.
 #: A dry run counts its own previews too, so that it shows the manager's pace; a live daemon
@@ -81,6 +81,44 @@ def choices(rule: ParamRule, current: float) -> list[float]:
     return sorted(out)
 
 
+def revert_value(name: str, rule: ParamRule, ctx: DecisionContext) -> float | None:
+    """The value ``name`` had before its latest applied change, when the run has moved from it: setting
+    it back is always a move the policy allows (within its bounds), whatever the multipliers, so that a
+    change measured to hurt can be undone."""
+    for rec in reversed(ctx.history):
+        if rec.status == Status.APPLIED and name in rec.changes:
+            old, current = rec.changes[name].old, ctx.params.get(name)
+            if current is None or _same(old, current) or not rule.min <= old <= rule.max:
+                return None
+            return float(round(old)) if rule.integer else old
+    return None
+
+
+def allowed_values(name: str, rule: ParamRule, ctx: DecisionContext) -> list[float]:
+    """:func:`choices` from the value in force, plus setting back the latest applied change."""
+    opts = choices(rule, ctx.params[name])
+    back = revert_value(name, rule, ctx)
+    if back is not None and not any(_same(back, o) for o in opts):
+        opts = sorted([*opts, back])
+    return opts
+
+
+def unsettled(ctx: DecisionContext, diagnosis: object, window: Window) -> DecisionRecord | None:
+    """The latest applied change for ``diagnosis`` while it is still being measured (its effect not
+    judged, and fewer than ``window`` evaluations since it took effect), if any: another remedy for
+    the same problem waits for its effect (``limits.settle``)."""
+    if not (window.evals or window.steps):
+        return None
+    for rec in reversed(ctx.history):
+        if rec.status == Status.APPLIED and rec.diagnosis == diagnosis:
+            if rec.effect is not None:
+                return None
+            if rec.effective_step is None:
+                return rec
+            return None if ctx.passed(rec.effective_step - 1, window) else rec
+    return None
+
+
 def max_factor(rule: ParamRule) -> float | None:
     """The most one move of this parameter may multiply or divide it by: its largest multiplier.
 
@@ -104,7 +142,7 @@ def available_choices(policy: Policy, ctx: DecisionContext) -> dict[str, list[fl
         rule = policy.params[name]
         if _param_block(name, rule, ctx) is not None:
             continue
-        opts = choices(rule, ctx.params[name])
+        opts = allowed_values(name, rule, ctx)
         if opts:
             out[name] = opts
     return out
@@ -125,7 +163,7 @@ def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
     """
     if proposal.is_noop:
         return Verdict(accepted=False, reason="no change proposed")
-    block = _global_block(policy, ctx)
+    block = _global_block(policy, ctx) or _settle_block(proposal, policy, ctx)
     if block is not None:
         dropped = {p: block for p in proposal.changes}
         if proposal.action is not None:
@@ -182,6 +220,20 @@ def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     return None
 
 
+def _settle_block(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> str | None:
+    """A second remedy for a problem whose first is still being measured waits; not for divergence,
+    where speed wins, nor for setting back a change measured to hurt."""
+    if proposal.reverts is not None or proposal.diagnosis == Diagnosis.DIVERGENCE:
+        return None
+    waiting = unsettled(ctx, proposal.diagnosis, policy.limits.settle)
+    if waiting is None:
+        return None
+    since = "" if waiting.effective_step is None else (
+        f", {ctx.evals_between(waiting.effective_step - 1, ctx.step)} evaluation(s) since it took effect")
+    return (f"settle: #{waiting.seq} for {proposal.diagnosis.value} is still being measured "
+            f"(wait {_window(policy.limits.settle)}{since})")
+
+
 def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None:
     mine = [r for r in ctx.counted() if name in r.changes]
     if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
@@ -208,7 +260,7 @@ def _change_block(name: str, new: float, policy: Policy, ctx: DecisionContext) -
     current = ctx.params[name]
     if _same(new, current):
         return "no effect: already at that value"
-    opts = choices(rule, current)
+    opts = allowed_values(name, rule, ctx)
     if not any(_same(new, o) for o in opts):
         if rule.max_relative_change is not None and current != 0:
             rel = abs(new - current) / abs(current)

@@ -33,6 +33,7 @@ from atm.adapters.base import Backend, BackendUnavailable, PoolExhausted, RunNot
 from atm.policies import Policy
 from atm.schema import Status, TelemetrySnapshot, DecisionRecord
 from atm.watcher.decide import decision_inputs
+from atm.watcher.effect import judge
 from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.publish import publish
@@ -362,8 +363,12 @@ class Daemon:
             return st
         st.records, changed = reconcile(st.records, view)
         st.seq = max([st.seq, view.last_seq, *(r.seq for r in st.records)])
-        if changed:
+        judged = self._judge(st, view)
+        if changed or judged:
             self.backend.write_log(run_id, st.records)
+            for r in st.records:
+                if r.seq in judged:
+                    self.backend.publish(r)  # the effect's tag
             self.backend.publish(st.records[-1])  # refreshes the summary tag; update tags are idempotent
             for r in st.records:
                 if r.status in (Status.APPLIED, Status.FAILED) and r.seq in view.acks:
@@ -393,6 +398,22 @@ class Daemon:
             self._settle_decision(st, view)
         self._update_status(st, view)
         return st
+
+    def _judge(self, st: RunState, view: RunView) -> list[int]:
+        """Judge the applied changes whose ``limits.settle`` evaluations are in; the numbers judged now."""
+        evals = self.policy.limits.settle.evals
+        if evals < 1 or not any(r.status == Status.APPLIED and r.effect is None for r in st.records):
+            return []
+        series = self._telemetry(st, view).eval_series()
+        if series is None:
+            return []
+        key, higher_is_better, points = series
+        st.records, judged = judge(st.records, points, metric=key, higher_is_better=higher_is_better, evals=evals,
+                                   ended=view.status != "RUNNING")
+        for r in st.records:
+            if r.seq in judged and r.effect is not None:
+                log.info("run %s: #%d %s", st.run_id, r.seq, r.effect.summary())
+        return judged
 
     def _maybe_decide(self, st: RunState, view: RunView) -> None:
         if view.listener is None:

@@ -243,13 +243,14 @@ def _signals_line(signals: Mapping[str, float | bool]) -> str:
 
 
 def _recent_table(snapshot: TelemetrySnapshot) -> list[str]:
-    rows = [["seq", "applied_at_step", "diagnosis", "changes", "measured effect (at decision -> now)"]]
+    rows = [["seq", "applied_at_step", "diagnosis", "changes", "at decision -> now", "effect"]]
     for eff in snapshot.recent:
         moves = [f"{k} {fmt(c.old)}->{fmt(c.new)}" for k, c in sorted(eff.changes.items())]
         changes = ", ".join(moves + ([eff.action.value] if eff.action else [])) or "-"
         effect = ", ".join(f"{r} {num(a)}->{num(b)}" for r, (a, b) in sorted(eff.before_after.items())) or "-"
         applied = "-" if eff.applied_step is None else str(eff.applied_step)
-        rows.append([str(eff.seq), applied, eff.diagnosis.value if eff.diagnosis else "-", changes, effect])
+        judged = eff.outcome.label.value if eff.outcome else "being measured"
+        rows.append([str(eff.seq), applied, eff.diagnosis.value if eff.diagnosis else "-", changes, effect, judged])
     return ["RECENT INTERVENTIONS (oldest first)"] + _aligned(rows)
 
 

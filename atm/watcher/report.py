@@ -66,11 +66,15 @@ def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
             "changes": {k: {"old": c.old, "new": c.new} for k, c in r.changes.items()},
             "action": r.action.value if r.action else None,
             "diagnosis": r.diagnosis.value,
+            "label": r.label(),
             "rationale": r.rationale,
             "source": r.source,
             "reason": r.reason,
             "decided_at": r.decided_at,
             "applied_at": r.applied_at,
+            "effect": r.effect.label.value if r.effect else None,
+            "effect_detail": r.effect.model_dump(mode="json") if r.effect else None,
+            "reverts": r.reverts,
         }
         for r in records
     ]
@@ -86,15 +90,17 @@ def print_history(run_id: str, records: Sequence[DecisionRecord]) -> None:
     from rich.table import Table
 
     t = Table(title=f"atm interventions — run {run_id}")
-    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "source", "rationale / reason"):
+    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "effect", "source", "rationale / reason"):
         t.add_column(col, overflow="fold")
     for r in rows:
         changes = ", ".join(change_cell(k, v, r["applied_values"]) for k, v in r["changes"].items())  # type: ignore[union-attr, arg-type]
         if r["action"]:
             changes = (changes + ", " if changes else "") + str(r["action"])
         why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
-        t.add_row(str(r["seq"]), str(r["step"]), applied_cell(r),
-                  str(r["status"]), str(r["diagnosis"]), changes or "—", str(r["source"]), why[:300])
+        if r["reverts"] is not None:
+            why = f"reverts #{r['reverts']}: {why}"
+        t.add_row(str(r["seq"]), str(r["step"]), applied_cell(r), str(r["status"]), str(r["label"]),
+                  changes or "—", effect_cell(r), str(r["source"]), why[:300])
     Console(width=None if sys.stdout.isatty() else 160).print(t)
 
 
@@ -105,6 +111,16 @@ def change_cell(name: str, change: dict[str, float], in_force: dict[str, float])
     if now is not None and not math.isclose(now, change["new"], rel_tol=0.01):
         cell += f" (in force: {fmt(now)})"
     return cell
+
+
+def effect_cell(row: dict[str, object]) -> str:
+    """``helped (1.41 vs 1.60 projected)``; ``…`` while an applied change is still being measured."""
+    detail = row.get("effect_detail")
+    if not isinstance(detail, dict):
+        return "…" if row["status"] == "applied" else ""
+    if detail["label"] == "unknown":
+        return f"unknown ({detail['note']})" if detail.get("note") else "unknown"
+    return f"{detail['label']} ({fmt(detail['measured'])} vs {fmt(detail['projected'])} projected)"
 
 
 def applied_cell(row: dict[str, object]) -> str:

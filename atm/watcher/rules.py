@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from atm.policies import DecisionContext, Policy
-from atm.schema import Action, Diagnosis, Effect, Proposal, SeriesStats, TelemetrySnapshot, fmt
+from atm.policies import DecisionContext, ParamRule, Policy, unsettled
+from atm.schema import Action, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, TelemetrySnapshot, fmt
+from atm.watcher.effect import hurt_unanswered
 from atm.watcher.proposer import Offer, ProposalResult
 from atm.watcher.snapshot import HIGHER_IS_BETTER, is_rl
 
@@ -109,12 +110,26 @@ class RulesProposer:
     name = "rules"
 
     def propose(self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer) -> ProposalResult:
+        back = revert_proposal(snapshot, ctx, offer)
+        if back is not None:
+            return ProposalResult(proposal=back, source=self.name, audit={"evidence": back.rationale})
         diagnosis, evidence = diagnose_for_offer(snapshot, Thresholds.from_policy(policy), offer)
-        changes, action = remedy(diagnosis, snapshot, policy, offer)
+        waiting = waiting_for(diagnosis, policy, ctx)
+        if waiting:
+            # One remedy at a time for a problem: the next one waits until this one's effect is known.
+            proposal = Proposal(diagnosis=diagnosis, rationale=f"{evidence}; {waiting}")
+            return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
+        changes, action, notes = remedy_with_notes(diagnosis, snapshot, policy, offer)
         rationale = evidence
         if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
             rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
+        if notes:
+            rationale += "; " + "; ".join(notes)
         rl = diagnosis == Diagnosis.DIVERGENCE and is_rl(snapshot)
+        problem = stop_problem(diagnosis, evidence) if action == Action.STOP else None
+        if problem is not None and Action.ROLLBACK not in offer.actions:
+            rationale += ("; nothing is restored by the stop: unless the job keeps its best checkpoint itself, it "
+                          "ends with its last weights (register a rollback action: README, 'In your training script')")
         proposal = Proposal(
             diagnosis=diagnosis,
             changes=changes,
@@ -122,8 +137,58 @@ class RulesProposer:
             rationale=rationale,
             expected_outcome=_RL_REGRESSION_EXPECTED if rl else _EXPECTED.get(diagnosis, ""),
             watch_next=_RL_REGRESSION_WATCH if rl else _WATCH.get(diagnosis, ""),
+            problem=problem,
         )
         return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
+
+
+def stop_problem(diagnosis: Diagnosis, evidence: str) -> Diagnosis | None:
+    """The problem a stop ends: overfitting or a plateau that remedies did not fix; None when the run
+    reached its goal (an RL task solved)."""
+    if diagnosis != Diagnosis.CONVERGED:
+        return diagnosis if diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA) else None
+    if evidence.startswith(PLATEAU_STOP_PREFIX):
+        return Diagnosis.PLATEAU
+    if evidence.startswith(OVERFIT_STOP_PREFIX):
+        return Diagnosis.OVERFITTING
+    return None
+
+
+def waiting_for(diagnosis: Diagnosis, policy: Policy, ctx: DecisionContext) -> str:
+    """Non-empty when an earlier remedy for ``diagnosis`` is still being measured (``limits.settle``):
+    what is awaited. Divergence does not wait: speed wins there."""
+    if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA, Diagnosis.CONVERGED):
+        return ""
+    rec = unsettled(ctx, diagnosis, policy.limits.settle)
+    if rec is None:
+        return ""
+    window = policy.limits.settle
+    seen = "" if rec.effective_step is None else f", {ctx.evals_between(rec.effective_step - 1, ctx.step)} so far"
+    return f"waiting for the effect of #{rec.seq} ({window.evals} evaluations after it took effect{seen})"
+
+
+def revert_proposal(snap: TelemetrySnapshot, ctx: DecisionContext, offer: Offer) -> Proposal | None:
+    """Set back the latest change measured ``hurt`` (the values before it, and a rollback to the best
+    checkpoint where the job offers one), unless a later decision already did. None when there is
+    nothing to set back, or nothing the policy allows now."""
+    rec = hurt_unanswered(ctx.history)
+    if rec is None or rec.effect is None:
+        return None
+    changes = {}
+    for name, change in rec.changes.items():
+        value = next((o for o in offer.choices.get(name, []) if math.isclose(o, change.old, rel_tol=1e-6, abs_tol=1e-12)), None)
+        if value is not None:
+            changes[name] = value
+    action = Action.ROLLBACK if Action.ROLLBACK in offer.actions else None
+    if not changes and action is None:
+        return None
+    what = ", ".join(f"{k} back to {fmt(v)}" for k, v in changes.items()) or "the best checkpoint"
+    return Proposal(
+        diagnosis=rec.diagnosis, changes=changes, action=action, reverts=rec.seq,
+        rationale=f"#{rec.seq} {rec.effect.summary()}: {what}" + (" with a rollback" if changes and action else ""),
+        expected_outcome=f"{rec.effect.metric} back on its trend from before #{rec.seq}",
+        watch_next=rec.effect.metric,
+    )
 
 
 def diagnose_for_offer(snap: TelemetrySnapshot, t: Thresholds, offer: Offer) -> tuple[Diagnosis, str]:
@@ -132,8 +197,12 @@ def diagnose_for_offer(snap: TelemetrySnapshot, t: Thresholds, offer: Offer) -> 
     (overfitting, or a plateau)."""
     diagnosis, evidence = diagnose(snap, t)
     if diagnosis == Diagnosis.CONVERGED and not is_rl(snap) and Action.STOP not in offer.actions:
-        instead = Diagnosis.PLATEAU if evidence.startswith(PLATEAU_STOP_PREFIX) else Diagnosis.OVERFITTING
-        return instead, evidence.replace("stop and keep the best checkpoint", "stop is not available, so another remedy")
+        if evidence.startswith(PLATEAU_STOP_PREFIX):
+            return Diagnosis.PLATEAU, evidence.replace("stop and keep the best checkpoint",
+                                                       "stop is not available, so another remedy")
+        head, _, rest = evidence.partition(": keep the best checkpoint. ")
+        return Diagnosis.OVERFITTING, (f"{rest}; stop is not available, so another remedy "
+                                       f"({head.removeprefix(OVERFIT_STOP_PREFIX + ', ')})")
     return diagnosis, evidence
 
 
@@ -339,9 +408,10 @@ def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds
         return ""
     if val.best_step >= fixes[-1].applied_step:
         return ""
-    return (f"overfitting is back after {len(fixes)} remedies; the last (#{fixes[-1].seq}, in effect from step "
-            f"{fixes[-1].applied_step}) brought no new best {val.key} ({fmt(val.best)} at step {val.best_step}): "
-            "stop and keep the best checkpoint")
+    count = max(snap.applied.get(Diagnosis.OVERFITTING.value, 0), len(fixes))
+    return (f"{OVERFIT_STOP_PREFIX}, best {val.key} {fmt(val.best)} at step {val.best_step}: keep the best checkpoint. "
+            f"Overfitting is back after {count} remedies, and the last (#{fixes[-1].seq}, in effect from step "
+            f"{fixes[-1].applied_step}) brought no new best")
 
 
 def _imbalance_unmoved(snap: TelemetrySnapshot, ratio: float, t: Thresholds) -> str:
@@ -402,6 +472,8 @@ def _had_time(effect: Effect, t: Thresholds) -> bool:
 
 #: How a converged-plateau diagnosis begins (told apart from the overfitting one when stop is not offered).
 PLATEAU_STOP_PREFIX = "no new best"
+#: How the stop for overfitting that remedies did not fix begins.
+OVERFIT_STOP_PREFIX = "stopped: overfitting"
 
 
 def _regularized(snap: TelemetrySnapshot) -> bool:
@@ -464,9 +536,19 @@ def remedy(
     diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
 ) -> tuple[dict[str, float], Action | None]:
     """The changes (and action) that answer ``diagnosis``, restricted to the offer."""
+    changes, action, _ = remedy_with_notes(diagnosis, snap, policy, offer)
+    return changes, action
+
+
+def remedy_with_notes(
+    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
+) -> tuple[dict[str, float], Action | None, list[str]]:
+    """:func:`remedy`, and notes for the rationale: moves escalated past a remedy measured neutral,
+    parameters already at the policy's bound."""
+    notes: list[str] = []
     rl = is_rl(snap)
     if diagnosis == Diagnosis.CONVERGED:
-        return {}, Action.STOP if Action.STOP in offer.actions else None
+        return {}, (Action.STOP if Action.STOP in offer.actions else None), notes
     moves = _REMEDIES.get(diagnosis, [])
     if rl and diagnosis == Diagnosis.UNSAFE_EXPLORATION and _runaway_exploration(snap, Thresholds.from_policy(policy)):
         moves = _RL_RUNAWAY
@@ -476,20 +558,60 @@ def remedy(
         moves = _RL_REGRESSION
     if diagnosis == Diagnosis.LOSS_IMBALANCE:
         moves = _imbalance_moves(snap, offer)
+    last = next((e for e in reversed(snap.recent) if e.diagnosis == diagnosis and e.outcome is not None), None)
+    if last is not None and last.outcome is not None and last.outcome.label == EffectLabel.NEUTRAL and last.changes:
+        # The last remedy for this problem did nothing measurable: escalate to the next axes first
+        # (lr, then regularisation), and come back to those only when nothing else is left.
+        tried = set(last.changes)
+        fresh = [m for m in moves if _target(m.param, policy) not in tried]
+        if fresh and len(fresh) < len(moves):
+            notes.append(f"#{last.seq} ({', '.join(sorted(tried))}) was neutral: trying {', '.join(m.param for m in fresh)}")
+        moves = fresh + [m for m in moves if _target(m.param, policy) in tried]
     changes: dict[str, float] = {}
+    groups_moved: set[str] = set()
     for mv in moves:
-        if len(changes) >= policy.limits.max_changes:
+        if len(groups_moved) >= policy.limits.max_changes:
             break
-        opts = offer.choices.get(mv.param)
-        cur = snap.params.get(mv.param)
-        if not opts or cur is None:
-            continue
-        value = pick(opts, cur, mv.direction, mv.factor, mv.from_zero)
-        if value is not None:
-            changes[mv.param] = value
+        members = group_members(mv.param, policy) or [mv.param]
+        moved = False
+        for name in members:
+            opts = offer.choices.get(name)
+            cur = snap.params.get(name)
+            if cur is None or name in changes:
+                continue
+            value = pick(opts, cur, mv.direction, mv.factor, mv.from_zero) if opts else None
+            if value is not None:
+                changes[name] = value
+                moved = True
+            elif name in policy.params and _at_bound(cur, policy.params[name], mv.direction):
+                rule = policy.params[name]
+                bound = rule.min if mv.direction == "down" else rule.max
+                notes.append(f"{name} is at the policy's {'minimum' if mv.direction == 'down' else 'maximum'} {fmt(bound)}")
+        if moved:
+            groups_moved.add(mv.param)
     # The best checkpoint is better on the metric that matters than where the run is now.
     action = Action.ROLLBACK if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions else None
-    return changes, action
+    return changes, action, notes
+
+
+def group_members(name: str, policy: Policy) -> list[str]:
+    """The parameters of group ``name`` (``lr`` for ``actor_lr`` and ``critic_lr``), in policy order;
+    empty when ``name`` is no group (a parameter of that name moves alone)."""
+    if name in policy.params and policy.params[name].group in (None, name):
+        members = [n for n, r in policy.params.items() if r.group == name and n != name]
+        return [name, *members] if members else []
+    return [n for n, r in policy.params.items() if r.group == name]
+
+
+def _target(name: str, policy: Policy) -> str:
+    """The group a parameter moves with, or the parameter itself."""
+    rule = policy.params.get(name)
+    return rule.group if rule is not None and rule.group else name
+
+
+def _at_bound(current: float, rule: ParamRule, direction: Direction) -> bool:
+    bound = rule.min if direction == "down" else rule.max
+    return math.isclose(current, bound, rel_tol=1e-6, abs_tol=1e-12)
 
 
 def _imbalance_moves(snap: TelemetrySnapshot, offer: Offer) -> list[Move]:

@@ -102,6 +102,6 @@ def settle(
         action=verdict.action if carried else None,
         rationale=proposal.rationale, expected_outcome=proposal.expected_outcome, watch_next=proposal.watch_next,
         reason=reason, dropped=verdict.dropped, proposal=proposal, snapshot=snap, decided_at=now,
-        audit=result.audit,
+        audit=result.audit, reverts=proposal.reverts if carried else None, problem=proposal.problem,
     )
     return Settled(proposal, snap, result.source, ctx_now.step, record)

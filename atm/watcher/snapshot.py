@@ -17,7 +17,7 @@ import bisect
 import fnmatch
 import math
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 
 from atm.policies import Policy
@@ -305,11 +305,12 @@ class _Gaps:
     def on_val(self, train: SeriesState, val: SeriesState, step: int, value: float) -> None:
         """After ``val`` took a point."""
         if val.best_step == step and self.best_step != step and val.n_usable and _usable(value):
-            # A new best evaluation: the gaps that count for widening start again from it.
+            # A new best evaluation: the gaps that count for widening start again from its step (with
+            # those of earlier evaluations logged at that same step).
             self.best_step = step
-            self.since_best.clear()
-            self.n_since_best = 0
-            self.at_best = None
+            self.since_best = deque((g for g in self.tail if g[0] >= step), maxlen=WINDOW)
+            self.n_since_best = len(self.since_best)
+            self.at_best = next((g for s, g in self.since_best if s == step), None)
         if not _usable(value):
             return
         if train.n and train.last[0] > step:
@@ -525,6 +526,18 @@ class RunTelemetry:
                 return ()
         return self._series[key].steps
 
+    def eval_series(self) -> tuple[str, bool, list[tuple[int, float]]] | None:
+        """The metric changes are judged on (the policy's ``eval_metric``, else the first mapped one):
+        its key, whether higher is better, and its recent points."""
+        role = self.policy.limits.eval_metric
+        key = self.roles.get(role)
+        if key is None:
+            role, key = next(iter(self.roles.items()), (role, None))
+        if key is None:
+            return None
+        state = self._series[key]
+        return key, state.higher_is_better, list(state.recent)
+
     def signals(self, series: Mapping[str, SeriesStats], restarted_at: int | None = None) -> dict[str, float | bool]:
         """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
 
@@ -604,7 +617,8 @@ class RunTelemetry:
                     ba[role] = (before, state.last[1])
             since = None if rec.effective_step is None else len(evals) - bisect.bisect_left(evals, rec.effective_step)
             out.append(Effect(seq=rec.seq, applied_step=rec.effective_step, changes=rec.changes,
-                              diagnosis=rec.diagnosis, action=rec.action, before_after=ba, evals_since=since))
+                              diagnosis=rec.diagnosis, action=rec.action, before_after=ba, evals_since=since,
+                              outcome=rec.effect))
         return out
 
     def snapshot(
@@ -629,6 +643,7 @@ class RunTelemetry:
             signals=self.signals(series, max(restarts, default=None)),
             params=dict(params),
             recent=self.effects(records, recent),
+            applied=dict(Counter(r.diagnosis.value for r in records if r.status == Status.APPLIED)),
             **kw,
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from atm.policies import Policy
@@ -114,6 +115,7 @@ def reference_snapshot(
         signals=signals,
         params=dict(params),
         recent=effects,
+        applied=dict(Counter(r.diagnosis.value for r in records if r.status == Status.APPLIED)),
         **kw,
     )
 

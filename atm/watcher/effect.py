@@ -1,0 +1,116 @@
+"""Judge: what each applied change did to the metric the policy optimises, against the run's own trend.
+
+A change is judged once ``limits.settle`` evaluations were logged after it took effect: their mean
+against the line fitted through the evaluations before it (projected to the same steps), with the
+run's own spread around that line as the noise. Better than projected beyond the noise is
+``helped``; worse than projected beyond the noise, and worse than where the run was, is ``hurt``
+(a curve that merely flattens, as healthy ones do, is not hurt by whatever came before);
+anything between is ``neutral``. Pure functions; the daemon records the outcome on the decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from atm.schema import DecisionRecord, EffectLabel, Outcome, Status
+from atm.watcher.snapshot import slope
+
+#: Evaluations before a change that the trend is fitted through, and the fewest that project anything.
+PRE_EVALS = 6
+MIN_PRE = 3
+#: The noise is at least this share of the level: a curve smooth to the last digit would otherwise
+#: call any wobble an effect.
+NOISE_FLOOR = 0.005
+#: How many standard errors a difference must reach to count.
+Z = 2.0
+
+
+def measure(
+    record: DecisionRecord,
+    points: Sequence[tuple[int, float]],
+    *,
+    metric: str,
+    higher_is_better: bool,
+    evals: int,
+    ended: bool = False,
+) -> Outcome | None:
+    """The outcome of ``record``'s change on ``points`` (the metric's (step, value), sorted by step),
+    or None while fewer than ``evals`` evaluations came after it and the run goes on.
+
+    Raises nothing: a change that cannot be judged gets ``unknown`` with the reason.
+    """
+    start = record.effective_step
+    if start is None:
+        return Outcome(label=EffectLabel.UNKNOWN, metric=metric, note="it never showed in the run's metrics") if ended else None
+    before = [(s, v) for s, v in points if s < start][-PRE_EVALS:]
+    after = [(s, v) for s, v in points if s >= start][:evals]
+    if len(after) < evals:
+        if not ended:
+            return None
+        return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after),
+                       note=f"the run ended {len(after)} of {evals} evaluations after it")
+    if any(not math.isfinite(v) for _, v in after) and all(math.isfinite(v) for _, v in before):
+        return Outcome(label=EffectLabel.HURT, metric=metric, evals=len(after),
+                       note="non-finite values after it, none before")
+    before = [(s, v) for s, v in before if math.isfinite(v)]
+    after = [(s, v) for s, v in after if math.isfinite(v)]
+    if len(before) < MIN_PRE or not after:
+        return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after),
+                       note=f"{len(before)} evaluations before it: too few to project a trend from")
+    b = slope(before)
+    mx = sum(s for s, _ in before) / len(before)
+    my = sum(v for _, v in before) / len(before)
+    residuals = [v - (my + b * (s - mx)) for s, v in before]
+    spread = math.sqrt(sum(r * r for r in residuals) / max(len(before) - 2, 1))
+    level = sum(v for _, v in before[-3:]) / len(before[-3:])
+    noise = max(spread, NOISE_FLOOR * abs(level), 1e-12)
+    projected = sum(my + b * (s - mx) for s, _ in after) / len(after)
+    measured = sum(v for _, v in after) / len(after)
+    sign = 1.0 if higher_is_better else -1.0
+    vs_trend, vs_level = sign * (measured - projected), sign * (measured - level)
+    # The standard error of a mean of the evaluations after against a line through those before.
+    margin = Z * noise * math.sqrt(1 / len(after) + 1 / len(before))
+    if vs_trend > margin:
+        label = EffectLabel.HELPED
+    elif vs_trend < -margin and vs_level < 0:
+        label = EffectLabel.HURT
+    else:
+        label = EffectLabel.NEUTRAL
+    return Outcome(label=label, metric=metric, evals=len(after), before=level, projected=projected,
+                   measured=measured, noise=noise, slope_before=b * 1000.0,
+                   slope_after=slope(after) * 1000.0 if len(after) >= 2 else math.nan)
+
+
+def judge(
+    records: Sequence[DecisionRecord],
+    points: Sequence[tuple[int, float]],
+    *,
+    metric: str,
+    higher_is_better: bool,
+    evals: int,
+    ended: bool = False,
+) -> tuple[list[DecisionRecord], list[int]]:
+    """The records with an outcome for every applied change that can now be judged, and the numbers
+    of those judged just now. Pure: the records given are not changed."""
+    out, judged = [], []
+    for rec in records:
+        if rec.status == Status.APPLIED and rec.effect is None and (rec.changes or rec.action is not None):
+            outcome = measure(rec, points, metric=metric, higher_is_better=higher_is_better, evals=evals, ended=ended)
+            if outcome is not None:
+                rec = rec.model_copy(update={"effect": outcome})
+                judged.append(rec.seq)
+        out.append(rec)
+    return out, judged
+
+
+def hurt_unanswered(records: Sequence[DecisionRecord]) -> DecisionRecord | None:
+    """The latest applied change measured ``hurt`` that no later decision reverted, if any."""
+    answered = {r.reverts for r in records if r.reverts is not None and r.status in (Status.PENDING, Status.APPLIED)}
+    for rec in reversed(records):
+        if rec.status != Status.APPLIED or rec.effect is None:
+            continue
+        if rec.effect.label == EffectLabel.HURT and rec.seq not in answered and rec.reverts is None:
+            return rec
+        return None  # only the latest judged change is answered: an older one was overtaken by it
+    return None
