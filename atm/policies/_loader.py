@@ -49,11 +49,13 @@ def _read_spec(spec: str, folder: Path, referrer: str | None) -> tuple[str, str,
     if spec in PRESETS:
         text = resources.files("atm.policies").joinpath(f"presets/{spec}.yaml").read_text()
         return text, f"<preset {spec}>", None
-    path = (folder / Path(spec).expanduser()) if not Path(spec).expanduser().is_absolute() else Path(spec).expanduser()
+    given = Path(spec).expanduser()
+    path = given if given.is_absolute() else folder / given
     if not path.is_file():
         where = f"{referrer}: field `extends`: {spec!r} ({path}): " if referrer else f"policy {spec!r}: "
         raise PolicyError(f"{where}no such file, and not a preset name (presets: {', '.join(PRESETS)})")
-    return path.read_text(), str(path) if referrer else str(Path(spec).expanduser()), path.parent
+    # A file named on the command line is named as given; one it extends, by where it was found.
+    return path.read_text(), str(path) if referrer else str(given), path.parent
 
 
 def _yaml_hint(problem: str) -> str:
