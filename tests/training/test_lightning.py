@@ -116,3 +116,19 @@ def test_a_stop_ends_fit_on_the_mlflow_loggers_run(tmp_path: Path, mlflow_uri: s
     tags = MlflowClient(mlflow_uri).get_run(logger.run_id).data.tags
     assert "atm.listener" in tags and "atm.ack.000001" in tags
     assert '"dropout"' in tags["atm.listener"] and '"lr"' in tags["atm.listener"]
+
+
+def test_with_wandb_logger_it_attaches_to_the_loggers_run(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-atm")
+    seen = {}
+    cb = atm.lightning_callback(poll_interval=0.05)
+    probe = Probe()
+    probe.before[2] = lambda t: seen.update(run=cb.listener.run_id, attached=cb.listener.attached)
+    try:
+        trainer(tmp_path, [cb, probe], steps=4, logger=logger).fit(Tiny(), loader())
+    finally:
+        logger.experiment.finish()
+    assert seen == {"run": logger.experiment.id, "attached": True}
