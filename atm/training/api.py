@@ -175,27 +175,31 @@ def _kind(target: Any) -> str | None:
     return None
 
 
-def attrs(obj: Any, *paths: str, **named: str) -> dict[str, Knob]:
+def attrs(obj: Any, *paths: str | Mapping[str, str], **named: str) -> dict[str, Knob]:
     """Knobs for attributes (or mapping items) of ``obj`` by dotted path, for ``atm.listen(knobs=...)``.
 
     ``atm.attrs(trainer, "reward.collision_penalty", lr="recipe.actor_lr")`` gives the knobs
     ``reward.collision_penalty`` and ``lr``: a positional path is its own knob name, a keyword names
-    the knob (names must match the policy's ``params``). The path is followed from ``obj`` at every
-    read and every write, so a trainer that rebinds ``self.recipe`` (or replaces a dict of reward
-    weights) is changed where it looks now, not on the object it had when ``atm.listen`` ran. Each
-    step of a path is an attribute, or a key when the object there is a mapping (``reward`` may be
-    a dict). A new value keeps the attribute's type (an int stays an int). A frozen dataclass or a
-    NamedTuple on the path is replaced by a changed copy, stored where the job will read it.
+    the knob (names must match the policy's ``params``), and so does a positional ``{name: path}``
+    mapping, for names a keyword cannot spell (``{"loss_weight.aux": "cfg.aux_weight"}``). The path is
+    followed from ``obj`` at every read and every write, so a trainer that rebinds ``self.recipe`` (or
+    replaces a dict of reward weights) is changed where it looks now, not on the object it had when
+    ``atm.listen`` ran. Each step of a path is an attribute, or a key when the object there is a
+    mapping (``reward`` may be a dict). A new value keeps the attribute's type (an int stays an int).
+    A frozen dataclass or a NamedTuple on the path is replaced by a changed copy, stored where the
+    job will read it.
 
     Raises:
-        ValueError: a path is empty or named twice.
+        ValueError: a path is empty or a knob named twice.
         AttributeError / KeyError: a path does not lead to a value now (the message names the path
             and the step that failed).
         TypeError: the value there is not a number (the manager only moves numbers).
     """
-    specs = {**{p: p for p in paths}, **named}
-    if len(specs) != len(paths) + len(named):
-        raise ValueError(f"atm.attrs: a knob is named twice in {list(paths)} and {sorted(named)}")
+    pairs = [pair for p in paths for pair in (p.items() if isinstance(p, Mapping) else [(p, p)])]
+    pairs += list(named.items())
+    specs = dict(pairs)
+    if len(specs) != len(pairs):
+        raise ValueError(f"atm.attrs: a knob is named twice in {[name for name, _ in pairs]}")
     knobs = {}
     for name, path in specs.items():
         parts = path.split(".")

@@ -50,6 +50,16 @@ def test_knobs_follow_the_path_to_the_object_the_trainer_has_now() -> None:
     assert trainer.reward["collision_penalty"] == 10.0
 
 
+def test_a_mapping_names_knobs_a_keyword_cannot_spell() -> None:
+    trainer = Trainer()
+    knobs = atm.attrs(trainer, {"loss_weight.aux": "reward.progress_scale"}, "reward.collision_penalty")
+    assert sorted(knobs) == ["loss_weight.aux", "reward.collision_penalty"]
+    knobs["loss_weight.aux"].set(2.0)
+    assert trainer.reward["progress_scale"] == 2.0
+    with pytest.raises(ValueError, match=r"named twice"):
+        atm.attrs(trainer, {"lr": "recipe.actor_lr"}, lr="recipe.critic_lr")
+
+
 def test_a_named_tuple_and_plain_objects_on_the_path() -> None:
     class Weights(NamedTuple):
         collision: float
