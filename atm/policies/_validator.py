@@ -174,8 +174,9 @@ def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
     dropped: dict[str, str] = {}
     for name, new in proposal.changes.items():
         why = _change_block(name, new, policy, ctx)
-        if why is None and len(accepted) >= policy.limits.max_changes:
-            why = f"at most {policy.limits.max_changes} parameters may change at once"
+        moved = {_group(n, policy) for n in accepted}
+        if why is None and _group(name, policy) not in moved and len(moved) >= policy.limits.max_changes:
+            why = f"at most {policy.limits.max_changes} parameters (or groups) may change at once"
         if why is not None:
             dropped[name] = why
             continue
@@ -218,6 +219,12 @@ def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     if counted and not ctx.passed(counted[-1].counts_from(ctx.step), lim.cooldown):
         return f"cooldown: last intervention at step {_at(counted[-1])}, wait {_window(lim.cooldown)}"
     return None
+
+
+def _group(name: str, policy: Policy) -> str:
+    """The group a parameter moves with (members of one group count as one change), or itself."""
+    rule = policy.params.get(name)
+    return rule.group if rule is not None and rule.group else name
 
 
 def _settle_block(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> str | None:

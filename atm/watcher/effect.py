@@ -22,8 +22,9 @@ MIN_PRE = 3
 #: The noise is at least this share of the level: a curve smooth to the last digit would otherwise
 #: call any wobble an effect.
 NOISE_FLOOR = 0.005
-#: How many standard errors a difference must reach to count.
-Z = 2.0
+#: How many standard errors a difference must reach to count. High: a wrong "hurt" sets back a good
+#: change, a wrong "helped" repeats a useless one; a late judgement costs less than either.
+Z = 3.0
 
 
 def measure(
@@ -63,14 +64,19 @@ def measure(
     my = sum(v for _, v in before) / len(before)
     residuals = [v - (my + b * (s - mx)) for s, v in before]
     spread = math.sqrt(sum(r * r for r in residuals) / max(len(before) - 2, 1))
+    # Point-to-point jitter too: a line through a few points can fit them better than the run's noise.
+    jitter = math.sqrt(sum((v2 - v1) ** 2 for (_, v1), (_, v2) in zip(before, before[1:])) / (2 * (len(before) - 1)))
     level = sum(v for _, v in before[-3:]) / len(before[-3:])
-    noise = max(spread, NOISE_FLOOR * abs(level), 1e-12)
+    noise = max(spread, jitter, NOISE_FLOOR * abs(level), 1e-12)
     projected = sum(my + b * (s - mx) for s, _ in after) / len(after)
     measured = sum(v for _, v in after) / len(after)
     sign = 1.0 if higher_is_better else -1.0
     vs_trend, vs_level = sign * (measured - projected), sign * (measured - level)
-    # The standard error of a mean of the evaluations after against a line through those before.
-    margin = Z * noise * math.sqrt(1 / len(after) + 1 / len(before))
+    # The standard error of the mean after against the line extrapolated to it: the new points' own
+    # noise, the line's level, and its slope carried from the middle of the points before.
+    sxx = sum((s - mx) ** 2 for s, _ in before)
+    reach = sum(s for s, _ in after) / len(after) - mx
+    margin = Z * noise * math.sqrt(1 / len(after) + 1 / len(before) + (reach * reach / sxx if sxx > 0 else 0.0))
     if vs_trend > margin:
         label = EffectLabel.HELPED
     elif vs_trend < -margin and vs_level < 0:

@@ -325,8 +325,8 @@ def test_max_changes_keeps_the_first_n() -> None:
     verdict = check(propose({"lr": 2e-3, "wd": 0.1, "dropout": 0.2}), make_policy(), ctx_at())
     assert verdict.accepted
     assert list(verdict.changes) == ["lr", "wd"]
-    assert verdict.dropped == {"dropout": "at most 2 parameters may change at once"}
-    assert verdict.reason.endswith("; dropped dropout: at most 2 parameters may change at once")
+    assert verdict.dropped == {"dropout": "at most 2 parameters (or groups) may change at once"}
+    assert verdict.reason.endswith("; dropped dropout: at most 2 parameters (or groups) may change at once")
 
 
 def test_max_changes_counts_only_accepted_changes() -> None:
