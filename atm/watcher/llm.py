@@ -27,7 +27,7 @@ from atm.watcher.llm_variants import (
 )
 from atm.watcher.prompt import render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
-from atm.watcher.rules import Thresholds, diagnose_for_offer
+from atm.watcher.rules import Thresholds, diagnose_for_offer, revert_proposal, waiting_for
 
 class LLMProposer:
     """Asks a language model for a proposal. See the module docstring for the variants.
@@ -119,8 +119,20 @@ class LLMProposer:
     ) -> ProposalResult:
         from atm.adapters.llm import LLMError
 
+        # Setting back a change measured to hurt, and waiting for a remedy's effect, are the policy's
+        # pace, not a judgement call: they are the same whoever proposes.
+        back = revert_proposal(snapshot, ctx, offer)
+        if back is not None:
+            return ProposalResult(proposal=back, source=self.name,
+                                  audit={"variant": self.variant.name, "skipped": "a change measured hurt is set back",
+                                         "latency_s": 0.0})
         msgs = self.messages(snapshot, policy, offer)
         evidence = self._evidence(snapshot, policy, offer)
+        waiting = waiting_for(evidence[0], policy, ctx) if evidence is not None else ""
+        if waiting and evidence is not None:
+            return ProposalResult(proposal=Proposal(diagnosis=evidence[0], rationale=f"{evidence[1]}; {waiting}"),
+                                  source=self.name, audit={"variant": self.variant.name, "skipped": waiting,
+                                                           "latency_s": 0.0})
         only = evidence[0] if (self.variant.anchored and evidence is not None) else None
         model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only)
         audit: dict[str, Any] = {"variant": self.variant.name, "prompt": msgs[-1]["content"]}
