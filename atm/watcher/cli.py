@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("watch", help="same as atm-watch", add_help=False)
 
-    demo = sub.add_parser("demo", help="run the bundled demo: an overfitting job managed live on a local MLflow store")
+    demo = sub.add_parser("demo", help="run the bundled demo: an overfitting job twice on one seed, unmanaged and managed live, on a local MLflow store")
     demo.add_argument("--dir", default="atm-demo", help="working folder for the MLflow store (default: ./atm-demo)")
     demo.add_argument("--proposer", choices=["rules", "llm"], default=None, help="default: llm if installed, else rules")
     demo.add_argument("--quick", action="store_true", help="a shorter run")
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "explain":
         return _explain(args)
     if args.command == "demo":
-        from atm.watcher.demo import run_demo
+        from atm.bench.demo import run_demo
 
         return run_demo(args)
     handler = getattr(args, "func", None)
