@@ -25,9 +25,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from atm.adapters.base import (
+    APPROVAL_PREFIX,
     EFFECT_PREFIX,
     LATEST_KEY,
     LISTENER_KEY,
@@ -399,3 +401,15 @@ def _as_float(v: Any) -> float:
     # the loss that blew up would break every statistic instead of being seen as divergence.
     return math.copysign(math.inf, x) if abs(x) >= sys.float_info.max else x
 
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_dir: str) -> None:
+    """Create experiment ``name`` with its artifacts under ``artifact_dir``, unless it exists.
+
+    A sqlite store's experiments otherwise keep their artifacts in ``./mlruns`` of whichever folder
+    the process that created them ran in, away from the store.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if _translate(f"experiment {name!r}", lambda: client.get_experiment_by_name(name)) is None:
+        location = Path(artifact_dir).resolve().as_uri()
+        _translate(f"create experiment {name!r}", lambda: client.create_experiment(name, artifact_location=location))

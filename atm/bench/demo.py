@@ -24,8 +24,7 @@ EXPERIMENT = "atm-demo"
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from atm.adapters.mlflow_backend import MlflowBackend
-    from atm.bench.harness import init_store
+    from atm.adapters.mlflow_backend import MlflowBackend, ensure_experiment
     from atm.policies import load_policy
     from atm.watcher.daemon import Daemon
     from atm.watcher.proposers import embedded_llm_installed, make_proposer
@@ -36,7 +35,8 @@ def run_demo(args: argparse.Namespace) -> int:
     work = Path(args.dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    init_store(uri, EXPERIMENT)  # the store's tables, before two jobs open the same file
+    # The store's tables and the experiment, before two jobs open the same file; its artifacts beside the store.
+    ensure_experiment(uri, EXPERIMENT, str(work / "artifacts"))
     proposer_kind = args.proposer or ("llm" if embedded_llm_installed() else "rules")
     policy = load_policy("lm")
     proposer = make_proposer(proposer_kind, policy)
