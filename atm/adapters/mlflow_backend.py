@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from atm.adapters.base import (
-    APPROVAL_PREFIX,
     EFFECT_PREFIX,
     LATEST_KEY,
     LISTENER_KEY,
