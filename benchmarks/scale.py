@@ -116,13 +116,15 @@ class PostgresStore(Store):
                                 str(self.data / "log"), "-w", "start"], check=True, capture_output=True)
         subprocess.run(as_pg + ["createdb", "-h", "127.0.0.1", "-p", str(port), "mlflow"], check=True, capture_output=True)
         self.dsn = f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        # psycopg2 named: SQLAlchemy's default PostgreSQL driver is psycopg 3, which atm does not install.
+        store_uri = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(self.dsn).search_experiments()  # creates the tables before the server's workers race to
+        MlflowClient(store_uri).search_experiments()  # creates the tables before the server's workers race to
         http = free_port()
         self.server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(http),
-             "--backend-store-uri", self.dsn, "--artifacts-destination", str(root / "artifacts"), "--workers", "2"],
+             "--backend-store-uri", store_uri, "--artifacts-destination", str(root / "artifacts"), "--workers", "2"],
             stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
             env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         )
