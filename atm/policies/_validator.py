@@ -209,10 +209,23 @@ def check(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> Verdict:
 # --------------------------------------------------------------------------- the rules themselves
 
 
+def blocked(policy: Policy, ctx: DecisionContext) -> str | None:
+    """Why no move at all may be made now (warm-up, the run's budget, the cooldown between any two
+    interventions), or None. What the daemon's status and ``atm explain`` show while it waits."""
+    return _global_block(policy, ctx)
+
+
 def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     lim = policy.limits
     if not ctx.reached(lim.warmup):
-        return f"warm-up: no intervention before {_window(lim.warmup)} (now at step {ctx.step})"
+        why = f"warm-up: no intervention before {_window(lim.warmup)} (now at step {ctx.step}"
+        evals = bisect.bisect_right(ctx.eval_steps, ctx.step)
+        if lim.warmup.steps and ctx.step * 10 < lim.warmup.steps and evals >= max(lim.warmup.evals, 3):
+            # A job that logs one step per update or epoch never reaches a warm-up in environment or
+            # optimizer steps: say so, with the line that fixes it.
+            return (f"{why}, after {evals} evaluations). If this run logs one step per update or epoch, "
+                    f"count the warm-up in evaluations: limits: {{warmup: {{evals: {max(lim.warmup.evals, 2)}}}}}")
+        return why + ")"
     counted = ctx.counted()
     if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
         return f"budget: the run already had {len(counted)} of {lim.max_interventions} interventions"

@@ -33,6 +33,7 @@ from atm.policies import (
     DecisionContext,
     Policy,
     PolicyError,
+    blocked,
     check,
     load_policy,
 )
@@ -354,7 +355,8 @@ def render_explain(
         for param, values in sorted(offer.choices.items()):
             parts.append(f"  {param} (now {fmt(ctx.params[param])}): {', '.join(fmt(v) for v in values)}")
     else:
-        parts.append("  no parameter change is allowed now")
+        why = blocked(policy, ctx)
+        parts.append("  no parameter change is allowed now" + (f": {why}" if why else ""))
     parts.append("  actions: " + (", ".join(a.value for a in offer.actions) or "none"))
     return "\n".join(parts)
 

@@ -488,3 +488,18 @@ def test_everything_offered_is_accepted(case: tuple[Policy, DecisionContext, Pro
     for action in available_actions(policy, ctx):
         verdict = check(propose(action=action), policy, ctx)
         assert verdict.accepted and verdict.action == action, verdict.reason
+
+
+def test_a_warm_up_in_steps_that_a_run_on_another_axis_never_reaches_says_how_to_count_it() -> None:
+    from atm.policies import blocked, parse_policy
+
+    policy = parse_policy("name: w\nmetrics: {val_loss: [v]}\nparams: {lr: {min: 0.0, max: 1.0, multipliers: [0.5]}}\n"
+                          "limits: {warmup: {evals: 2, steps: 20000}}\n", source="w.yaml")
+    # One step per update: 37 updates and 12 evaluations in, far below 20,000 "steps".
+    ctx = DecisionContext(step=37, params={"lr": 0.1}, eval_steps=list(range(3, 38, 3)))
+    why = blocked(policy, ctx)
+    assert why is not None and why.startswith("warm-up: no intervention before 20000 steps and 2 evaluations")
+    assert "limits: {warmup: {evals: 2}}" in why
+    # A run early on the same axis is only told how long the warm-up is.
+    assert "limits:" not in (blocked(policy, DecisionContext(step=37, params={"lr": 0.1}, eval_steps=[30])) or "")
+    assert blocked(policy, DecisionContext(step=20000, params={"lr": 0.1}, eval_steps=[10000, 20000])) is None
