@@ -5,7 +5,7 @@ and its loggers start their runs lazily, so a script cannot pass them to :func:`
 beforehand. The callback attaches at ``on_train_start``, when both exist: to the first optimizer
 and its scheduler (an lr change scales the schedule instead of being undone), with ``dropout`` of
 every ``nn.Dropout`` in the module, on the run of the trainer's ``MLFlowLogger`` (which starts no
-``mlflow.active_run()``, so the run and its store are named) or ``WandbLogger`` (``wandb.run``).
+``mlflow.active_run()``, so the run and its store are named) or ``WandbLogger``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,11 @@ def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any]
             configs = list(getattr(trainer, "lr_scheduler_configs", None) or [])
             scheduler = configs[0].scheduler if configs else None
             if "channel" not in opts and "run_id" not in opts:
-                opts["channel"] = _mlflow_logger_channel(trainer)
+                try:
+                    opts["channel"] = _logger_channel(trainer, opts.get("key"))
+                except Exception as exc:  # as atm.listen does with a broken tracker set-up: training goes on
+                    log.warning("atm: could not attach to the logger's run (%s); training continues unmanaged", exc)
+                    return
             self.listener = listen(optimizers[0] if optimizers else None, scheduler=scheduler, knobs=knobs,
                                    step=step, **opts)
 
@@ -70,13 +74,23 @@ def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any]
     return ATMLightningCallback()
 
 
-def _mlflow_logger_channel(trainer: Any) -> Any:
-    """A channel to the run of the trainer's ``MLFlowLogger``, in its own store; None without one
-    (then :func:`atm.listen` looks for ``wandb.run`` or an active MLflow run, as in any script)."""
+def _logger_channel(trainer: Any, key: Any) -> Any:
+    """A channel to the run of the trainer's ``MLFlowLogger`` (in its own store) or ``WandbLogger``, with the
+    job's signing key (``listen(key=...)``); None with neither (then :func:`atm.listen` looks for
+    ``wandb.run`` or an active MLflow run, as in any script). Loggers start their runs when first asked
+    for them, which a module without hyperparameters may not have done by ``on_train_start``."""
+    if isinstance(key, str):
+        from atm.signing import key_from_text
+
+        key = key_from_text(key, "atm.lightning_callback(key=...)")
     for logger in getattr(trainer, "loggers", None) or []:
-        if type(logger).__name__ == "MLFlowLogger":
+        kind = type(logger).__name__
+        if kind == "MLFlowLogger":
             from atm.adapters.mlflow_backend import MlflowChannel
 
-            run_id = logger.run_id  # starts the logger's run if it has not started yet
-            return MlflowChannel(run_id, tracking_uri=getattr(logger, "_tracking_uri", None))
+            return MlflowChannel(logger.run_id, tracking_uri=getattr(logger, "_tracking_uri", None), key=key)
+        if kind == "WandbLogger":
+            from atm.adapters.wandb_backend import WandbChannel
+
+            return WandbChannel.from_run(logger.experiment, key=key)
     return None
