@@ -57,7 +57,9 @@ class Action(str, enum.Enum):
 
 
 class Status(str, enum.Enum):
-    """Where a decision stands. ``pending``: published, not yet acknowledged by the job."""
+    """Where a decision stands. ``pending``: published, not yet acknowledged by the job.
+    ``awaiting-approval``: accepted, held by the watcher until a person approves it (then ``pending``),
+    rejects it (``rejected``), or it is no longer fresh (``expired``)."""
 
     PENDING = "pending"
     APPLIED = "applied"
@@ -66,6 +68,8 @@ class Status(str, enum.Enum):
     DRY_RUN = "dry-run"
     FAILED = "failed"
     NOOP = "noop"
+    AWAITING_APPROVAL = "awaiting-approval"
+    EXPIRED = "expired"
 
 
 #: Diverged runs log NaN and inf; JSON has no such numbers, so they travel as "NaN" / "Infinity" strings.
@@ -354,6 +358,25 @@ class Ack(_Message):
     key_id: str | None = None
 
 
+class Approval(_Message):
+    """A person's answer to a decision the watcher holds for approval (``limits.approval: required``).
+
+    ``atm approve`` / ``atm reject`` write it signed; a tag added in the tracker's UI (``atm.approve``
+    = ``<seq>``) is read as an unsigned one, which the watcher takes only under stricter conditions.
+    """
+
+    #: The run it answers for (empty for a UI tag: the tag is on the run itself).
+    run_id: str = ""
+    seq: int
+    decision: Literal["approve", "reject"]
+    #: Who answered, as far as atm can tell (``user@host`` for ``atm approve``, the tag for the UI).
+    by: str = ""
+    note: str = ""
+    created_at: float = Field(default_factory=time.time)
+    signature: str | None = None
+    key_id: str | None = None
+
+
 class ListenerInfo(_Message):
     """What a listener announces about itself when it attaches, and refreshes as values change."""
 
@@ -406,6 +429,8 @@ class DecisionRecord(_Message):
     reverts: int | None = None
     #: For a stop: the problem it ends, when that is not convergence (see :attr:`Proposal.problem`).
     problem: Diagnosis | None = None
+    #: For a decision held for approval: who approved or rejected it and how, or why it expired.
+    approval: str = ""
     #: The daemon signs its records as it writes its log, so it only takes for its own what it wrote.
     signature: str | None = None
     key_id: str | None = None

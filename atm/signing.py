@@ -258,7 +258,8 @@ def verify(message: BaseModel, key: SigningKey | None, *, key_problem: str = "",
 
 
 def _describe(message: BaseModel) -> str:
-    kind = {"Update": "update", "Ack": "ack", "DecisionRecord": "decision record"}.get(type(message).__name__, type(message).__name__)
+    kinds = {"Update": "update", "Ack": "ack", "DecisionRecord": "decision record", "Approval": "approval"}
+    kind = kinds.get(type(message).__name__, type(message).__name__)
     seq = getattr(message, "seq", None)
     return f"{kind} #{seq}" if seq is not None else kind
 

@@ -31,7 +31,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from atm.schema import Ack, DecisionRecord, ListenerInfo, Update
+from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Update
 from atm.signing import SigningKey, sign, verify
 
 M = TypeVar("M", bound=BaseModel)
@@ -92,6 +92,11 @@ LATEST_KEY = "atm.latest"
 #: ``atm.effect.NNNNNN``: what an applied change did, in words, once measured (shown in the tracker's UI).
 EFFECT_PREFIX = "atm.effect."
 LOG_ARTIFACT = "atm/interventions.jsonl"
+#: Run tags a person adds in the tracker's UI to answer a decision held for approval: value ``<seq>``.
+APPROVE_KEY = "atm.approve"
+REJECT_KEY = "atm.reject"
+#: ``atm.approval.NNNNNN``: a signed :class:`~atm.schema.Approval` written by ``atm approve`` / ``atm reject``.
+APPROVAL_PREFIX = "atm.approval."
 #: A W&B run folder, ``offline-run-20260101_120000-abc123`` or ``run-20260101_120000-abc123``: its
 #: time and run id. Here rather than in the W&B backend, which imports ``wandb``, so that naming a
 #: run (the daemon's status lines) does not.
@@ -106,7 +111,7 @@ class MessageProblem:
     #: Where it is: ``tag atm.update.000007``, ``file atm/inbox/update-000007.json``.
     where: str
     reason: str
-    #: ``update``, ``ack`` or ``listener``.
+    #: ``update``, ``ack``, ``listener``, ``seq`` or ``approval``.
     kind: str
     #: The number its name gives, when it has one.
     seq: int | None = None
@@ -125,6 +130,8 @@ class RunMessages:
     #: The highest number taken: the reserved seq, every update's, and any a malformed update's name holds.
     seq: int = 0
     problems: list[MessageProblem] = field(default_factory=list)
+    #: Answers to decisions held for approval: signed ones (``atm approve``) and unsigned ones (UI tags).
+    approvals: list[Approval] = field(default_factory=list)
 
 
 class BackendError(RuntimeError):
@@ -189,6 +196,10 @@ class RunView:
     #: Messages on the run that were not taken (malformed, unsigned, signed with another key), each
     #: reported by every poll: the daemon says each one once. ``updates`` and ``acks`` hold none of them.
     problems: list[MessageProblem] = field(default_factory=list)
+    #: A person's answers to decisions held for approval: those signed with this side's key and
+    #: unsigned ones (a tag added in the tracker's UI), which the daemon takes only under stricter
+    #: conditions (:mod:`atm.watcher.approval`). Wrongly signed ones are in ``problems`` instead.
+    approvals: list[Approval] = field(default_factory=list)
 
 
 class Backend(Protocol):
@@ -223,6 +234,11 @@ class Backend(Protocol):
     def forget(self, run_id: str) -> None:
         """Drop what is kept for a run the daemon stopped watching (the points read so far); a later poll
         reads it anew. A daemon watching an experiment for months sees thousands of runs end."""
+        ...
+
+    def write_approval(self, run_id: str, approval: Approval) -> None:
+        """Sign ``approval`` (naming the run as this backend checks it) and put it on the run, where
+        :meth:`poll` reads it back in ``RunView.approvals``. One per seq: a later answer replaces it."""
         ...
 
 
@@ -265,6 +281,7 @@ def ack_key(seq: int) -> str:
 
 
 _NUMBERED_TAG = re.compile(r"^(atm\.(?:update|ack)\.)(\d+)$")
+_APPROVAL_TAG = re.compile(r"^atm\.approval\.(\d+)$")
 
 
 def parse_message(model: type[M], text: str, where: str, kind: str, seq: int | None) -> M | MessageProblem:
@@ -301,7 +318,15 @@ def parse_messages(tags: Mapping[str, str]) -> RunMessages:
                                                f"{UPDATE_PREFIX if kind == 'update' else ACK_PREFIX}NNNNNN); ignored", kind))
             continue
         got: BaseModel | MessageProblem | None = None
-        if numbered is not None and numbered.group(1) == UPDATE_PREFIX:
+        if key in (APPROVE_KEY, REJECT_KEY):
+            got = ui_approval(key, value, f"tag {key}")
+        elif key.startswith(APPROVAL_PREFIX):
+            numbered_approval = _APPROVAL_TAG.match(key)
+            got = (parse_message(Approval, value, f"tag {key}", "approval", int(numbered_approval.group(1)))
+                   if numbered_approval else
+                   MessageProblem(f"tag {key}", f"is not an atm approval name ({APPROVAL_PREFIX}NNNNNN); ignored",
+                                  "approval"))
+        elif numbered is not None and numbered.group(1) == UPDATE_PREFIX:
             taken.append(int(numbered.group(2)))
             got = parse_message(Update, value, f"tag {key}", "update", int(numbered.group(2)))
         elif numbered is not None:
@@ -316,6 +341,8 @@ def parse_messages(tags: Mapping[str, str]) -> RunMessages:
             out.acks[got.seq] = got
         elif isinstance(got, ListenerInfo):
             out.listener = got
+        elif isinstance(got, Approval):
+            out.approvals.append(got)
     try:
         reserved = int(tags.get(SEQ_KEY, "0"))
     except ValueError:
@@ -325,12 +352,41 @@ def parse_messages(tags: Mapping[str, str]) -> RunMessages:
     return out
 
 
-def verified(messages: RunMessages, key: SigningKey | None, *, key_problem: str = "") -> RunMessages:
+def ui_approval(key: str, value: str, where: str) -> Approval | MessageProblem:
+    """The answer a person gave by adding ``atm.approve`` or ``atm.reject`` = ``<seq>`` in the
+    tracker's UI: an unsigned :class:`Approval`, or the problem with its value. Pure."""
+    decision = "approve" if key.endswith("approve") else "reject"
+    text = value.strip().lstrip("#")
+    if not text.isdigit():
+        return MessageProblem(where, f"should be the number of the decision to {decision} (e.g. 7), not {value[:40]!r}; "
+                              "ignored", "approval")
+    return Approval(seq=int(text), decision=decision, by=f"{where} (tracker UI, unsigned)", created_at=0.0)
+
+
+def verified(
+    messages: RunMessages, key: SigningKey | None, *, key_problem: str = "", run_id: str | None = None
+) -> RunMessages:
     """``messages`` with only the updates and acks signed with ``key``; the others join ``problems``. Pure.
 
     The daemon's side: what it takes for its own updates, and for the job's acks, is what checks.
+    Approvals: unsigned ones (UI tags) are kept as such, for the daemon's stricter rules; a signed
+    one is kept when it checks with ``key`` and names ``run_id`` (when given: a copy from another
+    run does not pass).
     """
     problems = list(messages.problems)
+    approvals: list[Approval] = []
+    for a in messages.approvals:
+        if a.signature is None and a.key_id is None:
+            approvals.append(a)
+            continue
+        check = verify(a, key, key_problem=key_problem, here="this watcher")
+        if not check:
+            problems.append(MessageProblem("", check.reason, "approval", a.seq))
+        elif run_id is not None and a.run_id != run_id:
+            problems.append(MessageProblem("", f"approval #{a.seq} is for run {a.run_id}, not this one; ignored",
+                                           "approval", a.seq))
+        else:
+            approvals.append(a)
     updates: dict[int, Update] = {}
     acks: dict[int, Ack] = {}
     for seq, u in messages.updates.items():
@@ -345,7 +401,8 @@ def verified(messages: RunMessages, key: SigningKey | None, *, key_problem: str 
             acks[seq] = a
         else:
             problems.append(MessageProblem("", check.reason, "ack", seq))
-    return RunMessages(updates=updates, acks=acks, listener=messages.listener, seq=messages.seq, problems=problems)
+    return RunMessages(updates=updates, acks=acks, listener=messages.listener, seq=messages.seq, problems=problems,
+                       approvals=approvals)
 
 
 def records_to_jsonl(records: Sequence[DecisionRecord], key: SigningKey | None = None) -> str:

@@ -6,6 +6,8 @@ On the run, atm keeps:
 - ``atm.ack.NNNNNN`` tags: the listener's signed :class:`~atm.schema.Ack` for each;
 - ``atm.listener``: what the listener announced (knobs, current values);
 - ``atm.seq`` (last number taken) and ``atm.latest`` (a one-line summary for the runs table);
+- ``atm.approval.NNNNNN``: a signed :class:`~atm.schema.Approval` from ``atm approve`` / ``atm reject``,
+  and ``atm.approve`` / ``atm.reject`` = ``<seq>``, the same answers added by hand in MLflow's UI;
 - the artifact ``atm/interventions.jsonl``: every decision with its full context;
 - metrics ``atm/<param>`` logged by the listener at the step each change took effect.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from atm.adapters.base import (
+    APPROVAL_PREFIX,
     EFFECT_PREFIX,
     LATEST_KEY,
     LISTENER_KEY,
@@ -48,7 +51,7 @@ from atm.adapters.base import (
     update_key,
     verified,
 )
-from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Status, Update
 from atm.signing import KeySource, SigningKey, sign
 
 try:
@@ -179,7 +182,8 @@ class MlflowBackend:
                 continue
             self._read_new(run_id, m.key, m.step, m.timestamp, cache)
             moved = True
-        msgs = verified(parse_messages(run.data.tags), self.keys.get_or_none(), key_problem=self.keys.problem)
+        msgs = verified(parse_messages(run.data.tags), self.keys.get_or_none(), key_problem=self.keys.problem,
+                        run_id=run_id)
         return RunView(
             run_id=run_id,
             name=run.info.run_name or "",
@@ -193,6 +197,7 @@ class MlflowBackend:
             last_seq=msgs.seq,
             timeline=cache.timeline.points,
             problems=msgs.problems,
+            approvals=msgs.approvals,
         )
 
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
@@ -304,6 +309,10 @@ class MlflowBackend:
     def forget(self, run_id: str) -> None:
         with self._lock:
             self._cache.pop(run_id, None)
+
+    def write_approval(self, run_id: str, approval: Approval) -> None:
+        text = sign(approval.model_copy(update={"run_id": run_id}), self.keys.get()).model_dump_json()[:TAG_LIMIT]
+        _translate("set tag", lambda: self.client.set_tag(run_id, f"{APPROVAL_PREFIX}{approval.seq:06d}", text))
 
     def publish(self, record: DecisionRecord) -> None:
         run_id = record.run_id

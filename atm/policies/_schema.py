@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -113,6 +113,12 @@ class Limits(_Strict):
     #: How long an applied change is watched before its effect is judged (helped, neutral, hurt);
     #: until then another remedy for the same problem waits (divergence excepted: speed wins there).
     settle: Window = Field(default_factory=lambda: Window(evals=3))
+    #: ``required``: an accepted decision is held until a person approves it (a run tag in the
+    #: tracker's UI, or ``atm approve``); ``none``: it goes to the job at once.
+    approval: Literal["required", "none"] = "none"
+    #: How long a decision held for approval stays fresh: past this much training since the
+    #: evaluation it was decided on, it expires unapproved (the run it answered has moved on).
+    approval_window: Window = Field(default_factory=lambda: Window(evals=5))
 
 
 class LLMSettings(_Strict):

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from atm.policies._schema import ActionRule, ParamRule, Policy, Window
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status, Verdict, fmt
 
-#: Decisions that count against cooldowns and budgets: they reached (or would reach) the job.
+#: Decisions that count against cooldowns and budgets: they reached (or would reach) the job; one
+#: held for a person's approval counts until it is rejected or expires.
 #: A dry run counts its own previews too, so that it shows the manager's pace; a live daemon
 #: does not count an earlier dry run's, which never reached the job.
-COUNTED = (Status.APPLIED, Status.PENDING)
+COUNTED = (Status.APPLIED, Status.PENDING, Status.AWAITING_APPROVAL)
 COUNTED_DRY = (*COUNTED, Status.DRY_RUN)
 
 _REL_TOL = 1e-6

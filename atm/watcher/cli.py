@@ -45,7 +45,18 @@ def _add_proposer_args(p: argparse.ArgumentParser) -> None:
                         "the model chooses the moves); compare them with `atm eval --variant`")
 
 
-def _backend(args: argparse.Namespace) -> Any:
+def _key(command: str) -> Any:
+    """The key this process signs and checks with; exits with the fix when there is none."""
+    from atm.signing import KeyUnavailable, resolve_key
+
+    try:
+        return resolve_key()
+    except KeyUnavailable as exc:
+        raise SystemExit(f"{command}: {exc}") from None
+
+
+def _backend(args: argparse.Namespace, key: Any) -> Any:
+    """The backend named by the arguments, signing and checking with ``key``."""
     from atm.adapters import make_backend
 
     if args.backend == "mlflow":
@@ -65,12 +76,12 @@ def _backend(args: argparse.Namespace) -> Any:
         # With --experiment the job may create the store later; a run id is only in a store that exists.
         existing = not getattr(args, "experiment", None)
         try:
-            return make_backend("mlflow", tracking_uri=args.tracking_uri, existing=existing)
+            return make_backend("mlflow", tracking_uri=args.tracking_uri, existing=existing, key=key)
         except ValueError as exc:
             raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
             raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
-    return make_backend("wandb", wandb_dir=args.wandb_dir)
+    return make_backend("wandb", wandb_dir=args.wandb_dir, key=key)
 
 
 def _policy(spec: str) -> Policy:
@@ -126,6 +137,9 @@ def watch_parser() -> argparse.ArgumentParser:
                         "port (stale for more than 5 minutes: the watch has stalled)")
     p.add_argument("--once", action="store_true", help="poll each run once, decide if due, and exit")
     p.add_argument("--dry-run", action="store_true", help="decide and record, but publish nothing to the job")
+    p.add_argument("--approve", action="store_true",
+                   help="hold every accepted decision until a person approves it (run tag atm.approve = <seq> in the "
+                        "tracker's UI, or `atm approve --run RUN SEQ`), as the policy's limits.approval: required does")
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="keep looking for a --run that does not exist yet for S seconds (a W&B run id set in "
                         "advance with WANDB_RUN_ID); default: fail at once")
@@ -171,9 +185,10 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     service = _service(args)
     if isinstance(service, int):
         return service
-    backend = _backend(args)
+    key = _key("atm-watch")
+    backend = _backend(args, key)
     daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait,
-                    workers=args.workers, shard=shard, hooks=service)
+                    workers=args.workers, shard=shard, hooks=service, key=key, approve=args.approve)
 
     if args.once:
         run_ids = list(args.run)
@@ -191,7 +206,7 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
             daemon.stop()
         for s in daemon.status.values():
             print(f"{s.run_id}  step {s.step}  {s.state}  {s.diagnosis}  decisions {s.decisions}  {s.last}")
-        return 0
+        return _gave_up(daemon)
 
     def _terminate(signum: int, _frame: Any) -> None:
         daemon.stop_event.set()
@@ -213,7 +228,8 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
           f"({args.backend}, policy {policy.name}, proposer {who}, "
           f"every {args.interval:g}s, {args.workers} workers{f', shard {shard}' if shard else ''}"
-          f"{', dry run' if args.dry_run else ''}{_service_note(args)}); Ctrl-C or SIGTERM stops", flush=True)
+          f"{', dry run' if args.dry_run else ''}{', approval required' if daemon.approve else ''}"
+          f"{_service_note(args)}; key id {key.key_id} from {key.source}); Ctrl-C or SIGTERM stops", flush=True)
     try:
         daemon.watch(args.run, experiment=args.experiment)
     finally:
@@ -225,7 +241,15 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     errors = [s for s in daemon.status.values() if s.state == "not found"]
     for s in errors:
         print(f"atm-watch: {s.error}", file=sys.stderr)
-    return 1 if errors and len(errors) == len(daemon.status) else 0
+    return max(1 if errors and len(errors) == len(daemon.status) else 0, _gave_up(daemon))
+
+
+def _gave_up(daemon: Any) -> int:
+    """1, after saying why, when the daemon stopped managing a run for a reason it cannot get past."""
+    stopped = [s for s in daemon.status.values() if s.gave_up]
+    for s in stopped:
+        print(f"atm-watch: stopped managing run {s.run_id}: {s.gave_up}", file=sys.stderr)
+    return 1 if stopped else 0
 
 
 def _service(args: argparse.Namespace) -> Any:
@@ -281,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--scenario", default=None, help="explain a scenario file instead of a live run")
     ex.add_argument("--no-evidence", action="store_true", help="leave out the rules' diagnosis")
 
+    for verb in ("approve", "reject"):
+        ap = sub.add_parser(verb, help=f"{verb} a decision held for approval (signed with this machine's atm key)")
+        _add_backend_args(ap)
+        ap.add_argument("seq", type=int, help="the decision's number (atm history shows it, status awaiting-approval)")
+        ap.add_argument("--note", default="", help="why, kept with the decision")
+
     _optional_subcommands(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -294,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _policy_cmd(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command in ("approve", "reject"):
+        return _answer(args)
     if args.command == "demo":
         from atm.bench.demo import run_demo
 
@@ -345,19 +377,63 @@ def _explain(args: argparse.Namespace) -> int:
 def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] | int:
     """The run's current view and its decisions (log merged with acks), or an exit code after an error."""
     from atm.adapters import BackendUnavailable, RunNotFound
-    from atm.watcher.reconcile import reconcile
+    from atm.watcher.reconcile import own_records, reconcile
 
     if len(args.run) != 1:
         print(f"atm {command}: give exactly one --run", file=sys.stderr)
         return 2
-    backend = _backend(args)
+    key = _key(f"atm {command}")
+    backend = _backend(args, key)
     try:
         view = backend.poll(args.run[0])
-        records, _ = reconcile(backend.read_log(args.run[0]), view)
+        own, refused = own_records(backend.read_log(args.run[0]), key)
+        records, _ = reconcile(own, view)
     except (RunNotFound, BackendUnavailable) as exc:
         print(f"atm {command}: {exc}", file=sys.stderr)
         return 1
+    if refused:
+        print(f"atm {command}: {len(refused)} record(s) of the decision log are not shown: not signed with this "
+              f"machine's atm key, key id {key.key_id} from {key.source} (the first: {refused[0]})", file=sys.stderr)
+    if view.problems:
+        print(f"atm {command}: {len(view.problems)} message(s) on the run were not taken (unsigned, another key's, "
+              f"or malformed), e.g. {view.problems[0]}", file=sys.stderr)
     return view, records
+
+
+def _answer(args: argparse.Namespace) -> int:
+    """``atm approve`` / ``atm reject``: a signed answer to a decision held for approval."""
+    import getpass
+    import socket
+
+    from atm.schema import Approval, Status
+
+    got = _read_run(args, args.command)
+    if isinstance(got, int):
+        return got
+    _, records = got
+    rec = next((r for r in records if r.seq == args.seq), None)
+    if rec is None or rec.status != Status.AWAITING_APPROVAL:
+        held = [r.seq for r in records if r.status == Status.AWAITING_APPROVAL]
+        state = "is not in its decision log" if rec is None else f"is {rec.status.value}"
+        print(f"atm {args.command}: decision #{args.seq} of run {args.run[0]} {state}; "
+              + (f"awaiting approval: {', '.join(f'#{s}' for s in held)}" if held else "none awaits approval"),
+              file=sys.stderr)
+        return 1
+    from atm.adapters import BackendUnavailable
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    approval = Approval(seq=args.seq, decision=args.command, by=f"{user}@{socket.gethostname()}", note=args.note)
+    try:
+        _backend(args, _key(f"atm {args.command}")).write_approval(args.run[0], approval)
+    except BackendUnavailable as exc:
+        print(f"atm {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(f"atm {args.command}: decision #{args.seq} ({rec.summary()}) {args.command.rstrip('e')}ed; the watcher "
+          f"{'publishes it to the job' if args.command == 'approve' else 'drops it'} at its next poll of the run")
+    return 0
 
 
 def _history(args: argparse.Namespace) -> int:

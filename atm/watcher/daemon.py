@@ -29,15 +29,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from atm.adapters.base import Backend, BackendUnavailable, PoolExhausted, RunNotFound, RunView
+from atm.adapters.base import Backend, BackendUnavailable, MessageProblem, PoolExhausted, RunNotFound, RunView
 from atm.policies import Policy
 from atm.schema import Status, TelemetrySnapshot, DecisionRecord
-from atm.watcher.decide import decision_inputs
+from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
+from atm.watcher.approval import answers, early, sighting
+from atm.watcher.decide import decision_context, decision_inputs
 from atm.watcher.effect import judge
 from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.publish import publish
-from atm.watcher.reconcile import foreign_update, reconcile
+from atm.watcher.reconcile import foreign_update, own_records, reconcile, unpublished_acks
 from atm.watcher.report import RunStatus, status_fields
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.schedule import PollSchedule
@@ -87,6 +89,14 @@ class RunState:
     noted_slow: bool = False
     #: The run's metrics folded so far: each poll adds only what is new.
     telemetry: RunTelemetry | None = None
+    #: Messages on the run already reported (forged, foreign-key, malformed, stray acks): each is said once.
+    reported: set[str] = field(default_factory=set)
+    #: When this daemon first saw each answer to a decision held for approval (see :mod:`~atm.watcher.approval`).
+    seen_answers: dict[str, float] = field(default_factory=dict)
+    #: A problem the user must fix that the status line keeps showing (the job holds another key).
+    alert: str = ""
+    #: Updates the job refused that were reported.
+    refused: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -132,10 +142,15 @@ class Daemon:
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[RunStatus], None] | None = None,
+        key: SigningKey | None = None,
+        approve: bool = False,
     ):
         """``workers``: threads polling runs (each run by one at a time); ``proposal_workers``: proposals
         in flight at once, on threads of their own (a slow model never holds up polling); ``shard``: watch
-        only the experiment's runs this replica owns; ``hooks``: metrics and liveness (:mod:`~atm.watcher.service`)."""
+        only the experiment's runs this replica owns; ``hooks``: metrics and liveness (:mod:`~atm.watcher.service`).
+        ``key``: the key the backend signs with, which tells the daemon's own records from others'
+        (default: resolved from the environment on first use). ``approve``: hold every accepted
+        decision for a person's approval, as the policy's ``limits.approval: required`` does."""
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         if workers < 1:
@@ -151,6 +166,8 @@ class Daemon:
         self.wait_for_run = wait_for_run
         self.clock = clock
         self.on_change = on_change
+        self.keys = KeySource(key)
+        self.approve = approve or policy.limits.approval == "required"
         self.stop_event = threading.Event()
         #: Wakes the watch loop: a stop, or a run's watch ending (a run not found ends atm-watch now,
         #: not at the next poll of the experiment).
@@ -343,35 +360,46 @@ class Daemon:
         view = self.backend.poll(run_id)
         seen_before = st.recovered
         if not st.recovered:
-            st.records = self.backend.read_log(run_id)
+            st.records = self._own_records(run_id)
             st.recovered = True
             st.last_considered_step = max((r.step for r in st.records), default=-1)
+        self._report_problems(st, view)
+        # Only updates signed with this daemon's key are in view.updates: a tag another client wrote is
+        # a reported problem, never "another atm-watch". A signed one it did not make is another
+        # watcher holding the same key.
         foreign = foreign_update(st.records, view.updates, seen_before)
         if foreign is not None:
             # Two managers on one run overwrite each other's updates and logs, and each one's cooldowns
             # and budgets miss the other's changes: this one steps back, loudly, and writes nothing more.
-            log.error(
-                "run %s: another atm-watch is managing this run (update #%d, decided at step %d, is not this "
-                "daemon's); two managers on one run overwrite each other's updates. This daemon stops managing "
-                "the run; stop the other one and restart this if it should manage it.", run_id, foreign.seq, foreign.step,
-            )
+            why = (f"another atm-watch is managing this run (update #{foreign.seq}, decided at step {foreign.step}, is "
+                   "signed with this daemon's key but is not its own); stop the other one and restart this one if it "
+                   "should manage the run")
+            log.error("run %s: %s. Two managers on one run overwrite each other's updates: this daemon stops "
+                      "managing the run.", run_id, why)
             st.done = True
             if st.inflight is not None:
                 st.inflight.future.cancel()
                 st.inflight = None
-            self._set(run_id, state="another daemon", error=f"update #{foreign.seq} is another daemon's")
+            self._set(run_id, state="another daemon", error=f"update #{foreign.seq} is another daemon's", gave_up=why)
             return st
         st.records, changed = reconcile(st.records, view)
         st.seq = max([st.seq, view.last_seq, *(r.seq for r in st.records)])
         judged = self._judge(st, view)
-        if changed or judged:
+        answered = self._answer_approvals(st, view)
+        for r in st.records:
+            if r.seq in answered and r.status == Status.PENDING:
+                self.backend.publish(r)  # approved: the update goes to the job (before the log says so)
+        if changed or judged or answered:
             self.backend.write_log(run_id, st.records)
             for r in st.records:
                 if r.seq in judged:
                     self.backend.publish(r)  # the effect's tag
             self.backend.publish(st.records[-1])  # refreshes the summary tag; update tags are idempotent
             for r in st.records:
-                if r.status in (Status.APPLIED, Status.FAILED) and r.seq in view.acks:
+                if r.status == Status.REJECTED and r.seq in view.acks and r.seq not in st.refused:
+                    st.refused.add(r.seq)  # the job refused it whole (a limit, or its key): say why, once
+                    log.warning("run %s: the job refused update #%d: %s", run_id, r.seq, view.acks[r.seq].error)
+                elif r.status in (Status.APPLIED, Status.FAILED) and r.seq in view.acks:
                     log.debug("run %s: %s", run_id, r.summary())
 
         if st.inflight is not None and (st.inflight.future.done() or wait):
@@ -399,6 +427,72 @@ class Daemon:
         self._update_status(st, view)
         return st
 
+    def _own_records(self, run_id: str) -> list[DecisionRecord]:
+        """The run's decision log, only the records signed with this daemon's key; the rest said once."""
+        records, refused = own_records(self.backend.read_log(run_id), self.keys.get_or_none(),
+                                       key_problem=self.keys.problem)
+        if refused:
+            log.warning(
+                "run %s: %d record(s) of the decision log are not this watcher's (%s): they are not taken as its "
+                "decisions, so their changes count towards no cooldown or budget and `atm history` does not show "
+                "them; the log is rewritten without them at the next decision (a log written before atm signed "
+                "its records is refused the same way; the run's update and ack tags keep what the job applied)",
+                run_id, len(refused), refused[0])
+        return records
+
+    def _report_problems(self, st: RunState, view: RunView) -> None:
+        """Say once each message on the run that was not taken, and acks for updates never published;
+        the status line counts them. An ack signed with another key for an update of this daemon's
+        means the job holds another key: that is said plainly, with the fix, and stays on the status line."""
+        stray = [MessageProblem("", f"ack #{seq} answers no update this watcher published; ignored", "ack", seq)
+                 for seq in unpublished_acks(st.records, view)]
+        mine = {r.seq for r in st.records if r.status == Status.PENDING}
+        if st.alert and not mine:
+            st.alert = ""  # the update it was about is settled: the job holds the key now
+        for p in [*view.problems, *stray]:
+            text = str(p)
+            if text in st.reported:
+                continue
+            st.reported.add(text)
+            if p.kind == "ack" and p.seq in mine and "signed with key id" in p.reason:
+                key = self.keys.get_or_none()
+                st.alert = (f"the job acknowledged update #{p.seq} with another atm key than this watcher's "
+                            f"({key.key_id + ' from ' + key.source if key else 'none'}), so it refuses every update: "
+                            f"give the job and the watcher the same {KEY_ENV} (or {KEY_FILE_ENV}) and restart the job")
+                log.error("run %s: %s (%s)", st.run_id, st.alert, p.reason)
+            else:
+                log.warning("run %s: %s", st.run_id, p)
+        self._set(st.run_id, problems=len(st.reported))
+
+    def _answer_approvals(self, st: RunState, view: RunView) -> list[int]:
+        """Settle the decisions held for approval that a person answered, or that expired; the numbers settled."""
+        now = self.clock()
+        # An answer no longer on the run is forgotten: a tag removed and added again is seen anew.
+        present = {sighting(a) for a in view.approvals}
+        st.seen_answers = {k: t for k, t in st.seen_answers.items() if k in present}
+        for a in view.approvals:
+            st.seen_answers.setdefault(sighting(a), now)
+        if not any(r.status == Status.AWAITING_APPROVAL for r in st.records):
+            return []
+        for a in early(st.records, view.approvals, st.seen_answers):
+            note = (f"{a.by} names #{a.seq} but was on the run before decision #{a.seq} was made: not taken (a tag "
+                    f"written in advance approves nothing); remove it and add it again to {a.decision} #{a.seq}")
+            if note not in st.reported:
+                st.reported.add(note)
+                log.warning("run %s: %s", st.run_id, note)
+        ctx = decision_context(self.policy, view, st.records, {}, telemetry=self._telemetry(st, view))
+        out = answers(st.records, view.approvals, seen_at=st.seen_answers, ctx=ctx,
+                      window=self.policy.limits.approval_window,
+                      ended=view.status if view.status != "RUNNING" else None)
+        by_seq = {a.seq: a for a in out}
+        for r in st.records:
+            got = by_seq.get(r.seq)
+            if got is None:
+                continue
+            r.status, r.approval = got.status, got.approval
+            log.info("run %s: #%d %s", st.run_id, r.seq, got.approval)
+        return list(by_seq)
+
     def _judge(self, st: RunState, view: RunView) -> list[int]:
         """Judge the applied changes whose ``limits.settle`` evaluations are in; the numbers judged now."""
         evals = self.policy.limits.settle.evals
@@ -419,8 +513,8 @@ class Daemon:
         if view.listener is None:
             self._set(st.run_id, state="no listener", pending="")
             return
-        if any(r.status == Status.PENDING for r in st.records):
-            return  # the job has not applied the last update yet; decide on what it does with it
+        if any(r.status in (Status.PENDING, Status.AWAITING_APPROVAL) for r in st.records):
+            return  # the job has not applied the last update yet (or a person not answered); decide on what it does
         telemetry = self._telemetry(st, view)
         evals = telemetry.eval_steps()
         newest_eval = evals[-1] if evals else telemetry.step()
@@ -488,9 +582,15 @@ class Daemon:
             return
         self._note_staleness(st, record.status, record.audit.get("latency_s"), record.step, out.now_step)
         st.seq = record.seq
+        if record.status == Status.PENDING and self.approve:
+            record.status = Status.AWAITING_APPROVAL  # recorded on the run, sent to the job once approved
         publish(self.backend, st.records, record)
         self.hooks.decided(self._lag(inflight))
         log.info("run %s: %s — %s", st.run_id, record.summary(), record.reason)
+        if record.status == Status.AWAITING_APPROVAL:
+            log.warning("run %s: decision #%d awaits approval: add the run tag atm.approve = %d (or atm.reject = %d) "
+                        "in the tracker's UI, or run `atm approve --run %s %d` (`atm reject ...`)",
+                        st.run_id, record.seq, record.seq, record.seq, st.run_id, record.seq)
 
     def _lag(self, inflight: _Inflight) -> float | None:
         """Seconds from the evaluation being logged to now (the job's clock against this one's)."""
@@ -520,7 +620,10 @@ class Daemon:
 
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
         deciding = self.status[st.run_id].pending if st.inflight else None
-        self._set(st.run_id, **status_fields(st.records, view, deciding=deciding, dry_run=self.dry_run, state=state))
+        fields = status_fields(st.records, view, deciding=deciding, dry_run=self.dry_run, state=state)
+        if st.alert:
+            fields.update(state=state or "key mismatch", error=st.alert)
+        self._set(st.run_id, **fields)
 
 
 

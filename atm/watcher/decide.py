@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from atm.adapters.base import RunView
-from atm.policies import DecisionContext, Policy, available_actions, available_choices
+from atm.policies import DecisionContext, Policy, available_actions, available_choices, max_factor
 from atm.schema import Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, in_force
 from atm.watcher.poll import run_step
 from atm.watcher.proposer import Offer
@@ -100,10 +100,17 @@ def offline_situation(
     return Situation(snapshot=snap, policy=policy, ctx=ctx, offer=offer)
 
 
-def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+def rebase(changes: dict[str, float], decided: dict[str, float], now: dict[str, float], policy: Policy) -> dict[str, float]:
     """Proposed values re-expressed on the values in force: each change's ratio to the value it was
-    decided on, applied to the value now (see :func:`atm.schema.in_force`). Pure."""
-    return {k: in_force(decided[k], v, now[k]) if k in decided and k in now else v for k, v in changes.items()}
+    decided on, applied to the value now (see :func:`atm.schema.in_force`), within the parameter's
+    largest multiplier, the bound the listener holds the change to. Pure."""
+
+    def bound(k: str) -> float | None:
+        rule = policy.params.get(k)
+        return max_factor(rule) if rule is not None else None
+
+    return {k: in_force(decided[k], v, now[k], bound(k)) if k in decided and k in now else v
+            for k, v in changes.items()}
 
 
 def still_current(decided: Diagnosis, now: Diagnosis) -> bool:

@@ -1,5 +1,11 @@
 """Reconcile: merge the daemon's decision log with what is on the run (updates the log missed, acks
-that arrived, runs that ended), and tell the daemon's own updates from anyone else's. Pure."""
+that arrived, runs that ended), and tell the daemon's own updates and records from anyone else's. Pure.
+
+Only what is signed with the watcher's key is its own: the backend passes on only signed updates and
+acks (``RunView``), and :func:`own_records` keeps only the signed records of the decision log. A tag
+or file written by another client therefore never becomes one of the watcher's decisions, never
+settles one, and cannot make it step back as if another watcher managed the run.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from atm.adapters.base import RunView
 from atm.schema import Ack, DecisionRecord, Status, Update
+from atm.signing import SigningKey, verify
 
 #: Reason prefix of an update the run ended before applying.
 EXPIRED = "expired"
@@ -27,6 +34,11 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
         if seq not in by_seq:
             # Published, then the daemon died before writing its log: rebuild the record from the update.
             by_seq[seq] = _record_from_update(update)
+            changed = True
+        elif by_seq[seq].status == Status.AWAITING_APPROVAL and update.created_at == by_seq[seq].decided_at:
+            # Approved and published, then the daemon died before writing its log.
+            by_seq[seq].status = Status.PENDING
+            by_seq[seq].approval = by_seq[seq].approval or "approved (published before the log was written)"
             changed = True
     ended = view.status != "RUNNING"
     for seq, rec in by_seq.items():
@@ -48,10 +60,42 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
     return [by_seq[s] for s in sorted(by_seq)], changed
 
 
+def own_records(
+    records: Sequence[DecisionRecord], key: SigningKey | None, *, key_problem: str = ""
+) -> tuple[list[DecisionRecord], list[str]]:
+    """The decision log's records signed with ``key`` (the watcher's own), and why each other is not. Pure.
+
+    A record without a signature (a log written before atm signed its records, or by another client)
+    is refused like a forged one: taken as the watcher's own, it could hold a decision "pending" for
+    good or use up the budgets, and so lock the watcher out. Refusing costs only the memory of older
+    decisions: cooldowns and budgets count from the first signed record.
+    """
+    kept: list[DecisionRecord] = []
+    refused: list[str] = []
+    for r in records:
+        check = verify(r, key, key_problem=key_problem, here="this watcher")
+        if check:
+            kept.append(r)
+        else:
+            refused.append(check.reason)
+    return kept, refused
+
+
+def unpublished_acks(records: Sequence[DecisionRecord], view: RunView) -> list[int]:
+    """Numbers of the signed acks on the run that answer no update the watcher published. Pure.
+
+    Ignored (an ack only ever settles the watcher's own published update); the daemon reports each once.
+    """
+    published = set(view.updates) | {r.seq for r in records if r.status in PUBLISHED}
+    return sorted(seq for seq in view.acks if seq not in published)
+
+
 def foreign_update(records: Sequence[DecisionRecord], updates: Mapping[int, Update], seen_before: bool) -> Update | None:
     """An update on the run that this daemon did not publish, if any. Pure.
 
-    One with a number this daemon used for a different decision (another daemon overwrote it), or,
+    ``updates`` are the signed ones (``RunView.updates``): one of them that is not this daemon's is
+    another watcher's holding the same key. One with a number this daemon used for a different
+    decision (another daemon overwrote it, or published it while this one held it for approval), or,
     once the daemon has read the run before, one with a number it never used. On the first read, such
     updates are this daemon's own from before a restart (the log may have missed them).
     """
@@ -61,7 +105,7 @@ def foreign_update(records: Sequence[DecisionRecord], updates: Mapping[int, Upda
         if rec is None:
             if seen_before:
                 return update
-        elif rec.status in PUBLISHED and update.created_at != rec.decided_at:
+        elif rec.status in (*PUBLISHED, Status.AWAITING_APPROVAL) and update.created_at != rec.decided_at:
             return update
     return None
 
@@ -87,9 +131,12 @@ def _record_from_update(u: Update) -> DecisionRecord:
 
 
 def _settle(rec: DecisionRecord, ack: Ack) -> None:
-    rec.status = Status.APPLIED if ack.status == "applied" else Status.FAILED
-    rec.applied_step = ack.applied_step
-    rec.applied_at = ack.applied_at
-    rec.applied_values = dict(ack.values)
+    # "rejected": the job refused it whole (its signature or a limit), so nothing of it is in force.
+    rec.status = {"applied": Status.APPLIED, "rejected": Status.REJECTED}.get(ack.status, Status.FAILED)
+    if ack.status != "rejected":
+        rec.applied_step = ack.applied_step
+        rec.applied_at = ack.applied_at
+        rec.applied_values = dict(ack.values)
     if ack.error:
-        rec.reason = (rec.reason + "; " if rec.reason else "") + f"listener: {ack.error}"
+        who = "the job refused it" if ack.status == "rejected" else "listener"
+        rec.reason = (rec.reason + "; " if rec.reason else "") + f"{who}: {ack.error}"

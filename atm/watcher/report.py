@@ -29,6 +29,11 @@ class RunStatus:
     last: str = ""
     listener: bool = False
     error: str = ""
+    #: Messages on the run that were not taken (forged, foreign-key or malformed tags, stray acks), each counted once.
+    problems: int = 0
+    #: Why the watcher stopped managing the run for a reason it cannot get past ("" while it manages it):
+    #: atm-watch exits non-zero and says this.
+    gave_up: str = ""
 
 
 def status_fields(
@@ -40,13 +45,15 @@ def status_fields(
     # dry run does not show the dry run's decisions as its own.
     counted = [r for r in records if r.status in (COUNTED_DRY if dry_run else COUNTED)]
     pending = next((r for r in records if r.status == Status.PENDING), None)
+    held = next((r for r in records if r.status == Status.AWAITING_APPROVAL), None)
     return dict(
         name=view.name,
         step=run_step(view),
         state=state or ("deciding" if deciding is not None else ("no listener" if view.listener is None else "watching")),
         applied=sum(r.status == Status.APPLIED for r in records),
         decisions=len(counted),
-        pending=(f"#{pending.seq} waiting for the job" if pending else (deciding or "")),
+        pending=(f"#{pending.seq} waiting for the job" if pending else
+                 f"#{held.seq} awaiting approval" if held else (deciding or "")),
         last=records[-1].summary() if records else "",
         listener=view.listener is not None,
         error="",
@@ -75,6 +82,7 @@ def history_rows(records: Sequence[DecisionRecord]) -> list[dict[str, object]]:
             "effect": r.effect.label.value if r.effect else None,
             "effect_detail": r.effect.model_dump(mode="json") if r.effect else None,
             "reverts": r.reverts,
+            "approval": r.approval,
         }
         for r in records
     ]
@@ -99,6 +107,8 @@ def print_history(run_id: str, records: Sequence[DecisionRecord]) -> None:
         why = str(r["rationale"]) if r["status"] in ("applied", "pending", "dry-run") else str(r["reason"])
         if r["reverts"] is not None:
             why = f"reverts #{r['reverts']}: {why}"
+        if r["approval"]:
+            why = f"{r['approval']}; {why}"
         t.add_row(str(r["seq"]), str(r["step"]), applied_cell(r), str(r["status"]), str(r["label"]),
                   changes or "—", effect_cell(r), str(r["source"]), why[:300])
     Console(width=None if sys.stdout.isatty() else 160).print(t)

@@ -79,7 +79,7 @@ def settle(
         if still_current(proposal.diagnosis, now_diag):
             stale = False
             late_note = f"decided on step {snap.step}; at step {ctx_now.step} the run still shows {now_diag.value}; "
-    moved = rebase(proposal.changes, snap.params, params)
+    moved = rebase(proposal.changes, snap.params, params, policy)
     if moved != proposal.changes:
         # The job moved these values (a scheduler) while the proposer thought: the decided moves
         # are checked, recorded and sent as applied to the values in force, as the listener would.

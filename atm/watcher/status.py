@@ -12,7 +12,7 @@ from atm.watcher.report import RunStatus
 
 log = logging.getLogger("atm.watch")
 
-_SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last")
+_SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last", "problems")
 
 
 def log_changes() -> Callable[[RunStatus], None]:
@@ -35,6 +35,7 @@ def log_changes() -> Callable[[RunStatus], None]:
             + f", interventions {s.applied} applied / {s.decisions}"
             + (f", pending {pending}" if pending else "")
             + (f", last {s.last}" if s.last else "")
+            + (f", {s.problems} message{'s' if s.problems != 1 else ''} not taken" if s.problems else "")
             + (f", error {s.error[:120]}{'…' if len(s.error) > 120 else ''}" if s.error else ""),
             flush=True,
         )
@@ -65,11 +66,13 @@ def live_table(daemon: Any) -> Callable[[], None]:
 
     def render() -> Table:
         t = Table(title="atm-watch", expand=True)
-        for col in ("run", "name", "step", "state", "diagnosis", "interventions", "pending", "last decision"):
+        for col in ("run", "name", "step", "state", "diagnosis", "interventions", "pending", "last decision",
+                    "not taken"):
             t.add_column(col, overflow="fold")
         for s in list(daemon.status.values()):
             t.add_row(short_id(s.run_id), s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
-                      s.diagnosis, f"{s.applied} applied / {s.decisions}", s.pending, s.last)
+                      s.diagnosis, f"{s.applied} applied / {s.decisions}", s.pending, s.last,
+                      str(s.problems) if s.problems else "")
         return t
 
     live = Live(render(), refresh_per_second=2, transient=False)

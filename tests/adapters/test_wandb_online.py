@@ -246,6 +246,22 @@ def test_only_signed_update_files_are_the_runs_and_the_rest_is_reported(tmp_path
     assert [p.seq for p in inbox.problems] == [4] and "not a valid update" in inbox.problems[0].reason
 
 
+def test_approvals_written_by_atm_approve_come_back_signed_and_foreign_ones_are_reported(tmp_path: Path) -> None:
+    from atm.schema import Approval
+    from atm.signing import key_from_text, sign
+
+    run = FakeWandbApiRun(PATH)
+    backend = backend_for(FakeWandbApi(run), tmp_path)
+    backend.write_approval(PATH, Approval(seq=1, decision="approve", by="alice@box"))
+    other = key_from_text("a-colleagues-own-atm-key", "other")
+    run.save_file("atm/approvals/approval-000002.json",
+                  sign(Approval(run_id=PATH, seq=2, decision="approve"), other).model_dump_json())
+    view = backend.poll(PATH)
+    assert [(a.seq, a.decision, a.run_id, a.by) for a in view.approvals] == [(1, "approve", PATH, "alice@box")]
+    assert view.approvals[0].signature
+    assert any(f"approval #2 is signed with key id {other.key_id}" in str(p) for p in view.problems)
+
+
 def test_remote_inbox_downloads_each_update_once() -> None:
     run = FakeWandbApiRun(PATH)
     api = FakeWandbApi(run)

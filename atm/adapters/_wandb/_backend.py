@@ -23,10 +23,12 @@ from atm.adapters.base import (
 )
 from atm.adapters._wandb._local import (
     ACK_FILE_RE,
+    APPROVAL_FILE_RE,
     UPDATE_FILE_RE,
     MessageFolder,
     RunLayout,
     ack_name,
+    approval_name,
     default_wandb_dir,
     find_run_dir,
     process_alive,
@@ -47,7 +49,7 @@ from atm.adapters._wandb._online import (
 )
 from atm.adapters._wandb._txlog import LogFormatError, LogTail, RunLog, exit_code_at_end, read_run_record
 from atm.adapters._wandb._ui import RunUI
-from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Status, Update
 from atm.signing import KeySource, SigningKey, sign
 
 log = logging.getLogger("atm.wandb")
@@ -93,6 +95,7 @@ class _LocalRun:
         self.state = RunLog()
         self.inbox = MessageFolder(layout.inbox, UPDATE_FILE_RE, Update, "update")
         self.outbox = MessageFolder(layout.outbox, ACK_FILE_RE, Ack, "ack")
+        self.approvals = MessageFolder(layout.approvals, APPROVAL_FILE_RE, Approval, "approval")
 
     def poll(self, run_id: str) -> RunView:
         if self.tail is None:
@@ -109,11 +112,12 @@ class _LocalRun:
         listener = self.listener()
         updates = self.inbox.read()
         acks = self.outbox.read()
+        approvals = list(self.approvals.read().values())
         taken = [*updates, *(p.seq for p in self.inbox.problems if p.seq is not None)]
         msgs = verified(
             RunMessages(updates, acks, listener, max([read_seq(self.layout.seq_file), *taken]),
-                        [*self.inbox.problems, *self.outbox.problems]),
-            self.keys.get_or_none(), key_problem=self.keys.problem,
+                        [*self.inbox.problems, *self.outbox.problems, *self.approvals.problems], approvals),
+            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.layout.run_id,
         )
         alive = process_alive(listener.pid, listener.host) if listener else None
         return RunView(
@@ -129,6 +133,7 @@ class _LocalRun:
             last_seq=msgs.seq,
             timeline=self.state.timeline.points,
             problems=msgs.problems,
+            approvals=msgs.approvals,
         )
 
     def listener(self) -> ListenerInfo | None:
@@ -151,6 +156,10 @@ class _LocalRun:
 
     def write_log(self, records: Sequence[DecisionRecord]) -> None:
         write_atomic(self.layout.log_file, records_to_jsonl(records, self.keys.get()))
+
+    def write_approval(self, approval: Approval) -> None:
+        signed = sign(approval.model_copy(update={"run_id": self.layout.run_id}), self.keys.get())
+        write_atomic(self.layout.approvals / approval_name(approval.seq), signed.model_dump_json())
 
     def read_log(self) -> list[DecisionRecord]:
         return records_from_jsonl(read_text(self.layout.log_file) or "")
@@ -279,6 +288,9 @@ class WandbBackend:
 
     def reserve_seq(self, run_id: str, seq: int) -> None:
         self._write(run_id, lambda t: t.reserve_seq(seq))
+
+    def write_approval(self, run_id: str, approval: Approval) -> None:
+        self._write(run_id, lambda t: t.write_approval(approval))
 
     def forget(self, run_id: str) -> None:
         with self._lock:

@@ -6,6 +6,8 @@ A run directory is ``<wandb dir>/offline-run-<time>-<id>`` (offline) or ``<wandb
 - ``atm/inbox/update-NNNNNN.json``: the daemon's updates for the job. Outside ``files/``, so they
   stay local: they are messages, not results;
 - ``atm/seq``: the last sequence number the daemon took;
+- ``atm/approvals/approval-NNNNNN.json``: a person's answer to a decision held for approval
+  (``atm approve``/``atm reject`` write it signed);
 - ``files/atm/outbox/ack-NNNNNN.json``: the listener's acks;
 - ``files/atm/listener.json``: what the listener announced (knobs, current values, pid, host);
 - ``files/atm/interventions.jsonl``: the daemon's decision log.
@@ -39,6 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 RUN_DIR_RE = WANDB_RUN_DIR_RE
 UPDATE_FILE_RE = re.compile(r"^update-(\d+)\.json$")
 ACK_FILE_RE = re.compile(r"^ack-(\d+)\.json$")
+APPROVAL_FILE_RE = re.compile(r"^approval-(\d+)\.json$")
 
 LISTENER_FILE = "listener.json"
 
@@ -49,6 +52,10 @@ def update_name(seq: int) -> str:
 
 def ack_name(seq: int) -> str:
     return f"ack-{seq:06d}.json"
+
+
+def approval_name(seq: int) -> str:
+    return f"approval-{seq:06d}.json"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,10 @@ class RunLayout:
     @property
     def inbox(self) -> Path:
         return self.run_dir / "atm" / "inbox"
+
+    @property
+    def approvals(self) -> Path:
+        return self.run_dir / "atm" / "approvals"
 
     @property
     def seq_file(self) -> Path:

@@ -53,8 +53,8 @@ from atm.adapters.base import (
     records_to_jsonl,
     verified,
 )
-from atm.adapters._wandb._local import LISTENER_FILE, update_name
-from atm.schema import Ack, DecisionRecord, ListenerInfo, Status, Update
+from atm.adapters._wandb._local import LISTENER_FILE, approval_name, update_name
+from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Status, Update
 from atm.signing import KeySource, sign
 
 log = logging.getLogger("atm.wandb")
@@ -67,6 +67,8 @@ LISTENER_NAME = "atm/" + LISTENER_FILE
 SEQ_NAME = "atm/seq"
 UPDATE_NAME_RE = re.compile(r"^atm/inbox/update-(\d+)\.json$")
 ACK_NAME_RE = re.compile(r"^atm/outbox/ack-(\d+)\.json$")
+APPROVALS_PREFIX = "atm/approvals/"
+APPROVAL_NAME_RE = re.compile(r"^atm/approvals/approval-(\d+)\.json$")
 RUN_PATH_RE = re.compile(r"^[^/\s]+/[^/\s]+/[^/\s]+$")
 
 #: W&B run states -> the words RunView uses.
@@ -307,6 +309,7 @@ class OnlineRun:
         self._versions: dict[str, str] = {}
         self._updates: dict[int, Update] = {}
         self._acks: dict[int, Ack] = {}
+        self._approvals: dict[int, Approval] = {}
         self._listener: ListenerInfo | None = None
         self._seq = 0
         self._log_listed = False
@@ -333,8 +336,8 @@ class OnlineRun:
         taken = [*self._updates, *(p.seq for p in self._problems.values() if p.kind == "update" and p.seq is not None)]
         msgs = verified(
             RunMessages(dict(self._updates), dict(self._acks), self._listener, max([self._seq, *taken]),
-                        list(self._problems.values())),
-            self.keys.get_or_none(), key_problem=self.keys.problem,
+                        list(self._problems.values()), list(self._approvals.values())),
+            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.path,
         )
         return RunView(
             run_id=run_id,
@@ -349,6 +352,7 @@ class OnlineRun:
             last_seq=msgs.seq,
             timeline=self.timeline.points,
             problems=msgs.problems,
+            approvals=msgs.approvals,
         )
 
     def _history_keys(self, run: Any) -> tuple[int, list[str]]:
@@ -400,7 +404,8 @@ class OnlineRun:
                 self._log_listed = True
             if self._versions.get(name) == version:
                 continue
-            if UPDATE_NAME_RE.match(name) or ACK_NAME_RE.match(name) or name in (LISTENER_NAME, SEQ_NAME):
+            if (UPDATE_NAME_RE.match(name) or ACK_NAME_RE.match(name) or APPROVAL_NAME_RE.match(name)
+                    or name in (LISTENER_NAME, SEQ_NAME)):
                 text = self.pacer.call(f"W&B file {name}", lambda f=f: _download_text(f))
                 self._versions[name] = version
                 self._take(name, text)
@@ -415,6 +420,10 @@ class OnlineRun:
                 self._updates[got.seq] = got
             else:
                 self._updates.pop(int(numbered.group(1)), None)  # replaced by something else
+        elif (answered := APPROVAL_NAME_RE.match(name)) is not None:
+            got = parse_message(Approval, text, f"file {name}", "approval", int(answered.group(1)))
+            if isinstance(got, Approval):
+                self._approvals[got.seq] = got
         elif numbered:
             got = parse_message(Ack, text, f"file {name}", "ack", int(numbered.group(1)))
             if isinstance(got, Ack):
@@ -445,6 +454,10 @@ class OnlineRun:
     def write_log(self, records: Sequence[DecisionRecord]) -> None:
         self._upload(LOG_ARTIFACT, records_to_jsonl(records, self.keys.get()))
         self._log_listed = True
+
+    def write_approval(self, approval: Approval) -> None:
+        signed = sign(approval.model_copy(update={"run_id": self.path}), self.keys.get())
+        self._upload(APPROVALS_PREFIX + approval_name(approval.seq), signed.model_dump_json())
 
     def read_log(self) -> list[DecisionRecord]:
         run = self._refresh()
