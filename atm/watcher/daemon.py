@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from atm.adapters.base import Backend, BackendUnavailable, MessageProblem, PoolExhausted, RunNotFound, RunView
-from atm.policies import Policy
+from atm.policies import Policy, blocked
 from atm.schema import Status, TelemetrySnapshot, DecisionRecord
 from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
@@ -87,6 +87,8 @@ class RunState:
     #: Decisions in a row that came too late to apply, and whether that was reported (once per run).
     stale_in_a_row: int = 0
     noted_slow: bool = False
+    #: Why nothing may be changed now (warm-up, cooldown, budget), for the status line; empty otherwise.
+    waiting: str = ""
     #: The run's metrics folded so far: each poll adds only what is new.
     telemetry: RunTelemetry | None = None
     #: Messages on the run already reported (forged, foreign-key, malformed, stray acks): each is said once.
@@ -526,7 +528,10 @@ class Daemon:
         diag, _ = diagnose(snapshot, Thresholds.from_policy(self.policy))
         self._set(st.run_id, diagnosis=diag.value)
         if not offer.choices and not offer.actions:
-            return  # warm-up, cooldown or budget: nothing the proposer could do
+            # Warm-up, cooldown or budget: nothing the proposer could do. The status says which.
+            st.waiting = blocked(self.policy, ctx) or "every parameter is in its cooldown, out of budget or at its bound"
+            return
+        st.waiting = ""
         future = self._pool.submit(self._propose, snapshot, ctx, offer)
         future.add_done_callback(lambda _f: self._poke(st.run_id))
         st.inflight = _Inflight(future, snapshot, self.clock(), logged_at=_logged_at(view, newest_eval))
@@ -620,7 +625,8 @@ class Daemon:
 
     def _update_status(self, st: RunState, view: RunView, state: str | None = None) -> None:
         deciding = self.status[st.run_id].pending if st.inflight else None
-        fields = status_fields(st.records, view, deciding=deciding, dry_run=self.dry_run, state=state)
+        fields = status_fields(st.records, view, deciding=deciding, dry_run=self.dry_run, state=state,
+                               waiting=st.waiting)
         if st.alert:
             fields.update(state=state or "key mismatch", error=st.alert)
         self._set(st.run_id, **fields)

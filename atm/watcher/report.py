@@ -37,10 +37,11 @@ class RunStatus:
 
 
 def status_fields(
-    records: Sequence[DecisionRecord], view: RunView, *, deciding: str | None, dry_run: bool, state: str | None = None
+    records: Sequence[DecisionRecord], view: RunView, *, deciding: str | None, dry_run: bool, state: str | None = None,
+    waiting: str = "",
 ) -> dict[str, Any]:
     """The status line's fields for a run read just now. ``deciding`` is the pending text of a
-    decision in flight (None when there is none)."""
+    decision in flight (None when there is none); ``waiting``, why nothing may be changed now."""
     # The same decisions the validator counts against this daemon's budgets: a live daemon after a
     # dry run does not show the dry run's decisions as its own.
     counted = [r for r in records if r.status in (COUNTED_DRY if dry_run else COUNTED)]
@@ -53,7 +54,7 @@ def status_fields(
         applied=sum(r.status == Status.APPLIED for r in records),
         decisions=len(counted),
         pending=(f"#{pending.seq} waiting for the job" if pending else
-                 f"#{held.seq} awaiting approval" if held else (deciding or "")),
+                 f"#{held.seq} awaiting approval" if held else (deciding or waiting[:160])),
         last=records[-1].summary() if records else "",
         listener=view.listener is not None,
         error="",
