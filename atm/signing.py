@@ -202,10 +202,12 @@ class KeySource:
 
 
 def canonical_json(message: BaseModel) -> bytes:
-    """The bytes a signature covers: the message as its JSON, minus the signature fields, with keys
-    sorted and no whitespace. Computed from the JSON form (not the Python values) so that a message
-    read back from a tag or a file gives the same bytes as the one that was signed."""
-    body = json.loads(message.model_dump_json(exclude=set(SIGNATURE_FIELDS)))
+    """The bytes a signature covers: the message as its JSON, minus the signature fields and the
+    fields left at their defaults, with keys sorted and no whitespace. Computed from the JSON form (not
+    the Python values) so that a message read back from a tag or a file gives the same bytes as the one
+    that was signed. Defaults are left out so that a field a later release adds (with a default) does
+    not change what an earlier one signed: a watcher's decision log stays its own across an upgrade."""
+    body = json.loads(message.model_dump_json(exclude=set(SIGNATURE_FIELDS), exclude_defaults=True))
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
