@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import atm
 from atm.adapters.base import parse_messages
@@ -266,7 +266,7 @@ def test_a_wandb_decision_held_for_approval_reaches_the_job_once_approved(
             time.sleep(0.3)
         seq = waiting[0]["seq"]
         # Nothing reached the job while it waited.
-        assert not list((Path(wandb_dir).glob(f"*-{rid}/atm/inbox/update-*.json")))
+        assert not list(Path(wandb_dir).glob(f"*-{rid}/atm/inbox/update-*.json"))
         assert cli.main(["approve", "--backend", "wandb", "--run", rid, "--wandb-dir", wandb_dir, str(seq)]) == 0
         assert job.wait(240) == 0, (tmp_path / "job.log").read_text()[-3000:]
         assert daemon.wait(60) == 0, (tmp_path / "daemon.log").read_text()[-3000:]
