@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -170,7 +171,10 @@ class MlflowBackend:
     # ------------------------------------------------------------------ reading
 
     def poll(self, run_id: str) -> RunView:
-        run = _translate(f"run {run_id}", lambda: self.client.get_run(run_id))
+        try:
+            run = _translate(f"run {run_id}", lambda: self.client.get_run(run_id))
+        except RunNotFound as exc:
+            raise self._not_found(run_id) from exc
         with self._lock:
             cache = self._cache.setdefault(run_id, _RunCache())
         moved = False
@@ -199,6 +203,37 @@ class MlflowBackend:
             problems=msgs.problems,
             approvals=msgs.approvals,
         )
+
+    def _not_found(self, run_id: str) -> RunNotFound:
+        """The error for a run id this store does not hold, naming the whole id when it is the start of
+        one (ids are often copied cut short, as tables show them) and else where to look. Its ``matches``
+        lists those whole ids."""
+        where = f"no MLflow run {run_id!r} at {self.tracking_uri}"
+        matches = self.runs_starting_with(run_id)
+        if len(matches) == 1:
+            text = f"{where}; it is the start of run {matches[0]}: pass the whole id, --run {matches[0]}"
+        elif matches:
+            text = f"{where}; it is the start of {len(matches)} runs' ids ({', '.join(matches)}): pass one whole"
+        else:
+            text = (f"{where}: check the id (32 hex characters: the run page's URL ends with it) and that "
+                    "--tracking-uri (or MLFLOW_TRACKING_URI) is the store the job logs to")
+        err = RunNotFound(text)
+        err.matches = matches  # type: ignore[attr-defined]
+        return err
+
+    def runs_starting_with(self, prefix: str, limit: int = 5) -> list[str]:
+        """Ids of runs in the store's active experiments that start with ``prefix`` (a cut-off id), newest
+        first, at most ``limit``; empty for anything that is not the start of an id, or when the search fails."""
+        if not re.fullmatch(r"[0-9a-fA-F]{4,31}", prefix):
+            return []
+        try:
+            exps = [e.experiment_id for e in self.client.search_experiments()]
+            runs = self.client.search_runs(exps, f"attributes.run_id LIKE '{prefix.lower()}%'", max_results=limit,
+                                           order_by=["attributes.start_time DESC"]) if exps else []
+        except Exception as exc:  # a hint only: the error it adds to is the one to report
+            log.debug("searching runs starting with %s failed: %s", prefix, exc)
+            return []
+        return [r.info.run_id for r in runs]
 
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
         pts = cache.history.setdefault(key, PointSeries())

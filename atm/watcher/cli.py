@@ -20,21 +20,24 @@ log = logging.getLogger("atm")
 
 
 def _add_backend_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND", "mlflow"),
-                   help="tracker the job logs to (default: mlflow, or $ATM_BACKEND)")
+    p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND") or None,
+                   help="tracker the job logs to (default: $ATM_BACKEND; without it atm-watch takes mlflow, and the "
+                        "commands reading one --run look for it in MLflow, then in W&B's offline runs)")
     p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
                    help=("run to watch (repeatable)" if many else "the run")
                    + ". W&B: a run directory, run id, or entity/project/run_id")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
                         "current folder; --run refuses a store that does not exist, --experiment waits for one)")
-    p.add_argument("--wandb-dir", default=None, help="W&B: folder holding offline runs (default: ./wandb)")
+    p.add_argument("--wandb-dir", default=None,
+                   help="W&B: the folder holding the job's offline-run-* folders (default: $WANDB_DIR/wandb, else ./wandb)")
 
 
 def _add_proposer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="lm", help="preset name (lm, rl-ppo) or YAML file (default: lm)")
     p.add_argument("--proposer", choices=["rules", "llm"], default="rules",
-                   help="who proposes changes: deterministic rules, or an LLM with rules as fallback")
+                   help="who proposes changes (default: rules): deterministic rules, or an LLM (--llm, default the "
+                        "embedded SmolLM2) with the rules as fallback")
     p.add_argument("--llm", default=None,
                    help="LLM for --proposer llm: embedded (default), local:/path/model.gguf, openai/<model> ($ATM_LLM)")
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 ($ATM_LLM_BASE_URL)")
@@ -81,7 +84,23 @@ def _backend(args: argparse.Namespace, key: Any) -> Any:
             raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
             raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
+    if args.wandb_dir and not os.path.isdir(args.wandb_dir) and not getattr(args, "experiment", None):
+        # (--experiment waits for the job to create it; a --run can only be in a folder that exists.)
+        raise SystemExit(f"atm: --wandb-dir {args.wandb_dir}: no such folder ({os.path.abspath(args.wandb_dir)}); give "
+                         "the folder that holds the job's offline-run-* folders: ./wandb where the job ran, or "
+                         "$WANDB_DIR/wandb when the job set WANDB_DIR")
     return make_backend("wandb", wandb_dir=args.wandb_dir, key=key)
+
+
+def _tracker_down(args: argparse.Namespace) -> str:
+    """Non-empty, saying so, when ``args`` name an MLflow server (http or https) that does not answer
+    within 3 s. MLflow's client would retry it for many seconds before saying anything."""
+    from atm.watcher.locate import server_down
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if args.backend != "mlflow" or not uri.startswith(("http://", "https://")):
+        return ""
+    return server_down(uri)
 
 
 def _policy(spec: str) -> Policy:
@@ -186,6 +205,12 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     if isinstance(service, int):
         return service
     key = _key("atm-watch")
+    args.backend = args.backend or "mlflow"
+    down = _tracker_down(args)
+    if down:
+        # Said now, not after the client's retries; the daemon retries with back-off and says when it answers.
+        print(f"atm-watch: {down}; watching anyway, retrying in the background until it answers "
+              "(check --tracking-uri if it should be up)", file=sys.stderr, flush=True)
     backend = _backend(args, key)
     daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait,
                     workers=args.workers, shard=shard, hooks=service, key=key, approve=args.approve)
@@ -299,8 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--proposer", choices=["rules", "llm"], default=None, help="default: llm if installed, else rules")
     demo.add_argument("--quick", action="store_true", help="a shorter run")
 
-    ex = sub.add_parser("explain", help="show what the LLM would be sent for a run now (prompt and allowed moves)")
+    ex = sub.add_parser("explain", help="show what the LLM would be sent for a run now (prompt and allowed moves)",
+                        description="What the proposer would be shown for a run now: the snapshot, the allowed moves, "
+                                    "and what blocks a move (warm-up, cooldown, budget). Give one --run, or "
+                                    "--experiment for each of its running runs.")
     _add_backend_args(ex)
+    ex.add_argument("--experiment", default=None,
+                    help="explain every RUNNING run of this experiment (MLflow) or project (W&B), one after another "
+                         "(default: none; give --run or this)")
     ex.add_argument("--policy", default="lm", help="preset name or YAML file (default: lm)")
     ex.add_argument("--scenario", default=None, help="explain a scenario file instead of a live run")
     ex.add_argument("--no-evidence", action="store_true", help="leave out the rules' diagnosis")
@@ -355,6 +386,8 @@ def _explain(args: argparse.Namespace) -> int:
 
     if args.scenario:
         return explain_command(args)
+    if args.experiment:
+        return _explain_experiment(args)
     from atm.watcher.decide import decision_inputs
     from atm.watcher.snapshot import missing_role_note
 
@@ -374,6 +407,34 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_experiment(args: argparse.Namespace) -> int:
+    """``atm explain --experiment NAME``: the explanation of each running run, under a heading naming it."""
+    from atm.adapters import BackendUnavailable, RunNotFound
+
+    if args.run:
+        print("atm explain: give --run or --experiment, not both", file=sys.stderr)
+        return 2
+    args.backend = args.backend or "mlflow"
+    down = _tracker_down(args)
+    if down:
+        print(f"atm explain: {down}; check --tracking-uri (or MLFLOW_TRACKING_URI)", file=sys.stderr)
+        return 1
+    try:
+        runs = _backend(args, _key("atm explain")).running_runs(args.experiment)
+    except (RunNotFound, BackendUnavailable) as exc:
+        print(f"atm explain: {exc}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"no running runs in {args.experiment!r}")
+        return 0
+    worst = 0
+    for rid in runs:
+        print(f"=== run {rid} ===")
+        worst = max(worst, _explain(argparse.Namespace(**{**vars(args), "experiment": None, "run": [rid]})))
+        print()
+    return worst
+
+
 def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] | int:
     """The run's current view and its decisions (log merged with acks), or an exit code after an error."""
     from atm.adapters import BackendUnavailable, RunNotFound
@@ -383,7 +444,17 @@ def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] |
         print(f"atm {command}: give exactly one --run", file=sys.stderr)
         return 2
     key = _key(f"atm {command}")
-    backend = _backend(args, key)
+    if args.backend:
+        down = _tracker_down(args)
+        if down:  # said at once, rather than after the client's retries
+            print(f"atm {command}: {down}; check --tracking-uri (or MLFLOW_TRACKING_URI) and that the server runs",
+                  file=sys.stderr)
+            return 1
+        backend = _backend(args, key)
+    else:
+        backend = _find_backend(args, key, command)
+        if isinstance(backend, int):
+            return backend
     try:
         view = backend.poll(args.run[0])
         own, refused = own_records(backend.read_log(args.run[0]), key)
@@ -398,6 +469,39 @@ def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] |
         print(f"atm {command}: {len(view.problems)} message(s) on the run were not taken (unsigned, another key's, "
               f"or malformed), e.g. {view.problems[0]}", file=sys.stderr)
     return view, records
+
+
+def _find_backend(args: argparse.Namespace, key: Any, command: str) -> Any:
+    """The backend holding ``--run`` when no ``--backend`` was given: MLflow (``--tracking-uri``,
+    ``MLFLOW_TRACKING_URI`` or MLflow's default store), then W&B's offline runs (``--wandb-dir`` or
+    ./wandb); ``args.backend`` is set to it. An exit code, after saying which flags to pass, when neither
+    holds it. A path or ``entity/project/id`` is W&B's: MLflow ids have no slash."""
+    from atm.watcher.locate import find_run
+
+    def make(name: str) -> Any:
+        def build() -> Any:
+            args.backend = name
+            down = _tracker_down(args)
+            if down:
+                raise ValueError(down)
+            return _backend(args, key)
+        return build
+
+    run = args.run[0]
+    names = ["wandb"] if "/" in run or os.sep in run else ["mlflow", "wandb"]
+    backend, notes = find_run(run, [(n, make(n)) for n in names])
+    if backend is not None:
+        return backend
+    args.backend = None
+    if len(notes) == 1 and notes[0].startswith("no MLflow run") and "start of" in notes[0]:
+        print(f"atm {command}: {notes[0]}", file=sys.stderr)  # found, cut short: the whole id is the answer
+        return 1
+    print(f"atm {command}: run {run} was not found, and --backend was not given. Looked in:\n  "
+          + "\n  ".join(notes)
+          + "\nPass --backend mlflow --tracking-uri URI (the job's MLFLOW_TRACKING_URI), or --backend wandb "
+            "--wandb-dir DIR (the folder holding the job's offline-run-* folders) or --run entity/project/ID",
+          file=sys.stderr)
+    return 1
 
 
 def _answer(args: argparse.Namespace) -> int:

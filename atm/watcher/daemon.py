@@ -324,8 +324,13 @@ class Daemon:
             seen = self._states[run_id].recovered  # polled once: it existed, so it is gone, not late
             if not seen and time.monotonic() - w.started < self.wait_for_run:
                 if self.status[run_id].state != "waiting":
-                    self._set(run_id, state="waiting", error=str(exc)[:200])
-                    log.warning("run %s: not there yet; waiting up to %.0fs for it", run_id, self.wait_for_run)
+                    # Progress, not an error: the job has not created the run yet (the not-found text
+                    # is said only if the wait runs out).
+                    left = self.wait_for_run - (time.monotonic() - w.started)
+                    self._set(run_id, state="waiting", error="",
+                              pending=f"the run is not started yet; looking for it up to {left:.0f} s more (--wait)")
+                    log.info("run %s: not started yet; looking for it every %gs for up to %.0f s (--wait)",
+                             run_id, self.interval, left)
                 return None, False, None
             # Said once, in full, when atm-watch ends (and on the status line meanwhile).
             self._set(run_id, state="not found", error=str(exc))

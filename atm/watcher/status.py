@@ -29,6 +29,9 @@ def log_changes() -> Callable[[RunStatus], None]:
             if last.get(s.run_id) == key:
                 return
             last[s.run_id] = key
+        if s.state == "waiting":  # --wait: progress, in words that do not read as a failure
+            print(f"[atm] run {label(s)}: waiting, {s.pending}", flush=True)
+            return
         print(
             f"[atm] run {label(s)} step {s.step}: {s.state}"
             + (f", {s.diagnosis}" if s.diagnosis else "")
