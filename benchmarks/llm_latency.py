@@ -16,7 +16,7 @@ the wall time of ``propose`` (the default 2 re-asks; the timeout is raised so th
 measures rather than falls back).
 
     python benchmarks/llm_latency.py                   # idle, then beside a training job
-    python benchmarks/llm_latency.py --limit 12 --conditions busy
+    python benchmarks/llm_latency.py --every 2 --conditions busy   # half the scenarios, beside a job
 
 Writes benchmarks/results/llm_latency.json and .md and prints the table.
 """
@@ -138,7 +138,7 @@ def mean_of(rows: list[dict[str, Any]], arm: str, key: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default=str(ROOT / "tests" / "scenarios"))
-    ap.add_argument("--limit", type=int, default=0, help="first N scenarios only (0: all)")
+    ap.add_argument("--every", type=int, default=1, help="every Nth scenario only (by name), for a shorter run")
     ap.add_argument("--conditions", default="idle,busy", help="idle, busy (a training job on another core), or both")
     ap.add_argument("--threads", type=int, default=None, help=f"model threads (default: atm's, {default_threads()} here)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model call")
@@ -150,8 +150,7 @@ def main() -> int:
 
     scenarios = load_scenarios(args.scenarios)
     situations = [situation(sc) for sc in scenarios]
-    if args.limit:
-        situations = situations[: args.limit]
+    situations = situations[:: max(args.every, 1)]
     cfg = LLMConfig.resolve("embedded", environ={}, timeout_s=args.timeout, n_threads=args.threads)
     results: dict[str, Any] = {
         "model": f"embedded:{embedded_model_path().stem}",
