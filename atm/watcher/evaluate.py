@@ -387,11 +387,25 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--only", action="append", default=[], help="run only scenarios whose name contains this (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="score on a counterfactual decision dataset (.jsonl or .jsonl.gz, benchmarks/counterfactual/) "
+        "instead of the scenarios, beside the fixed strategies",
+    )
+    p.add_argument(
+        "--split",
+        choices=("all", "train", "test"),
+        default="all",
+        help="with --dataset: only the families of this split (test: the held-out ones)",
+    )
     p.set_defaults(func=eval_command)
     return p
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if args.dataset:
+        return dataset_command(args)
     try:
         scenarios = load_scenarios(args.scenarios)
     except ScenarioError as exc:
@@ -413,6 +427,40 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"atm eval: {exc}", file=sys.stderr)
         return 2
     print(report.model_dump_json(indent=2) if args.json else format_report(report))
+    return 0
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    """``atm eval --dataset FILE``: the proposer and the fixed strategies on one split of the dataset."""
+    import json
+
+    from atm.watcher.counterfactual import (
+        BASELINES,
+        DatasetError,
+        format_dataset_reports,
+        load_dataset,
+        score_dataset,
+        select,
+    )
+
+    try:
+        lines = select(load_dataset(args.dataset), args.split)
+        proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)
+    except (DatasetError, ValueError) as exc:
+        print(f"atm eval: {exc}", file=sys.stderr)
+        return 2
+    if args.only:
+        lines = [ln for ln in lines if any(o in f"{ln.family}/{ln.run}" for o in args.only)]
+    try:
+        reports = [score_dataset(p, lines, dataset=str(args.dataset), split=args.split)
+                   for p in [proposer, *(make() for make in BASELINES.values())]]
+    except PolicyError as exc:
+        print(f"atm eval: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in reports], indent=2))
+    else:
+        print(format_dataset_reports(reports))
     return 0
 
 

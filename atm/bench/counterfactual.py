@@ -1,0 +1,320 @@
+"""Counterfactual branches: train a real job, and from checkpoints along its life continue one branch per
+move the policy offers, on several data-order seeds, to label each move by what it led to.
+
+The job (:class:`Job`) is a plain PyTorch loop in this process, on one CPU thread, logging its
+metrics into a history held in memory the way a tracker would hold it. Decision points are chosen by
+step fractions before any branch runs, so where the dataset looks is not chosen by its labels. At each
+point the checkpoint is the model, the optimizer state, the knobs and the schedule's position; every
+branch restarts from it with the data order (and dropout masks) of its seed, so moves are compared on
+the same batches. The families (what is trained) live in :mod:`atm.bench.counterfactual_families`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from atm.policies import Policy, load_policy
+from atm.schema import Action
+from atm.watcher.counterfactual import NOOP, DatasetLine, Move, applied, make_line, write_dataset
+from atm.watcher.decide import offline_situation
+from atm.watcher.rules import RulesProposer
+
+Batch = Any
+
+
+def schedule_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
+    """The lr schedule's factor at ``step`` of ``total``: ``constant``, ``cosine`` (to 5%), ``warmup``
+    (linear over ``warmup`` steps, then constant) or ``warmup-cosine``. Pure."""
+    f = 1.0
+    if kind.startswith("warmup") and warmup > 0 and step < warmup:
+        f = (step + 1) / warmup
+    if kind.endswith("cosine"):
+        t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+    if kind not in ("constant", "cosine", "warmup", "warmup-cosine"):
+        raise ValueError(f"unknown lr schedule {kind!r}; choose constant, cosine, warmup or warmup-cosine")
+    return f
+
+
+@dataclass
+class Job:
+    """A training loop with the knobs a listener would expose: ``lr`` (scaling the schedule), ``weight_decay``,
+    ``dropout`` (every ``nn.Dropout``) and ``loss_weight.aux`` where the family has an auxiliary loss.
+
+    ``loss`` returns the loss to minimise and the components to log (name -> value); ``validate`` the
+    evaluation metric (lower is better).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sample: Callable[[torch.Generator], Batch]
+    loss: Callable[[nn.Module, Batch, float], tuple[torch.Tensor, dict[str, float]]]
+    validate: Callable[[nn.Module], float]
+    schedule: str = "constant"
+    total: int = 1000
+    warmup: int = 0
+    aux_weight: float | None = None
+    step: int = 0
+    lr_scale: float = 1.0
+    data: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self._set_lr()
+
+    # ---- knobs
+
+    def params(self) -> dict[str, float]:
+        out = {"lr": self.optimizer.param_groups[0]["lr"],
+               "weight_decay": float(self.optimizer.param_groups[0].get("weight_decay", 0.0))}
+        drops = self._dropouts()
+        if drops:
+            out["dropout"] = float(drops[0].p)
+        if self.aux_weight is not None:
+            out["loss_weight.aux"] = self.aux_weight
+        return out
+
+    def apply(self, changes: dict[str, float]) -> None:
+        """Set knobs as a listener would: the lr scales the schedule (groups keep their proportions)."""
+        for name, value in changes.items():
+            if name == "lr":
+                now = self.optimizer.param_groups[0]["lr"]
+                self.lr_scale *= value / now if now > 0 else 1.0
+                self._set_lr()
+            elif name == "weight_decay":
+                for g in self.optimizer.param_groups:
+                    g["weight_decay"] = value
+            elif name == "dropout":
+                for d in self._dropouts():
+                    d.p = value
+            elif name == "loss_weight.aux":
+                self.aux_weight = value
+            else:
+                raise ValueError(f"job has no knob {name!r}; knobs: {', '.join(self.params())}")
+
+    def _dropouts(self) -> list[nn.Dropout]:
+        return [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+
+    def _set_lr(self) -> None:
+        f = schedule_factor(self.schedule, self.step, self.total, self.warmup) * self.lr_scale
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+
+    # ---- training
+
+    def train(self, steps: int) -> dict[str, float]:
+        """Run ``steps`` optimizer steps; the mean of each logged quantity over them."""
+        self.model.train()
+        sums: dict[str, float] = {}
+        for _ in range(steps):
+            self._set_lr()
+            batch = self.sample(self.data)
+            loss, parts = self.loss(self.model, batch, self.aux_weight or 0.0)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+    def evaluate(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            v = float(self.validate(self.model))
+        return v if math.isfinite(v) else math.inf
+
+    # ---- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "data": self.data.get_state(),
+            "step": self.step,
+            "lr_scale": self.lr_scale,
+            "knobs": self.params(),
+        }
+
+    def load(self, state: dict[str, Any], *, weights_only: bool = False) -> None:
+        """Restore a checkpoint; ``weights_only`` restores model and optimizer and keeps step and knobs
+        (a rollback to the best checkpoint goes on from where the run is)."""
+        self.model.load_state_dict(state["model"])
+        knobs = self.params()
+        # A copy: the optimizer keeps the tensors it is given and steps them in place, which would
+        # change the checkpoint every later branch starts from.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if weights_only:
+            self._restore_knobs(knobs)
+            return
+        self.data.set_state(state["data"])
+        self.step = state["step"]
+        self.lr_scale = state["lr_scale"]
+        self._restore_knobs(state["knobs"])
+
+    def _restore_knobs(self, knobs: dict[str, float]) -> None:
+        for g in self.optimizer.param_groups:
+            g["weight_decay"] = knobs["weight_decay"]
+        for d in self._dropouts():
+            d.p = knobs.get("dropout", d.p)
+        if "loss_weight.aux" in knobs:
+            self.aux_weight = knobs["loss_weight.aux"]
+        self._set_lr()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One run of a family: how its job is built and how it logs."""
+
+    family: str
+    run: str
+    #: What the recipe was built to show (``overfitting``, ``healthy``, ...); not a label.
+    condition: str
+    build: Callable[[int], Job]
+    steps: int
+    eval_every: int
+    horizon: int
+    train_key: str = "train_loss"
+    val_key: str = "val_loss"
+    #: Job component -> metric key (an auxiliary model's ``loss/main``, ``loss/aux``).
+    component_keys: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    #: Where the decision points are, as fractions of ``steps``.
+    points: tuple[float, ...] = (0.3, 0.55, 0.8)
+
+
+@dataclass
+class _Point:
+    index: int
+    step: int
+    history: dict[str, list[tuple[int, float]]]
+    params: dict[str, float]
+    checkpoint: dict[str, Any]
+    best: dict[str, Any]
+    value: float
+
+
+def _log(recipe: Recipe, history: dict[str, list[tuple[int, float]]], step: int, train: dict[str, float],
+         val: float) -> None:
+    history.setdefault(recipe.train_key, []).append((step, train.get("loss", math.nan)))
+    for part, key in recipe.component_keys.items():
+        if part in train:
+            history.setdefault(key, []).append((step, train[part]))
+    history.setdefault(recipe.val_key, []).append((step, val))
+
+
+def main_run(recipe: Recipe) -> tuple[Job, list[_Point], float]:
+    """Train the recipe's run, keeping a checkpoint at each decision point and the best one so far;
+    returns the job, the points and the ceiling (10x the first evaluation) that caps a diverged branch."""
+    torch.manual_seed(recipe.seed)
+    job = recipe.build(recipe.seed)
+    job.data.manual_seed(recipe.seed)
+    evals = [e for e in range(recipe.eval_every, recipe.steps + 1, recipe.eval_every)]
+    # Each point at the first evaluation at or after its fraction of the run.
+    point_steps = sorted({next(e for e in evals if e >= f * recipe.steps) for f in recipe.points})
+    history: dict[str, list[tuple[int, float]]] = {}
+    points: list[_Point] = []
+    best_val, best_state, first = math.inf, job.state(), math.nan
+    for e in evals:
+        train = job.train(e - job.step)
+        val = job.evaluate()
+        _log(recipe, history, e, train, val)
+        if math.isnan(first):
+            first = val
+        if val < best_val:
+            best_val, best_state = val, job.state()
+        if e in point_steps:
+            points.append(_Point(len(points), e, copy.deepcopy(history), job.params(), job.state(), best_state, val))
+    ceiling = 10 * first if math.isfinite(first) and first > 0 else 1e6
+    return job, points, ceiling
+
+
+def candidate_moves(policy: Policy, point: _Point, history_key: str = "") -> tuple[list[Move], Any]:
+    """The moves branched at a point: no-op, every value the policy offers for each parameter, each offered
+    action, and the rules proposer's own move when it combines several; and the situation."""
+    sit = offline_situation(history_key or "point", policy, point.history, point.params)
+    moves = [Move()]
+    for param, values in sorted(sit.offer.choices.items()):
+        moves += [Move(changes={param: v}) for v in values]
+    moves += [Move(action=a) for a in sit.offer.actions]
+    proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
+    changes = applied(proposal, sit)
+    if len(changes) > 1:
+        act = changes.pop("action", None)
+        moves.append(Move(changes={k: float(v) for k, v in changes.items()},
+                          action=Action(act) if isinstance(act, str) else None))
+    return moves, sit
+
+
+def branch(job: Job, point: _Point, move: Move, seed: int, horizon: int) -> float:
+    """The evaluation metric after ``horizon`` steps from ``point`` with ``move`` applied, on data order ``seed``."""
+    if move.action == Action.STOP:
+        return point.value
+    job.load(point.checkpoint)
+    if move.action == Action.ROLLBACK:
+        job.load(point.best, weights_only=True)
+    job.apply(move.changes)
+    job.data.manual_seed(seed)
+    torch.manual_seed(seed)
+    job.train(horizon)
+    return job.evaluate()
+
+
+def recipe_lines(
+    recipe: Recipe,
+    split: str,
+    *,
+    policy: str = "lm",
+    seeds: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[DatasetLine]:
+    """Every decision point of one recipe, branched and labelled."""
+    pol = load_policy(policy)
+    job, points, ceiling = main_run(recipe)
+    lines = []
+    for pt in points:
+        moves, _ = candidate_moves(pol, pt, recipe.run)
+        outcomes: dict[str, tuple[Move, list[float]]] = {}
+        for mv in moves:
+            # Seeds differ per point but are shared by the moves of a point: moves are compared on the same data.
+            outs = [branch(job, pt, mv, 1000 * (recipe.seed + 1) + 17 * pt.index + s, recipe.horizon)
+                    for s in range(seeds)]
+            outcomes[mv.key] = (mv, outs)
+        line = make_line(
+            outcomes=outcomes, ceiling=ceiling, family=recipe.family, run=recipe.run,
+            condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
+            history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds,
+        )
+        lines.append(line)
+        if progress is not None:
+            lab = line.labels
+            progress(f"{recipe.family}/{recipe.run} point {pt.index} (step {pt.step}): {len(moves)} moves, "
+                     f"noise {lab.noise:.3g}, best {lab.best}, no-op "
+                     f"{'acceptable' if NOOP in lab.acceptable else 'not acceptable'}, {len(lab.harmful)} harmful")
+    return lines
+
+
+def generate(
+    recipes: Sequence[tuple[Recipe, str]],
+    out: str | Path,
+    *,
+    policy: str = "lm",
+    seeds: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[DatasetLine]:
+    """Branch and label every (recipe, split) and write the dataset to ``out`` (JSON Lines, ``.gz`` compressed),
+    rewritten after each recipe so that an interrupted run keeps what it finished."""
+    torch.set_num_threads(1)
+    lines: list[DatasetLine] = []
+    for recipe, split in recipes:
+        lines += recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress)
+        write_dataset(lines, out)
+    return lines

@@ -1,0 +1,300 @@
+"""The run families of the counterfactual dataset, each a few recipes (healthy and pathological) small
+enough for one CPU thread: an MLP regression that overfits, an auxiliary-loss model, a character-level
+LM on the generated story corpus, a CNN on generated images.
+
+Recipes vary what the field varies: metric names (aliases the ``lm`` preset maps), evaluation cadence,
+lr schedule (constant, cosine, warm-up), optimizer (AdamW, SGD with momentum).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atm.bench.counterfactual import Job, Recipe
+
+#: Families held out for testing: never used to tune a proposer.
+TEST_FAMILIES = ("aux", "cnn")
+
+
+def _opt(name: str, model: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
+
+
+# --------------------------------------------------------------------------- MLP regression
+
+
+@lru_cache(maxsize=8)
+def _regression(n_train: int, dim: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, 16, generator=g) * 1.5 / dim**0.5
+    v = torch.randn(16, 1, generator=g)
+    # Scaled so the target's variance is about 1 and the noise's 0.25.
+    scale = float((torch.sin(torch.randn(4000, dim, generator=g) @ w) @ v).std())
+
+    def target(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x @ w) @ v / scale
+
+    x_tr, x_va = torch.randn(n_train, dim, generator=g), torch.randn(1000, dim, generator=g)
+    y_tr = target(x_tr) + 0.5 * torch.randn(n_train, 1, generator=g)
+    y_va = target(x_va) + 0.5 * torch.randn(1000, 1, generator=g)
+    return x_tr, y_tr, x_va, y_va
+
+
+def _mlp(dim: int, width: int, dropout: float, out: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, out))
+
+
+def mlp_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, width: int = 128,
+            schedule: str = "constant", total: int = 1000, warmup: int = 0, batch: int = 32) -> Job:
+    x_tr, y_tr, x_va, y_va = _regression(n_train)
+    model = _mlp(x_tr.shape[1], width, dropout)
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x_tr), (batch,), generator=g)
+        return x_tr[idx], y_tr[idx]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return F.mse_loss(m(b[0]), b[1]), {}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.mse_loss(m(x_va), y_va)),
+               schedule=schedule, total=total, warmup=warmup)
+
+
+def mlp_recipes() -> list[Recipe]:
+    f = "mlp"
+    return [
+        Recipe(f, "overfit-adamw-const", "overfitting",
+               lambda s: mlp_job(n_train=200, opt="adamw", lr=3e-3, width=256, total=600),
+               steps=600, eval_every=20, horizon=120),
+        Recipe(f, "healthy-adamw-cosine", "healthy",
+               lambda s: mlp_job(n_train=4000, opt="adamw", lr=2e-3, wd=0.01, dropout=0.05, schedule="cosine",
+                                 total=900),
+               steps=600, eval_every=30, horizon=150, train_key="train/loss", val_key="eval_loss"),
+        Recipe(f, "lr-too-high-sgd-warmup", "lr_too_high",
+               lambda s: mlp_job(n_train=2000, opt="sgd", lr=0.25, schedule="warmup", warmup=200, total=600),
+               steps=600, eval_every=20, horizon=100, train_key="loss", val_key="validation_loss"),
+        Recipe(f, "slow-sgd-low-lr", "plateau",
+               lambda s: mlp_job(n_train=2000, opt="sgd", lr=2e-3, total=800),
+               steps=800, eval_every=40, horizon=160, train_key="training_loss", val_key="valid_loss"),
+        Recipe(f, "overreg-adamw", "over_regularization",
+               lambda s: mlp_job(n_train=2000, opt="adamw", lr=2e-3, wd=0.5, dropout=0.5, total=600),
+               steps=600, eval_every=25, horizon=125, train_key="train_loss", val_key="val/loss"),
+    ]
+
+
+# --------------------------------------------------------------------------- auxiliary loss
+
+
+class _TwoHead(nn.Module):
+    def __init__(self, dim: int, width: int, dropout: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU())
+        self.main, self.aux = nn.Linear(width, 1), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.main(h), self.aux(h)
+
+
+def aux_job(*, n_train: int, opt: str, lr: float, aux_weight: float, aux_scale: float, wd: float = 0.0,
+            dropout: float = 0.0, schedule: str = "constant", total: int = 800, warmup: int = 0) -> Job:
+    """The MLP regression as the main task plus an auxiliary task (a random projection of the input, scaled
+    by ``aux_scale``) sharing the body: a large weight or scale lets the auxiliary loss take the capacity."""
+    x_tr, y_tr, x_va, y_va = _regression(n_train, seed=1)
+    proj = torch.randn(x_tr.shape[1], 4, generator=torch.Generator().manual_seed(7))
+    a_tr = torch.tanh(x_tr @ proj) * aux_scale
+    model = _TwoHead(x_tr.shape[1], 128, dropout)
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(0, len(x_tr), (32,), generator=g)
+        return x_tr[idx], y_tr[idx], a_tr[idx]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, ...], w: float) -> tuple[torch.Tensor, dict[str, float]]:
+        main, aux = m(b[0])
+        lm, la = F.mse_loss(main, b[1]), F.mse_loss(aux, b[2])
+        return lm + w * la, {"main": float(lm.detach()), "aux": float(la.detach())}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.mse_loss(m(x_va)[0], y_va)),
+               schedule=schedule, total=total, warmup=warmup, aux_weight=aux_weight)
+
+
+def aux_recipes() -> list[Recipe]:
+    f, parts = "aux", {"main": "loss/main", "aux": "loss/aux"}
+    return [
+        Recipe(f, "aux-dominates-adamw", "loss_imbalance",
+               lambda s: aux_job(n_train=1500, opt="adamw", lr=2e-3, aux_weight=8.0, aux_scale=3.0, total=700),
+               steps=700, eval_every=25, horizon=125, component_keys=parts),
+        Recipe(f, "aux-balanced-sgd-cosine", "healthy",
+               lambda s: aux_job(n_train=1500, opt="sgd", lr=0.02, aux_weight=0.5, aux_scale=1.0,
+                                 schedule="cosine", total=900),
+               steps=600, eval_every=30, horizon=150, train_key="train/loss", val_key="eval/loss",
+               component_keys=parts),
+        Recipe(f, "aux-overfit-adamw-warmup", "overfitting",
+               lambda s: aux_job(n_train=250, opt="adamw", lr=3e-3, aux_weight=1.0, aux_scale=1.0,
+                                 schedule="warmup", warmup=100, total=700),
+               steps=600, eval_every=20, horizon=120, val_key="validation/loss", component_keys=parts),
+    ]
+
+
+# --------------------------------------------------------------------------- char-level LM
+
+
+@lru_cache(maxsize=4)
+def _chars(size_kb: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from atm.training.workloads.tinystories.data import load_corpus, train_val_split
+
+    corpus = load_corpus("generated", size_kb=size_kb, seed=0)
+    tr, va = train_val_split(corpus.stories, 0.2, seed=0)
+    vocab = sorted(set("\n\n".join(corpus.stories)))
+    index = {c: i for i, c in enumerate(vocab)}
+
+    def enc(stories: list[str]) -> torch.Tensor:
+        return torch.tensor([index[c] for c in "\n\n".join(stories)], dtype=torch.long)
+
+    return enc(tr), enc(va)[:6000], len(vocab)
+
+
+class _CharMLP(nn.Module):
+    """Next character from the ``context`` before it (embeddings concatenated, an MLP): a GRU is 20x slower
+    on one CPU thread, and the dataset needs thousands of branches."""
+
+    def __init__(self, vocab: int, context: int, width: int, dropout: float) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 24)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(24 * context, width), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, vocab))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.emb(x))
+
+
+def charlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, width: int = 256,
+               schedule: str = "constant", total: int = 800, warmup: int = 0, context: int = 8) -> Job:
+    tr, va, vocab = _chars(size_kb)
+    model = _CharMLP(vocab, context, width, dropout)
+    windows = torch.arange(context)
+    vstarts = torch.arange(0, len(va) - context - 1, 3)
+    vx, vy = va[vstarts[:, None] + windows], va[vstarts + context]
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(tr) - context - 1, (64,), generator=g)
+        return tr[starts[:, None] + windows], tr[starts + context]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return F.cross_entropy(m(b[0]), b[1]), {}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(vx), vy)),
+               schedule=schedule, total=total, warmup=warmup)
+
+
+def charlm_recipes() -> list[Recipe]:
+    f = "charlm"
+    return [
+        Recipe(f, "charlm-overfit-adamw-const", "overfitting",
+               lambda s: charlm_job(size_kb=3, opt="adamw", lr=3e-3, width=256, total=700),
+               steps=700, eval_every=25, horizon=75, train_key="train/loss", val_key="val/loss"),
+        Recipe(f, "charlm-healthy-adamw-warmup-cosine", "healthy",
+               lambda s: charlm_job(size_kb=24, opt="adamw", lr=4e-3, wd=0.01, schedule="warmup-cosine",
+                                    warmup=60, total=800),
+               steps=600, eval_every=30, horizon=90, train_key="train_loss", val_key="eval_loss"),
+    ]
+
+
+# --------------------------------------------------------------------------- CNN on generated images
+
+
+@lru_cache(maxsize=4)
+def _images(n_train: int, seed: int = 3) -> tuple[torch.Tensor, ...]:
+    """12x12 images of a bar (4 orientations) at a random place in noise; the class is the orientation."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = 0.8 * torch.randn(n, 1, 12, 12, generator=g)
+        r = torch.randint(3, 9, (n, 2), generator=g)
+        for i in range(n):
+            cy, cx = int(r[i, 0]), int(r[i, 1])
+            for t in range(-2, 3):
+                dy, dx = [(0, t), (t, 0), (t, t), (t, -t)][int(y[i])]
+                x[i, 0, cy + dy, cx + dx] += 1.5
+        return x, y
+
+    x_tr, y_tr = make(n_train)
+    x_va, y_va = make(800)
+    return x_tr, y_tr, x_va, y_va
+
+
+class _CNN(nn.Module):
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * channels * 9, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.conv(x).flatten(1)))
+
+
+def cnn_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, channels: int = 8,
+            schedule: str = "constant", total: int = 600, warmup: int = 0) -> Job:
+    x_tr, y_tr, x_va, y_va = _images(n_train)
+    model = _CNN(channels, dropout)
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x_tr), (32,), generator=g)
+        return x_tr[idx], y_tr[idx]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return F.cross_entropy(m(b[0]), b[1]), {}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(x_va), y_va)),
+               schedule=schedule, total=total, warmup=warmup)
+
+
+def cnn_recipes() -> list[Recipe]:
+    f = "cnn"
+    return [
+        Recipe(f, "cnn-overfit-adamw-const", "overfitting",
+               lambda s: cnn_job(n_train=120, opt="adamw", lr=3e-3, channels=8, total=600),
+               steps=600, eval_every=20, horizon=80, train_key="train_loss", val_key="test_loss"),
+        Recipe(f, "cnn-healthy-sgd-cosine", "healthy",
+               lambda s: cnn_job(n_train=3000, opt="sgd", lr=0.03, wd=5e-4, schedule="cosine", total=800),
+               steps=600, eval_every=30, horizon=90, train_key="train/loss", val_key="eval_loss"),
+        Recipe(f, "cnn-lr-too-high-sgd", "lr_too_high",
+               lambda s: cnn_job(n_train=3000, opt="sgd", lr=0.4, schedule="warmup", warmup=150, total=600),
+               steps=600, eval_every=25, horizon=75, train_key="loss", val_key="val_loss"),
+    ]
+
+
+FAMILIES = {"mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes}
+
+
+def split_of(family: str) -> str:
+    return "test" if family in TEST_FAMILIES else "train"
+
+
+def recipes(families: list[str] | None = None) -> list[tuple[Recipe, str]]:
+    """(recipe, split) for the named families, smallest first.
+
+    Raises:
+        ValueError: an unknown family (the message lists them).
+    """
+    names = families or list(FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+    return [(r, split_of(n)) for n in names for r in FAMILIES[n]()]
+
+
+__all__ = ["FAMILIES", "TEST_FAMILIES", "aux_job", "charlm_job", "cnn_job", "mlp_job", "recipes", "split_of"]
+

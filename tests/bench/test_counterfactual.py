@@ -1,0 +1,65 @@
+"""The counterfactual generator end to end on tiny runs: branches from checkpoints, labels, the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atm.bench.counterfactual import Job, Recipe, branch, generate, main_run
+from atm.bench.counterfactual_families import mlp_job
+from atm.watcher.counterfactual import NOOP, Move, load_dataset
+
+
+def _diverging_linear(seed: int) -> Job:
+    """Full-batch least squares at an lr just past the stability limit 2/lambda_max: the loss grows by about
+    1% a step from the start, so the run is diverging at every decision point and a larger lr only faster."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = x @ torch.randn(4, 1, generator=g)
+    lam_max = float(torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
+    model = nn.Linear(4, 1, bias=False)
+    return Job(model, torch.optim.SGD(model.parameters(), lr=1.003 * 2 / lam_max),
+               sample=lambda _g: (x, y),
+               loss=lambda m, b, _w: (F.mse_loss(m(b[0]), b[1]), {}),
+               validate=lambda m: float(F.mse_loss(m(x), y)), total=200)
+
+
+def test_a_branch_setting_lr_to_the_policy_maximum_on_a_diverging_run_is_labelled_hurt(tmp_path) -> None:
+    recipe = Recipe("linear", "diverging-sgd", "lr_too_high", _diverging_linear,
+                    steps=100, eval_every=10, horizon=20, points=(0.6, 0.9))
+    out = tmp_path / "tiny.jsonl.gz"
+    lines = generate([(recipe, "train")], out, seeds=2)
+
+    assert [ln.point for ln in lines] == [0, 1]
+    assert load_dataset(out) == lines
+    for ln in lines:
+        val = [v for _, v in ln.history["val_loss"]]
+        assert val[-1] > val[-2] > val[-3], "the run is diverging at the decision point"
+        to_max = ln.outcome("lr=1")  # the lm preset's lr maximum
+        assert to_max is not None and to_max.label == "hurt"
+        assert "lr=1" in ln.labels.harmful and "lr=1" not in ln.labels.acceptable
+        # Stopping where it is beats letting it diverge further; cutting the lr helps.
+        assert ln.outcome("stop").label == "helped"
+        assert ln.outcome("lr=" + format(ln.params["lr"] * 0.5, ".6g")).label == "helped"
+
+
+@pytest.mark.slow
+def test_the_generator_runs_a_family_end_to_end_and_branches_are_reproducible(tmp_path) -> None:
+    recipe = Recipe("mlp", "tiny-overfit", "overfitting",
+                    lambda s: mlp_job(n_train=100, opt="adamw", lr=3e-3, width=32, total=120),
+                    steps=120, eval_every=10, horizon=20, points=(0.6, 0.9))
+    lines = generate([(recipe, "train")], tmp_path / "mlp.jsonl", seeds=2)
+    assert len(lines) == 2
+    ln = lines[0]
+    keys = {m.move.key for m in ln.moves}
+    assert {NOOP, "stop", "rollback", "dropout=0.1", "weight_decay=0.05"} <= keys
+    assert any(k.startswith("lr=") for k in keys)
+    assert set(ln.labels.best) <= set(ln.labels.acceptable)
+    # A branch restarts from the checkpoint itself: the same move and seed give the same outcome after
+    # other branches ran (an optimizer stepping the checkpoint's own tensors would not).
+    job, points, _ = main_run(recipe)
+    first = branch(job, points[0], Move(), seed=5, horizon=20)
+    branch(job, points[0], Move(changes={"lr": 0.1}), seed=5, horizon=20)
+    assert branch(job, points[0], Move(), seed=5, horizon=20) == first

@@ -1,0 +1,98 @@
+"""The counterfactual dataset's labels, loader and scoring, on lines written by hand."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from atm.watcher.counterfactual import (
+    BASELINES,
+    NOOP,
+    DatasetError,
+    Move,
+    chosen_key,
+    label_moves,
+    load_dataset,
+    make_line,
+    score_dataset,
+    select,
+    write_dataset,
+)
+from atm.watcher.rules import RulesProposer
+
+
+def _overfit_line(split: str = "test"):
+    """A run whose val loss rose for 8 evaluations from its best while the train loss fell."""
+    val = [(s, 1.0 - 0.05 * i) for i, s in enumerate(range(10, 110, 10))]
+    val += [(s, 0.5 + 0.03 * i) for i, s in enumerate(range(110, 200, 10), start=1)]
+    train = [(s, 1.0 - 0.0045 * s) for s, _ in val]
+    outcomes = {
+        NOOP: (Move(), [0.85, 0.87, 0.86]),
+        "lr=0.0005": (Move(changes={"lr": 0.0005}), [0.80, 0.81, 0.79]),
+        "lr=0.002": (Move(changes={"lr": 0.002}), [0.95, 0.97, 0.99]),
+        "stop": (Move(action="stop"), [0.77, 0.77, 0.77]),
+        "rollback": (Move(action="rollback"), [0.55, 0.56, 0.54]),
+    }
+    return make_line(outcomes=outcomes, ceiling=10.0, family="toy", run="overfit", condition="overfitting",
+                     split=split, point=0, policy="lm", step=190, history={"train_loss": train, "val_loss": val},
+                     params={"lr": 0.001, "weight_decay": 0.0, "dropout": 0.0}, horizon=50, seeds=3)
+
+
+def test_labels_compare_each_move_with_noop_beyond_the_seeds_spread() -> None:
+    per_move, labels = label_moves({NOOP: [1.0, 1.02], "a": [0.5, 0.52], "b": [1.01, 1.0], "c": [2.0, 2.02],
+                                    "d": [0.51, 0.53]})
+    # Pooled over the moves: the mean of their per-move variances.
+    assert labels.noise == pytest.approx((0.00017) ** 0.5, rel=1e-6)
+    assert per_move == {NOOP: "neutral", "a": "helped", "b": "neutral", "c": "hurt", "d": "helped"}
+    assert labels.best == ["a"] and labels.acceptable == ["a", "d"] and labels.harmful == ["c"]
+    with pytest.raises(ValueError, match="no-op"):
+        label_moves({"a": [1.0, 2.0]})
+
+
+def test_several_moves_at_once_are_scored_as_their_branch_or_else_their_worst_part() -> None:
+    line = _overfit_line()
+    assert chosen_key(line, {}) == NOOP
+    assert chosen_key(line, {"lr": 0.0005}) == "lr=0.0005"
+    assert chosen_key(line, {"lr": 0.002, "action": "rollback"}) == "lr=0.002"
+    assert chosen_key(line, {"lr": 0.003}) is None
+
+
+def test_the_loader_rejects_a_malformed_line_naming_its_number(tmp_path) -> None:
+    good = _overfit_line().model_dump(mode="json", exclude_none=True)
+    bad_history = {**good, "history": {"val_loss": [[10, "high"]]}}
+    bad_move = json.loads(json.dumps(good))
+    bad_move["moves"][1]["move"]["changes"] = {"momentum": 0.5}
+    for bad, field in ((bad_history, "history"), (bad_move, "momentum")):
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps(x) for x in (good, good, bad)) + "\n")
+        with pytest.raises(DatasetError, match=rf"d\.jsonl:3: .*{field}"):
+            load_dataset(path)
+    (tmp_path / "e.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DatasetError, match=r"e\.jsonl:2: not valid JSON"):
+        load_dataset(tmp_path / "e.jsonl")
+
+
+def test_a_gzipped_file_round_trips_and_a_split_is_selected(tmp_path) -> None:
+    lines = [_overfit_line("train"), _overfit_line("test")]
+    path = write_dataset(lines, tmp_path / "d.jsonl.gz")
+    assert gzip.decompress(path.read_bytes()).count(b"\n") == 2
+    assert load_dataset(path) == lines
+    assert [ln.split for ln in select(lines, "test")] == ["test"]
+    with pytest.raises(DatasetError, match="no lines in split"):
+        select(lines[:1], "test")
+
+
+def test_scores_the_rules_and_the_fixed_strategies_on_a_line() -> None:
+    line = _overfit_line()
+    rules = score_dataset(RulesProposer(), [line])
+    assert rules.decisions[0].diagnosis == "overfitting"
+    noop = score_dataset(BASELINES["always-noop"](), [line])
+    d = noop.decisions[0]
+    assert d.move == NOOP and not d.acceptable and d.regret == pytest.approx((0.86 - 0.55) / line.labels.noise, rel=1e-3)
+    assert noop.summary.noop_precision == 0.0 and noop.summary.noop_recall is None
+    halve = score_dataset(BASELINES["always-halve-lr"](), [line]).decisions[0]
+    assert halve.move == "lr=0.0005"
+    stop = score_dataset(BASELINES["stop-at-first-rise"](), [line]).decisions[0]
+    assert stop.move == "stop" and not stop.harmful
