@@ -40,12 +40,14 @@ class Job:
         self.model = nn.Linear(4, 1)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         self.steps = 0
+        self.lrs: list[float] = []
         self.listener = atm.listen(self.opt, run_id=run_id, backend="mlflow", poll_interval=0.05, **listen)
 
     def step(self) -> None:
         self.opt.zero_grad()
         self.model(torch.randn(16, 4)).pow(2).mean().backward()
         self.opt.step()
+        self.lrs.append(self.opt.param_groups[0]["lr"])
         self.steps += 1
         if self.steps % 10 == 0:
             i = self.steps // 10
@@ -100,6 +102,59 @@ def test_a_job_holding_another_key_is_shown_plainly_and_trains_on(
     assert caplog.text.count("the job acknowledged update #1 with another atm key") == 1
     assert job.lr == 1e-3 and not job.listener.applied  # nothing applied, training went on
     assert daemon._states[rid].records[0].status == Status.PENDING
+
+
+def _forged_next_update_with_a_torch_job(uri: str, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from atm.adapters.base import update_key
+    from atm.schema import Update
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    rid = _run(uri, f"forged-next-{time.time_ns()}")
+    job = Job(rid, client)
+    daemon = Daemon(MlflowBackend(uri), load_policy("lm"), interval=0.1)
+
+    def records() -> list[DecisionRecord]:
+        return daemon.tick(rid, wait=True).records
+
+    try:
+        with caplog.at_level("WARNING", logger="atm.watch"):
+            job.train_until(lambda: [r.status for r in records()] == [Status.APPLIED], what="#1 applied")
+            # At the watcher's next number, as another client of the tracker could write it.
+            client.set_tag(rid, update_key(2), Update(run_id=rid, seq=2, step=job.steps, diagnosis=Diagnosis.PLATEAU,
+                                                      source="rules", changes={"lr": Change(old=1e-3, new=10.0)})
+                           .model_dump_json())
+            job.train_until(lambda: any(r.seq == 3 and r.status == Status.APPLIED for r in records()),
+                            timeout=120, what="the watcher's own next update, #3, applied")
+    finally:
+        job.listener.close()
+        daemon.stop()
+    assert max(job.lrs) < 1.0 and [u.seq for u in job.listener.applied] == [1, 3]
+    assert [r.seq for r in daemon._states[rid].records] == [1, 3] and not daemon.status[rid].gave_up
+    said = [r.getMessage() for r in caplog.records if r.name == "atm.watch"]
+    assert sum("update #2 is not signed" in m for m in said) == 1
+    # The job refused #2 and acknowledged that, signed: an ack for a number the watcher never published.
+    assert sum("ack #2 answers no update this watcher published; ignored" in m for m in said) == 1
+    again = Daemon(MlflowBackend(uri), load_policy("lm"), interval=0.1)
+    assert [r.seq for r in again.tick(rid, wait=True).records] == [1, 3]
+    again.stop()
+
+
+def test_a_forged_next_update_never_reaches_a_torch_job_and_the_watcher_goes_on(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    _forged_next_update_with_a_torch_job(mlflow_uri, monkeypatch, caplog)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_forged_next_update_never_reaches_a_torch_job_through_an_mlflow_server(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    _forged_next_update_with_a_torch_job(mlflow_server, monkeypatch, caplog)
 
 
 def test_an_update_the_job_refuses_is_recorded_rejected_with_the_jobs_reason(
