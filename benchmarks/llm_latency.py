@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import summary, write
 
-from atm.adapters.llm import LlamaBackend, LLMClient, LLMConfig, embedded_model_path
-from atm.adapters.llm._llama import default_threads
+from atm.adapters.llm import LlamaBackend, LLMClient, LLMConfig, default_threads, embedded_model_path
 from atm.watcher.evaluate import load_scenarios, situation
 from atm.watcher.llm import DEFAULT_VARIANT, LLMProposer
 from atm.watcher.proposer import ProposerError

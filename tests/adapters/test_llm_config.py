@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from atm.adapters.llm import (
     LLMConfigError,
     LLMError,
     OpenAIBackend,
+    default_threads,
     embedded_model_path,
     parse_spec,
     resolve_backend,
@@ -86,6 +88,17 @@ def test_environment_values_are_checked_and_named():
     with pytest.raises(LLMConfigError, match="timeout_s"):
         LLMConfig.resolve(environ={"ATM_LLM_TIMEOUT": "-1"})
     assert LLMConfig.resolve(environ={"ATM_LLM_JSON_MODE": "tools"}).json_mode == "tools"
+    with pytest.raises(LLMConfigError, match="ATM_LLM_THREADS"):
+        LLMConfig.resolve(environ={"ATM_LLM_THREADS": "all"})
+    with pytest.raises(LLMConfigError, match="n_threads"):
+        LLMConfig.resolve(environ={"ATM_LLM_THREADS": "0"})
+
+
+def test_in_process_model_threads_leave_cores_to_the_job():
+    assert LLMConfig.resolve(environ={}).n_threads is None  # the backend's default_threads() then
+    assert LLMConfig.resolve(environ={"ATM_LLM_THREADS": "3"}).n_threads == 3
+    assert LLMConfig.resolve(environ={"ATM_LLM_THREADS": "3"}, n_threads=1).n_threads == 1  # flags win
+    assert 1 <= default_threads() <= max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_local_spec_resolves_to_an_in_process_backend_without_loading(tmp_path: Path):

@@ -15,7 +15,7 @@ from atm.adapters.llm._base import (
 )
 from atm.adapters.llm._client import PROVIDERS, Answer, LLMClient, parse_spec, resolve_backend
 from atm.adapters.llm._config import ENV_VARS, JSON_MODES, LLMConfig, LLMConfigError
-from atm.adapters.llm._llama import LlamaBackend, embedded_model_path
+from atm.adapters.llm._llama import LlamaBackend, default_threads, embedded_model_path
 from atm.adapters.llm._openai import OpenAIBackend
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "LLMTimeout",
     "LlamaBackend",
     "OpenAIBackend",
+    "default_threads",
     "embedded_model_path",
     "parse_spec",
     "resolve_backend",

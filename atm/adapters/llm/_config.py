@@ -32,6 +32,7 @@ ENV_VARS = {
                        "requests, then falls back to the rules proposer",
     "ATM_LLM_MAX_RETRIES": "re-asks after an invalid or out-of-policy answer",
     "ATM_LLM_JSON_MODE": "auto | json_schema | json_object | tools (how structured output is requested)",
+    "ATM_LLM_THREADS": "CPU threads of an in-process model (default: half the usable cores, at least 1)",
     "OPENAI_API_KEY": "API key for openai/<model> (a dummy key is used when a base URL is given)",
 }
 
@@ -56,7 +57,7 @@ class LLMConfig(BaseModel):
     temperature: float = Field(0.0, ge=0)
     #: Context window for in-process GGUF models.
     n_ctx: int = Field(4096, ge=512)
-    #: Threads for in-process GGUF models (None: llama.cpp's default).
+    #: Threads for in-process GGUF models, prompt evaluation included (None: half the usable cores).
     n_threads: int | None = Field(None, ge=1)
 
     @classmethod
@@ -108,6 +109,9 @@ class LLMConfig(BaseModel):
             if pol_retries is not None
             else DEFAULT_MAX_RETRIES
         )
+        threads = _env_number(env, "ATM_LLM_THREADS", int)
+        if threads is not None:
+            merged["n_threads"] = threads
         mode = env.get("ATM_LLM_JSON_MODE")
         if mode:
             if mode not in JSON_MODES:
