@@ -79,7 +79,9 @@ def _backend(args: argparse.Namespace, key: Any) -> Any:
         # With --experiment the job may create the store later; a run id is only in a store that exists.
         existing = not getattr(args, "experiment", None)
         try:
-            return make_backend("mlflow", tracking_uri=args.tracking_uri, existing=existing, key=key)
+            # The environment's URI named here: the process's MLflow may have been pointed elsewhere (tests, the demo).
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+            return make_backend("mlflow", tracking_uri=uri, existing=existing, key=key)
         except ValueError as exc:
             raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
@@ -389,7 +391,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.experiment:
         return _explain_experiment(args)
     from atm.watcher.decide import decision_inputs
-    from atm.watcher.snapshot import missing_role_note
+    from atm.watcher.poll import missing_metric_note
 
     policy = _policy(args.policy)
     got = _read_run(args, "explain")
@@ -400,7 +402,7 @@ def _explain(args: argparse.Namespace) -> int:
     if view.listener is None:
         print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
               "can be offered; add atm.listen(...) to the training script\n")
-    missing = missing_role_note(policy, list(view.history))
+    missing = missing_metric_note(policy, list(view.history))
     if missing:
         print(f"note: {missing}\n")
     print(render_explain(snapshot, policy, ctx, offer, evidence=not args.no_evidence))

@@ -5,17 +5,27 @@ metrics the policy expects and the run does not log). Pure functions of the run'
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 
 from atm.adapters.base import RunView
 from atm.policies import Policy
 from atm.schema import fmt
-from atm.watcher.snapshot import MISSING_METRIC_AFTER, missing_role_note
+from atm.watcher.snapshot import MISSING_METRIC_AFTER, missing_role_note, resolve_roles
 
 #: Seconds a listener may be attached to a run that logs no metric of its own before the daemon says so.
 SILENT_JOB_S = 120.0
 #: Knobs every torch optimizer offers, which policies rarely control: not worth a warning.
 OPTIMIZER_EXTRAS = frozenset({"momentum", "beta1", "beta2"})
+#: The words metric names use for each word of a role's name, to guess which logged key a role the
+#: policy cannot find is (``dev/xent`` for ``val_loss``). A word not listed stands for itself.
+ROLE_WORDS: dict[str, frozenset[str]] = {
+    "val": frozenset({"val", "valid", "validation", "eval", "evaluation", "dev", "test", "holdout", "heldout"}),
+    "train": frozenset({"train", "trn", "training", "tr"}),
+    "loss": frozenset({"loss", "xent", "ce", "nll", "crossentropy", "cross_entropy", "perplexity", "ppl"}),
+    "return": frozenset({"return", "returns", "reward", "rew", "rewards", "score"}),
+    "success": frozenset({"success", "successes", "solved"}),
+}
 
 
 def run_step(view: RunView) -> int:
@@ -65,19 +75,83 @@ def listener_notes(policy: Policy, view: RunView) -> list[str]:
     return notes
 
 
-def metric_notes_due(view: RunView, now: float) -> bool:
-    """Whether enough of the run is in to say which metrics it lacks: ``MISSING_METRIC_AFTER`` points,
-    or a listener attached for ``SILENT_JOB_S`` to a job that logs nothing of its own (an SB3 script
-    whose logger writes only to stdout never reaches that many points)."""
+def guess_key(role: str, keys: Sequence[str]) -> str | None:
+    """The logged key that most likely is ``role`` under another name: every word of the role (split at
+    ``_``) is among the key's words, read through :data:`ROLE_WORDS`; None when no key is. Pure."""
+    wanted = [ROLE_WORDS.get(w, frozenset({w})) for w in role.split("_")]
+    hits = [k for k in sorted(keys)
+            if all(words & set(re.split(r"[^a-z0-9]+", k.lower())) for words in wanted)]
+    return min(hits, key=len) if hits else None
+
+
+def unmapped_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str | None]:
+    """Roles no logged key maps, each with the key that likely is it: the evaluation metric always
+    (with None when no key looks like it), any other role only when a key looks like it. Pure."""
+    logged = [k for k in keys if not k.startswith("atm/")]
+    roles = resolve_roles(policy, logged)
+    taken = set(roles.values())
+    free = [k for k in logged if k not in taken]
+    out: dict[str, str | None] = {}
+    eval_role = policy.limits.eval_metric
+    for role in [eval_role, *(r for r in policy.metrics if r != eval_role)]:
+        if role in roles or any(r.startswith(f"{role}[") for r in roles):
+            continue
+        guess = guess_key(role, free)
+        if guess is not None or role == eval_role:
+            out[role] = guess
+            if guess is not None:
+                free.remove(guess)
+    return out if eval_role in out else {}
+
+
+def mapping_line(policy: Policy, unmapped: dict[str, str | None]) -> str:
+    """The one policy line that maps ``unmapped`` (a role without a guess gets a placeholder), for a file
+    that starts ``extends: <policy>``. Pure."""
+    items = ", ".join(f"{role}: [{key or 'YOUR_METRIC'}]" for role, key in unmapped.items())
+    return f"metrics: {{{items}}}"
+
+
+def unmapped_status(policy: Policy, view: RunView) -> str:
+    """For the status line, from the first poll that shows the run's keys: which roles no key maps when
+    the evaluation metric is one of them (the manager would else look "healthy" on a run it cannot
+    judge), and the policy line that maps them; "" otherwise. Pure."""
+    if not any(not k.startswith("atm/") for k in view.history):
+        return ""
+    unmapped = unmapped_roles(policy, list(view.history))
+    if not unmapped:
+        return ""
+    return f"unmapped: {', '.join(unmapped)} (policy file: extends: {policy.name}, {mapping_line(policy, unmapped)})"
+
+
+def metric_notes_due(view: RunView, now: float, policy: Policy | None = None) -> bool:
+    """Whether enough of the run is in to say which metrics it lacks: at once when a logged key looks
+    like the policy's evaluation metric under another name (``dev/xent``), else ``MISSING_METRIC_AFTER``
+    points (its first evaluation may not have come yet), or a listener attached for ``SILENT_JOB_S`` to a
+    job that logs nothing of its own (an SB3 script whose logger writes only to stdout never reaches
+    that many points)."""
+    if policy is not None and policy.limits.eval_metric in (named := unmapped_roles(policy, list(view.history))):
+        if named[policy.limits.eval_metric] is not None:
+            return True
     own = logged_steps(view)
     silent = own == 0 and view.listener is not None and now - view.listener.started_at >= SILENT_JOB_S
     return own >= MISSING_METRIC_AFTER or silent
 
 
+def missing_metric_note(policy: Policy, keys: Sequence[str]) -> str:
+    """:func:`~atm.watcher.snapshot.missing_role_note`, ending with the one policy line that maps the
+    roles no key maps (with the keys that likely are them). Pure."""
+    note = missing_role_note(policy, keys)
+    unmapped = unmapped_roles(policy, keys)
+    if note and unmapped:
+        note += (f". The one line that maps {', '.join(unmapped)}, in a file that starts with `extends: "
+                 f"{policy.name}`: {mapping_line(policy, unmapped)}")
+    return note
+
+
 def metric_notes(policy: Policy, view: RunView) -> list[str]:
     """Metrics the policy expects and the run does not log, and a run with no listener to act through."""
     notes = []
-    note = missing_role_note(policy, list(view.history))
+    note = missing_metric_note(policy, list(view.history))
     if note:
         notes.append(note)
     if view.listener is None and view.status == "RUNNING":

@@ -34,6 +34,8 @@ class RunStatus:
     #: Why the watcher stopped managing the run for a reason it cannot get past ("" while it manages it):
     #: atm-watch exits non-zero and says this.
     gave_up: str = ""
+    #: What the user should fix for the run to be judged at all (roles no logged metric maps), "" when nothing.
+    note: str = ""
 
 
 def status_fields(

@@ -12,7 +12,7 @@ from atm.watcher.report import RunStatus
 
 log = logging.getLogger("atm.watch")
 
-_SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last", "problems")
+_SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last", "problems", "note")
 
 
 def log_changes() -> Callable[[RunStatus], None]:
@@ -39,6 +39,7 @@ def log_changes() -> Callable[[RunStatus], None]:
             + (f", pending {pending}" if pending else "")
             + (f", last {s.last}" if s.last else "")
             + (f", {s.problems} message{'s' if s.problems != 1 else ''} not taken" if s.problems else "")
+            + (f", {s.note}" if s.note else "")
             + (f", error {s.error[:120]}{'…' if len(s.error) > 120 else ''}" if s.error else ""),
             flush=True,
         )
@@ -74,7 +75,7 @@ def live_table(daemon: Any) -> Callable[[], None]:
             t.add_column(col, overflow="fold")
         for s in list(daemon.status.values()):
             t.add_row(short_id(s.run_id), s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
-                      s.diagnosis, f"{s.applied} applied / {s.decisions}", s.pending, s.last,
+                      s.diagnosis + (f" ({s.note})" if s.note else ""), f"{s.applied} applied / {s.decisions}", s.pending, s.last,
                       str(s.problems) if s.problems else "")
         return t
 
