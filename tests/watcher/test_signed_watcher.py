@@ -232,3 +232,17 @@ def test_fields_a_later_release_added_do_not_change_what_an_earlier_one_signed()
     older = {k: v for k, v in json.loads(text).items() if k not in ("effect", "reverts", "problem", "approval")}
     assert verify(DecisionRecord.model_validate(older), resolve_key())
     assert not verify(DecisionRecord.model_validate({**older, "approval": "approved by mallory"}), resolve_key())
+
+
+def test_another_key_is_told_on_the_first_read_of_an_update_the_log_missed(mlflow_uri: str) -> None:
+    rid = overfitting_run(mlflow_uri)
+    backend = MlflowBackend(mlflow_uri)
+    backend.reserve_seq(rid, 1)
+    backend.publish(make_record(1, 200, status=Status.PENDING, changes={"lr": (2e-3, 1e-3)}, run_id=rid))
+    job_key = key_from_text("the-job-was-given-another-key", "ATM_KEY")
+    MlflowChannel(rid, mlflow_uri, key=job_key).ack(Ack(run_id=rid, seq=1, status="rejected", applied_step=3,
+                                                        error="update #1 is signed with another key"))
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert daemon.status[rid].state == "key mismatch"
