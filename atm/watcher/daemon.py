@@ -36,7 +36,7 @@ from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
 from atm.watcher.decide import decision_context, decision_inputs
 from atm.watcher.effect import judge
-from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due
+from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due, unmapped_status
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.publish import publish
 from atm.watcher.reconcile import foreign_update, own_records, reconcile, unpublished_acks
@@ -415,10 +415,11 @@ class Daemon:
             st.noted_bounds = True
             for note in listener_notes(self.policy, view):
                 log.warning("run %s: %s", run_id, note)
-        if not st.noted_missing and metric_notes_due(view, self.clock()):
+        if not st.noted_missing and metric_notes_due(view, self.clock(), self.policy):
             st.noted_missing = True
             for note in metric_notes(self.policy, view):
                 log.warning("run %s: %s", run_id, note)
+        self._set(run_id, note=unmapped_status(self.policy, view))  # until the job logs a key that maps
 
         ended = view.status != "RUNNING" or is_idle(view, self.clock(), self.policy.limits.idle_minutes)
         if ended:
