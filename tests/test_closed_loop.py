@@ -136,6 +136,21 @@ def test_overfitting_job_is_managed_end_to_end(tmp_path: Path, mlflow_uri: str) 
     logged = {m.step: m.value for m in client.get_metric_history(run_id, f"atm/{param}")}
     assert logged[first["applied_step"]] == pytest.approx(first["changes"][param]["new"])
 
+    # No stacking: a second remedy for the same problem came only once the first had had the
+    # policy's settle evaluations; every change ends strictly inside the bounds, not at them.
+    policy = load_policy("lm")
+    evals = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
+    applied = [h for h in hist if h["status"] == "applied"]
+    for a, b in zip(applied, applied[1:]):
+        if a["diagnosis"] == b["diagnosis"] and b["diagnosis"] != "divergence" and b["reverts"] is None:
+            seen = [s for s in evals if a["effective_step"] <= s <= b["step"]]
+            assert len(seen) >= policy.limits.settle.evals, (a, b)
+    last = {p: h["changes"][p]["new"] for h in applied for p in h["changes"]}
+    for p in ("lr", "weight_decay"):
+        if p in last:
+            assert policy.params[p].min < last[p] < policy.params[p].max, (p, last[p])
+    assert all(h["effect"] in (None, "helped", "neutral", "hurt", "unknown") for h in hist)
+
 
 @pytest.mark.slow
 def test_daemon_killed_mid_run_neither_repeats_nor_loses_updates(tmp_path: Path, mlflow_uri: str) -> None:
