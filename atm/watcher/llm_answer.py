@@ -98,7 +98,7 @@ def response_model(
     groups: list[tuple[list[Diagnosis], list[Move], list[Action]]] = []
     if coherent:
         for d in diagnoses:
-            mv = remedy_moves(d, moves, snapshot)
+            mv = remedy_moves(d, moves, snapshot, policy)
             acts = [a for a in offer.actions if a in REMEDY_ACTIONS.get(d, ())]
             for g in groups:
                 if g[1] == mv and g[2] == acts:

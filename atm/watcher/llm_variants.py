@@ -101,8 +101,10 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANT = "anchored"
 
 
-def remedy_moves(diagnosis: Diagnosis, moves: Sequence[Move], snapshot: TelemetrySnapshot) -> list[Move]:
-    """The offered moves that address ``diagnosis`` (see :data:`REMEDY_DIRECTIONS`)."""
+def remedy_moves(diagnosis: Diagnosis, moves: Sequence[Move], snapshot: TelemetrySnapshot,
+                 policy: Policy | None = None) -> list[Move]:
+    """The offered moves that address ``diagnosis`` (see :data:`REMEDY_DIRECTIONS`). A parameter of a
+    policy group (``actor_lr`` in group ``lr``) moves as its group does."""
     if diagnosis in _QUIET:
         return []
     if is_rl(snapshot) and diagnosis == Diagnosis.PLATEAU:
@@ -113,7 +115,8 @@ def remedy_moves(diagnosis: Diagnosis, moves: Sequence[Move], snapshot: Telemetr
         table = REMEDY_DIRECTIONS.get(diagnosis, {})
     out = []
     for m in moves:
-        want = _direction(table, m.param)
+        rule = policy.params.get(m.param) if policy is not None else None
+        want = _direction(table, m.param) or (_direction(table, rule.group) if rule is not None and rule.group else None)
         if want == "any" or want == m.direction:
             out.append(m)
     return out

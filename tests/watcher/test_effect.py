@@ -212,3 +212,14 @@ def test_a_group_moves_every_member_by_the_same_factor_within_its_bounds() -> No
 def test_only_a_change_that_hurt_is_set_back(label: EffectLabel) -> None:
     rec = applied(1, 100, {"lr": (1e-3, 2e-3)}, Diagnosis.PLATEAU, effect=Outcome(label=label, metric="val_loss"))
     assert hurt_unanswered([rec]) is None
+
+
+def test_the_llm_is_offered_a_group_members_moves_as_the_groups() -> None:
+    from atm.watcher.llm_variants import remedy_moves
+    from atm.watcher.prompt import offered_moves
+
+    policy = parse_policy(GROUPED, source="grouped.yaml")
+    plateau = {"val_loss": [(s, 1.0) for s in range(10, 201, 10)], "loss": [(s, 0.9) for s in range(5, 201, 5)]}
+    sit = offline_situation("r", policy, plateau, {"actor_lr": 1e-3, "critic_lr": 1e-3})
+    moves = remedy_moves(Diagnosis.PLATEAU, offered_moves(sit.offer, sit.snapshot.params), sit.snapshot, policy)
+    assert {(m.param, m.direction) for m in moves} == {("actor_lr", "down"), ("critic_lr", "down")}
