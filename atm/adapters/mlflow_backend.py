@@ -52,6 +52,7 @@ from atm.adapters.base import (
     update_key,
     verified,
 )
+from atm.adapters.notes import MLFLOW_NOTE_TAG, notable, run_note
 from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Status, Update
 from atm.signing import KeySource, SigningKey, sign
 
@@ -360,6 +361,14 @@ class MlflowBackend:
             effect = f"#{record.seq} {record.effect.summary()}"[:TAG_LIMIT]
             _translate("set tag", lambda: self.client.set_tag(run_id, f"{EFFECT_PREFIX}{record.seq:06d}", effect))
         _translate("set tag", lambda: self.client.set_tag(run_id, LATEST_KEY, record.summary()[:TAG_LIMIT]))
+        if notable(record):
+            # The run page's description, shown at the top of the run: a stop, rollback, revert or
+            # rejection is seen there without opening the tags. The user's own text above atm's is kept.
+            tags = _translate(f"run {run_id}", lambda: self.client.get_run(run_id)).data.tags
+            current = tags.get(MLFLOW_NOTE_TAG, "")
+            note = run_note(record, current)
+            if note is not None and note != current:
+                _translate("set tag", lambda: self.client.set_tag(run_id, MLFLOW_NOTE_TAG, note))
 
     def write_log(self, run_id: str, records: Sequence[DecisionRecord]) -> None:
         text = records_to_jsonl(records, self.keys.get())

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from atm.adapters.base import RunNotFound
+from atm.adapters.notes import refused_alert, update_alert
 from atm.schema import Ack, Action, LimitExceeded, ListenerInfo, Update, target_value
 from atm.signing import KeySource, SignatureCheck, SigningKey, verify
 from atm.training._dist import RankSync
@@ -134,6 +135,9 @@ class Listener:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._outbox: list[tuple[Ack, dict[str, float], int | None]] = []
+        #: Alerts (title, text, level) for a stop, a rollback or a refused update, raised on the run by a
+        #: channel that can (W&B's run.alert exists only in the job's own process); sent after the acks.
+        self._alerts: list[tuple[str, str, str]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._announce_needed = True
@@ -306,9 +310,12 @@ class Listener:
             log.info("atm update #%d applied at step %s: %s", update.seq, step, values)
         if self.channel is None:
             return update  # a follower rank: rank 0 acknowledges for the job
+        alert = update_alert(update) if ok else None
         with self._lock:
             self._outbox.append((ack, values, step))
             self._announce_needed = True
+            if alert is not None:
+                self._alerts.append(alert)
         if update.action == Action.STOP:
             # The job is about to break out of its loop and finish its run (wandb.finish()): record the
             # stop on the run now, not on the listener's next cycle, when the run may be closed.
@@ -324,6 +331,7 @@ class Listener:
         ack = Ack(run_id=run_id, seq=seq, status="rejected", applied_step=step, error=reason)
         with self._lock:
             self._outbox.append((ack, {}, step))
+            self._alerts.append(refused_alert(seq, reason))
         self._wake.set()
 
     def _resume(self) -> None:
@@ -463,7 +471,7 @@ class Listener:
             while True:
                 with self._lock:
                     if not self._outbox:
-                        return
+                        break
                     ack, values, step = self._outbox[0]
                 try:
                     self.channel.ack(ack)
@@ -474,6 +482,18 @@ class Listener:
                     return
                 with self._lock:
                     self._outbox.pop(0)
+            self._raise_alerts()
+
+    def _raise_alerts(self) -> None:
+        """Raise the queued alerts on the run, where the channel can (best effort: never retried)."""
+        raise_alert = getattr(self.channel, "alert", None)  # W&B's channel; MLflow's run note is the daemon's
+        with self._lock:
+            alerts, self._alerts = self._alerts, []
+        for title, text, level in alerts if raise_alert is not None else ():
+            try:
+                raise_alert(title, text, level)
+            except Exception as exc:
+                self._note("alert", f"could not raise a W&B alert ({exc!r})")
 
     def _note(self, kind: str, message: str) -> None:
         # Log each kind of trouble once at WARNING, then at DEBUG: a tracker outage must not flood the job's log.

@@ -472,6 +472,12 @@ class WandbChannel:
             self.ui.log_values(values, step)
             self._show_acked()
 
+    def alert(self, title: str, text: str, level: str) -> None:
+        """A W&B alert on the run (``run.alert``: only the job's own process can raise one), recorded in
+        ``files/atm/alerts.jsonl`` too; nothing without a live run object."""
+        if self.ui is not None:
+            self.ui.alert(title, text, level)
+
     def _show_acked(self) -> None:
         ui = self.ui
         if ui is None or not self._to_show:

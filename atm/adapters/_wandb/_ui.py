@@ -39,6 +39,8 @@ TAG_PREFIX = "atm#"
 #: How many "atm#..." tags to keep on the run (older ones are removed; the table keeps them all).
 TAGS_KEPT = 3
 TABLE_KEY = "atm/interventions"
+#: The alerts the listener raised, one JSON object a line, under the run's files folder.
+ALERTS_FILE = "atm/alerts.jsonl"
 TABLE_COLUMNS = [
     "seq", "decided_step", "applied_step", "changes", "action", "diagnosis", "rationale", "source", "verdict", "status",
 ]
@@ -77,6 +79,12 @@ def table_row(update: Update, ack: Ack, record: DecisionRecord | None) -> list[A
     ]
 
 
+def _append_line(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+
+
 class RunUI:
     """Writes atm's charts, table, tags and files through a live ``wandb`` run object."""
 
@@ -112,6 +120,19 @@ class RunUI:
         if ack.status == "applied":
             tag = intervention_tag(update)
             self._guard("set run tags", lambda: setattr(self.run, "tags", merge_tags(tuple(self.run.tags or ()), tag)))
+
+    def alert(self, title: str, text: str, level: str) -> None:
+        """Raise a W&B alert (the run's alerts, and e-mail or Slack as the user's W&B settings say) and
+        keep it in ``files/atm/alerts.jsonl``: an offline run's alert waits in its transaction log until
+        ``wandb sync``, and the file is readable before that."""
+        import json
+        import time
+
+        self._guard("raise an alert", lambda: self.run.alert(title=title, text=text, level=level))
+        path = self.files_dir / ALERTS_FILE
+        entry = {"title": title, "text": text, "level": level, "time": time.time()}
+        self._guard("record the alert", lambda: _append_line(path, json.dumps(entry)))
+        self.save(path, "end")
 
     def save(self, path: Path, policy: str) -> None:
         """Register a file under the run's files dir for upload (``end`` once; ``now`` every time)."""
