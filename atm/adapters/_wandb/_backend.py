@@ -60,6 +60,21 @@ POLLING_ENV = "ATM_WANDB_POLLING"
 REMOTE_ENV = "ATM_WANDB_REMOTE"
 #: Seconds between an online listener's looks at its run's inbox files on the W&B server.
 REMOTE_INTERVAL_S = 5.0
+#: Seconds a point may have been logged before a read that did not see it yet (it was not on disk):
+#: past this, on ``LATE_READS`` reads in a row, the run's flush interval is said once with the fix.
+HIDDEN_S = 5.0
+LATE_READS = 2
+#: The setting that makes wandb write an offline run's transaction log to disk every second.
+FLUSH_FIX = ("WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL=1 in the job's environment (or wandb.init(settings="
+             "wandb.Settings(x_transaction_log_flush_interval=1)))")
+
+
+def hidden_for(previous_read: float | None, new_times: Sequence[float]) -> float:
+    """How long the oldest of the points a read brought had been logged before the previous read, which
+    did not see it: the time wandb held it back before writing it to disk (0 when none). Pure."""
+    if previous_read is None or not new_times:
+        return 0.0
+    return max(0.0, previous_read - min(new_times))
 
 
 class UnreadableRun(RunNotFound):
@@ -96,6 +111,11 @@ class _LocalRun:
         self.inbox = MessageFolder(layout.inbox, UPDATE_FILE_RE, Update, "update")
         self.outbox = MessageFolder(layout.outbox, ACK_FILE_RE, Ack, "ack")
         self.approvals = MessageFolder(layout.approvals, APPROVAL_FILE_RE, Approval, "approval")
+        #: When this run was last read (this machine's clock), and the reads in a row that brought points
+        #: held back from the one before (see :func:`hidden_for`); the lag is said once per run.
+        self.read_at: float | None = None
+        self.late_reads = 0
+        self.noted_lag = False
 
     def poll(self, run_id: str) -> RunView:
         if self.tail is None:
@@ -103,12 +123,14 @@ class _LocalRun:
             if path is None:
                 raise RunNotFound(f"{self.layout.run_dir} holds no run-*.wandb transaction log")
             self.tail = LogTail(path)
+        newest_before = self.state.last_time
         try:
             added = self.state.apply(self.tail.read())
         except LogFormatError as exc:
             raise UnreadableRun(str(exc)) from exc
         except OSError as exc:
             raise BackendUnavailable(f"reading {self.tail.path}: {exc}") from exc
+        self._measure_lag(newest_before, added)
         listener = self.listener()
         updates = self.inbox.read()
         acks = self.outbox.read()
@@ -135,6 +157,22 @@ class _LocalRun:
             problems=msgs.problems,
             approvals=msgs.approvals,
         )
+
+    def _measure_lag(self, newest_before: float, added: int) -> None:
+        """Say once when the job's points reach the disk late: wandb writes an offline run's log every
+        15 s by default (or when 32 KiB fill), so decisions would be made on data that old."""
+        now = time.time()
+        if added:
+            new_times = [t for t, _ in self.state.timeline.points[-added:] if t > newest_before]
+            hidden = hidden_for(self.read_at, new_times)
+            self.late_reads = self.late_reads + 1 if hidden > HIDDEN_S else 0
+            if self.late_reads >= LATE_READS and not self.noted_lag and self.state.exit_code is None:
+                self.noted_lag = True
+                log.warning(
+                    "W&B run %s: its metrics reach the disk up to %.0f s after the job logs them (wandb writes an "
+                    "offline run's log every 15 s by default), so atm decides on data that old. Set %s and "
+                    "restart the job", self.layout.run_id, now - min(new_times), FLUSH_FIX)
+        self.read_at = now
 
     def listener(self) -> ListenerInfo | None:
         text = read_text(self.layout.listener_file)
@@ -373,6 +411,12 @@ class WandbChannel:
         sync_dir = getattr(settings, "sync_dir", None)
         run_dir = Path(sync_dir) if sync_dir else Path(run.dir).parent
         offline = bool(getattr(run, "offline", False)) or mode in ("offline", "dryrun")
+        interval = getattr(settings, "x_transaction_log_flush_interval", None)
+        if offline and isinstance(interval, (int, float)) and interval > 2:
+            # wandb takes its settings when the run starts: a live run's flush interval cannot be changed
+            # from here, so the job is told, as the watcher would tell it after measuring the lag.
+            log.warning("atm: this offline W&B run writes its metrics to disk every %g s, so the watcher sees them "
+                        "that late and decides on old data; set %s", interval, FLUSH_FIX)
         remote_path = None
         if not offline and os.environ.get(REMOTE_ENV, "1").strip() != "0":
             remote_path = f"{run.entity}/{run.project}/{run.id}"
