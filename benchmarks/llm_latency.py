@@ -44,15 +44,17 @@ from atm.watcher.llm import DEFAULT_VARIANT, LLMProposer
 from atm.watcher.proposer import ProposerError
 from atm.watcher.rules import RulesProposer
 
-#: A training job on one core: small MLP steps, forever, until killed.
+#: A training job on one core: small MLP steps until killed, or until the benchmark is gone (a killed
+#: benchmark runs no ``finally``).
 BUSY_JOB = """
-import torch
+import os, sys, torch
+parent = int(sys.argv[1])
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 x = torch.randn(128, 256)
-while True:
+while os.getppid() == parent:
     opt.zero_grad()
     model(x).pow(2).mean().backward()
     opt.step()
@@ -161,7 +163,7 @@ def main() -> int:
     for cond in conditions:
         job = None
         if cond == "busy":
-            job = subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUSY_JOB)])
+            job = subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUSY_JOB), str(os.getpid())])
             time.sleep(3)  # past torch's import
         try:
             results["conditions"][cond] = measure(situations, cfg, cond)
