@@ -399,6 +399,7 @@ class MlflowChannel:
         self.keys = KeySource(key)
         #: Malformed update tags seen by the last fetch (see :class:`~atm.adapters.base.Channel`).
         self.problems: list[MessageProblem] = []
+        self._run_step: int | None = None
 
     @classmethod
     def from_environment(cls, key: SigningKey | None = None) -> "MlflowChannel | None":
@@ -408,7 +409,15 @@ class MlflowChannel:
         return cls(run_id, key=key) if run_id else None
 
     def _tags(self) -> Mapping[str, str]:
-        return _translate(f"run {self.run_id}", lambda: self.client.get_run(self.run_id)).data.tags
+        run = _translate(f"run {self.run_id}", lambda: self.client.get_run(self.run_id))
+        own = [m.step for m in run.data._metric_objs if not m.key.startswith("atm/")]
+        self._run_step = max(own) if own and max(own) > 0 else None  # all at 0: logged without step=
+        return run.data.tags
+
+    def run_step(self) -> int | None:
+        """The step of the job's latest logged point (its own metrics), as of the last read of the run; None
+        before it logged any with a step. The listener logs ``atm/*`` there, on the job's own axis."""
+        return self._run_step
 
     def announce(self, info: ListenerInfo) -> None:
         _translate("set tag", lambda: self.client.set_tag(self.run_id, LISTENER_KEY, info.model_dump_json()[:TAG_LIMIT]))

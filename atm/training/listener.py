@@ -245,6 +245,21 @@ class Listener:
                 self._note("step", f"step callable failed: {exc!r}")
         return self._steps_seen or None
 
+    def _chart_step(self, explicit: int | None = None) -> int | None:
+        """The step the ``atm/*`` values are logged at: the job's own (``step=`` given to ``atm.listen``
+        or ``apply_pending``), else the run's own axis, the step of the job's latest logged point, where
+        the channel knows it (an epoch axis, a global step with gradient accumulation: the optimizer
+        steps seen would put the markers far from the job's charts), else the optimizer steps seen."""
+        if explicit is not None or self._step_fn is not None:
+            return self._step(explicit)
+        run_step = getattr(self.channel, "run_step", None)
+        try:
+            on_run = run_step() if run_step is not None else None
+        except Exception as exc:
+            self._note("run_step", f"could not read the run's step ({exc!r}); atm/* values use the optimizer steps")
+            on_run = None
+        return on_run if on_run is not None else self._step()
+
     # ------------------------------------------------------------------ applying
 
     def _apply_ready(self, step: int | None) -> list[Update]:
@@ -258,12 +273,12 @@ class Listener:
         for update in ready:
             if update.seq <= self._last_applied:
                 continue  # already applied (by an earlier process or a duplicate fetch)
-            applied = self._apply_one(update, self._step(step))
+            applied = self._apply_one(update, self._step(step), chart_step=self._chart_step(step))
             if applied is not None:
                 done.append(applied)
         return done
 
-    def _apply_one(self, update: Update, step: int | None) -> Update | None:
+    def _apply_one(self, update: Update, step: int | None, chart_step: int | None = None) -> Update | None:
         values: dict[str, float] = {}
         errors: list[str] = []
         # The values in force before the action: a change is the decided move from them. A rollback
@@ -312,7 +327,7 @@ class Listener:
             return update  # a follower rank: rank 0 acknowledges for the job
         alert = update_alert(update) if ok else None
         with self._lock:
-            self._outbox.append((ack, values, step))
+            self._outbox.append((ack, values, step if chart_step is None else chart_step))
             self._announce_needed = True
             if alert is not None:
                 self._alerts.append(alert)
@@ -413,7 +428,7 @@ class Listener:
     def _send_initial(self) -> None:
         try:
             values = self.current_values()
-            self.channel.log_values(values, self._step())
+            self.channel.log_values(values, self._chart_step())
         except Exception as exc:
             self._note("initial", f"could not log initial values: {exc!r}")
 
@@ -429,7 +444,7 @@ class Listener:
                 moved = any(not math.isclose(v, self._announced.get(k, math.nan), rel_tol=0.01) for k, v in now.items())
                 if moved and self._announced:
                     # ... and the atm/<knob> charts should show it, not a straight line between changes.
-                    self.channel.log_values(now, self._step())
+                    self.channel.log_values(now, self._chart_step())
                 self._announce_needed = moved
             if self._announce_needed:
                 self._announce()

@@ -516,6 +516,12 @@ class WandbChannel:
             self.ui.log_values(values, step)
             self._show_acked()
 
+    def run_step(self) -> int | None:
+        """The row the job's next ``wandb.log`` commits (W&B's ``_step``), where ``atm/*`` values logged now
+        land (``commit=False``); None without a live run object."""
+        step = getattr(self.ui.run, "step", None) if self.ui is not None else None
+        return step if isinstance(step, int) else None
+
     def alert(self, title: str, text: str, level: str) -> None:
         """A W&B alert on the run (``run.alert``: only the job's own process can raise one), recorded in
         ``files/atm/alerts.jsonl`` too; nothing without a live run object."""
