@@ -1,0 +1,75 @@
+"""Score proposers on the counterfactual decision dataset, beside the fixed strategies.
+
+Usage:
+    python benchmarks/counterfactual/score.py                      # rules + fixed strategies, test and train splits
+    python benchmarks/counterfactual/score.py --llm --split test   # the embedded LLM too (seconds per decision)
+
+Writes benchmarks/results/counterfactual.json and .md and prints the table (the same figures as
+``atm eval --dataset benchmarks/counterfactual/dataset.jsonl.gz --split test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parent))
+
+from _common import write
+
+from atm.watcher.counterfactual import (
+    BASELINES,
+    DatasetReport,
+    load_dataset,
+    rates_row,
+    score_dataset,
+    select,
+)
+from atm.watcher.proposers import make_proposer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(HERE / "dataset.jsonl.gz"))
+    p.add_argument("--split", action="append", choices=("test", "train", "all"),
+                   help="repeatable (default: test and train)")
+    p.add_argument("--llm", action="store_true", help="also score the embedded LLM proposer")
+    args = p.parse_args(argv)
+    lines = load_dataset(args.dataset)
+    shown = Path(args.dataset).resolve()
+    shown_name = str(shown.relative_to(HERE.parent.parent)) if shown.is_relative_to(HERE.parent.parent) else str(shown)
+    kinds = ["rules", "llm"] if args.llm else ["rules"]
+    reports: dict[str, list[DatasetReport]] = {}
+    table: list[list[str]] = []
+    for split in args.split or ["test", "train"]:
+        chosen = select(lines, split)
+        proposers = [make_proposer(k) for k in kinds] + [make() for make in BASELINES.values()]
+        reports[split] = [score_dataset(pr, chosen, dataset=shown_name, split=split) for pr in proposers]
+        for r in reports[split]:
+            table.append([split, *rates_row(r.proposer, r.summary)])
+        for r in reports[split][: len(kinds)]:
+            for fam, rates in r.by_family.items():
+                table.append([split, *rates_row(f"{r.proposer}, family {fam}", rates)])
+            for diag, rates in r.by_diagnosis.items():
+                table.append([split, *rates_row(f"{r.proposer}, diagnosis {diag}", rates)])
+    families = {split: sorted({ln.family for ln in select(lines, split)}) for split in reports}
+    notes = (
+        f"Dataset: {shown_name}, {len(lines)} decision points; families by split: {families}. "
+        "Regret: the chosen move's mean outcome minus the best move's, in units of the point's noise "
+        "(the seeds' pooled spread)."
+    )
+    write("counterfactual",
+          {"dataset": shown_name, "families": families,
+           "reports": {s: [r.model_dump(mode="json") for r in rs] for s, rs in reports.items()}},
+          table,
+          ["split", "proposer", "n", "acceptable", "harmful", "no-op precision", "no-op recall",
+           "mean regret (noise units)"],
+          notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
