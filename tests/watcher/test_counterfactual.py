@@ -96,3 +96,23 @@ def test_scores_the_rules_and_the_fixed_strategies_on_a_line() -> None:
     assert halve.move == "lr=0.0005"
     stop = score_dataset(BASELINES["stop-at-first-rise"](), [line]).decisions[0]
     assert stop.move == "stop" and not stop.harmful
+
+
+def test_atm_eval_dataset_prints_the_proposer_beside_the_fixed_strategies(tmp_path, capsys) -> None:
+    import argparse
+
+    from atm.watcher.evaluate import add_eval_parser
+
+    ap = argparse.ArgumentParser(prog="atm")
+    add_eval_parser(ap.add_subparsers())
+    path = write_dataset([_overfit_line("train"), _overfit_line("test")], tmp_path / "d.jsonl")
+    args = ap.parse_args(["eval", "--dataset", str(path), "--split", "test", "--json"])
+    assert args.func(args) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["proposer"] for r in reports] == ["rules", *BASELINES]
+    assert all(r["summary"]["n"] == 1 and r["split"] == "test" for r in reports)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    args = ap.parse_args(["eval", "--dataset", str(bad)])
+    assert args.func(args) == 2
+    assert "bad.jsonl:1:" in capsys.readouterr().err
