@@ -101,7 +101,10 @@ def print_history(run_id: str, records: Sequence[DecisionRecord]) -> None:
     from rich.table import Table
 
     t = Table(title=f"atm interventions — run {run_id}")
-    for col in ("seq", "step", "applied", "status", "diagnosis", "changes", "effect", "source", "rationale / reason"):
+    # "decided at": the step of the evaluation the decision answers; "applied at": where the change shows on
+    # the same axis (the first point the job logged after applying it). Their distance is the apply delay.
+    for col in ("seq", "decided at", "applied at", "status", "diagnosis", "changes", "effect", "source",
+                "rationale / reason"):
         t.add_column(col, overflow="fold")
     for r in rows:
         changes = ", ".join(change_cell(k, v, r["applied_values"]) for k, v in r["changes"].items())  # type: ignore[union-attr, arg-type]
