@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from atm.watcher.cli import main, watch_main, watch_parser
+from atm.watcher.cli import main, watch_parser
 from atm.watcher.locate import server_down
 
 from tests.conftest import free_port
