@@ -410,7 +410,8 @@ class MlflowChannel:
 
     def _tags(self) -> Mapping[str, str]:
         run = _translate(f"run {self.run_id}", lambda: self.client.get_run(self.run_id))
-        own = [m.step for m in run.data._metric_objs if not m.key.startswith("atm/")]
+        # The job's own metrics: not atm's, nor MLflow's system metrics (numbered by sample, not by the job).
+        own = [m.step for m in run.data._metric_objs if not m.key.startswith(("atm/", "system/"))]
         self._run_step = max(own) if own and max(own) > 0 else None  # all at 0: logged without step=
         return run.data.tags
 
