@@ -1,6 +1,6 @@
 """The run families of the counterfactual dataset, each a few recipes (healthy and pathological) small
-enough for one CPU thread: an MLP regression that overfits, an auxiliary-loss model, a character-level
-LM on the generated story corpus, a CNN on generated images.
+enough for one CPU thread: an MLP regression that overfits, an auxiliary-loss model, a CNN on generated
+images, character- and word-level LMs on the generated story corpus.
 
 Recipes vary what the field varies: metric names (aliases the ``lm`` preset maps), evaluation cadence,
 lr schedule (constant, cosine, warm-up), optimizer (AdamW, SGD with momentum).
@@ -209,6 +209,51 @@ def charlm_recipes() -> list[Recipe]:
     ]
 
 
+# --------------------------------------------------------------------------- word-level LM
+
+
+@lru_cache(maxsize=4)
+def _words(size_kb: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from atm.training.workloads.tinystories.data import load_corpus, prepare
+
+    data = prepare(load_corpus("generated", size_kb=size_kb, seed=1), seed=0)
+    return data.train_ids, data.val_ids[:4000], len(data.tokenizer.vocab)
+
+
+def wordlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, width: int = 256,
+               schedule: str = "constant", total: int = 800, warmup: int = 0, context: int = 6) -> Job:
+    """The next word of the bundled workload's tokenizer from the ``context`` words before it (the same
+    MLP as the character LM)."""
+    tr, va, vocab = _words(size_kb)
+    model = _CharMLP(vocab, context, width, dropout)
+    windows = torch.arange(context)
+    vstarts = torch.arange(0, len(va) - context - 1)
+    vx, vy = va[vstarts[:, None] + windows], va[vstarts + context]
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(tr) - context - 1, (64,), generator=g)
+        return tr[starts[:, None] + windows], tr[starts + context]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return F.cross_entropy(m(b[0]), b[1]), {}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(vx), vy)),
+               schedule=schedule, total=total, warmup=warmup)
+
+
+def wordlm_recipes() -> list[Recipe]:
+    f = "wordlm"
+    return [
+        Recipe(f, "wordlm-overfit-adamw-const", "overfitting",
+               lambda s: wordlm_job(size_kb=4, opt="adamw", lr=3e-3, total=600),
+               steps=600, eval_every=20, horizon=80, train_key="training/loss", val_key="validation/loss"),
+        Recipe(f, "wordlm-healthy-sgd-warmup", "healthy",
+               lambda s: wordlm_job(size_kb=24, opt="sgd", lr=0.1, wd=1e-4, schedule="warmup", warmup=100,
+                                    total=600),
+               steps=600, eval_every=30, horizon=90, train_key="train_loss_epoch", val_key="valid/loss"),
+    ]
+
+
 # --------------------------------------------------------------------------- CNN on generated images
 
 
@@ -276,7 +321,8 @@ def cnn_recipes() -> list[Recipe]:
     ]
 
 
-FAMILIES = {"mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes}
+FAMILIES = {"mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes,
+            "wordlm": wordlm_recipes}
 
 
 def split_of(family: str) -> str:
@@ -296,5 +342,7 @@ def recipes(families: list[str] | None = None) -> list[tuple[Recipe, str]]:
     return [(r, split_of(n)) for n in names for r in FAMILIES[n]()]
 
 
-__all__ = ["FAMILIES", "TEST_FAMILIES", "aux_job", "charlm_job", "cnn_job", "mlp_job", "recipes", "split_of"]
+__all__ = [
+    "FAMILIES", "TEST_FAMILIES", "aux_job", "charlm_job", "cnn_job", "mlp_job", "recipes", "split_of", "wordlm_job",
+]
 
