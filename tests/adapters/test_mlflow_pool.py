@@ -64,8 +64,10 @@ def test_atm_watch_sizes_the_database_pool_to_its_workers(mlflow_uri: str, monke
 
     for name in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "MLFLOW_HTTP_POOL_MAXSIZE"):
         monkeypatch.delenv(name, raising=False)
+    from atm.signing import resolve_key
+
     args = argparse.Namespace(backend="mlflow", tracking_uri=mlflow_uri, experiment="e", workers=6)
-    backend = _backend(args)
+    backend = _backend(args, resolve_key())
     assert isinstance(backend, MlflowBackend)
     engine = backend.client._tracking_client.store.engine
     assert (engine.pool.size(), engine.pool._max_overflow) == (7, 7)  # 6 workers and the listing, as many in reserve
