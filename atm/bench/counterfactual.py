@@ -237,10 +237,10 @@ def main_run(recipe: Recipe) -> tuple[Job, list[_Point], float]:
     return job, points, ceiling
 
 
-def candidate_moves(policy: Policy, point: _Point, history_key: str = "") -> tuple[list[Move], Any]:
+def candidate_moves(policy: Policy, point: _Point, run: str = "point") -> list[Move]:
     """The moves branched at a point: no-op, every value the policy offers for each parameter, each offered
-    action, and the rules proposer's own move when it combines several; and the situation."""
-    sit = offline_situation(history_key or "point", policy, point.history, point.params)
+    action, and the rules proposer's own move when it combines several (so that it is scored as itself)."""
+    sit = offline_situation(run, policy, point.history, point.params)
     moves = [Move()]
     for param, values in sorted(sit.offer.choices.items()):
         moves += [Move(changes={param: v}) for v in values]
@@ -251,7 +251,7 @@ def candidate_moves(policy: Policy, point: _Point, history_key: str = "") -> tup
         act = changes.pop("action", None)
         moves.append(Move(changes={k: float(v) for k, v in changes.items()},
                           action=Action(act) if isinstance(act, str) else None))
-    return moves, sit
+    return moves
 
 
 def branch(job: Job, point: _Point, move: Move, seed: int, horizon: int) -> float:
@@ -281,7 +281,7 @@ def recipe_lines(
     job, points, ceiling = main_run(recipe)
     lines = []
     for pt in points:
-        moves, _ = candidate_moves(pol, pt, recipe.run)
+        moves = candidate_moves(pol, pt, recipe.run)
         outcomes: dict[str, tuple[Move, list[float]]] = {}
         for mv in moves:
             # Seeds differ per point but are shared by the moves of a point: moves are compared on the same data.

@@ -9,7 +9,8 @@ from torch import nn
 
 from atm.bench.counterfactual import Job, Recipe, branch, generate, main_run
 from atm.bench.counterfactual_families import mlp_job
-from atm.watcher.counterfactual import NOOP, Move, load_dataset
+from atm.policies import load_policy
+from atm.watcher.counterfactual import NOOP, Move, load_dataset, move_key
 
 
 def _diverging_linear(seed: int) -> Job:
@@ -34,15 +35,16 @@ def test_a_branch_setting_lr_to_the_policy_maximum_on_a_diverging_run_is_labelle
 
     assert [ln.point for ln in lines] == [0, 1]
     assert load_dataset(out) == lines
+    to_max_key = move_key({"lr": load_policy("lm").params["lr"].max}, None)
     for ln in lines:
         val = [v for _, v in ln.history["val_loss"]]
         assert val[-1] > val[-2] > val[-3], "the run is diverging at the decision point"
-        to_max = ln.outcome("lr=1")  # the lm preset's lr maximum
+        to_max = ln.outcome(to_max_key)
         assert to_max is not None and to_max.label == "hurt"
-        assert "lr=1" in ln.labels.harmful and "lr=1" not in ln.labels.acceptable
+        assert to_max_key in ln.labels.harmful and to_max_key not in ln.labels.acceptable
         # Stopping where it is beats letting it diverge further; cutting the lr helps.
         assert ln.outcome("stop").label == "helped"
-        assert ln.outcome("lr=" + format(ln.params["lr"] * 0.5, ".6g")).label == "helped"
+        assert ln.outcome(move_key({"lr": ln.params["lr"] * 0.5}, None)).label == "helped"
 
 
 @pytest.mark.slow
