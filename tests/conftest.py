@@ -23,6 +23,13 @@ def _isolated_environment():
     MLFLOW_RUN_ID for child processes), so one test's run never leaks into the next test's jobs."""
     saved = dict(os.environ)
     yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        # A library that called mlflow.set_tracking_uri (Lightning's MLFlowLogger does) leaves it set for
+        # the whole process, over MLFLOW_TRACKING_URI: a later test's listener then talked to the old store.
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
     for key in set(os.environ) - set(saved):
         del os.environ[key]
     os.environ.update(saved)
