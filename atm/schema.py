@@ -246,7 +246,7 @@ def in_force(old: float, new: float, now: Any, max_factor: float | None = None) 
     if old > 0 and new > 0 and now > 0 and math.isfinite(now) and not math.isclose(now, old, rel_tol=0.01):
         ratio = new / old
         bound = DEFAULT_MAX_FACTOR if max_factor is None else max_factor
-        if 1 / bound <= ratio <= bound:
+        if 1 / bound <= ratio <= bound and math.isfinite(now * ratio):
             return now * ratio
     return new
 

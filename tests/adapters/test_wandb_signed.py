@@ -136,5 +136,7 @@ def test_forged_inbox_files_are_refused_and_the_watcher_still_steers(tmp_path: P
     data = json.loads(trace.read_text())
     assert data["applied"] == [7]
     # Training went on throughout, and the lr was only ever the job's own or the watcher's.
-    assert all(lr == 1e-3 or lr == pytest.approx(5e-4) for lr in data["lrs"]) and len(data["lrs"]) > 20
+    # (Steps at both values: it trained before the watcher's update and after it, however fast the machine.)
+    assert all(lr == 1e-3 or lr == pytest.approx(5e-4) for lr in data["lrs"])
+    assert 1e-3 in data["lrs"] and any(lr == pytest.approx(5e-4) for lr in data["lrs"])
     assert data["lrs"][-1] == pytest.approx(5e-4)
