@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from atm.policies import DecisionContext, Policy
-from atm.schema import Diagnosis, Proposal, TelemetrySnapshot
+from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
 from atm.watcher.llm_answer import has_choice, response_model, to_proposal
 from atm.watcher.llm_variants import (
     DEFAULT_VARIANT,
@@ -27,7 +27,7 @@ from atm.watcher.llm_variants import (
 )
 from atm.watcher.prompt import render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
-from atm.watcher.rules import Thresholds, diagnose_for_offer, revert_proposal, waiting_for
+from atm.watcher.rules import Thresholds, diagnose_for_offer, revert_proposal, stop_problem, waiting_for
 
 class LLMProposer:
     """Asks a language model for a proposal. See the module docstring for the variants.
@@ -176,6 +176,9 @@ class LLMProposer:
             # when it runs out of tokens or repeats itself: no words of its own, no reason.
             worded = len({w.lower() for w in re.findall(r"[A-Za-z]{3,}", said)}) >= 3
             proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if worded else "")})
+        if proposal.action == Action.STOP and evidence is not None:
+            # A stop names the problem it ends, as the rules' does (overfitting -> stop, not "converged").
+            proposal = proposal.model_copy(update={"problem": stop_problem(proposal.diagnosis, evidence[1])})
         return ProposalResult(proposal=proposal, source=self.name, audit=audit)
 
 
