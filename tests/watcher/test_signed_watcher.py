@@ -14,34 +14,18 @@ import pytest
 from atm.adapters.base import ack_key, update_key
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
-from atm.schema import Ack, Change, DecisionRecord, Diagnosis, ListenerInfo, Status, Update
+from atm.schema import Ack, Change, DecisionRecord, Diagnosis, Status, Update
 from atm.signing import key_from_text, resolve_key, sign
 from atm.testing import make_record
 from atm.watcher import cli
 from atm.watcher.daemon import Daemon
 from atm.watcher.reconcile import own_records, reconcile, unpublished_acks
 
+from _runs import log_evals
+from _runs import overfitting_run as _overfitting_run
 
 def overfitting_run(uri: str, upto: int = 20) -> str:
-    """A run whose val loss turns up after step 80 while train loss keeps falling, with a listener attached."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("signed-watcher")
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment("signed-watcher")
-    rid = client.create_run(exp_id).info.run_id
-    log_evals(client, rid, 1, upto)
-    MlflowChannel(rid, uri).announce(ListenerInfo(
-        run_id=rid, knobs=["lr", "dropout", "weight_decay"], values={"lr": 2e-3, "dropout": 0.0, "weight_decay": 0.0},
-        actions=["stop"], apply_mode="auto", pid=1, started_at=0.0))
-    return rid
-
-
-def log_evals(client, rid: str, start: int, end: int) -> None:
-    for i in range(start, end + 1):
-        step = i * 10
-        client.log_metric(rid, "train_loss", 3.0 / i, step=step)
-        client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), step=step)
+    return _overfitting_run(uri, upto, experiment="signed-watcher")
 
 
 def forged(rid: str, seq: int, **changes: tuple[float, float]) -> str:

@@ -1,0 +1,27 @@
+"""A run the daemon tests share: MLflow metrics that overfit after step 80, with a listener announced."""
+
+from __future__ import annotations
+
+from atm.adapters.mlflow_backend import MlflowChannel
+from atm.schema import ListenerInfo
+
+
+def overfitting_run(uri: str, upto: int = 20, experiment: str = "daemon") -> str:
+    """A run whose val loss turns up after step 80 while train loss keeps falling, with a listener attached."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    rid = client.create_run(exp.experiment_id if exp is not None else client.create_experiment(experiment)).info.run_id
+    log_evals(client, rid, 1, upto)
+    MlflowChannel(rid, uri).announce(ListenerInfo(
+        run_id=rid, knobs=["lr", "dropout", "weight_decay"], values={"lr": 2e-3, "dropout": 0.0, "weight_decay": 0.0},
+        actions=["stop"], apply_mode="auto", pid=1, started_at=0.0))
+    return rid
+
+
+def log_evals(client, rid: str, start: int, end: int) -> None:  # noqa: ANN001 - an MlflowClient
+    for i in range(start, end + 1):
+        step = i * 10
+        client.log_metric(rid, "train_loss", 3.0 / i, step=step)
+        client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), step=step)
