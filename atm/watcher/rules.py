@@ -15,7 +15,7 @@ from atm.policies import DecisionContext, ParamRule, Policy, unsettled
 from atm.schema import Action, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.effect import hurt_unanswered
 from atm.watcher.proposer import Offer, ProposalResult
-from atm.watcher.snapshot import HIGHER_IS_BETTER, is_rl
+from atm.watcher.snapshot import HIGHER_IS_BETTER, WINDOW, is_rl
 
 Direction = Literal["up", "down"]
 
@@ -34,7 +34,12 @@ class Thresholds:
     #: Divergence: training loss gave back this share of its progress, or a gradient-norm spike this large.
     diverge_lost: float = 0.5
     grad_spike: float = 5.0
-    #: Plateau: relative improvement across the trailing window below this.
+    #: Overfitting setting in: the train/val gap widened across the trailing window by more than this
+    #: share of the val loss, and by more than its own noise (its 95% confidence interval excludes zero),
+    #: while val loss is not yet rising. Train outrunning val that clearly is memorisation beginning.
+    apart_gap_growth: float = 0.05
+    #: Plateau: relative improvement across the trailing window below this, and not beyond its noise
+    #: (a slow improvement whose confidence interval excludes zero is progress, not a plateau).
     plateau_improvement: float = 0.01
     #: Over-regularization: a plateau with the val/train gap ratio under this (train no better than val).
     over_reg_gap_ratio: float = 1.02
@@ -234,9 +239,11 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss"):
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"
     if val is not None and train is not None:
+        dropout_cost = _dropout_overregularized(snap, t)
+        if dropout_cost:
+            return Diagnosis.OVER_REGULARIZATION, dropout_cost
         rise = float(sig.get("rise_over_best", 0.0))
-        gap_slope = float(sig.get("gap_slope", 0.0))
-        if rise > t.overfit_rise and gap_slope > t.overfit_gap_slope and val.steps_since_best > 0:
+        if _val_rising(snap, t):
             recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
             if recovering:
                 return Diagnosis.HEALTHY, recovering
@@ -251,8 +258,15 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     unmoved = _imbalance_unmoved(snap, ratio, t) if ratio > t.imbalance_ratio else ""
     if ratio > t.imbalance_ratio and not unmoved:
         return Diagnosis.LOSS_IMBALANCE, f"largest loss component is {ratio:.0f}x the smallest"
+    apart = _moving_apart(snap, t)
+    if apart:
+        recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
+        return (Diagnosis.HEALTHY, recovering) if recovering else (Diagnosis.OVERFITTING, apart)
     improvement = float(sig.get("window_improvement", 1.0))
-    if improvement < t.plateau_improvement:
+    # A plateau needs evidence: an improvement within the noise of the window's fit. A run still
+    # improving slowly, but surely, at a small lr is not cut further (seen: a harmful lr cut).
+    significant = improvement - float(sig.get("window_improvement_ci", math.inf)) > 0
+    if improvement < t.plateau_improvement and not significant:
         gap_ratio = float(sig.get("gap_ratio", 2.0))
         if val is not None and train is not None and gap_ratio < t.over_reg_gap_ratio and _regularized(snap):
             return Diagnosis.OVER_REGULARIZATION, (
@@ -265,6 +279,10 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             return Diagnosis.CONVERGED, exhausted
         return Diagnosis.PLATEAU, f"{primary.key} {moved} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
     healthy = f"{primary.key} {fmt(primary.latest)} still improving ({improvement:.1%} over the window)"
+    if improvement < t.plateau_improvement:
+        ci = float(sig.get("window_improvement_ci", math.inf))
+        healthy = (f"{primary.key} {fmt(primary.latest)} still improving: {improvement:.2%} over the window, "
+                   f"more than its noise (±{ci:.2%}), so not a plateau")
     return Diagnosis.HEALTHY, healthy + (f"; {unmoved}" if unmoved else "")
 
 
@@ -396,6 +414,50 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 
+def _val_rising(snap: TelemetrySnapshot, t: Thresholds) -> bool:
+    """Overfitting proper: val loss risen above its best while the train/val gap widens."""
+    val, sig = snap.series.get("val_loss"), snap.signals
+    return (val is not None and "train_loss" in snap.series and val.steps_since_best > 0
+            and float(sig.get("rise_over_best", 0.0)) > t.overfit_rise
+            and float(sig.get("gap_slope", 0.0)) > t.overfit_gap_slope)
+
+
+def _moving_apart(snap: TelemetrySnapshot, t: Thresholds) -> str:
+    """Non-empty (the evidence) when train and val loss move apart before val loss turns: the gap (val
+    above train) widened across the window by more than ``apart_gap_growth`` of the val loss and beyond
+    its own noise. Memorisation has begun; a smaller step slows it while the model still generalises."""
+    sig, val = snap.signals, snap.series.get("val_loss")
+    if val is None or "train_loss" not in snap.series or _val_rising(snap, t):
+        return ""
+    trend, ci = float(sig.get("gap_trend", 0.0)), float(sig.get("gap_trend_ci", math.inf))
+    if float(sig.get("gap", 0.0)) <= 0 or trend <= t.apart_gap_growth or trend - ci <= 0:
+        return ""
+    if float(sig.get("window_improvement", 0.0)) + float(sig.get("window_improvement_ci", math.inf)) < 0:
+        # Val loss is rising beyond its noise: overfitting proper, for its own detector to judge.
+        return ""
+    return (f"train and val loss are moving apart: the gap (val above train, now {fmt(float(sig['gap']))}) widened by "
+            f"{trend:.1%} of val loss over the window (±{ci:.1%}), while {val.key} is still near its best "
+            f"{fmt(val.best)}: memorisation is beginning")
+
+
+def _dropout_overregularized(snap: TelemetrySnapshot, t: Thresholds) -> str:
+    """Non-empty (the evidence) when the train loss sits above the val loss across the window, beyond its
+    noise, under dropout: dropout is active in training only, so it costs the fit more than the model
+    gains from it. A train loss averaged over an interval while it falls lags the evaluation at the
+    interval's end; a gap smaller than one evaluation's progress is read as that lag, not as dropout."""
+    dropout = snap.params.get("dropout", 0.0)
+    val, sig = snap.series.get("val_loss"), snap.signals
+    if dropout <= 0 or val is None or "gap_mean" not in sig:
+        return ""
+    mean, ci = float(sig["gap_mean"]), float(sig.get("gap_mean_ci", math.inf))
+    evals = min(val.n, WINDOW)
+    per_eval = max(float(sig.get("window_improvement", 0.0)), 0.0) / max(evals - 1, 1)
+    if mean + ci >= 0 or -mean <= per_eval:
+        return ""
+    return (f"train loss is above val loss across the last {evals} evaluations (by {-mean:.1%} of val loss, "
+            f"±{ci:.1%}) under dropout {fmt(dropout)}: it costs the fit more than it helps")
+
+
 def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds) -> str:
     """Non-empty (the evidence) when overfitting is back although remedies were applied, and the
     last one brought no new best: more training only overfits again, so stop and keep the best."""
@@ -500,6 +562,12 @@ _REMEDIES: dict[Diagnosis, list[Move]] = {
     ],
 }
 
+#: Overfitting setting in (train and val moving apart, val still near its best): a smaller step alone.
+_OVERFIT_ONSET = [Move("lr", "down", 0.5)]
+#: Dropout costing the fit (train loss above val): take most of it away at once; the overfitting
+#: detector answers if the model then starts to memorise.
+_DROPOUT_COST = [Move("dropout", "down", 0.25)]
+
 #: RL stalls are the opposite of supervised plateaus: a cautious recipe needs bolder updates, and
 #: (see :func:`_rl_stall_moves`) a reward that pays for reaching the goal more than for not crashing.
 _RL_PLATEAU = [Move("lr", "up", 5.0), Move("n_epochs", "up", 2.0), Move("clip_range", "up", 2.0)]
@@ -558,6 +626,14 @@ def remedy_with_notes(
         moves = _RL_REGRESSION
     if diagnosis == Diagnosis.LOSS_IMBALANCE:
         moves = _imbalance_moves(snap, offer)
+    t = Thresholds.from_policy(policy)
+    onset = diagnosis == Diagnosis.OVERFITTING and not rl and not _val_rising(snap, t)
+    if onset:
+        # Val loss is still at (or within noise of) its best: nothing to roll back to, and more dropout
+        # would raise both losses while the model adapts; a smaller step slows the memorising.
+        moves = _OVERFIT_ONSET
+    if diagnosis == Diagnosis.OVER_REGULARIZATION and _dropout_overregularized(snap, t):
+        moves = _DROPOUT_COST
     last = next((e for e in reversed(snap.recent) if e.diagnosis == diagnosis and e.outcome is not None), None)
     if last is not None and last.outcome is not None and last.outcome.label == EffectLabel.NEUTRAL and last.changes:
         # The last remedy for this problem did nothing measurable: escalate to the next axes first
@@ -590,7 +666,8 @@ def remedy_with_notes(
         if moved:
             groups_moved.add(mv.param)
     # The best checkpoint is better on the metric that matters than where the run is now.
-    action = Action.ROLLBACK if diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and Action.ROLLBACK in offer.actions else None
+    rollback = diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and not onset
+    action = Action.ROLLBACK if rollback and Action.ROLLBACK in offer.actions else None
     return changes, action, notes
 
 
@@ -628,14 +705,16 @@ def pick(options: list[float], current: float, direction: Direction, factor: flo
          from_zero: float | None = None) -> float | None:
     """The allowed value in ``direction`` closest (in log scale) to ``current * factor``.
 
-    From zero, the value closest to ``from_zero`` if given, else the gentlest step.
+    From zero, the value closest to ``from_zero`` if given, else the gentlest step. Down to zero only
+    when no value above zero is on that side (a zero among the options must not hide the factor).
     """
     side = [o for o in options if (o > current if direction == "up" else o < current)]
     if not side:
         return None
-    if current > 0 and all(o > 0 for o in side):
+    positive = [o for o in side if o > 0]
+    if current > 0 and positive:
         target = math.log(current * factor)
-        return min(side, key=lambda o: abs(math.log(o) - target))
+        return min(positive, key=lambda o: abs(math.log(o) - target))
     if current == 0 and from_zero is not None:
         return min(side, key=lambda o: abs(o - from_zero))
     return min(side) if direction == "up" else max(side)

@@ -128,6 +128,52 @@ def fitted_change(points: Points) -> float:
     return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
 
 
+#: Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (beyond, the normal's 1.96 plus a
+#: small-sample term that is within 0.01 of the table from 30 on).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (inf for none)."""
+    if df < 1:
+        return math.inf
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def fitted_change_ci(points: Points) -> tuple[float, float]:
+    """:func:`fitted_change` and the half-width of its 95% confidence interval, from the scatter of
+    ``points`` around the line: the run's own noise says how sure the trend is. The half-width is inf
+    with fewer than three distinct steps (no scatter to judge by)."""
+    change = fitted_change(points)
+    n = len(points)
+    if n < 3:
+        return change, math.inf
+    xs = [float(s) for s, _ in points]
+    mx = sum(xs) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return change, math.inf
+    b = slope(points)
+    my = sum(v for _, v in points) / n
+    sse = sum((v - (my + b * (x - mx))) ** 2 for x, (_, v) in zip(xs, points))
+    se = math.sqrt(sse / (n - 2) / sxx)
+    return change, t975(n - 2) * se * (points[-1][0] - points[0][0])
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and the half-width of its 95% confidence interval (inf for fewer than two)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, math.inf
+    m = sum(values) / n
+    if n < 2:
+        return m, math.inf
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, t975(n - 1) * sd / math.sqrt(n)
+
+
 def slope(points: Points) -> float:
     """Least-squares slope (value per step); 0 for fewer than two distinct steps."""
     if len(points) < 2:
@@ -330,6 +376,12 @@ class _Gaps:
             if step == self.best_step and self.at_best is None:
                 self.at_best = val - train
 
+    def window(self, train: SeriesState) -> list[tuple[int, float]]:
+        """The gaps at the last ``WINDOW`` evaluations, the latest read from the latest train value."""
+        t = train.last[1] if train.n else None
+        provisional = [(s, v - t) for s, v in self.pending] if t is not None and _usable(t) else []
+        return (list(self.tail) + provisional)[-WINDOW:]
+
     def signals(self, train: SeriesState, val: SeriesState) -> dict[str, float]:
         t = train.last[1] if train.n else None
         provisional = [(s, v - t) for s, v in self.pending] if t is not None and _usable(t) else []
@@ -350,6 +402,23 @@ class _Gaps:
             "gap_ratio": val.last[1] / train.ema if train.ema > 0 else float("inf"),
             "gap_at_best": at_best if at_best is not None else first,
         }
+
+
+def gap_window_signals(gaps: Points, scale: float) -> dict[str, float]:
+    """The train/val gap over the trailing window of evaluations, relative to ``scale`` (the val loss's
+    best): its mean and fitted change across the window, each with the half-width of its 95% confidence
+    interval. Train and val moving apart (the gap widening beyond its noise) is the sign of a model
+    starting to memorise; a gap below zero throughout (train worse than val) that of a regulariser
+    that costs the training loss more than it is worth. Empty with fewer than four gaps (a remedy
+    wants more than a line through three points)."""
+    if len(gaps) < 4:
+        return {}
+    mean, mean_ci_ = mean_ci([g for _, g in gaps])
+    change, change_ci = fitted_change_ci(gaps)
+    if not (math.isfinite(mean_ci_) and math.isfinite(change_ci)):
+        return {}
+    return {"gap_mean": mean / scale, "gap_mean_ci": mean_ci_ / scale,
+            "gap_trend": change / scale, "gap_trend_ci": change_ci / scale}
 
 
 #: Distinct steps a run logs before a missing evaluation metric is taken to be missing for good (a
@@ -563,7 +632,17 @@ class RunTelemetry:
             # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
             # Fewer than 3 points since a rollback tell no trend yet.
             if len(window) >= 3:
-                sig["window_improvement"] = -fitted_change(window) / scale
+                change, ci = fitted_change_ci(window)
+                sig["window_improvement"] = -change / scale
+                # Its 95% confidence interval's half-width, from the scatter around the fit: a slow
+                # improvement larger than this is real progress, not a plateau.
+                if math.isfinite(ci):
+                    sig["window_improvement_ci"] = ci / scale
+            if train is not None and val is not None and self._gaps is not None:
+                gaps = self._gaps.window(self._series[train.key])
+                if restarted_at is not None:
+                    gaps = [(st, g) for st, g in gaps if st >= restarted_at]
+                sig.update(gap_window_signals(gaps, scale))
         if train is not None and train.n >= 3 and not train.nonfinite:
             # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
             # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";

@@ -20,6 +20,8 @@ from atm.watcher.snapshot import (
     _eval_steps,
     _usable,
     fitted_change,
+    fitted_change_ci,
+    gap_window_signals,
 
     resolve_roles,
     running_ema,
@@ -131,10 +133,10 @@ def derive_signals(
     # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
     sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if r.split("[", 1)[0] in WATCHED_FOR_NONFINITE)
     train, val = series.get("train_loss"), series.get("val_loss")
+    gaps: list[tuple[int, float]] = []
     if train and val:
         train_pts = by_key[train.key]
         val_pts = [p for p in by_key[val.key] if _usable(p[1])]
-        gaps = []
         for s, v in val_pts:
             t = value_at(train_pts, s)
             if t is not None and _usable(t):
@@ -160,7 +162,15 @@ def derive_signals(
         # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
         # Fewer than 3 points since a rollback tell no trend yet.
         if len(window) >= 3:
-            sig["window_improvement"] = -fitted_change(window) / scale
+            change, ci = fitted_change_ci(window)
+            sig["window_improvement"] = -change / scale
+            if math.isfinite(ci):
+                sig["window_improvement_ci"] = ci / scale
+        if train and val:
+            tail = gaps[-WINDOW:]
+            if restarted_at is not None:
+                tail = [(st, g) for st, g in tail if st >= restarted_at]
+            sig.update(gap_window_signals(tail, scale))
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";

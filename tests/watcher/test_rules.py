@@ -450,3 +450,87 @@ def test_a_blown_up_loss_stored_as_the_largest_float_is_non_finite_not_an_overfl
     train = decay(20, 3.0, 0.5, rate=4.0) + [1.7976931348623157e308, 1.7976931348623157e308]
     snap = build_snapshot("r", lm, make_history({"train_loss": train, "val_loss": train}, every=10), {"lr": 1e-3}, [])
     assert diagnose(snap)[0] == Diagnosis.DIVERGENCE
+
+
+# --------------------------------------------------------------------------- trends against the run's own noise
+
+
+def _propose_on(history: dict, params: dict) -> ProposalResult:
+    from atm.watcher.decide import offline_situation
+
+    sit = offline_situation("r", load_policy("lm"), history, params)
+    return RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer)
+
+
+def test_slow_but_sure_improvement_is_no_plateau() -> None:
+    # Under 1% across the window, but every evaluation better than the last: the slope's confidence
+    # interval excludes zero. Cutting the lr of a run improving slowly at a small lr only slows it more.
+    from atm.testing import ramp
+
+    val = decay(12, 1.2, 1.0, rate=2.0) + ramp(8, 1.0, 0.993)
+    train = [v - 0.05 for v in val]
+    snap = build_snapshot("r", load_policy("lm"), make_history({"train_loss": train, "val_loss": val}, every=50),
+                          {"lr": 1e-4})
+    assert snap.signals["window_improvement"] < 0.01
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.HEALTHY, evidence
+    assert "not a plateau" in evidence
+    # The same level with noise that swamps the trend is a plateau.
+    flat_noisy = decay(12, 1.2, 1.0, rate=2.0) + [1.0, 1.012, 0.995, 1.009, 0.99, 1.006, 0.996, 0.998]
+    snap = build_snapshot("r", load_policy("lm"),
+                          make_history({"train_loss": [v - 0.05 for v in flat_noisy], "val_loss": flat_noisy}, every=50),
+                          {"lr": 1e-4})
+    assert diagnose(snap)[0] == Diagnosis.PLATEAU
+
+
+def test_train_loss_above_val_under_dropout_lowers_dropout_alone() -> None:
+    # Counterfactual dataset (train split, MLP with dropout 0.5): train loss sat above val loss while
+    # both still improved; lowering dropout was the best move, weight decay or lr moves were not.
+    val = decay(10, 0.55, 0.40, rate=2.0, noise=0.005, seed=1)
+    train = [v + 0.08 for v in decay(10, 0.55, 0.40, rate=2.0, noise=0.01, seed=2)]
+    result = _propose_on(make_history({"train_loss": train, "val/loss": val}, every=25),
+                      {"lr": 2e-3, "weight_decay": 0.5, "dropout": 0.5})
+    assert result.proposal.diagnosis == Diagnosis.OVER_REGULARIZATION, result.proposal.rationale
+    assert result.proposal.changes == {"dropout": 0.1}  # a quarter of 0.5, the nearest allowed value
+    # Without dropout, the same curves are no reason to touch anything.
+    result = _propose_on(make_history({"train_loss": train, "val/loss": val}, every=25),
+                      {"lr": 2e-3, "weight_decay": 0.01, "dropout": 0.0})
+    assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
+
+
+def test_train_above_val_by_less_than_its_progress_is_lag_not_dropout() -> None:
+    # A train loss averaged over the steps between evaluations, while it falls fast, reads above the
+    # val loss measured at the end of them: that is lag, not over-regularisation.
+    val = decay(8, 5.0, 1.5, rate=1.0)
+    train = [v + 0.05 for v in val]
+    result = _propose_on(make_history({"train_loss": train, "val_loss": val}, every=30),
+                      {"lr": 0.1, "weight_decay": 0.0, "dropout": 0.1})
+    assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
+
+
+def test_train_and_val_moving_apart_cuts_the_lr_without_rollback() -> None:
+    # Counterfactual dataset (train split, char and word LMs): val loss still improving, train loss
+    # falling much faster, the gap widening beyond its noise; a smaller lr was the best move there,
+    # more dropout hurt.
+    val = decay(9, 2.4, 1.5, rate=1.5, noise=0.01, seed=3)
+    train = decay(9, 2.9, 0.6, rate=1.0, noise=0.01, seed=4)
+    result = _propose_on(make_history({"train/loss": train, "val/loss": val}, every=25),
+                      {"lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0})
+    p = result.proposal
+    assert p.diagnosis == Diagnosis.OVERFITTING, p.rationale
+    assert "moving apart" in p.rationale
+    assert p.changes == {"lr": 1.5e-3} and p.action is None
+
+
+def test_a_steady_gap_is_not_moving_apart() -> None:
+    val = decay(12, 3.0, 1.5, rate=2.0, noise=0.01, seed=5)
+    train = [v - 0.3 for v in decay(12, 3.0, 1.5, rate=2.0, noise=0.01, seed=6)]
+    result = _propose_on(make_history({"train_loss": train, "val_loss": val}, every=50),
+                      {"lr": 1e-3, "weight_decay": 0.01, "dropout": 0.0})
+    assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
+
+
+def test_pick_keeps_the_factor_when_zero_is_an_option() -> None:
+    # dropout 0.5 cut to a quarter: 0.1, not the gentlest step (0.3) because 0 is also allowed.
+    assert pick([0.0, 0.05, 0.1, 0.2, 0.3], 0.5, "down", 0.25) == 0.1
+    assert pick([0.0, 0.05, 0.1], 0.05, "down", 0.25) == 0.0  # nothing above zero below 0.05
