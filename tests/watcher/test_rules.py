@@ -513,7 +513,7 @@ def test_train_and_val_moving_apart_cuts_the_lr_without_rollback() -> None:
     # falling much faster, the gap widening beyond its noise; a smaller lr was the best move there,
     # more dropout hurt.
     val = decay(9, 2.4, 1.5, rate=1.5, noise=0.01, seed=3)
-    train = decay(9, 2.9, 0.6, rate=1.0, noise=0.01, seed=4)
+    train = decay(9, 2.3, 0.5, rate=1.2, noise=0.01, seed=4)
     result = _propose_on(make_history({"train/loss": train, "val/loss": val}, every=25),
                       {"lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0})
     p = result.proposal
@@ -534,3 +534,13 @@ def test_pick_keeps_the_factor_when_zero_is_an_option() -> None:
     # dropout 0.5 cut to a quarter: 0.1, not the gentlest step (0.3) because 0 is also allowed.
     assert pick([0.0, 0.05, 0.1, 0.2, 0.3], 0.5, "down", 0.25) == 0.1
     assert pick([0.0, 0.05, 0.1], 0.05, "down", 0.25) == 0.0  # nothing above zero below 0.05
+
+
+def test_a_lag_closing_at_the_end_of_a_warm_up_is_not_moving_apart() -> None:
+    # Train loss averaged over each interval reads above val while both fall fast, then crosses it as
+    # the descent slows: the gap "widens" from below zero. That is healthy training, left alone.
+    val = decay(6, 2.9, 1.6, rate=1.2)
+    train = [3.45, 2.66, 2.19, 1.95, 1.72, 1.55]
+    result = _propose_on(make_history({"train_loss": train, "eval_loss": val}, every=30),
+                         {"lr": 3.7e-3, "weight_decay": 0.01, "dropout": 0.0})
+    assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
