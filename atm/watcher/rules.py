@@ -466,7 +466,10 @@ def _dropout_overregularized(snap: TelemetrySnapshot, t: Thresholds) -> str:
 def _remedies_exhausted(snap: TelemetrySnapshot, val: SeriesStats, t: Thresholds) -> str:
     """Non-empty (the evidence) when overfitting is back although remedies were applied, and the
     last one brought no new best: more training only overfits again, so stop and keep the best."""
-    fixes = [e for e in snap.recent if e.diagnosis == Diagnosis.OVERFITTING and e.applied_step is not None]
+    # Only remedies for a val loss that had risen: an lr cut made while train and val were moving apart,
+    # val still at its best, was no attempt to bring val back, and must not bring the stop closer.
+    fixes = [e for e in snap.recent if e.diagnosis == Diagnosis.OVERFITTING and e.applied_step is not None
+             and e.before_after.get("val_loss", (math.inf, 0.0))[0] > val.best * (1 + t.overfit_rise)]
     if len(fixes) < t.overfit_remedies_before_stop or not _had_time(fixes[-1], t):
         return ""
     if fixes[-1].action != Action.ROLLBACK and any(f.action == Action.ROLLBACK for f in fixes):

@@ -544,3 +544,19 @@ def test_a_lag_closing_at_the_end_of_a_warm_up_is_not_moving_apart() -> None:
     result = _propose_on(make_history({"train_loss": train, "eval_loss": val}, every=30),
                          {"lr": 3.7e-3, "weight_decay": 0.01, "dropout": 0.0})
     assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
+
+
+def test_lr_cuts_for_train_and_val_moving_apart_do_not_bring_the_overfitting_stop_closer() -> None:
+    # Two lr cuts made while val was still at its best, then val turns up: that is the first remedy
+    # for overfitting proper (a rollback with more dropout), not "overfitting back after two remedies".
+    from atm.testing import concat, make_record
+
+    lm = load_policy("lm")
+    val = concat(decay(7, 3.0, 1.40, rate=3.0), [1.405, 1.41, 1.41, 1.42], [1.46, 1.50, 1.55, 1.60])  # 40..600
+    train = decay(len(val), 2.9, 0.2, rate=2.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=40)
+    cuts = [make_record(1, 280, changes={"lr": (2e-3, 1e-3)}, applied_step=320),
+            make_record(2, 360, changes={"lr": (1e-3, 5e-4)}, applied_step=400)]
+    snap = build_snapshot("r", lm, history, {"lr": 5e-4, "dropout": 0.0}, cuts)
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.OVERFITTING, evidence
