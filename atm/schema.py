@@ -70,6 +70,8 @@ class Status(str, enum.Enum):
     NOOP = "noop"
     AWAITING_APPROVAL = "awaiting-approval"
     EXPIRED = "expired"
+    #: Applied, then set back by the job itself before it could act (the listener read it back).
+    UNDONE = "undone"
 
 
 #: Diverged runs log NaN and inf; JSON has no such numbers, so they travel as "NaN" / "Infinity" strings.
@@ -346,7 +348,9 @@ class Ack(_Message):
     run_id: str
     seq: int
     #: ``rejected``: not applied at all (bad signature or a limit); ``error`` says why and what to do.
-    status: Literal["applied", "failed", "rejected"]
+    #: ``undone``: applied, then set back by the job itself (a scheduler it did not give atm, code that
+    #: re-applies a config); sent again over the ``applied`` ack, ``error`` says the cause and the fix.
+    status: Literal["applied", "failed", "rejected", "undone"]
     #: The job's step when the update took effect.
     applied_step: int | None
     applied_at: float = Field(default_factory=time.time)

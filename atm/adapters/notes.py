@@ -25,6 +25,8 @@ def notable(record: DecisionRecord) -> str:
     ``revert``, ``rejected``), or "" for one that needs no notice."""
     if record.status == Status.REJECTED:
         return "rejected"
+    if record.status == Status.UNDONE:
+        return "undone"
     if record.status not in (Status.PENDING, Status.APPLIED):
         return ""  # not sent to the job (stale, dry run, held or expired), or it failed there (the job's log says why)
     if record.reverts is not None:
@@ -49,8 +51,9 @@ def run_note(record: DecisionRecord, current: str = "") -> str | None:
         "rollback": "asked the job to **roll back** to its best checkpoint",
         "revert": f"**reverted** decision #{record.reverts}, measured harmful",
         "rejected": "**rejected** an update",
+        "undone": "made a change that **the job undid**",
     }[kind]
-    why = record.reason if kind == "rejected" else (record.rationale or record.reason)
+    why = record.reason if kind in ("rejected", "undone") else (record.rationale or record.reason)
     lines = [
         NOTE_MARK,
         f"**atm** (AI Training Manager), decision #{record.seq} at step {record.step}: {what}"
@@ -74,6 +77,11 @@ def update_alert(update: Update) -> tuple[str, str, str] | None:
     text = (f"atm decision #{update.seq} at step {update.step} ({update.diagnosis.value}): {what}"
             + (f", with {changes}" if changes else "") + (f". {update.rationale}" if update.rationale else ""))
     return f"atm: {what} (#{update.seq})"[:ALERT_TITLE_LIMIT], text, "WARN"
+
+
+def undone_alert(seq: int, note: str) -> tuple[str, str, str]:
+    """The W&B alert (title, text, level) for update ``seq``, applied and then undone by the job itself."""
+    return f"atm: change #{seq} undone by the job"[:ALERT_TITLE_LIMIT], note, "WARN"
 
 
 def refused_alert(seq: int, reason: str) -> tuple[str, str, str]:

@@ -19,7 +19,8 @@ from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Stat
 #: held for a person's approval counts until it is rejected or expires.
 #: A dry run counts its own previews too, so that it shows the manager's pace; a live daemon
 #: does not count an earlier dry run's, which never reached the job.
-COUNTED = (Status.APPLIED, Status.PENDING, Status.AWAITING_APPROVAL)
+#: One the job undid counts too: it was applied, and moving the parameter again soon would be undone alike.
+COUNTED = (Status.APPLIED, Status.PENDING, Status.AWAITING_APPROVAL, Status.UNDONE)
 COUNTED_DRY = (*COUNTED, Status.DRY_RUN)
 
 _REL_TOL = 1e-6
@@ -257,6 +258,10 @@ def _settle_block(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> s
 
 def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None:
     mine = [r for r in ctx.counted() if name in r.changes]
+    if mine and mine[-1].status == Status.UNDONE:
+        # The job sets it back itself (a scheduler it did not give atm, a config it re-applies): another
+        # move would be undone alike, so none is made on this run; the record says the fix.
+        return f"the job undid the last change of {name} (#{mine[-1].seq}); fix the job as atm history says"
     if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
         return f"cooldown: {name} last changed at step {_at(mine[-1])}, wait {_window(rule.cooldown)}"
     if rule.budget is not None and rule.budget_window is not None:

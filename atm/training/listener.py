@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from atm.adapters.base import RunNotFound
-from atm.adapters.notes import refused_alert, update_alert
+from atm.adapters.notes import refused_alert, undone_alert, update_alert
 from atm.schema import Ack, Action, LimitExceeded, ListenerInfo, Update, target_value
 from atm.signing import KeySource, SignatureCheck, SigningKey, verify
 from atm.training._dist import RankSync
@@ -50,6 +50,9 @@ class Knob:
 
     set: Callable[[float], Any]
     get: Callable[[], float] | None = None
+    #: What undid a change of this knob and how to fix it, given (before, after, now); a generic
+    #: note when None. The optimizer's lr knob knows whether an LR scheduler was made on it.
+    undo_note: Callable[[float, float, float], str] | None = None
 
 
 def attr(obj: Any, name: str) -> Knob:
@@ -82,6 +85,25 @@ def resume_after(acks: Mapping[int, Ack], updates: Mapping[int, Update], key: Si
         if verify(ack, key) and (ack.status != "rejected" or (seq in updates and verify(updates[seq], key)))
     ]
     return max(done, default=0)
+
+
+def undone(before: float, after: float, now: float) -> bool:
+    """Whether ``now`` is a knob going back to ``before`` rather than moving on from ``after``. Pure.
+
+    On a log scale when all three are positive (an lr or a weight decay: a scheduler's own move
+    between two steps is small beside a manager's x0.5 or x2), else on a linear one (a knob at 0).
+    """
+    if before > 0 and after > 0 and now > 0:
+        return abs(math.log(now / before)) < abs(math.log(now / after))
+    return abs(now - before) < abs(now - after)
+
+
+def generic_undo_note(name: str, before: float, after: float, now: float) -> str:
+    """What to do when something in the job set a knob back after atm changed it. Pure."""
+    return (f"the change {name} {before:.4g} -> {after:.4g} was undone ({name} is {now:.4g} again): something in "
+            f"the job sets {name} itself (code that re-applies a config at every update, a restore of the "
+            f"optimizer's state). Point the knob at what that code reads (knobs={{'{name}': atm.attr(config, "
+            f"'{name}')}}), or restore inside atm.keep_hyperparameters.")
 
 
 def same_run(named: str, run_id: str | None) -> bool:
@@ -154,6 +176,10 @@ class Listener:
         #: seq -> fingerprint of the message refused under it, so each is refused (logged, acked) once,
         #: and a different message under the same number is judged afresh.
         self._refused: dict[int, str] = {}
+        #: Changes not yet seen to hold: knob -> (the ack sent for it, value before, value set). The first
+        #: time the knob reads otherwise, the change either held (moved on from the value set) or was
+        #: undone (back near the value before): then the ack is sent again as ``undone``, with the cause.
+        self._held: dict[str, tuple[Ack, float, float]] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -196,6 +222,8 @@ class Listener:
         listener was created with ``apply="manual"``. Never raises.
         """
         try:
+            if self._held:
+                self._check_held()  # before the next changes: a value set back since the last boundary
             return self._apply_ready(step)
         except Exception as exc:  # contained: training goes on
             self._note("apply", f"applying updates failed: {exc!r}")
@@ -229,6 +257,8 @@ class Listener:
     def _on_optimizer_step(self, *_: Any, **__: Any) -> None:
         # Runs in the training thread before every optimizer.step(): keep it cheap.
         self._steps_seen += 1
+        if self._held:
+            self._check_held()
         if self._sync is not None:
             if self.apply_mode == "auto" and self._sync.due(self._steps_seen):
                 self.apply_pending()
@@ -325,6 +355,11 @@ class Listener:
             log.info("atm update #%d applied at step %s: %s", update.seq, step, values)
         if self.channel is None:
             return update  # a follower rank: rank 0 acknowledges for the job
+        with self._lock:
+            for name, value in values.items():
+                old = before.get(name)
+                if old is not None and math.isfinite(old) and not math.isclose(old, value, rel_tol=1e-9):
+                    self._held[name] = (ack, old, value)
         alert = update_alert(update) if ok else None
         with self._lock:
             self._outbox.append((ack, values, step if chart_step is None else chart_step))
@@ -337,6 +372,39 @@ class Listener:
             self._flush()
         self._wake.set()
         return update
+
+    def _check_held(self) -> None:
+        """Read back the changes not yet seen to hold; acknowledge each one that was undone again, as
+        ``undone`` with its cause and fix, and say it in the job's log. Runs in either thread; cheap."""
+        for name, (ack, before, after) in list(self._held.items()):
+            now = self._read(name)
+            if now is None or math.isclose(now, after, rel_tol=1e-9):
+                continue  # nothing moved it yet (a scheduler stepped once per epoch, say)
+            at = self._chart_step()
+            with self._lock:
+                if self._held.get(name, (None,))[0] is not ack:
+                    continue  # a newer change of this knob came in meanwhile
+                del self._held[name]
+                if not (math.isfinite(now) and undone(before, after, now)):
+                    continue  # it moved on from the value set: the change held
+                knob = self.knobs[name]
+                note = (knob.undo_note(before, after, now) if knob.undo_note is not None
+                        else generic_undo_note(name, before, after, now))
+                sent = next((a for a, _, _ in reversed(self._outbox) if a.seq == ack.seq), ack)
+                again = sent.model_copy(update={
+                    "status": "undone",
+                    "values": {**sent.values, name: now},
+                    "error": "; ".join(e for e in (sent.error, note) if e),
+                    "signature": None,
+                })
+                # Other knobs of the same update still held under the old ack now answer to this one.
+                for other, (a, b, v) in list(self._held.items()):
+                    if a is ack:
+                        self._held[other] = (again, b, v)
+                self._outbox.append((again, {name: now}, at))
+                self._alerts.append(undone_alert(ack.seq, note))
+            log.warning("atm update #%d: %s", ack.seq, note)
+            self._wake.set()
 
     def _reject(self, run_id: str, seq: int, reason: str, step: int | None = None) -> None:
         """Acknowledge ``seq`` as rejected, with the reason, and say it once in the job's log."""
@@ -436,6 +504,8 @@ class Listener:
         try:
             if self._last_applied < 0:
                 self._resume()
+            if self._held:
+                self._check_held()
             self._flush()
             if not self._announce_needed and time.monotonic() - self._values_checked >= VALUES_REFRESH_S:
                 # A scheduler moves the lr all the time: the manager should decide on the value in force.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,17 +26,16 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     also scale the scheduler's ``base_lrs`` so LambdaLR, CosineAnnealingLR, OneCycleLR and friends
     do not silently undo them at their next step. Without the scheduler, an lr change is read back
     when the lr next moves, and a change that was undone is said in the job's log with its cause
-    and fix (PyTorch keeps no reference from an optimizer to its schedulers, so none can be found).
+    and fix, and the change is acknowledged as ``undone`` (PyTorch keeps no reference from an optimizer
+    to its schedulers, so none can be found to scale).
     """
     # Read the groups at each use: optimizer.load_state_dict() (a rollback) replaces the list.
     def groups() -> list[dict[str, Any]]:
         return optimizer.param_groups
 
     knobs: dict[str, Knob] = {}
-    undo = _UndoWatch(groups, scheduled=_has_scheduler(optimizer)) if scheduler is None else None
-    if undo is not None:
-        optimizer.register_step_pre_hook(undo.check)
-    if undo is not None and undo.scheduled:
+    scheduled = scheduler is None and _has_scheduler(optimizer)
+    if scheduled:
         log.warning(
             "atm: an LR scheduler is attached to this optimizer; pass it as atm.listen(optimizer, scheduler=sched) "
             "so learning-rate changes scale its base values: schedulers that recompute the lr from them (LambdaLR, "
@@ -51,8 +49,6 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
             for key in _LR_KEYS:
                 if isinstance(g.get(key), (int, float)):
                     g[key] = g[key] * ratio
-        if undo is not None:
-            undo.arm(before, float(groups()[0]["lr"]))
         if scheduler is not None:
             for attr in _SCHEDULER_LRS:
                 vals = getattr(scheduler, attr, None)
@@ -65,7 +61,10 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
             if isinstance(getattr(scheduler, "min_lrs", None), list) and hasattr(scheduler, "_last_lr"):
                 scheduler._last_lr = [g["lr"] for g in groups()]
 
-    knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr)
+    # The listener reads a change back when the lr next moves (atm.training.listener.undone); this knob
+    # knows the likely cause of an undone lr change.
+    knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr,
+                       undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)))
     for key in ("weight_decay", "momentum"):
         if key in groups()[0]:
             knobs[key] = Knob(get=_getter(groups, key), set=_group_setter(groups, key))
@@ -84,46 +83,9 @@ def _has_scheduler(optimizer: Any) -> bool:
     )
 
 
-class _UndoWatch:
-    """Reads back an lr change made without the scheduler: when the lr next moves (a scheduler's or the
-    job's own step), was the change kept, or did the lr go back to where it was? Warns once if undone.
-
-    A step pre-hook, so it sees what the optimizer is about to use. The move is judged on a log scale:
-    undone when the new lr is nearer the value before the change than the value it was set to (a
-    scheduler's own move between two steps is small beside a manager's change, a x0.5 or x2).
-    """
-
-    def __init__(self, groups: Callable[[], list[dict[str, Any]]], scheduled: bool) -> None:
-        self.groups = groups
-        self.scheduled = scheduled
-        self.armed: tuple[float, float] | None = None
-        self.warned = False
-
-    def arm(self, before: float, after: float) -> None:
-        self.armed = (before, after) if before > 0 and after > 0 and before != after else None
-
-    def check(self, *_: Any, **__: Any) -> None:
-        if self.armed is None:
-            return
-        before, after = self.armed
-        now = float(self.groups()[0]["lr"])
-        if now == after:
-            return  # nothing moved the lr yet (a scheduler stepped once per epoch, say)
-        self.armed = None
-        if now > 0 and undone(before, after, now) and not self.warned:
-            self.warned = True
-            log.warning("atm: %s", undone_note(before, after, now, self.scheduled))
-
-
-def undone(before: float, after: float, now: float) -> bool:
-    """Whether ``now`` is the lr going back to ``before`` rather than moving on from ``after``. Pure."""
-    return abs(math.log(now / before)) < abs(math.log(now / after))
-
-
 def undone_note(before: float, after: float, now: float, scheduled: bool) -> str:
     """What undid an lr change and how to fix it, for the job's log. Pure."""
-    head = (f"the lr change {before:.4g} -> {after:.4g} was undone before the next optimizer step "
-            f"(the lr is {now:.4g} again). ")
+    head = f"the lr change {before:.4g} -> {after:.4g} was undone (the lr is {now:.4g} again). "
     if scheduled:
         return head + (
             "An LR scheduler made on this optimizer was not given to atm: LambdaLR (and the HF warm-up "

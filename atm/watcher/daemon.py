@@ -406,6 +406,10 @@ class Daemon:
                 if r.status == Status.REJECTED and r.seq in view.acks and r.seq not in st.refused:
                     st.refused.add(r.seq)  # the job refused it whole (a limit, or its key): say why, once
                     log.warning("run %s: the job refused update #%d: %s", run_id, r.seq, view.acks[r.seq].error)
+                elif r.status == Status.UNDONE and r.seq not in st.refused:
+                    st.refused.add(r.seq)  # applied, then set back by the job itself: say the cause and fix, once
+                    log.warning("run %s: the job undid change #%d (%s)", run_id, r.seq, r.reason)
+                    self.backend.publish(r)  # its tags and the run's note say it too
                 elif r.status in (Status.APPLIED, Status.FAILED) and r.seq in view.acks:
                     log.debug("run %s: %s", run_id, r.summary())
 

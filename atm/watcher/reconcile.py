@@ -20,7 +20,7 @@ from atm.signing import SigningKey, verify
 #: Reason prefix of an update the run ended before applying.
 EXPIRED = "expired"
 #: Record statuses whose update was published on the run.
-PUBLISHED = (Status.PENDING, Status.APPLIED, Status.FAILED)
+PUBLISHED = (Status.PENDING, Status.APPLIED, Status.FAILED, Status.UNDONE)
 
 
 def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[DecisionRecord], bool]:
@@ -47,6 +47,10 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
         if ack is not None and (rec.status == Status.PENDING or late):
             if late:
                 rec.reason = "acknowledged after the run ended"
+            _settle(rec, ack)
+            changed = True
+        elif ack is not None and ack.status == "undone" and rec.status == Status.APPLIED:
+            # Applied, then the job set it back (its own scheduler or config code): the record says so.
             _settle(rec, ack)
             changed = True
         elif ack is None and ended and rec.status == Status.PENDING:
@@ -132,11 +136,12 @@ def _record_from_update(u: Update) -> DecisionRecord:
 
 def _settle(rec: DecisionRecord, ack: Ack) -> None:
     # "rejected": the job refused it whole (its signature or a limit), so nothing of it is in force.
-    rec.status = {"applied": Status.APPLIED, "rejected": Status.REJECTED}.get(ack.status, Status.FAILED)
+    rec.status = {"applied": Status.APPLIED, "rejected": Status.REJECTED, "undone": Status.UNDONE}.get(
+        ack.status, Status.FAILED)
     if ack.status != "rejected":
         rec.applied_step = ack.applied_step
         rec.applied_at = ack.applied_at
         rec.applied_values = dict(ack.values)
     if ack.error:
-        who = "the job refused it" if ack.status == "rejected" else "listener"
+        who = {"rejected": "the job refused it", "undone": "the job undid it"}.get(ack.status, "listener")
         rec.reason = (rec.reason + "; " if rec.reason else "") + f"{who}: {ack.error}"
