@@ -121,6 +121,12 @@ def test_publish_fetch_ack_roundtrip(harness: Harness) -> None:
     assert view.acks[1].applied_step == 37
     merged, changed = reconcile([rec], view)
     assert changed and merged[0].status == Status.APPLIED and merged[0].applied_step == 37
+    # The job set it back itself: the ack is sent again over the first, and the record follows it.
+    channel.ack(Ack(run_id=rid, seq=1, status="undone", applied_step=37, values={"lr": 1e-3}, error="a scheduler"))
+    view = backend.poll(rid)
+    assert view.acks[1].status == "undone"
+    merged, changed = reconcile(merged, view)
+    assert changed and merged[0].status == Status.UNDONE and "a scheduler" in merged[0].reason
 
 
 def test_a_change_is_placed_on_the_runs_own_step_axis(harness: Harness) -> None:
