@@ -14,6 +14,8 @@ from atm.watcher.snapshot import (
     TRAIL,
     build_snapshot,
     eval_steps,
+    fitted_change_ci,
+    mean_ci,
     missing_role_note,
     resolve_roles,
     series_stats,
@@ -363,3 +365,26 @@ def test_a_run_that_logs_only_the_listeners_values_is_explained() -> None:
     # Seen in a new user's SB3 script: SB3's logger writes to stdout only, so the run held atm/* alone.
     note = missing_role_note(load_policy("rl-ppo"), ["atm/lr", "atm/ent_coef"])
     assert note.startswith("the run logs no metrics of its own") and "Stable-Baselines3" in note
+
+
+def test_confidence_intervals_come_from_the_runs_own_scatter() -> None:
+    line = [(10 * i, 2.0 - 0.01 * i) for i in range(8)]
+    change, ci = fitted_change_ci(line)
+    assert change == pytest.approx(-0.07) and ci == pytest.approx(0.0, abs=1e-12)  # no scatter, no doubt
+    wobbly = [(s, v + (0.02 if i % 2 else -0.02)) for i, (s, v) in enumerate(line)]
+    change, ci = fitted_change_ci(wobbly)
+    assert change == pytest.approx(-0.07, abs=0.02) and ci > abs(change)  # the trend is within the noise
+    assert fitted_change_ci(line[:2])[1] == math.inf  # two points show no scatter to judge by
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)  # t(2) = 4.303
+
+
+def test_gap_signals_read_the_window_of_evaluations() -> None:
+    lm = load_policy("lm")
+    val = [3.0, 2.6, 2.3, 2.1, 2.0, 1.95, 1.92, 1.9]
+    steady = build_snapshot("r", lm, {"train_loss": [(i * 50, v - 0.2) for i, v in enumerate(val, 1)],
+                                      "val_loss": [(i * 50, v) for i, v in enumerate(val, 1)]}, {}).signals
+    assert steady["gap_mean"] == pytest.approx(0.2 / 1.9) and steady["gap_trend"] == pytest.approx(0.0, abs=1e-9)
+    apart = build_snapshot("r", lm, {"train_loss": [(i * 50, v - 0.1 * i) for i, v in enumerate(val, 1)],
+                                     "val_loss": [(i * 50, v) for i, v in enumerate(val, 1)]}, {}).signals
+    assert apart["gap_trend"] == pytest.approx(0.7 / 1.9) and apart["gap_trend_ci"] == pytest.approx(0.0, abs=1e-9)
