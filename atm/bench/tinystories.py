@@ -9,6 +9,11 @@ Arms, on the same data and seeds:
   fixed run's validation curve, so it is derived from that curve rather than rerun;
 - ``managed-rules`` / ``managed-llm``: the overfit recipe with the listener, and the daemon (rules,
   or the LLM) watching it through the MLflow backend.
+
+``--recipe healthy`` asks the other question, first do no harm: a run with dropout, weight decay, a
+warm-up and cosine decay on a corpus it cannot memorise (slow start, noisy, improving to the end),
+``fixed`` against the managed arms. A manager that helps overfitting runs must leave this one at
+least as good as it was; the report counts every change and stop it made there.
 """
 
 from __future__ import annotations
@@ -45,23 +50,27 @@ def add_parser(bsub: Any) -> None:
     p = bsub.add_parser("tinystories", help="the overfitting language model: fixed, plateau, early-stop, managed")
     common_args(p, seeds=3)
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the workload's)")
+    p.add_argument("--recipe", choices=("overfit", "healthy"), default="overfit",
+                   help="overfit (default): the paper's overfitting run; healthy: a run to leave alone (do no harm)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from atm.training.workloads.tinystories.train import TrainResult, early_stop_with_restore
 
-    out: Path = args.out or default_out("tinystories")
+    out: Path = args.out or default_out("tinystories-healthy" if getattr(args, "recipe", "overfit") == "healthy"
+                                        else "tinystories")
     out.mkdir(parents=True, exist_ok=True)
     seeds_n = args.seeds if not (args.quick and args.seeds == 3) else 1
     seeds = [SEED0 + i for i in range(seeds_n)]
     proposers = available_proposers(args.proposers)
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     init_store(uri, EXPERIMENT)
+    healthy = getattr(args, "recipe", "overfit") == "healthy"
     extra = ["--quick"] if args.quick else []
     if args.steps:
         extra += ["--steps", str(args.steps)]
-    arms = ["fixed", "plateau"] + [f"managed-{p}" for p in proposers]
+    arms = ["fixed"] + ([] if healthy else ["plateau"]) + [f"managed-{p}" for p in proposers]
     skipped = drop_unbuildable("tinystories", arms, "lm", requested=bool(args.proposers))
     print(f"atm bench tinystories: arms {', '.join(arms)} + early-stop (derived from fixed); seeds {seeds}; "
           f"store {uri}; results in {out}", flush=True)
@@ -71,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms + ["early-stop"]}
     for seed in seeds:
         for arm in arms:
-            recipe = "plateau" if arm == "plateau" else "overfit"
+            recipe = "plateau" if arm == "plateau" else ("healthy" if healthy else "overfit")
             json_path = out / "runs" / f"{arm}-seed{seed}.json"
             cmd = python_cmd("tinystories", "--tracking", "mlflow", "--tracking-uri", uri, "--experiment", EXPERIMENT,
                              "--run-name", f"{arm}-seed{seed}", "--recipe", recipe, "--seed", str(seed),
@@ -99,6 +108,8 @@ def main(args: argparse.Namespace) -> int:
                 "interventions": len(applied(run.records)),
                 "val_curve": res.val_curve,
                 "applied_steps": [r.applied_step for r in applied(run.records)],
+                "moves": [r.summary() for r in applied(run.records)],
+                "stopped_at": res.steps_done if res.stopped_by_manager else None,
                 "sources": [r.source for r in applied(run.records)],
                 # Every decision by outcome: a manager that applied nothing shows why (stale, rejected ...).
                 "decisions": dict(Counter(r.status.value for r in run.records)),
@@ -134,17 +145,24 @@ def _report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], arg
         arms[arm] = {k: [per_seed[s][k] for s in seeds] for k in ("final_val_loss", "best_val_loss", "interventions")}
         arms[arm]["per_seed"] = {str(s): per_seed[s] for s in seeds}
     fixed_final = mean_std(arms["fixed"]["final_val_loss"])[0]
-    best_practice = min(mean_std(arms[a]["final_val_loss"])[0] for a in ("plateau", "early-stop"))
+    best_practice = min(mean_std(arms[a]["final_val_loss"])[0] for a in ("plateau", "early-stop") if a in arms)
     ratios = {}
     for arm in arms:
         if arm.startswith("managed-"):
             m = mean_std(arms[arm]["final_val_loss"])[0]
-            ratios[arm] = {"final_vs_fixed": m / fixed_final, "final_vs_best_of_plateau_and_early_stop": m / best_practice}
+            ratios[arm] = {
+                "final_vs_fixed": m / fixed_final, "final_vs_best_of_plateau_and_early_stop": m / best_practice,
+                # Same seed, same curve up to the first change: the paired ratio is the fairer one.
+                "final_vs_fixed_per_seed": [results[arm][s]["final_val_loss"] / results["fixed"][s]["final_val_loss"]
+                                            for s in seeds],
+                "stops": sum(results[arm][s].get("stopped_at") is not None for s in seeds),
+            }
     return {
         "arms": arms,
         "seeds": seeds,
         "ratios": ratios,
         "config": {"quick": args.quick, "steps": args.steps, "interval_s": args.interval, "tracking_uri": uri,
+                   "recipe": getattr(args, "recipe", "overfit"),
                    "policy": "lm", "early_stop": "derived from each fixed run's validation curve (restore best)"},
         "wall_time_s": round(wall, 1),
         # What the runs took (reused ones included): the budget figure when a bench was resumed.
@@ -160,7 +178,7 @@ def _markdown(report: dict[str, Any]) -> str:
         bm, bs = mean_std(d["best_val_loss"])
         im, _ = mean_std(d["interventions"])
         rows.append([arm, f"{fm:.4f} ± {fs:.4f}", f"{bm:.4f} ± {bs:.4f}", f"{im:.1f}"])
-    text = "# atm bench tinystories\n\n" + markdown_table(
+    text = f"# atm bench tinystories (recipe {report['config'].get('recipe', 'overfit')})\n\n" + markdown_table(
         ["arm", "final val loss (mean ± sd)", "best val loss", "interventions"], rows)
     text += (f"\n\nSeeds {report['seeds']}; wall time {report['wall_time_s']:.0f} s "
              f"(the runs: {report.get('runs_wall_s_total', report['wall_time_s']):.0f} s). "
@@ -170,9 +188,16 @@ def _markdown(report: dict[str, Any]) -> str:
         for d in report["arms"][arm]["per_seed"].values():
             decisions.update(d.get("decisions", {}))
         outcome = ", ".join(f"{n} {status}" for status, n in decisions.most_common()) or "none"
-        text += (f"\n- {arm}: final val loss {r['final_vs_fixed']:.2f}x the fixed recipe's; "
-                 f"{r['final_vs_best_of_plateau_and_early_stop']:.2f}x the best of ReduceLROnPlateau and early stopping; "
-                 f"decisions: {outcome}")
+        paired = ", ".join(f"{x:.3f}" for x in r.get("final_vs_fixed_per_seed", []))
+        text += (f"\n- {arm}: final val loss {r['final_vs_fixed']:.2f}x the fixed recipe's (per seed: {paired}); "
+                 f"{r['final_vs_best_of_plateau_and_early_stop']:.2f}x the best of ReduceLROnPlateau and early stopping"
+                 if "plateau" in report["arms"] else
+                 f"\n- {arm}: final val loss {r['final_vs_fixed']:.3f}x the unmanaged run's (per seed: {paired}); "
+                 f"{r.get('stops', 0)} of {len(report['seeds'])} runs stopped early")
+        text += f"; decisions: {outcome}"
+        moves = [m for d in report["arms"][arm]["per_seed"].values() for m in d.get("moves", [])]
+        if moves and "plateau" not in report["arms"]:
+            text += "; changes: " + "; ".join(moves)
     return text + "\n"
 
 

@@ -32,6 +32,7 @@ from atm.training.workloads.tinystories.train import (
     _Checkpoint,
     early_stop_with_restore,
     train,
+    warmup_cosine,
 )
 
 #: A model and budget small enough for a training run in a second or two.
@@ -241,6 +242,21 @@ def test_tiny_run_learns_and_is_deterministic() -> None:
     assert first.train_curve[-1][1] < first.train_curve[0][1]
     assert first.steps_done == 40 and first.run_id is None and first.interventions == 0
     assert train(cfg).val_curve == first.val_curve  # same seed, same curve: arms are comparable
+
+
+def test_the_healthy_recipe_warms_up_then_decays_and_the_cli_gives_its_defaults() -> None:
+    f = warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    result = train(TrainConfig(**TINY, recipe="healthy", warmup_steps=20, dropout=0.1, tracking="none"))
+    lrs = [e.lr for e in result.evals]  # after steps 10, 20, 30, 40
+    assert lrs[0] == pytest.approx(3e-3 * 11 / 20) and lrs[1] == pytest.approx(3e-3)
+    assert lrs[1] > lrs[2] > lrs[3] >= 3e-4
+    config = cli.config_from_args(cli.build_parser().parse_args(["--recipe", "healthy", "--quick", "--tracking", "none"]))
+    assert (config.dropout, config.weight_decay, config.warmup_steps, config.corpus_kb) == (0.1, 0.1, 100, 300)
+    given = cli.config_from_args(cli.build_parser().parse_args(["--recipe", "healthy", "--dropout", "0.2",
+                                                                "--tracking", "none"]))
+    assert given.dropout == 0.2 and given.corpus_kb == 600  # what the user gives wins over the recipe's
 
 
 def test_scripted_rollback_and_changes_apply() -> None:

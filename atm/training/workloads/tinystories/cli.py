@@ -9,6 +9,8 @@ from typing import Any
 
 from atm.training.workloads.tinystories.data import CorpusError
 from atm.training.workloads.tinystories.train import (
+    HEALTHY,
+    HEALTHY_QUICK,
     RECIPES,
     EvalPoint,
     ScriptedIntervention,
@@ -32,7 +34,7 @@ _FIELDS = {
     "heads": "n_head", "context": "context", "threads": "threads", "tracking": "tracking",
     "tracking_uri": "tracking_uri", "experiment": "experiment", "run_name": "run_name",
     "plateau_factor": "plateau_factor", "plateau_patience": "plateau_patience",
-    "early_stop_patience": "early_stop_patience",
+    "early_stop_patience": "early_stop_patience", "warmup_steps": "warmup_steps",
 }
 
 
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment / W&B project (default atm-tinystories)")
     p.add_argument("--run-name")
     p.add_argument("--recipe", choices=RECIPES, help="overfit: the fixed recipe (lr 3e-3, no dropout, no weight "
-                                                     "decay); plateau: the same plus ReduceLROnPlateau")
+                                                     "decay); plateau: the same plus ReduceLROnPlateau; healthy: "
+                                                     "dropout, weight decay, warm-up then cosine, on a corpus it "
+                                                     "cannot memorise (a run to leave alone)")
     p.add_argument("--quick", action="store_true", help="small corpus, model and budget (well under a minute)")
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int, help="steps between validation evaluations")
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int)
     p.add_argument("--context", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 1: deterministic, leaves room for others)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay (recipe healthy)")
     p.add_argument("--plateau-factor", type=float)
     p.add_argument("--plateau-patience", type=int)
     p.add_argument("--early-stop-patience", type=int,
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.recipe == "healthy":
+        values.update(HEALTHY, **(HEALTHY_QUICK if args.quick else {}))
     values.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
     values["listen"] = not args.no_listen
     values["script"] = [ScriptedIntervention.parse(s) for s in args.script]
