@@ -380,6 +380,19 @@ def _runaway_exploration(snap: TelemetrySnapshot, t: Thresholds) -> str:
     return ""
 
 
+def _goal_fell(snap: TelemetrySnapshot) -> str:
+    """Non-empty (the evidence) when an RL run's goal (safe success, success or return) sits below its
+    best beyond the run's noise: the window's mean more than two of its standard deviations, and more
+    than a tenth of the range the goal has covered, under the best."""
+    goal = snap.series.get("safe_success") or snap.series.get("success") or snap.series.get("return")
+    if goal is None or goal.n < 3:
+        return ""
+    fall = goal.best - goal.window_mean
+    if fall > 2 * goal.window_std and fall > 0.1 * (goal.max - goal.min) and fall > 0:
+        return f"{goal.key} {fmt(goal.window_mean)} over the window, below its best {fmt(goal.best)} at step {goal.best_step}"
+    return ""
+
+
 def _entropy_drop(snap: TelemetrySnapshot) -> tuple[float, str] | None:
     """Relative fall of the policy's entropy over the trail, from whichever series the run logs."""
     s = snap.series
@@ -673,8 +686,11 @@ def remedy_with_notes(
                 notes.append(f"{name} is at the policy's {'minimum' if mv.direction == 'down' else 'maximum'} {fmt(bound)}")
         if moved:
             groups_moved.add(mv.param)
-    # The best checkpoint is better on the metric that matters than where the run is now.
-    rollback = diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and not onset
+    # The best checkpoint is better on the metric that matters than where the run is now. Exploration
+    # running away while the goal falls from its best is such a case too: smaller steps alone keep
+    # the worse policy it drifted to.
+    rollback = (diagnosis in (Diagnosis.DIVERGENCE, Diagnosis.OVERFITTING) and not onset) or (
+        moves is _RL_RUNAWAY and bool(_goal_fell(snap)))
     action = Action.ROLLBACK if rollback and Action.ROLLBACK in offer.actions else None
     return changes, action, notes
 

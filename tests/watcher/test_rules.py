@@ -214,6 +214,19 @@ def test_rl_remedies_on_recorded_shapes(labelled: Callable[[str], Situation], na
     assert check(proposal, sit.policy, sit.ctx).accepted
 
 
+def test_exploration_running_away_while_safe_success_falls_is_rolled_back(scenario_dir: Path) -> None:
+    # The recorded runaway shape, but safety drops as the noise grows: the best checkpoint is better than
+    # where the run drifted, so the smaller steps come with a rollback (flat safety keeps none, above).
+    sc = load_scenario(scenario_dir / "rl_runaway_exploration.yaml")
+    points = sc.metrics["eval/safe_success"]
+    falling = [(step, v if i < 12 else v - 0.02 * (i - 11)) for i, (step, v) in enumerate(points)]
+    sit = situation(sc.model_copy(update={"metrics": {**sc.metrics, "eval/safe_success": falling}}))
+    proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
+    assert proposal.diagnosis == Diagnosis.UNSAFE_EXPLORATION
+    assert proposal.changes["ent_coef"] == pytest.approx(0.005) and proposal.action == Action.ROLLBACK
+    assert check(proposal, sit.policy, sit.ctx).accepted
+
+
 def test_overfitting_that_returns_after_remedies_stops_keeping_the_best(scenario_dir: Path) -> None:
     sc = load_scenario(scenario_dir / "overfit_returns_after_two_remedies.yaml")
     sit = situation(sc)
