@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atm.schema import DecisionRecord, Status
+from atm.schema import DecisionRecord, Diagnosis, Status
 
 
 
@@ -153,6 +153,28 @@ def job_env() -> dict[str, str]:
 
 def applied(records: Sequence[DecisionRecord]) -> list[DecisionRecord]:
     return [r for r in records if r.status == Status.APPLIED]
+
+
+def stacked_remedies(records: Sequence[DecisionRecord], eval_steps: Sequence[int], evals: int = 3) -> tuple[int, int]:
+    """(stacked, remedies): of the applied remedies that followed an earlier one for the same diagnosis,
+    how many were decided before ``evals`` evaluations had come in after the earlier one took effect,
+    that is before its effect could be known. Reverts and divergence (where speed wins) are not
+    counted. Pure; ``eval_steps`` sorted."""
+    import bisect
+
+    stacked = followers = 0
+    done = applied(records)
+    for i, rec in enumerate(done):
+        if rec.reverts is not None or rec.diagnosis == Diagnosis.DIVERGENCE or not rec.changes:
+            continue
+        prev = next((p for p in reversed(done[:i]) if p.diagnosis == rec.diagnosis and p.changes), None)
+        if prev is None:
+            continue
+        followers += 1
+        start = (prev.effective_step - 1) if prev.effective_step is not None else rec.step
+        seen = bisect.bisect_right(eval_steps, rec.step) - bisect.bisect_right(eval_steps, start)
+        stacked += seen < evals
+    return stacked, followers
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:

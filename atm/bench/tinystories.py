@@ -40,6 +40,7 @@ from atm.bench.harness import (
     record_finished,
     run_arm,
     run_records,
+    stacked_remedies,
 )
 
 SEED0 = 40
@@ -50,13 +51,21 @@ def add_parser(bsub: Any) -> None:
     p = bsub.add_parser("tinystories", help="the overfitting language model: fixed, plateau, early-stop, managed")
     common_args(p, seeds=3)
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the workload's)")
+    p.add_argument("--policy", default="lm",
+                   help="policy of the managed arms: a preset or a YAML file (default lm); e.g. one with "
+                        "'extends: lm' and 'limits: {settle: {evals: 0}}' measures what waiting for effects does")
     p.add_argument("--recipe", choices=("overfit", "healthy"), default="overfit",
                    help="overfit (default): the paper's overfitting run; healthy: a run to leave alone (do no harm)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from atm.policies import load_policy
     from atm.training.workloads.tinystories.train import TrainResult, early_stop_with_restore
+
+    # The evaluations an effect needs before it is known: the policy's settle window, or the default
+    # measure's 3 when the policy waits for none.
+    settle_evals = load_policy(getattr(args, "policy", "lm")).limits.settle.evals or 3
 
     out: Path = args.out or default_out("tinystories-healthy" if getattr(args, "recipe", "overfit") == "healthy"
                                         else "tinystories")
@@ -97,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
                 reused.append(f"{arm}-seed{seed}")
                 print(f"  {arm:14s} seed {seed}: reused from {done_path}", flush=True)
             else:
-                run_arm(run, uri, policy_spec="lm" if arm.startswith("managed-") else None,
+                run_arm(run, uri, policy_spec=getattr(args, "policy", "lm") if arm.startswith("managed-") else None,
                         proposer_kind=arm.removeprefix("managed-") if arm.startswith("managed-") else None,
                         interval=args.interval)
                 record_finished(done_path, cmd[1:], run_id=run.run_id, wall_s=run.wall_s)
@@ -109,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
                 "val_curve": res.val_curve,
                 "applied_steps": [r.applied_step for r in applied(run.records)],
                 "moves": [r.summary() for r in applied(run.records)],
+                # Remedies decided before the previous one's effect could be known (limits.settle's point).
+                "stacked_remedies": stacked_remedies(run.records, [p[0] for p in res.val_curve], settle_evals),
                 "stopped_at": res.steps_done if res.stopped_by_manager else None,
                 "sources": [r.source for r in applied(run.records)],
                 # Every decision by outcome: a manager that applied nothing shows why (stale, rejected ...).
@@ -156,6 +167,7 @@ def _report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], arg
                 "final_vs_fixed_per_seed": [results[arm][s]["final_val_loss"] / results["fixed"][s]["final_val_loss"]
                                             for s in seeds],
                 "stops": sum(results[arm][s].get("stopped_at") is not None for s in seeds),
+                "stacked_remedies": [sum(results[arm][s].get("stacked_remedies", (0, 0))[k] for s in seeds) for k in (0, 1)],
             }
     return {
         "arms": arms,
@@ -163,7 +175,7 @@ def _report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], arg
         "ratios": ratios,
         "config": {"quick": args.quick, "steps": args.steps, "interval_s": args.interval, "tracking_uri": uri,
                    "recipe": getattr(args, "recipe", "overfit"),
-                   "policy": "lm", "early_stop": "derived from each fixed run's validation curve (restore best)"},
+                   "policy": getattr(args, "policy", "lm"), "early_stop": "derived from each fixed run's validation curve (restore best)"},
         "wall_time_s": round(wall, 1),
         # What the runs took (reused ones included): the budget figure when a bench was resumed.
         "runs_wall_s_total": round(sum(d.get("wall_s", 0.0) for per_seed in results.values()
@@ -195,6 +207,8 @@ def _markdown(report: dict[str, Any]) -> str:
                  f"\n- {arm}: final val loss {r['final_vs_fixed']:.3f}x the unmanaged run's (per seed: {paired}); "
                  f"{r.get('stops', 0)} of {len(report['seeds'])} runs stopped early")
         text += f"; decisions: {outcome}"
+        stacked, followers = r.get("stacked_remedies", (0, 0))
+        text += f"; remedies stacked before the previous one's effect was known: {stacked} of {followers}"
         moves = [m for d in report["arms"][arm]["per_seed"].values() for m in d.get("moves", [])]
         if moves and "plateau" not in report["arms"]:
             text += "; changes: " + "; ".join(moves)

@@ -55,3 +55,20 @@ def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
     again = json.loads((tmp_path / "tinystories.json").read_text())
     assert again["arms"] == report["arms"]
     assert sorted(again["config"]["reused_runs"]) == ["fixed-seed40", "managed-rules-seed40", "plateau-seed40"]
+
+
+def test_stacked_remedies_counts_a_second_remedy_decided_before_the_first_ones_effect_was_known() -> None:
+    from atm.bench.harness import stacked_remedies
+    from atm.schema import Diagnosis
+    from atm.testing import make_record
+
+    evals = list(range(10, 201, 10))
+    first = make_record(1, 50, changes={"lr": (1e-3, 5e-4)}, effective_step=51)
+    early = make_record(2, 70, changes={"weight_decay": (0.0, 0.01)}, effective_step=71)   # 2 evals after #1: stacked
+    late = make_record(3, 120, changes={"dropout": (0.0, 0.1)}, effective_step=121)        # 5 evals after #2: not
+    other = make_record(4, 130, changes={"lr": (5e-4, 2.5e-4)}, diagnosis=Diagnosis.PLATEAU)  # first of its kind
+    panic = make_record(5, 140, changes={"lr": (2.5e-4, 1e-4)}, diagnosis=Diagnosis.DIVERGENCE)  # speed wins: not counted
+    revert = make_record(6, 150, changes={"weight_decay": (0.01, 0.0)}).model_copy(update={"reverts": 2})
+    pending = make_record(7, 160, status=Status.PENDING, changes={"lr": (1e-4, 5e-5)})
+    assert stacked_remedies([first, early, late, other, panic, revert, pending], evals) == (1, 2)
+    assert stacked_remedies([first, early, late], evals, evals=1) == (0, 2)
