@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from atm.adapters.mlflow_backend import MlflowChannel
-from atm.schema import ListenerInfo
+from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
+from atm.schema import Change, DecisionRecord, Diagnosis, ListenerInfo, Status
 
 
 def overfitting_run(uri: str, upto: int = 20, experiment: str = "daemon") -> str:
@@ -25,3 +25,12 @@ def log_evals(client, rid: str, start: int, end: int) -> None:  # noqa: ANN001 -
         step = i * 10
         client.log_metric(rid, "train_loss", 3.0 / i, step=step)
         client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), step=step)
+
+
+def publish_first_change(backend: MlflowBackend, rid: str, step: int, lr: tuple[float, float]) -> None:
+    """Decision #1 on ``rid`` at ``step``, an lr change (old, new), published and logged as the daemon does."""
+    record = DecisionRecord(run_id=rid, seq=1, step=step, status=Status.PENDING, source="rules",
+                            diagnosis=Diagnosis.PLATEAU, changes={"lr": Change(old=lr[0], new=lr[1])})
+    backend.reserve_seq(rid, 1)
+    backend.publish(record)
+    backend.write_log(rid, [record])

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 import atm
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
-from atm.schema import Change, DecisionRecord, Diagnosis, Status
 from atm.watcher.cli import main
+from _runs import publish_first_change  # the sibling module; pytest puts this folder on sys.path
 
 DECIDED_AT = 3
 
@@ -36,12 +36,7 @@ def _custom_loop(mlflow_uri: str, apply_at_top: bool) -> str:
             if not apply_at_top:
                 listener.apply_pending(step=update)   # after logging: the change reaches the next update only
             if update == DECIDED_AT:
-                record = DecisionRecord(run_id=rid, seq=1, step=DECIDED_AT, status=Status.PENDING, source="rules",
-                                        diagnosis=Diagnosis.PLATEAU, changes={"lr": Change(old=1e-3, new=2e-3)},
-                                        reason="test")
-                backend.reserve_seq(rid, 1)
-                backend.publish(record)
-                backend.write_log(rid, [record])
+                publish_first_change(backend, rid, DECIDED_AT, lr=(1e-3, 2e-3))
             time.sleep(0.4)  # the listener's thread fetches the update meanwhile
     finally:
         listener.close()

@@ -19,11 +19,12 @@ from atm.adapters.base import RunView
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.adapters.notes import MLFLOW_NOTE_TAG, notable
 from atm.policies import available_choices, check, load_policy
-from atm.schema import Ack, Change, DecisionRecord, Diagnosis, Proposal, Status
+from atm.schema import Ack, Diagnosis, Proposal, Status
 from atm.testing import make_context, make_record
 from atm.watcher.cli import main
 from atm.watcher.daemon import Daemon
 from atm.watcher.reconcile import reconcile
+from _runs import publish_first_change  # the sibling module; pytest puts this folder on sys.path
 
 NOTE = "the lr change 0.001 -> 0.0005 was undone (the lr is 0.001 again). Pass it, atm.listen(optimizer, scheduler=sched)"
 
@@ -82,11 +83,7 @@ def test_a_scheduler_the_job_did_not_pass_undoes_a_change_and_the_history_says_s
             client.log_metric(rid, "train_loss", 1.0 / step, step=step)
             if step == 4:  # the watcher's decision, published as the daemon publishes one
                 lr = opt.param_groups[0]["lr"]
-                record = DecisionRecord(run_id=rid, seq=1, step=step, status=Status.PENDING, source="rules",
-                                        diagnosis=Diagnosis.PLATEAU, changes={"lr": Change(old=lr, new=lr / 2)})
-                backend.reserve_seq(rid, 1)
-                backend.publish(record)
-                backend.write_log(rid, [record])
+                publish_first_change(backend, rid, step, lr=(lr, lr / 2))
             time.sleep(0.2)  # the listener's thread fetches the update meanwhile
     finally:
         listener.close()
