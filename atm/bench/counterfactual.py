@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -126,6 +126,11 @@ class Job:
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
+    def reseed(self, seed: int) -> None:
+        """Data order and dropout masks from ``seed``."""
+        self.data.manual_seed(seed)
+        torch.manual_seed(seed)
+
     def evaluate(self) -> float:
         self.model.eval()
         with torch.no_grad():
@@ -170,6 +175,33 @@ class Job:
         self._set_lr()
 
 
+class Branchable(Protocol):
+    """What the branch loop needs of a job: knobs, training, an evaluation metric and checkpoints
+    (:class:`Job`; :class:`atm.bench.counterfactual_rl.PPOJob`)."""
+
+    def params(self) -> dict[str, float]: ...
+    def apply(self, changes: dict[str, float]) -> None: ...
+    def reseed(self, seed: int) -> None: ...
+    def train(self, steps: int) -> dict[str, float]: ...
+    def evaluate(self) -> float: ...
+    def state(self) -> dict[str, Any]: ...
+    def load(self, state: dict[str, Any], *, weights_only: bool = False) -> None: ...
+
+
+class BranchRecipe(Protocol):
+    """What the branch loop needs of a recipe (:class:`Recipe`; :class:`atm.bench.counterfactual_rl.RLRecipe`)."""
+
+    family: str
+    run: str
+    condition: str
+    horizon: int
+    seed: int
+    policy: str
+    higher_is_better: bool
+
+    def run_main(self) -> tuple[Branchable, list[Point], float]: ...
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One run of a family: how its job is built and how it logs."""
@@ -189,10 +221,20 @@ class Recipe:
     seed: int = 0
     #: Where the decision points are, as fractions of ``steps``.
     points: tuple[float, ...] = (0.3, 0.55, 0.8)
+    #: The policy whose offer is branched.
+    policy: str = "lm"
+    #: The outcome is a loss: smaller is better.
+    higher_is_better: bool = False
+
+    def run_main(self) -> tuple[Job, list[Point], float]:
+        return main_run(self)
 
 
 @dataclass
-class _Point:
+class Point:
+    """A decision point of a main run: the history and knobs a proposer sees there, the checkpoint every
+    branch starts from, the best checkpoint so far (where a rollback goes) and the evaluation there."""
+
     index: int
     step: int
     history: dict[str, list[tuple[int, float]]]
@@ -211,7 +253,7 @@ def _log(recipe: Recipe, history: dict[str, list[tuple[int, float]]], step: int,
     history.setdefault(recipe.val_key, []).append((step, val))
 
 
-def main_run(recipe: Recipe) -> tuple[Job, list[_Point], float]:
+def main_run(recipe: Recipe) -> tuple[Job, list[Point], float]:
     """Train the recipe's run, keeping a checkpoint at each decision point and the best one so far;
     returns the job, the points and the ceiling (10x the first evaluation) that caps a diverged branch."""
     torch.manual_seed(recipe.seed)
@@ -221,7 +263,7 @@ def main_run(recipe: Recipe) -> tuple[Job, list[_Point], float]:
     # Each point at the first evaluation at or after its fraction of the run.
     point_steps = sorted({next(e for e in evals if e >= f * recipe.steps) for f in recipe.points})
     history: dict[str, list[tuple[int, float]]] = {}
-    points: list[_Point] = []
+    points: list[Point] = []
     best_val, best_state, first = math.inf, job.state(), math.nan
     for e in evals:
         train = job.train(e - job.step)
@@ -232,12 +274,12 @@ def main_run(recipe: Recipe) -> tuple[Job, list[_Point], float]:
         if val < best_val:
             best_val, best_state = val, job.state()
         if e in point_steps:
-            points.append(_Point(len(points), e, copy.deepcopy(history), job.params(), job.state(), best_state, val))
+            points.append(Point(len(points), e, copy.deepcopy(history), job.params(), job.state(), best_state, val))
     ceiling = 10 * first if math.isfinite(first) and first > 0 else 1e6
     return job, points, ceiling
 
 
-def candidate_moves(policy: Policy, point: _Point, run: str = "point") -> list[Move]:
+def candidate_moves(policy: Policy, point: Point, run: str = "point") -> list[Move]:
     """The moves branched at a point: no-op, every value the policy offers for each parameter, each offered
     action, and the rules proposer's own move when it combines several (so that it is scored as itself)."""
     sit = offline_situation(run, policy, point.history, point.params)
@@ -254,7 +296,7 @@ def candidate_moves(policy: Policy, point: _Point, run: str = "point") -> list[M
     return moves
 
 
-def branch(job: Job, point: _Point, move: Move, seed: int, horizon: int) -> float:
+def branch(job: Branchable, point: Point, move: Move, seed: int, horizon: int) -> float:
     """The evaluation metric after ``horizon`` steps from ``point`` with ``move`` applied, on data order ``seed``."""
     if move.action == Action.STOP:
         return point.value
@@ -262,25 +304,38 @@ def branch(job: Job, point: _Point, move: Move, seed: int, horizon: int) -> floa
     if move.action == Action.ROLLBACK:
         job.load(point.best, weights_only=True)
     job.apply(move.changes)
-    job.data.manual_seed(seed)
-    torch.manual_seed(seed)
+    job.reseed(seed)
     job.train(horizon)
     return job.evaluate()
 
 
 def recipe_lines(
-    recipe: Recipe,
+    recipe: BranchRecipe,
     split: str,
     *,
-    policy: str = "lm",
+    policy: str | None = None,
     seeds: int = 3,
     progress: Callable[[str], None] | None = None,
+    done: Sequence[DatasetLine] = (),
+    on_line: Callable[[DatasetLine], None] | None = None,
 ) -> list[DatasetLine]:
-    """Every decision point of one recipe, branched and labelled."""
+    """Every decision point of one recipe, branched and labelled.
+
+    Args:
+        policy: the policy whose offer is branched (default: the recipe's).
+        done: lines of this run already made (an interrupted generation): their points are not branched
+            again, and they are returned in their place.
+        on_line: called with each line as soon as it is labelled (to save it).
+    """
+    policy = policy or recipe.policy
     pol = load_policy(policy)
-    job, points, ceiling = main_run(recipe)
+    job, points, ceiling = recipe.run_main()
+    finished = {ln.point: ln for ln in done if ln.run == recipe.run}
     lines = []
     for pt in points:
+        if pt.index in finished:
+            lines.append(finished[pt.index])
+            continue
         moves = candidate_moves(pol, pt, recipe.run)
         outcomes: dict[str, tuple[Move, list[float]]] = {}
         for mv in moves:
@@ -289,11 +344,13 @@ def recipe_lines(
                     for s in range(seeds)]
             outcomes[mv.key] = (mv, outs)
         line = make_line(
-            outcomes=outcomes, ceiling=ceiling, family=recipe.family, run=recipe.run,
-            condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
+            outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better, family=recipe.family,
+            run=recipe.run, condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
             history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds,
         )
         lines.append(line)
+        if on_line is not None:
+            on_line(line)
         if progress is not None:
             lab = line.labels
             progress(f"{recipe.family}/{recipe.run} point {pt.index} (step {pt.step}): {len(moves)} moves, "
@@ -303,18 +360,38 @@ def recipe_lines(
 
 
 def generate(
-    recipes: Sequence[tuple[Recipe, str]],
+    recipes: Sequence[tuple[BranchRecipe, str]],
     out: str | Path,
     *,
-    policy: str = "lm",
+    policy: str | None = None,
     seeds: int = 3,
     progress: Callable[[str], None] | None = None,
+    keep: Sequence[DatasetLine] = (),
 ) -> list[DatasetLine]:
     """Branch and label every (recipe, split) and write the dataset to ``out`` (JSON Lines, ``.gz`` compressed),
-    rewritten after each recipe so that an interrupted run keeps what it finished."""
+    rewritten after each decision point so that an interrupted run keeps what it finished.
+
+    Args:
+        policy: the policy whose offer is branched (default: each recipe's own).
+        keep: lines to keep in the file: the other runs' come first, as they are; those of a run
+            in ``recipes`` (an interrupted generation) are not branched again.
+    """
     torch.set_num_threads(1)
+    names = {r.run for r, _ in recipes}
+    kept = [ln for ln in keep if ln.run not in names]
     lines: list[DatasetLine] = []
+
+    def save(line: DatasetLine) -> None:
+        lines.append(line)
+        write_dataset(kept + lines, out)
+
     for recipe, split in recipes:
-        lines += recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress)
-        write_dataset(lines, out)
-    return lines
+        done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds]
+        if progress is not None and done:
+            progress(f"{recipe.family}/{recipe.run}: points {sorted(ln.point for ln in done)} kept from {out}")
+        before = len(lines)
+        made = recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress, done=done, on_line=save)
+        # The kept points of this run, in their place among the new ones.
+        lines[before:] = made
+        write_dataset(kept + lines, out)
+    return kept + lines

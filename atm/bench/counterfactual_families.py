@@ -1,6 +1,7 @@
 """The run families of the counterfactual dataset, each a few recipes (healthy and pathological) small
 enough for one CPU thread: an MLP regression that overfits, an auxiliary-loss model, a CNN on generated
-images, character- and word-level LMs on the generated story corpus.
+images, character- and word-level LMs on the generated story corpus, and SB3 PPO on CartPole-v1
+(:mod:`atm.bench.counterfactual_rl`, branched on the ``rl-ppo`` preset).
 
 Recipes vary what the field varies: metric names (aliases the ``lm`` preset maps), evaluation cadence,
 lr schedule (constant, cosine, warm-up), optimizer (AdamW, SGD with momentum).
@@ -8,13 +9,18 @@ lr schedule (constant, cosine, warm-up), optimizer (AdamW, SGD with momentum).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atm.bench.counterfactual import Job, Recipe
+from atm.bench.counterfactual import BranchRecipe, Job, Recipe
+
+if TYPE_CHECKING:
+    from atm.bench.counterfactual_rl import RLRecipe
 
 #: Families held out for testing: never used to tune a proposer.
 TEST_FAMILIES = ("aux", "cnn")
@@ -321,15 +327,23 @@ def cnn_recipes() -> list[Recipe]:
     ]
 
 
-FAMILIES = {"mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes,
-            "wordlm": wordlm_recipes}
+def cartpole_recipes() -> list[RLRecipe]:
+    from atm.bench.counterfactual_rl import cartpole_recipes as make
+
+    return make()
+
+
+FAMILIES: dict[str, Callable[[], Sequence[BranchRecipe]]] = {
+    "mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes,
+    "wordlm": wordlm_recipes, "cartpole": cartpole_recipes,
+}
 
 
 def split_of(family: str) -> str:
     return "test" if family in TEST_FAMILIES else "train"
 
 
-def recipes(families: list[str] | None = None) -> list[tuple[Recipe, str]]:
+def recipes(families: list[str] | None = None) -> list[tuple[BranchRecipe, str]]:
     """(recipe, split) for the named families, smallest first.
 
     Raises:

@@ -6,14 +6,15 @@ offered, each continued from the same checkpoint for a fixed horizon on several 
 (written by ``benchmarks/counterfactual/generate.py``). Evaluation rebuilds the proposer's situation
 from the line (:func:`atm.watcher.decide.offline_situation`), so it needs no training.
 
-Labels (pure, :func:`label_moves`), lower outcome is better (the policy's evaluation metric):
+Labels (pure, :func:`label_moves`), on the policy's evaluation metric: lower is better (a validation loss)
+unless the line says ``higher_is_better`` (an RL run's held-out return):
 
 - ``noise``: the seeds' spread, the pooled standard deviation of the outcomes across seeds over every
   move, floored at a small share of the no-op outcome so a deterministic outcome does not make every
   difference significant;
 - per move, ``helped`` if its mean beats no-op's by more than ``noise``, ``hurt`` if it is worse by more,
   else ``neutral``;
-- ``best``: the moves with the lowest mean; ``acceptable``: within ``noise`` of the best;
+- ``best``: the moves with the best mean; ``acceptable``: within ``noise`` of the best;
   ``harmful``: the moves labelled ``hurt``.
 
 Scoring (pure, :func:`score_choice`) judges what the validator would let through. Besides the single
@@ -40,6 +41,7 @@ from atm.policies import Policy, check, load_policy
 from atm.schema import Action, Diagnosis, Proposal
 from atm.watcher.decide import Situation, offline_situation
 from atm.watcher.proposer import ProposalResult, Proposer, ProposerError
+from atm.watcher.snapshot import HIGHER_IS_BETTER
 
 #: The no-op move's key.
 NOOP = "noop"
@@ -85,7 +87,7 @@ def move_key(changes: dict[str, float], action: str | None) -> str:
 
 class MoveOutcome(_Strict):
     move: Move
-    #: The evaluation metric at the horizon, one per seed (lower is better; a diverged branch is capped).
+    #: The evaluation metric at the horizon, one per seed (a diverged branch counts as the line's `ceiling`).
     outcomes: list[float] = Field(min_length=1)
     mean: float
     label: MoveLabel
@@ -125,8 +127,10 @@ class DatasetLine(_Strict):
     #: Training steps each branch ran after the decision point.
     horizon: int = Field(gt=0)
     seeds: int = Field(ge=2)
-    #: The value a diverged (non-finite or exploding) branch counts as.
+    #: The value a diverged (non-finite or exploding) branch counts as: no outcome is worse.
     ceiling: float
+    #: Whether a larger outcome is better (an RL run's return); a loss is better smaller.
+    higher_is_better: bool = False
     moves: list[MoveOutcome]
     labels: Labels
 
@@ -167,13 +171,16 @@ class DatasetLine(_Strict):
 # --------------------------------------------------------------------------- labels
 
 
-def label_moves(outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE_FLOOR) -> tuple[dict[str, MoveLabel], Labels]:
+def label_moves(
+    outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE_FLOOR, *, higher_is_better: bool = False
+) -> tuple[dict[str, MoveLabel], Labels]:
     """Per-move labels and the line's move sets from each move's per-seed outcomes. Pure.
 
     Args:
-        outcomes: move key -> outcome per seed (lower is better), including :data:`NOOP`; every list
-            has the same seeds in the same order.
+        outcomes: move key -> outcome per seed, including :data:`NOOP`; every list has the same seeds
+            in the same order.
         noise_floor: the smallest noise as a share of no-op's mean outcome.
+        higher_is_better: a larger outcome is better (a return); else a smaller one (a loss).
 
     Raises:
         ValueError: no no-op move, or fewer than two seeds.
@@ -182,7 +189,9 @@ def label_moves(outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE
         raise ValueError("the outcomes need the no-op move, the reference every move is compared with")
     if min(len(v) for v in outcomes.values()) < 2:
         raise ValueError("the seeds' spread needs at least two seeds per move")
-    means = {k: statistics.fmean(v) for k, v in outcomes.items()}
+    sign = -1.0 if higher_is_better else 1.0
+    # Compared as costs (smaller is better) whichever way the metric points.
+    means = {k: sign * statistics.fmean(v) for k, v in outcomes.items()}
     # Pooled over moves: a single move's 2-3 seeds give a rough spread, the point's moves together a steadier one.
     variances = [statistics.variance(v) for v in outcomes.values()]
     pooled = math.sqrt(statistics.fmean(variances))
@@ -201,16 +210,22 @@ def label_moves(outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE
 
 
 def make_line(
-    *, outcomes: dict[str, tuple[Move, Sequence[float]]], ceiling: float, **fields: Any
+    *, outcomes: dict[str, tuple[Move, Sequence[float]]], ceiling: float, higher_is_better: bool = False,
+    **fields: Any,
 ) -> DatasetLine:
-    """A dataset line from the moves' per-seed outcomes (capped at ``ceiling``), labelled. Pure."""
-    capped = {k: [min(x, ceiling) if math.isfinite(x) else ceiling for x in v] for k, (_, v) in outcomes.items()}
-    per_move, labels = label_moves(capped)
+    """A dataset line from the moves' per-seed outcomes (none counted worse than ``ceiling``), labelled. Pure."""
+    worst = max if higher_is_better else min
+
+    def cap(x: float) -> float:
+        return worst(x, ceiling) if math.isfinite(x) else ceiling
+
+    capped = {k: [cap(x) for x in v] for k, (_, v) in outcomes.items()}
+    per_move, labels = label_moves(capped, higher_is_better=higher_is_better)
     moves = [
         MoveOutcome(move=mv, outcomes=capped[k], mean=statistics.fmean(capped[k]), label=per_move[k])
         for k, (mv, _) in outcomes.items()
     ]
-    return DatasetLine(ceiling=ceiling, moves=moves, labels=labels, **fields)
+    return DatasetLine(ceiling=ceiling, higher_is_better=higher_is_better, moves=moves, labels=labels, **fields)
 
 
 # --------------------------------------------------------------------------- file
@@ -295,11 +310,16 @@ def _halve_lr(sit: Situation) -> Proposal:
 
 
 def _stop_at_rise(sit: Situation) -> Proposal:
-    stats = sit.snapshot.series.get(sit.policy.limits.eval_metric)
-    if stats is None or Action.STOP not in sit.offer.actions:
+    # The policy's evaluation metric, else the first of its roles the run logs (a return where there
+    # is no success rate), as the snapshot falls back.
+    roles = [sit.policy.limits.eval_metric, *sit.policy.metrics]
+    role = next((r for r in roles if r in sit.snapshot.series), None)
+    if role is None or Action.STOP not in sit.offer.actions:
         return _noop(sit)
+    stats = sit.snapshot.series[role]
     # Early stopping with patience 1: the latest evaluation is worse than the best so far.
-    if stats.latest > stats.best:
+    worse = stats.latest < stats.best if role in HIGHER_IS_BETTER else stats.latest > stats.best
+    if worse:
         return Proposal(diagnosis=Diagnosis.OVERFITTING, action=Action.STOP)
     return _noop(sit)
 
@@ -388,7 +408,8 @@ def chosen_key(line: DatasetLine, changes: dict[str, float | str]) -> str | None
     parts = [find({k: v}, None) for k, v in params.items()] + ([find({}, str(action))] if action else [])
     if any(p is None for p in parts):
         return None
-    return max(parts, key=lambda k: line.outcome(k).mean)  # type: ignore[arg-type,union-attr]
+    sign = -1.0 if line.higher_is_better else 1.0
+    return max(parts, key=lambda k: sign * line.outcome(k).mean)  # type: ignore[arg-type,union-attr]
 
 
 def score_choice(line: DatasetLine, key: str | None) -> tuple[bool, bool, float | None]:
@@ -397,8 +418,9 @@ def score_choice(line: DatasetLine, key: str | None) -> tuple[bool, bool, float 
         return False, False, None
     chosen = line.outcome(key)
     assert chosen is not None
-    best = min(m.mean for m in line.moves)
-    return key in line.labels.acceptable, key in line.labels.harmful, (chosen.mean - best) / line.labels.noise
+    sign = -1.0 if line.higher_is_better else 1.0
+    best = min(sign * m.mean for m in line.moves)
+    return key in line.labels.acceptable, key in line.labels.harmful, (sign * chosen.mean - best) / line.labels.noise
 
 
 def rates(rows: Sequence[Choice], lines: Sequence[DatasetLine]) -> Rates:

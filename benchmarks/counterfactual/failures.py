@@ -5,6 +5,7 @@ Usage:
     python benchmarks/counterfactual/failures.py                 # rules, train split, failures only
     python benchmarks/counterfactual/failures.py --all           # every decision of the split
     python benchmarks/counterfactual/failures.py --proposer fitted
+    python benchmarks/counterfactual/failures.py --family cartpole
 
 Develop on the train split only: the test families are held out, and a detector tuned by reading
 their failures no longer measures what generalises.
@@ -20,7 +21,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from atm.policies import load_policy
-from atm.watcher.counterfactual import NOOP, chosen_key, applied, line_situation, load_dataset, score_choice, select
+from atm.watcher.counterfactual import (
+    NOOP,
+    applied,
+    chosen_key,
+    line_situation,
+    load_dataset,
+    score_choice,
+    select,
+)
 from atm.watcher.proposers import make_proposer
 
 
@@ -29,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=str(HERE / "dataset.jsonl.gz"))
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
     p.add_argument("--proposer", default="rules")
+    p.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
     p.add_argument("--all", action="store_true", help="every decision, not only the failures")
     args = p.parse_args(argv)
     proposer = make_proposer(args.proposer)
     wrong = 0
-    lines = select(load_dataset(args.dataset), args.split)
+    lines = [ln for ln in select(load_dataset(args.dataset), args.split) if not args.family or ln.family in args.family]
     for line in lines:
         sit = line_situation(line, load_policy(line.policy))
         proposal = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
@@ -48,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "HARMFUL" if harm else "ok" if ok else "not acceptable"
         print(f"== {line.family} {line.run} #{line.point} step {line.step}: {verdict}, regret {regret}")
         print(f"   chose {key} ({proposal.diagnosis.value}): {proposal.rationale}")
-        ranked = sorted(line.moves, key=lambda m: m.mean)
-        print("   moves vs no-op (noise units): " + ", ".join(
-            f"{m.move.key}{'*' if m.move.key in line.labels.acceptable else ''} {(m.mean - noop.mean) / noise:+.1f}"
-            for m in ranked[:8]))
+        # As costs: negative is better than no-op, whether the outcome is a loss or a return.
+        sign = -1.0 if line.higher_is_better else 1.0
+        ranked = sorted(line.moves, key=lambda m: sign * m.mean)
+        print("   moves vs no-op (noise units, negative is better): " + ", ".join(
+            f"{m.move.key}{'*' if m.move.key in line.labels.acceptable else ''} "
+            f"{sign * (m.mean - noop.mean) / noise:+.1f}" for m in ranked[:8]))
         sig = sit.snapshot.signals
         print("   signals: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(sig.items())))
         for role, st in sit.snapshot.series.items():
-            print(f"   {role:10s} {st.key:16s} " + " ".join(f"{v:.4g}" for _, v in line.history[st.key]))
+            # The last 30 points: an RL run logs every update.
+            print(f"   {role:10s} {st.key:16s} " + " ".join(f"{v:.4g}" for _, v in line.history[st.key][-30:]))
     print(f"{wrong} of {len(lines)} not acceptable ({args.split} split, {args.proposer})")
     return 0
 

@@ -1,11 +1,14 @@
 """Generate the counterfactual decision dataset: real runs branched at decision points, one branch per move.
 
 Usage:
-    nice -n 10 python benchmarks/counterfactual/generate.py                 # every family, 3 seeds
+    nice -n 19 python benchmarks/counterfactual/generate.py                 # every family, 3 seeds
+    nice -n 19 python benchmarks/counterfactual/generate.py --families cartpole --extend
     python benchmarks/counterfactual/generate.py --families mlp --seeds 2 --out /tmp/mlp.jsonl
 
 Writes benchmarks/counterfactual/dataset.jsonl.gz (one line per decision point; schema in
-atm/watcher/counterfactual.py). One process, one CPU thread. Score it with ``atm eval --dataset``.
+atm/watcher/counterfactual.py), rewritten after each decision point. ``--extend`` keeps the lines
+of the runs not generated now, and the finished points of those that are (an interrupted generation
+goes on where it stopped). One process, one CPU thread. Score it with ``atm eval --dataset``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from atm.bench.counterfactual import generate
 from atm.bench.counterfactual_families import FAMILIES, recipes
+from atm.watcher.counterfactual import DatasetError, DatasetLine, load_dataset
 
 DEFAULT_OUT = HERE / "dataset.jsonl.gz"
 
@@ -27,9 +31,13 @@ DEFAULT_OUT = HERE / "dataset.jsonl.gz"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--runs", default="", help="comma-separated run names within the families (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="data-order seeds per branch (default: %(default)s)")
-    p.add_argument("--policy", default="lm", help="the policy whose offer is branched (default: %(default)s)")
+    p.add_argument("--policy", default=None,
+                   help="the policy whose offer is branched (default: each family's, lm or rl-ppo)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output file, .gz to compress (default: %(default)s)")
+    p.add_argument("--extend", action="store_true",
+                   help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
@@ -37,7 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 2
-    lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds,
+    if args.runs:
+        wanted = set(args.runs.split(","))
+        unknown = wanted - {r.run for r, _ in todo}
+        if unknown:
+            print(f"generate: unknown runs {sorted(unknown)}; these families have "
+                  f"{', '.join(r.run for r, _ in todo)}", file=sys.stderr)
+            return 2
+        todo = [(r, s) for r, s in todo if r.run in wanted]
+    keep: list[DatasetLine] = []
+    if args.extend and Path(args.out).exists():
+        try:
+            keep = load_dataset(args.out)
+        except DatasetError as exc:
+            print(f"generate: {exc}", file=sys.stderr)
+            return 2
+    lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds, keep=keep,
                      progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
     print(f"{len(lines)} decision points, {sum(len(ln.moves) for ln in lines)} moves -> {args.out} "
           f"({time.time() - t0:.0f} s)")

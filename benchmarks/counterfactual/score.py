@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         reports[split] = [score_dataset(pr, chosen, dataset=shown_name, split=split) for pr in proposers]
         for r in reports[split]:
             table.append([split, *rates_row(r.proposer, r.summary)])
-        for r in reports[split][: len(kinds)]:
+        # Per family for every proposer (the fixed strategies too), per diagnosis for the deciding ones.
+        for r in reports[split]:
             for fam, rates in r.by_family.items():
                 table.append([split, *rates_row(f"{r.proposer}, family {fam}", rates)])
+        for r in reports[split][: len(kinds)]:
             for diag, rates in r.by_diagnosis.items():
                 table.append([split, *rates_row(f"{r.proposer}, diagnosis {diag}", rates)])
     families = {split: sorted({ln.family for ln in select(lines, split)}) for split in reports}
