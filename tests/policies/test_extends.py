@@ -121,3 +121,11 @@ def test_a_window_written_the_wrong_way_names_the_forms(window: str, words: str)
     msg = str(err.value)
     assert "p.yaml:7: field `params.lr.cooldown`" in msg, msg
     assert "a window is written {evals: N}, {steps: N}, or both" in msg and words in msg, msg
+
+
+def test_the_benchmark_policies_load_and_differ_from_their_preset_only_where_they_say() -> None:
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "policies"
+    no_settle = load_policy(folder / "lm-no-settle.yaml")
+    lm = load_policy("lm")
+    assert no_settle.limits.settle.evals == 0 and lm.limits.settle.evals == 3
+    assert no_settle.params == lm.params and no_settle.limits.cooldown == lm.limits.cooldown
