@@ -1,4 +1,4 @@
-"""Notifications where users look (issue 19, item 11): the note at the top of an MLflow run for a stop,
+"""Notifications where users look: the note at the top of an MLflow run for a stop,
 rollback, revert or rejected update, and a W&B alert raised by the job's own listener (offline: in the
 transaction log that `wandb sync` uploads, and in files/atm/alerts.jsonl)."""
 

@@ -1,4 +1,4 @@
-"""Stale decisions with W&B offline (issue 19, item 5): wandb writes an offline run's transaction log to
+"""Stale decisions with W&B offline: wandb writes an offline run's transaction log to
 disk every 15 s by default, and takes its settings when the run starts (``run.settings`` is a frozen
 copy; the service got them with the run), so nothing inside the job can shorten that for a live run.
 The job's listener says so when it attaches, and the watcher measures the lag and says it once."""

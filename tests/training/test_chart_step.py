@@ -1,4 +1,4 @@
-"""The listener's ``atm/*`` values land on the run's own step axis (issue 19, item 6): a job that logs per
+"""The listener's ``atm/*`` values land on the run's own step axis: a job that logs per
 epoch had its lr markers at the optimizer-step count, far off its own charts."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Errors a new user meets in the command line, each with the fix in its words (issue 19, item 12),
-and the options `--help` documents with their defaults (item 13)."""
+"""Errors a new user meets in the command line, each with the fix in its words,
+and the options `--help` documents with their defaults."""
 
 from __future__ import annotations
 

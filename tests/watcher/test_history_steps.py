@@ -1,5 +1,5 @@
 """`atm history` shows where each change was decided and where it took effect on the run's own step axis,
-so the delay of the manual pattern is measured (issue 19, item 3): `apply_pending()` at the top of the
+so the delay of the manual pattern is measured: `apply_pending()` at the top of the
 loop applies a decision before the update after the evaluation it answers; after logging, one later."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A run whose metric names no preset maps is said at once, on the status line and in the log, with
-the one policy line that maps them (issue 19, item 7): it had stayed "healthy" forever."""
+the one policy line that maps them: it had stayed "healthy" forever."""
 
 from __future__ import annotations
 
