@@ -1,14 +1,19 @@
 """Decision latency of the embedded LLM, with and without reuse of the prompt prefix's KV cache,
 beside the rules proposer's, on the labelled scenarios' decision prompts.
 
-The proposer is the daemon's: ``LLMProposer`` (default variant) over the embedded SmolLM2-135M, run
-in-process with atm's thread count. For every scenario where the model is asked (the default
-variant skips the model when nothing may be done), the same decision is made twice, back to back
-on the same loaded model so that machine noise hits both arms alike:
+The proposer is the daemon's: ``LLMProposer`` over the embedded SmolLM2-135M, run in-process with
+atm's thread count. For every scenario where the model is asked (the anchored variants skip the
+model when nothing may be done), the default variant's decision is made twice, back to back on the
+same loaded model so that machine noise hits both arms alike:
 
 - ``cached``: the model as the daemon runs it; the prompt prefix shared with the previous call
   (chat template and system prompt) comes from the KV cache.
 - ``uncached``: the same call with the cache forgotten first: the whole prompt is evaluated.
+
+``--compare anchored`` (the default) then makes the same decisions with another variant, cached,
+in the same run and under the same condition: the prompt and answer the default replaced, for a
+before/after ratio. Each variant's decisions run as one block, so that the cache holds what the
+daemon's would (the previous decision of the same variant).
 
 ``--busy`` adds a training job on another core while measuring (a one-thread torch loop in a
 subprocess), as a daemon beside its job would see. Re-asks are included: a decision's latency is
@@ -17,6 +22,7 @@ measures rather than falls back).
 
     python benchmarks/llm_latency.py                   # idle, then beside a training job
     python benchmarks/llm_latency.py --every 2 --conditions busy   # half the scenarios, beside a job
+    python benchmarks/llm_latency.py --compare ""       # the default variant only
 
 Writes benchmarks/results/llm_latency.json and .md and prints the table.
 """
@@ -61,7 +67,7 @@ while os.getppid() == parent:
 """
 
 
-def proposer(reuse_prefix: bool, cfg: LLMConfig) -> LLMProposer:
+def proposer(reuse_prefix: bool, cfg: LLMConfig, variant: str = DEFAULT_VARIANT) -> LLMProposer:
     path = embedded_model_path()
     backend = LlamaBackend(
         path,
@@ -71,7 +77,7 @@ def proposer(reuse_prefix: bool, cfg: LLMConfig) -> LLMProposer:
         n_threads=cfg.n_threads,
         reuse_prefix=reuse_prefix,
     )
-    return LLMProposer(LLMClient(backend, cfg), variant=DEFAULT_VARIANT)
+    return LLMProposer(LLMClient(backend, cfg), variant=variant)
 
 
 def decide(p: Any, sit: Any) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def decide(p: Any, sit: Any) -> dict[str, Any]:
     }
 
 
-def measure(situations: list[Any], cfg: LLMConfig, condition: str) -> dict[str, Any]:
+def measure(situations: list[Any], cfg: LLMConfig, condition: str, compare: str | None) -> dict[str, Any]:
     rules = RulesProposer()
     rules_s = []
     for sit in situations:
@@ -114,17 +120,32 @@ def measure(situations: list[Any], cfg: LLMConfig, condition: str) -> dict[str, 
             f"prompt tokens from cache), uncached {u['latency_s']:.1f} s, same answer: {rows[-1]['same_answer']}",
             flush=True,
         )
+    if compare:
+        before = proposer(True, cfg, compare)
+        for row in rows:
+            sit = dict(situations_named(situations))[row["scenario"]]
+            row["compared"] = b = decide(before, sit)
+            print(f"  [{condition}] {row['scenario']}: {compare}, cached {b['latency_s']:.1f} s "
+                  f"({b['cached_tokens']}/{b['prompt_tokens']} prompt tokens from cache)", flush=True)
     arms = {arm: [r[arm]["latency_s"] for r in rows] for arm in ("cached", "uncached")}
     ratios = [r["cached"]["latency_s"] / r["uncached"]["latency_s"] for r in rows if r["uncached"]["latency_s"] > 0]
-    return {
+    out = {
         "rules": summary(rules_s),
         "cached": summary(arms["cached"]),
         "uncached": summary(arms["uncached"]),
         "cached_over_uncached": summary(ratios),
         "same_answer": sum(r["same_answer"] for r in rows),
-        "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "decisions": rows,
     }
+    if compare:
+        # Only decisions where both variants asked the model (an anchored variant may skip one the other asks).
+        both = [r for r in rows if not r["compared"]["skipped"]]
+        out["compared"] = summary([r["compared"]["latency_s"] for r in both])
+        out["cached_over_compared"] = summary(
+            [r["cached"]["latency_s"] / r["compared"]["latency_s"] for r in both if r["compared"]["latency_s"] > 0]
+        )
+    out["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    return out
 
 
 def situations_named(situations: list[Any]) -> list[tuple[str, Any]]:
@@ -143,6 +164,8 @@ def main() -> int:
     ap.add_argument("--conditions", default="idle,busy", help="idle, busy (a training job on another core), or both")
     ap.add_argument("--threads", type=int, default=None, help=f"model threads (default: atm's, {default_threads()} here)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model call")
+    ap.add_argument("--compare", default="anchored",
+                    help="another variant to time on the same decisions, cached (empty: none)")
     ap.add_argument("--name", default="llm_latency")
     args = ap.parse_args()
     conditions = [c for c in args.conditions.split(",") if c]
@@ -156,6 +179,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "model": f"embedded:{embedded_model_path().stem}",
         "variant": DEFAULT_VARIANT,
+        "compared_variant": args.compare or None,
         "threads": args.threads or default_threads(),
         "scenarios": len(situations),
         "conditions": {},
@@ -166,7 +190,7 @@ def main() -> int:
             job = subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUSY_JOB), str(os.getpid())])
             time.sleep(3)  # past torch's import
         try:
-            results["conditions"][cond] = measure(situations, cfg, cond)
+            results["conditions"][cond] = measure(situations, cfg, cond, args.compare or None)
         finally:
             if job is not None:
                 job.kill()
@@ -182,18 +206,27 @@ def _write(name: str, results: dict[str, Any]) -> None:
         rows = r["decisions"]
         table.append([cond, "rules", str(r["rules"]["n"]), f"{r['rules']['p50']:.4f}", f"{r['rules']['p95']:.4f}",
                       f"{r['rules']['mean']:.4f}", "-", "-", "-"])
+        variant = results["variant"]
         for arm in ("cached", "uncached"):
             s = r[arm]
-            table.append([cond, f"llm, {arm}", str(s["n"]), f"{s['p50']:.1f}", f"{s['p95']:.1f}", f"{s['mean']:.1f}",
-                          mean_of(rows, arm, "prompt_tokens"), mean_of(rows, arm, "cached_tokens"),
+            table.append([cond, f"llm[{variant}], {arm}", str(s["n"]), f"{s['p50']:.1f}", f"{s['p95']:.1f}",
+                          f"{s['mean']:.1f}", mean_of(rows, arm, "prompt_tokens"), mean_of(rows, arm, "cached_tokens"),
                           mean_of(rows, arm, "completion_tokens")])
+        if "compared" in r:
+            s, both = r["compared"], [row for row in rows if not row["compared"]["skipped"]]
+            table.append([cond, f"llm[{results['compared_variant']}], cached", str(s["n"]), f"{s['p50']:.1f}",
+                          f"{s['p95']:.1f}", f"{s['mean']:.1f}", mean_of(both, "compared", "prompt_tokens"),
+                          mean_of(both, "compared", "cached_tokens"), mean_of(both, "compared", "completion_tokens")])
     ratio = "; ".join(
         f"{cond}: cached/uncached per decision p50 {r['cached_over_uncached']['p50']:.2f}, same answer in "
-        f"{r['same_answer']}/{len(r['decisions'])}, 1-min load average {r['loadavg_1min'][0]} -> {r['loadavg_1min'][1]}"
+        f"{r['same_answer']}/{len(r['decisions'])}"
+        + (f", {results['variant']}/{results['compared_variant']} (both cached) per decision p50 "
+           f"{r['cached_over_compared']['p50']:.2f}" if "compared" in r else "")
+        + f", 1-min load average {r['loadavg_1min'][0]} -> {r['loadavg_1min'][1]}"
         for cond, r in results["conditions"].items()
     )
     notes = (
-        f"{results['model']}, variant {results['variant']}, {results['threads']} thread(s), in-process. "
+        f"{results['model']}, {results['threads']} thread(s), in-process. "
         "decisions: scenarios of tests/scenarios where the model is asked (the rules row: every scenario). "
         "A decision's latency includes re-asks. cached: the daemon's setting (the prompt prefix shared with the "
         "previous call is reused); uncached: the whole prompt evaluated. prompt tok / from cache / output tok: "

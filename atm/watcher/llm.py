@@ -11,23 +11,86 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from atm.policies import DecisionContext, Policy
 from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
-from atm.watcher.llm_answer import has_choice, response_model, to_proposal
+from atm.watcher.llm_answer import brief_model, has_choice, response_model, to_proposal
 from atm.watcher.llm_variants import (
     DEFAULT_VARIANT,
     FORMAT_PROMPT,
     REASON_PROMPT,
+    REMEDY_ACTIONS,
     VARIANTS,
     Example,
     Variant,
     bundled_examples,
+    remedy_moves,
 )
-from atm.watcher.prompt import render_snapshot, system_prompt
+from atm.watcher.prompt import Move, offered_moves, policy_prompt, render_brief, render_snapshot, system_prompt
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
-from atm.watcher.rules import Thresholds, diagnose_for_offer, revert_proposal, stop_problem, waiting_for
+from atm.watcher.rules import (
+    RulesProposer,
+    Thresholds,
+    diagnose_for_offer,
+    remedy,
+    revert_proposal,
+    stop_problem,
+    waiting_for,
+)
+
+#: Generated tokens a brief answer may take: its JSON is about 40 tokens; the grammar ends it well before.
+BRIEF_MAX_TOKENS = 96
+#: Values a brief prompt offers per parameter and direction (besides the suggested one).
+BRIEF_MOVES_PER_SIDE = 3
+
+
+@dataclass(frozen=True)
+class _Brief:
+    """What a brief prompt offers for one decision: the problem, its remedies and the rules' choice."""
+
+    problem: tuple[Diagnosis, str]
+    allowed: list[Move]
+    actions: list[Action]
+    suggested: dict[str, Any]
+
+    def model(self, snapshot: TelemetrySnapshot, policy: Policy, offer: Offer) -> type:
+        return brief_model(snapshot, offer, self.problem[0], self.allowed, self.actions,
+                           max_changes=policy.limits.max_changes,
+                           # A problem gets a move when the rules found one (a small model otherwise
+                           # names the problem and does nothing); none is required when they found none.
+                           min_moves=1 if self.suggested.get("moves") else 0)
+
+
+def _nearest(moves: list[Move], params: dict[str, float], keep: set[str]) -> list[Move]:
+    """Per parameter and direction, the :data:`BRIEF_MOVES_PER_SIDE` moves nearest the value in force,
+    and the moves in ``keep`` (the suggested ones). A small model copies rather than weighs a long
+    list, and every value shown costs prompt tokens."""
+    sides: dict[tuple[str, str], list[Move]] = {}
+    for m in moves:
+        sides.setdefault((m.param, m.direction), []).append(m)
+    chosen: set[str] = set(keep)
+    for (param, _), side in sides.items():
+        now = params.get(param, 0.0)
+        chosen.update(m.label for m in sorted(side, key=lambda m: abs(m.value - now))[:BRIEF_MOVES_PER_SIDE])
+    return [m for m in moves if m.label in chosen]
+
+
+def _brief(snapshot: TelemetrySnapshot, policy: Policy, offer: Offer, problem: tuple[Diagnosis, str]) -> _Brief:
+    diagnosis = problem[0]
+    allowed = remedy_moves(diagnosis, offered_moves(offer, snapshot.params), snapshot, policy)
+    actions = [a for a in offer.actions if a in REMEDY_ACTIONS.get(diagnosis, ())]
+    changes, action = remedy(diagnosis, snapshot, policy, offer)
+    labels = {(m.param, m.value): m.label for m in allowed}
+    picked = [labels[(p, v)] for p, v in changes.items() if (p, v) in labels][: policy.limits.max_changes]
+    allowed = _nearest(allowed, snapshot.params, set(picked))
+    suggested: dict[str, Any] = {}
+    if allowed:
+        suggested["moves"] = picked
+    if actions:
+        suggested["action"] = action.value if action in actions else "none"
+    return _Brief(problem=problem, allowed=allowed, actions=actions, suggested=suggested)
 
 class LLMProposer:
     """Asks a language model for a proposal. See the module docstring for the variants.
@@ -90,6 +153,9 @@ class LLMProposer:
 
     def messages(self, snapshot: TelemetrySnapshot, policy: Policy, offer: Offer) -> list[dict[str, str]]:
         """The chat messages for one decision (deterministic)."""
+        evidence = self._evidence(snapshot, policy, offer)
+        if self.variant.brief and evidence is not None:
+            return self._brief_messages(snapshot, policy, _brief(snapshot, policy, offer, evidence))
         msgs = [{"role": "system", "content": system_prompt()}]
         for ex in self.examples:
             msgs.append(
@@ -111,6 +177,12 @@ class LLMProposer:
         )
         return msgs
 
+    @staticmethod
+    def _brief_messages(snapshot: TelemetrySnapshot, policy: Policy, brief: _Brief) -> list[dict[str, str]]:
+        user = render_brief(snapshot, policy, problem=brief.problem, allowed=brief.allowed, actions=brief.actions,
+                            suggested=brief.suggested)
+        return [{"role": "system", "content": policy_prompt(policy)}, {"role": "user", "content": user}]
+
     def _evidence(self, snapshot: TelemetrySnapshot, policy: Policy, offer: Offer) -> tuple[Diagnosis, str] | None:
         return diagnose_for_offer(snapshot, Thresholds.from_policy(policy), offer) if self.variant.evidence else None
 
@@ -126,7 +198,6 @@ class LLMProposer:
             return ProposalResult(proposal=back, source=self.name,
                                   audit={"variant": self.variant.name, "skipped": "a change measured hurt is set back",
                                          "latency_s": 0.0})
-        msgs = self.messages(snapshot, policy, offer)
         evidence = self._evidence(snapshot, policy, offer)
         waiting = waiting_for(evidence[0], policy, ctx) if evidence is not None else ""
         if waiting and evidence is not None:
@@ -134,7 +205,15 @@ class LLMProposer:
                                   source=self.name, audit={"variant": self.variant.name, "skipped": waiting,
                                                            "latency_s": 0.0})
         only = evidence[0] if (self.variant.anchored and evidence is not None) else None
-        model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only)
+        max_tokens = None
+        if self.variant.brief and evidence is not None:
+            brief = _brief(snapshot, policy, offer, evidence)
+            msgs = self._brief_messages(snapshot, policy, brief)
+            model = brief.model(snapshot, policy, offer)
+            max_tokens = BRIEF_MAX_TOKENS
+        else:
+            msgs = self.messages(snapshot, policy, offer)
+            model = response_model(snapshot, policy, offer, coherent=self.variant.coherent, only=only)
         audit: dict[str, Any] = {"variant": self.variant.name, "prompt": msgs[-1]["content"]}
         if evidence is not None:
             audit["evidence"] = {"diagnosis": evidence[0].value, "text": evidence[1]}
@@ -156,7 +235,8 @@ class LLMProposer:
                     {"role": "assistant", "content": str(reasoning.value).strip()},
                     {"role": "user", "content": FORMAT_PROMPT},
                 ]
-            answer = client.ask(msgs, model, context={"policy": policy, "offer": offer, "ctx": ctx})
+            answer = client.ask(msgs, model, context={"policy": policy, "offer": offer, "ctx": ctx},
+                                max_tokens=max_tokens)
         except LLMError as exc:
             audit.update(exc.audit)
             audit.update(latency_s=round(time.perf_counter() - t0, 3), error=str(exc))
@@ -176,6 +256,11 @@ class LLMProposer:
             # when it runs out of tokens or repeats itself: no words of its own, no reason.
             worded = len({w.lower() for w in re.findall(r"[A-Za-z]{3,}", said)}) >= 3
             proposal = proposal.model_copy(update={"rationale": evidence[1] + (f" (model: {said})" if worded else "")})
+        if self.variant.brief and evidence is not None:
+            # The brief answer has no room for them; the rules' words for this diagnosis fit any remedy of it.
+            ruled = RulesProposer().propose(snapshot, policy, ctx, offer).proposal
+            proposal = proposal.model_copy(update={"expected_outcome": ruled.expected_outcome,
+                                                   "watch_next": ruled.watch_next})
         if proposal.action == Action.STOP and evidence is not None:
             # A stop names the problem it ends, as the rules' does (overfitting -> stop, not "converged").
             proposal = proposal.model_copy(update={"problem": stop_problem(proposal.diagnosis, evidence[1])})

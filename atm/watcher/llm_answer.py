@@ -30,6 +30,8 @@ from atm.watcher.proposer import Offer
 MAX_RATIONALE = 120
 MAX_EXPECTED = 80
 MAX_WATCH = 40
+#: The brief answer's one free-text field (about 10 tokens).
+MAX_WHY = 40
 
 
 class _Branch(BaseModel):
@@ -54,13 +56,13 @@ class _Branch(BaseModel):
         return v
 
 
-class _Answer(BaseModel):
-    """The root: a decision branch, then the free text. Checks the whole answer against the policy."""
+class _Checked(BaseModel):
+    """Checks the whole answer against the policy in the validation context."""
 
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="after")
-    def _within_policy(self, info: ValidationInfo) -> _Answer:
+    def _within_policy(self, info: ValidationInfo) -> _Checked:
         ctx = info.context or {}
         policy: Policy | None = ctx.get("policy")
         decision: DecisionContext | None = ctx.get("ctx")
@@ -75,6 +77,40 @@ class _Answer(BaseModel):
                     )
         return self
 
+
+class _Answer(_Checked):
+    """The root: a decision branch, then the free text."""
+
+
+class _Brief(_Branch, _Checked):
+    """The brief answer, flat: ``{"moves", "action", "why"}``; the diagnosis is the measured one."""
+
+
+def brief_model(
+    snapshot: TelemetrySnapshot,
+    offer: Offer,
+    diagnosis: Diagnosis,
+    allowed: list[Move],
+    actions: list[Action],
+    *,
+    max_changes: int,
+    min_moves: int,
+) -> type[BaseModel]:
+    """The brief variant's answer: moves among ``allowed`` (``min_moves`` to ``max_changes``), an action
+    among ``actions`` or none, and a few words why. A field with nothing to choose is left out, which
+    keeps the tokens to generate few (a forced token costs as much as a free one).
+    """
+    fields: dict[str, Any] = {}
+    if allowed:
+        labels = Literal[tuple(m.label for m in allowed)]  # type: ignore[misc]
+        fields["moves"] = (list[labels], Field(..., min_length=min_moves, max_length=max_changes))  # type: ignore[valid-type]
+    if actions:
+        fields["action"] = (Literal[("none",) + tuple(a.value for a in actions)], ...)  # type: ignore[misc]
+    fields["why"] = (str, Field(..., max_length=MAX_WHY))
+    model = create_model("Remedy", __base__=_Brief, **fields)
+    model.__moves__ = {m.label: m for m in offered_moves(offer, snapshot.params)}  # type: ignore[attr-defined]
+    model.__diagnosis__ = diagnosis  # type: ignore[attr-defined]
+    return model
 
 
 def response_model(
@@ -151,6 +187,8 @@ def _branch(
 
 def has_choice(model: type[BaseModel]) -> bool:
     """Whether an answer of this model can propose anything (a move or an action besides none)."""
+    if "decision" not in model.model_fields:  # a brief answer
+        return "moves" in model.model_fields or "action" in model.model_fields
     branch = model.model_fields["decision"].annotation
     return any(
         ("moves" in b.model_fields or "action" in b.model_fields)
@@ -160,12 +198,20 @@ def has_choice(model: type[BaseModel]) -> bool:
 
 def answer_moves(answer: BaseModel) -> list[Move]:
     table: dict[str, Move] = getattr(answer, "__moves__", {})
-    labels = getattr(answer.decision, "moves", [])  # type: ignore[attr-defined]
+    labels = getattr(getattr(answer, "decision", answer), "moves", [])
     return [table[label] for label in labels if label in table]
 
 
 def to_proposal(answer: BaseModel) -> Proposal:
     """The :class:`Proposal` an answer stands for: labels mapped back to exact offered values."""
+    if isinstance(answer, _Brief):
+        action = getattr(answer, "action", "none")
+        return Proposal(
+            diagnosis=type(answer).__diagnosis__,  # type: ignore[attr-defined]
+            changes={m.param: m.value for m in answer_moves(answer)},
+            action=None if action == "none" else Action(action),
+            rationale=answer.why,  # type: ignore[attr-defined]
+        )
     decision = answer.decision  # type: ignore[attr-defined]
     action = getattr(decision, "action", "none")
     return Proposal(

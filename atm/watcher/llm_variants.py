@@ -12,6 +12,14 @@ Variants (measured on the scenario suite by ``benchmarks/decision_quality.py``):
 - ``anchored``: the rules' detectors fix the diagnosis; the model chooses among the moves
   and actions that address it and explains the choice. When nothing may be done (healthy,
   too early, nothing offered) the model is not called.
+- ``brief`` (the default): ``anchored`` asked in few tokens, for a small model on a busy CPU
+  (``benchmarks/llm_latency.py``). The system message is the policy alone (its bounds and
+  actions), the same for every decision on a run, so an in-process model keeps it in its KV
+  cache; the user message is a few lines: the problem and its evidence (with its numbers), the
+  values in force, the last two changes with their measured effect, the moves nearest the values
+  in force (three a side) and the actions that address the problem, and the rules' own choice as
+  a suggested answer. The answer is flat and short (``{"moves", "action", "why"}``, ``why`` at
+  most 40 characters).
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ class Variant:
     few_shot: int = 0
     coherent: bool = False
     anchored: bool = False
+    #: The short prompt, the rules' choice as a suggestion and the flat answer (implies ``anchored``).
+    brief: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -96,9 +106,10 @@ VARIANTS: dict[str, Variant] = {
         Variant("coherent", coherent=True),
         Variant("coherent+evidence", coherent=True, evidence=True),
         Variant("anchored", coherent=True, evidence=True, anchored=True),
+        Variant("brief", coherent=True, evidence=True, anchored=True, brief=True),
     )
 }
-DEFAULT_VARIANT = "anchored"
+DEFAULT_VARIANT = "brief"
 
 
 def remedy_moves(diagnosis: Diagnosis, moves: Sequence[Move], snapshot: TelemetrySnapshot,

@@ -10,11 +10,12 @@ from pydantic import ValidationError
 
 from atm.policies import DecisionContext, load_policy
 from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
-from atm.watcher.llm import LLMProposer
-from atm.watcher.llm_answer import response_model, to_proposal
+from atm.watcher.llm import LLMProposer, _brief
+from atm.watcher.llm_answer import MAX_WHY, has_choice, response_model, to_proposal
 from atm.watcher.llm_variants import VARIANTS, bundled_examples, remedy_moves
 from atm.watcher.prompt import offered_moves
 from atm.watcher.proposer import Offer
+from atm.watcher.rules import Thresholds, diagnose_for_offer, remedy
 
 
 
@@ -188,3 +189,61 @@ def test_building_a_proposer_loads_no_model():
     p = LLMProposer.from_settings("local:/nonexistent/model.gguf", environ={})
     assert p._client is None and p.name == "llm"
     assert load_policy("lm").llm.model is None
+
+
+def brief_doc(moves: list[str] | None = None, action: str | None = "none", why: str = "w") -> str:
+    out: dict[str, Any] = {}
+    if moves is not None:
+        out["moves"] = moves
+    if action is not None:
+        out["action"] = action
+    return json.dumps({**out, "why": why})
+
+
+def test_brief_answer_is_flat_and_takes_only_the_remedies_of_the_measured_problem(overfit):
+    brief = _brief(overfit.snapshot, overfit.policy, overfit.offer, (Diagnosis.OVERFITTING, "val rose"))
+    model = brief.model(overfit.snapshot, overfit.policy, overfit.offer)
+    assert set(model.model_fields) == {"moves", "action", "why"}  # no diagnosis: it is the measured one
+    prop = to_proposal(model.model_validate_json(brief_doc(["dropout up to 0.1"], "rollback", "gap grows")))
+    assert prop.diagnosis == Diagnosis.OVERFITTING and prop.changes == {"dropout": 0.1}
+    assert prop.action == Action.ROLLBACK and prop.rationale == "gap grows"
+    for bad in (
+        brief_doc(["lr up to 0.003"]),  # offered, but raising lr does not address overfitting
+        brief_doc(["dropout up to 0.1"], "stop"),  # stop is not a remedy for overfitting
+        brief_doc([], "rollback"),  # the rules found a move: the model must make one
+        brief_doc(["dropout up to 0.1"], "none", "x" * (MAX_WHY + 1)),  # why is short
+        brief_doc(["dropout up to 0.1"], "none") [:-1] + ', "diagnosis": "healthy"}',
+    ):
+        with pytest.raises(ValidationError):
+            model.model_validate_json(bad)
+
+
+def test_brief_suggestion_is_the_rules_choice_and_a_valid_answer(labelled):
+    asked = 0
+    for name in ("overfit_small_gpt", "plateau_epochs", "divergence_loss_explodes", "imbalance_aux_dominates",
+                 "rl_unsafe_reckless", "rl_converged", "overreg_heavy_dropout"):
+        sit = labelled(name)
+        evidence = diagnose_for_offer(sit.snapshot, Thresholds.from_policy(sit.policy), sit.offer)
+        brief = _brief(sit.snapshot, sit.policy, sit.offer, evidence)
+        model = brief.model(sit.snapshot, sit.policy, sit.offer)
+        if not has_choice(model):
+            continue
+        asked += 1
+        chosen = to_proposal(model.model_validate_json(json.dumps({**brief.suggested, "why": "w"})))
+        changes, action = remedy(evidence[0], sit.snapshot, sit.policy, sit.offer)
+        assert chosen.changes == changes and chosen.action == action, name
+    assert asked >= 5
+
+
+def test_brief_messages_put_the_policy_first_and_the_decision_in_few_lines(labelled):
+    p = LLMProposer(variant="brief")
+    first, second = labelled("overfit_small_gpt"), labelled("plateau_epochs")
+    a = p.messages(first.snapshot, first.policy, first.offer)
+    b = p.messages(second.snapshot, second.policy, second.offer)
+    assert [m["role"] for m in a] == ["system", "user"]
+    # The system message is the policy alone: every decision on a run of this policy starts with it (KV cache).
+    assert a[0] == b[0] and "lr: 1e-06 to 1" in a[0]["content"] and "rollback: restore the best" in a[0]["content"]
+    lines = a[1]["content"].splitlines()
+    assert lines[0].startswith("PROBLEM at step 400: overfitting: ") and lines[-1].startswith("SUGGESTED {")
+    assert len(lines) <= 7 and len(a[1]["content"]) < len(LLMProposer(variant="anchored").messages(
+        first.snapshot, first.policy, first.offer)[1]["content"]) / 2
