@@ -28,7 +28,14 @@ from atm.watcher.llm_variants import (
     bundled_examples,
     remedy_moves,
 )
-from atm.watcher.prompt import Move, offered_moves, policy_prompt, render_brief, render_snapshot, system_prompt
+from atm.watcher.prompt import (
+    Move,
+    offered_moves,
+    policy_prompt,
+    render_brief,
+    render_snapshot,
+    system_prompt,
+)
 from atm.watcher.proposer import Offer, ProposalResult, ProposerError
 from atm.watcher.rules import (
     RulesProposer,

@@ -18,7 +18,6 @@ from atm.watcher.proposer import Offer
 from atm.watcher.rules import Thresholds, diagnose_for_offer, remedy
 
 
-
 @pytest.fixture(scope="module")
 def overfit(labelled):
     return labelled("overfit_small_gpt")

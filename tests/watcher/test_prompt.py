@@ -9,7 +9,15 @@ import re
 from atm.policies import load_policy
 from atm.schema import Action, Diagnosis
 from atm.watcher.llm import LLMProposer
-from atm.watcher.prompt import SYSTEM, offered_moves, policy_prompt, quote, render_brief, render_snapshot, step
+from atm.watcher.prompt import (
+    SYSTEM,
+    offered_moves,
+    policy_prompt,
+    quote,
+    render_brief,
+    render_snapshot,
+    step,
+)
 from atm.watcher.proposer import Offer
 from atm.watcher.snapshot import build_snapshot
 
