@@ -554,6 +554,8 @@ class Daemon:
         except (cf.TimeoutError, Exception):
             return
         self._settle_decision(st, view)
+        with self._lock:  # settled in this poll: the extra poll its answer asked for would read nothing new
+            self._schedule.unpoke(st.run_id)
 
     def _telemetry(self, st: RunState, view: RunView) -> RunTelemetry:
         """The run's telemetry, with what is new in ``view`` folded in."""

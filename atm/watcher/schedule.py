@@ -98,6 +98,10 @@ class PollSchedule:
         elif run_id in self._due and self._due[run_id] > now:
             self._push(run_id, now)
 
+    def unpoke(self, run_id: str) -> None:
+        """Forget a poke made while the run was busy: the poll under way already did what it asked for."""
+        self._poked.discard(run_id)
+
     def wait_time(self, now: float) -> float | None:
         """Seconds until the next run is due (0 when one is due now); None when no run waits in the heap."""
         while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:

@@ -62,6 +62,18 @@ def test_a_poke_polls_early_without_moving_the_slots() -> None:
     assert sched.wait_time(now=slot + 0.1) == pytest.approx(9.9)
 
 
+def test_a_poke_forgotten_while_busy_leaves_the_regular_slot() -> None:
+    sched = PollSchedule(interval=10.0)
+    sched.add("r", now=0.0)
+    slot = phase("r") * 10.0
+    assert sched.take(now=slot) == "r"
+    sched.poke("r", now=slot)  # a fast proposal answered during the poll, which settled it itself
+    sched.unpoke("r")
+    sched.give_back("r", now=slot + 0.1)
+    assert sched.take(now=slot + 0.1) is None
+    assert sched.wait_time(now=slot + 0.1) == pytest.approx(9.9)
+
+
 def test_back_off_and_done() -> None:
     sched = PollSchedule(interval=1.0)
     sched.add("r", now=0.0)
