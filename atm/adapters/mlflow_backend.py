@@ -68,6 +68,8 @@ log = logging.getLogger("atm.mlflow")
 
 #: MLflow caps tag values at 8000 characters (older servers at 5000) and truncates silently.
 TAG_LIMIT = 5000
+#: Runs a search for an experiment's running runs returns at a time (MLflow's own limit is 50,000).
+LIST_PAGE = 1000
 #: Most points the step-window query returns before it starts to downsample.
 WINDOW_MAX = 2500
 
@@ -163,11 +165,15 @@ class MlflowBackend:
         exp = _translate(f"experiment {experiment!r}", lambda: self.client.get_experiment_by_name(experiment))
         if exp is None:
             raise RunNotFound(f"no MLflow experiment named {experiment!r} at {self.tracking_uri}")
-        runs = _translate(
-            "search runs",
-            lambda: self.client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000),
-        )
-        return [r.info.run_id for r in runs]
+        ids: list[str] = []
+        token: str | None = None
+        while True:  # in pages: one search returns at most LIST_PAGE runs, and an experiment may hold more
+            page = _translate("search runs", lambda: self.client.search_runs(
+                [exp.experiment_id], "attributes.status = 'RUNNING'", max_results=LIST_PAGE, page_token=token))
+            ids += [r.info.run_id for r in page]
+            token = page.token
+            if not token:
+                return ids
 
     # ------------------------------------------------------------------ reading
 

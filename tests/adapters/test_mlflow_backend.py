@@ -150,7 +150,7 @@ def test_oversized_update_is_refused_not_truncated(mlflow_uri: str) -> None:
         MlflowBackend(mlflow_uri).publish(rec)
 
 
-def test_running_runs_of_an_experiment(mlflow_uri: str) -> None:
+def test_running_runs_of_an_experiment(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
@@ -158,6 +158,8 @@ def test_running_runs_of_an_experiment(mlflow_uri: str) -> None:
     live = [client.create_run(exp).info.run_id for _ in range(3)]
     done = client.create_run(exp).info.run_id
     client.set_terminated(done, "FINISHED")
+    assert sorted(MlflowBackend(mlflow_uri).running_runs("many")) == sorted(live)
+    monkeypatch.setattr("atm.adapters.mlflow_backend.LIST_PAGE", 2)  # more running runs than one search returns
     assert sorted(MlflowBackend(mlflow_uri).running_runs("many")) == sorted(live)
     from atm.adapters.base import RunNotFound
 
