@@ -51,6 +51,26 @@ def test_labels_compare_each_move_with_noop_beyond_the_seeds_spread() -> None:
         label_moves({"a": [1.0, 2.0]})
 
 
+def test_a_return_is_labelled_and_scored_larger_is_better() -> None:
+    per_move, labels = label_moves({NOOP: [100.0, 102.0], "up": [200.0, 202.0], "down": [10.0, 12.0]},
+                                   higher_is_better=True)
+    assert per_move == {NOOP: "neutral", "up": "helped", "down": "hurt"}
+    assert labels.best == ["up"] and labels.harmful == ["down"]
+    # A PPO run whose held-out return fell from its best at the last evaluation: early stopping stops it.
+    # 22 evaluations: the rl-ppo preset counts a return's points as evaluations from the 20th on.
+    ret = [(1000 * i, 5.0 * i) for i in range(1, 22)] + [(22_000, 60.0)]
+    line = make_line(
+        outcomes={NOOP: (Move(), [100.0, 120.0, 110.0]), "stop": (Move(action="stop"), [60.0] * 3),
+                  "lr=0.0006": (Move(changes={"lr": 6e-4}), [190.0, 200.0, 210.0])},
+        ceiling=0.0, higher_is_better=True, family="toy", run="ppo", condition="lr_too_high", split="train",
+        point=0, policy="rl-ppo", step=22_000, history={"eval/mean_reward": ret}, params={"lr": 3e-4},
+        horizon=4096, seeds=3)
+    stop = score_dataset(BASELINES["stop-at-first-rise"](), [line]).decisions[0]
+    assert stop.move == "stop" and stop.harmful and stop.regret == pytest.approx(140 / line.labels.noise, abs=1e-3)
+    noop = score_dataset(BASELINES["always-noop"](), [line]).decisions[0]
+    assert noop.regret == pytest.approx(90 / line.labels.noise, abs=1e-3) and not noop.acceptable
+
+
 def test_several_moves_at_once_are_scored_as_their_branch_or_else_their_worst_part() -> None:
     line = _overfit_line()
     assert chosen_key(line, {}) == NOOP
