@@ -10,20 +10,26 @@ fold what is new, decide on a new evaluation), beside, in the same loop, the tra
 without) and the whole-history snapshot rebuild that every tick did before telemetry was folded
 incrementally. Target: the tick at 100k points within 1.5x of the tick at 2k.
 
-``fleet``: R runs of P points each (default 200 x 20k), a writer process appending to every run,
-one daemon process watching them all at a 5 s interval for a minute: CPU-seconds per minute, polls
-per run per minute against the configured rate, lag from a point being logged to the daemon
-reading it (p50/p95), RSS. Targets: at most one core, >= 95% of the rate, lag p95 <= 2 intervals,
-RSS <= 1 GiB.
+``fleet``: R runs of S steps each (default 200 x 20k: train loss and grad norm a point a step, val loss
+every 10), a writer process logging 5 steps to every run each interval (one ``log_batch`` a run), and
+in turn, each for a minute after every run was read twice: the transport floor (pollers that only call
+``get_run`` and read the new steps of the metrics that moved, on the daemon's schedule) and the daemon
+(``atm-watch --experiment``, rules; with ``--shards N``, N processes ``--shard k/N``). Reported: each
+process's own CPU-seconds per minute (from /proc: what else runs on the cores does not count), polls
+per run per minute against the configured rate, lag from a point being logged to the poll that read it
+and from an evaluation being logged to the daemon's decision on it (p50/p95), RSS, runs polled by two
+shards. Targets: at most one core, >= 95% of the rate, decision lag p95 <= 2 intervals, RSS <= 1 GiB.
 
-Histories are put in the store by bulk SQL into MLflow's own tables (the last point of each
-metric through ``log_batch``, so the store's latest-value table is MLflow's own); everything the
-daemon reads afterwards goes through MLflow. ``--store postgres`` runs a real ``mlflow server``
-on a PostgreSQL 15 database started here (``initdb``/``pg_ctl`` as the ``postgres`` user);
-``sqlite`` uses a local store file; ``auto`` (default) takes postgres when it can start.
+Histories are generated into MLflow's own tables (``metrics`` and ``latest_metrics``, the rows
+``log_batch`` writes) by SQL, and one run's are read back through ``MlflowClient`` before measuring;
+runs, tags and every new point go through the tracker. ``--store postgres`` runs a real ``mlflow
+server`` on a PostgreSQL 15 database started here (``initdb``/``pg_ctl`` as the ``postgres`` user);
+``sqlite`` uses a local store file; ``auto`` (default) takes postgres when it can start. ``--lock
+PATH`` sets up first (run the script under ``nice``) and waits for the lock before measuring.
 
     .venv/bin/python benchmarks/scale.py                 # both parts (about 15 minutes)
     .venv/bin/python benchmarks/scale.py --part tick --quick
+    nice .venv/bin/python benchmarks/scale.py --part fleet --runs 1000 --shards 4 --lock /tmp/atm-cpu.lock
 """
 
 from __future__ import annotations
