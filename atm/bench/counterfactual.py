@@ -318,6 +318,7 @@ def recipe_lines(
     progress: Callable[[str], None] | None = None,
     done: Sequence[DatasetLine] = (),
     on_line: Callable[[DatasetLine], None] | None = None,
+    only: Sequence[int] | None = None,
 ) -> list[DatasetLine]:
     """Every decision point of one recipe, branched and labelled.
 
@@ -326,6 +327,7 @@ def recipe_lines(
         done: lines of this run already made (an interrupted generation): their points are not branched
             again, and they are returned in their place.
         on_line: called with each line as soon as it is labelled (to save it).
+        only: branch only the points of these indices (to share one run's points among processes).
     """
     policy = policy or recipe.policy
     pol = load_policy(policy)
@@ -333,6 +335,8 @@ def recipe_lines(
     finished = {ln.point: ln for ln in done if ln.run == recipe.run}
     lines = []
     for pt in points:
+        if only is not None and pt.index not in only:
+            continue
         if pt.index in finished:
             lines.append(finished[pt.index])
             continue
@@ -367,6 +371,7 @@ def generate(
     seeds: int = 3,
     progress: Callable[[str], None] | None = None,
     keep: Sequence[DatasetLine] = (),
+    only: Sequence[int] | None = None,
 ) -> list[DatasetLine]:
     """Branch and label every (recipe, split) and write the dataset to ``out`` (JSON Lines, ``.gz`` compressed),
     rewritten after each decision point so that an interrupted run keeps what it finished.
@@ -375,6 +380,7 @@ def generate(
         policy: the policy whose offer is branched (default: each recipe's own).
         keep: lines to keep in the file: the other runs' come first, as they are; those of a run
             in ``recipes`` (an interrupted generation) are not branched again.
+        only: the point indices to branch (default: all).
     """
     torch.set_num_threads(1)
     names = {r.run for r, _ in recipes}
@@ -390,7 +396,8 @@ def generate(
         if progress is not None and done:
             progress(f"{recipe.family}/{recipe.run}: points {sorted(ln.point for ln in done)} kept from {out}")
         before = len(lines)
-        made = recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress, done=done, on_line=save)
+        made = recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress, done=done, on_line=save,
+                            only=only)
         # The kept points of this run, in their place among the new ones.
         lines[before:] = made
         write_dataset(kept + lines, out)

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default=None,
                    help="the policy whose offer is branched (default: each family's, lm or rl-ppo)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output file, .gz to compress (default: %(default)s)")
+    p.add_argument("--points", default="",
+                   help="comma-separated point indices to branch (default: all); processes can share a run's points")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         except DatasetError as exc:
             print(f"generate: {exc}", file=sys.stderr)
             return 2
-    lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds, keep=keep,
+    only = [int(i) for i in args.points.split(",")] if args.points else None
+    lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds, keep=keep, only=only,
                      progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
     print(f"{len(lines)} decision points, {sum(len(ln.moves) for ln in lines)} moves -> {args.out} "
           f"({time.time() - t0:.0f} s)")
