@@ -235,7 +235,12 @@ def write_dataset(lines: Iterable[DatasetLine], path: str | Path) -> Path:
     """Write JSON Lines, gzip-compressed when ``path`` ends in ``.gz``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(line.model_dump_json(exclude_none=True) + "\n" for line in lines)
+    # A loss line leaves out `higher_is_better` (its default): lines written before the field existed
+    # come out byte for byte the same.
+    text = "".join(
+        line.model_dump_json(exclude_none=True, exclude=None if line.higher_is_better else {"higher_is_better"}) + "\n"
+        for line in lines
+    )
     if path.suffix == ".gz":
         # mtime 0: the same lines give the same bytes, so a regenerated file diffs only where it changed.
         path.write_bytes(gzip.compress(text.encode(), mtime=0))
