@@ -209,9 +209,9 @@ def _markdown(report: dict[str, Any]) -> str:
         text += f"; decisions: {outcome}"
         stacked, followers = r.get("stacked_remedies", (0, 0))
         text += f"; remedies stacked before the previous one's effect was known: {stacked} of {followers}"
-        moves = [m for d in report["arms"][arm]["per_seed"].values() for m in d.get("moves", [])]
-        if moves and "plateau" not in report["arms"]:
-            text += "; changes: " + "; ".join(moves)
+        if "plateau" not in report["arms"]:
+            text += "".join(f"\n  - seed {seed}: " + ("; ".join(d.get("moves", [])) or "no change")
+                            for seed, d in report["arms"][arm]["per_seed"].items())
     return text + "\n"
 
 
