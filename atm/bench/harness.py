@@ -229,12 +229,21 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "atm.training.workloads.cli", *args]
 
 
+def seed_count(args: argparse.Namespace) -> int:
+    """Seeds per arm: as given, else one for a --quick smoke run, else the benchmark's default."""
+    if getattr(args, "seeds", None) is not None:
+        return int(args.seeds)
+    return 1 if getattr(args, "quick", False) else int(getattr(args, "default_seeds", 3))
+
+
 def default_out(name: str) -> Path:
     return Path("results") / name
 
 
 def common_args(p: argparse.ArgumentParser, seeds: int) -> None:
-    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per arm (default {seeds})")
+    # None until resolved by seed_count(): --quick alone means one seed, --quick --seeds 3 means three.
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; 1 with --quick)")
+    p.set_defaults(default_seeds=seeds)
     p.add_argument("--proposers", default=None, help="managed arms: rules,llm (default: rules, plus llm if installed)")
     p.add_argument("--quick", action="store_true", help="a smoke run: small budget, one seed unless --seeds is given")
     p.add_argument("--out", type=Path, default=None, help="results folder (default ./results/WORKLOAD)")

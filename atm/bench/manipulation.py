@@ -37,6 +37,7 @@ from atm.bench.harness import (
     python_cmd,
     record_finished,
     run_arm,
+    seed_count,
 )
 
 SEED0 = 40
@@ -68,7 +69,7 @@ def add_parser(bsub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     out: Path = args.out or default_out("manipulation")
     out.mkdir(parents=True, exist_ok=True)
-    seeds_n = args.seeds if not (args.quick and args.seeds == 3) else 1
+    seeds_n = seed_count(args)
     seeds = [SEED0 + i for i in range(seeds_n)]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     bad = [r for r in recipes if r not in ("baseline", "cautious", "reckless")]

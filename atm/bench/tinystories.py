@@ -40,6 +40,7 @@ from atm.bench.harness import (
     record_finished,
     run_arm,
     run_records,
+    seed_count,
     stacked_remedies,
 )
 
@@ -70,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out or default_out("tinystories-healthy" if getattr(args, "recipe", "overfit") == "healthy"
                                         else "tinystories")
     out.mkdir(parents=True, exist_ok=True)
-    seeds_n = args.seeds if not (args.quick and args.seeds == 3) else 1
+    seeds_n = seed_count(args)
     seeds = [SEED0 + i for i in range(seeds_n)]
     proposers = available_proposers(args.proposers)
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"

@@ -72,3 +72,11 @@ def test_stacked_remedies_counts_a_second_remedy_decided_before_the_first_ones_e
     pending = make_record(7, 160, status=Status.PENDING, changes={"lr": (1e-4, 5e-5)})
     assert stacked_remedies([first, early, late, other, panic, revert, pending], evals) == (1, 2)
     assert stacked_remedies([first, early, late], evals, evals=1) == (0, 2)
+
+
+def test_seeds_given_with_quick_are_kept_and_quick_alone_means_one() -> None:
+    from atm.bench.harness import common_args, seed_count
+
+    p = argparse.ArgumentParser()
+    common_args(p, seeds=3)
+    assert [seed_count(p.parse_args(a)) for a in ([], ["--quick"], ["--quick", "--seeds", "3"], ["--seeds", "2"])] == [3, 1, 3, 2]
