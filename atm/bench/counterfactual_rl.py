@@ -71,6 +71,9 @@ class PPOJob:
         self.model = model
         self.eval_env = eval_env
         self.eval_episodes = eval_episodes
+        #: Whether evaluations go to the history; a job that logs none keeps them to itself (its best
+        #: checkpoint, the outcome of a branch).
+        self.log_eval = True
         self.output = _history_output()
         model.set_logger(Logger(None, [self.output]))  # type: ignore[list-item]
         self.knobs = sb3_knobs(model)
@@ -120,8 +123,9 @@ class PPOJob:
             returns, lengths = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.eval_episodes,
                                                deterministic=True, return_episode_rewards=True)
         mean = float(np.mean(returns))
-        for key, v in (("eval/mean_reward", mean), ("eval/mean_ep_length", float(np.mean(lengths)))):
-            self.history.setdefault(key, []).append((self.step, v))
+        if self.log_eval:
+            for key, v in (("eval/mean_reward", mean), ("eval/mean_ep_length", float(np.mean(lengths)))):
+                self.history.setdefault(key, []).append((self.step, v))
         return mean if math.isfinite(mean) else -math.inf
 
     def state(self) -> dict[str, Any]:
@@ -168,6 +172,8 @@ class RLRecipe:
     policy: str = "rl-ppo"
     #: The outcome is a return: larger is better.
     higher_is_better: bool = True
+    #: Whether the run logs its evaluations; without them a proposer sees SB3's rollout statistics alone.
+    log_eval: bool = True
 
     def run_main(self) -> tuple[PPOJob, list[Point], float]:
         return rl_main_run(self)
@@ -178,6 +184,7 @@ def rl_main_run(recipe: RLRecipe) -> tuple[PPOJob, list[Point], float]:
     point and at the best evaluation so far; returns the job, the points and the worst outcome a branch
     can count as (the lowest held-out return seen, or 0)."""
     job = recipe.build(recipe.seed)
+    job.log_eval = recipe.log_eval
     job.reseed(recipe.seed)
     evals = list(range(recipe.eval_every, recipe.steps + 1, recipe.eval_every))
     at = {next(i for i, e in enumerate(evals) if e >= f * recipe.steps) for f in recipe.points}
@@ -215,9 +222,9 @@ def cartpole_job(*, lr: float, n_epochs: int = 4, clip_range: float = 0.2, ent_c
 
 
 def cartpole_recipes() -> list[RLRecipe]:
-    """PPO on CartPole-v1, evaluated every 2 updates. The points come after the 20th evaluation: the
-    ``rl-ppo`` preset counts a run's evaluations by its return when it logs no safe success, and only
-    from the 20th on (see :func:`atm.watcher.snapshot.eval_steps`); before, it offers no move."""
+    """PPO on CartPole-v1, evaluated every 2 updates. The points come after the 20th logged point of the
+    return: the ``rl-ppo`` preset counts a run's evaluations by its return when it logs no safe success,
+    and only from the 20th on (see :func:`atm.watcher.snapshot.eval_steps`); before, it offers no move."""
     f = "cartpole"
     common = {"steps": 40_960, "eval_every": 1024, "horizon": 4096, "points": (0.55, 0.7, 0.85)}
     return [
@@ -227,4 +234,9 @@ def cartpole_recipes() -> list[RLRecipe]:
         RLRecipe(f, "cartpole-lr-too-high", "lr_too_high",
                  lambda s: cartpole_job(lr=3e-3, n_epochs=8, clip_range=0.3, batch_size=32, target_kl=0.1,
                                         seed=s), **common),
+        # No evaluation logged (SB3 without an EvalCallback writing to the tracker): the preset counts
+        # rollout rows, 20 of them by 10k steps, so the points can come earlier.
+        RLRecipe(f, "cartpole-rollout-only-lr-1e-3", "healthy",
+                 lambda s: cartpole_job(lr=1e-3, seed=s), steps=40_960, eval_every=1024, horizon=4096,
+                 points=(0.3, 0.55, 0.8), log_eval=False),
     ]
