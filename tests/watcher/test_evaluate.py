@@ -192,7 +192,9 @@ def test_eval_command_json_and_table(scenario_dir, capsys):
 def test_explain(labelled, scenario_dir, capsys):
     sit = labelled("rl_unsafe_reckless")
     text = render_explain(sit.snapshot, sit.policy, sit.ctx, sit.offer)
-    assert "=== system" in text and "METRIC TRENDS" in text and "AUTOMATIC CHECK" in text
+    # The default variant (brief): the policy as the system message, then the problem and the rules' choice.
+    assert "=== system" in text and 'POLICY "rl-ppo"' in text
+    assert "PROBLEM at step" in text and "unsafe_exploration" in text and "SUGGESTED {" in text
     assert "reward.collision_penalty (now 1): 2.5, 5, 10" in text
     assert atm_main(["explain", "--scenario", str(scenario_dir / "healthy_epochs.yaml"), "--no-evidence"]) == 0
     out = capsys.readouterr().out

@@ -7,10 +7,14 @@ because a ``Llama`` object holds one KV cache and is not thread-safe.
 
 Speed on a small CPU shared with a training job (``benchmarks/llm_latency.py``):
 
+- On one core SmolLM2 evaluates a prompt token about as slowly as it generates one (100 to 120
+  tokens/s against 50 to 65, compute-bound), so a decision's time is its token count: the default
+  prompt (``brief`` in :mod:`atm.watcher.llm_variants`) is short and starts with what does not change.
 - The KV cache of the prompt prefix a call shares with the previous one (the chat template and
-  system prompt, which every decision starts with; the whole first prompt when a re-ask follows
-  it) is reused: the shared ``Llama`` keeps its last tokens and llama-cpp-python evaluates only
-  what differs. A ``LlamaRAMCache`` is not used: it would help only where an older call shared
+  system prompt, which every decision starts with: the policy, 160 to 230 tokens, about half of a
+  brief prompt; the whole first prompt when a re-ask follows it) is reused: the shared ``Llama``
+  keeps its last tokens and llama-cpp-python evaluates only what differs. A ``LlamaRAMCache`` is
+  not used: it would help only where an older call shared
   more of the prompt than the last one did, and it copies the model state after every call
   (117 MB for SmolLM2, 100 MB of it logits; 0.1 to 0.8 s). The reuse is reported as OpenAI's
   ``usage.prompt_tokens_details.cached_tokens``.
