@@ -13,8 +13,8 @@ Variants (measured on the scenario suite by ``benchmarks/decision_quality.py``):
   and actions that address it and explains the choice. When nothing may be done (healthy,
   too early, nothing offered) the model is not called.
 - ``brief`` (the default): ``anchored`` asked in few tokens, for a small model on a busy CPU
-  (``benchmarks/llm_latency.py``). The system message is the policy alone (its bounds and
-  actions), the same for every decision on a run, so an in-process model keeps it in its KV
+  (``benchmarks/llm_latency.py``). The system message is the policy alone (its parameters'
+  bounds), the same for every decision on a run, so an in-process model keeps it in its KV
   cache; the user message is a few lines: the problem and its evidence (with its numbers), the
   values in force, the last two changes with their measured effect, the moves nearest the values
   in force (three a side) and the actions that address the problem, and the rules' own choice as

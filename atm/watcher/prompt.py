@@ -188,7 +188,7 @@ BRIEF_SYSTEM = (
 
 
 def policy_prompt(policy: Policy) -> str:
-    """The brief variant's system message: what the model is, the policy's bounds and its actions.
+    """The brief variant's system message: what the model is and the policy's bounds.
 
     It depends on the policy alone, so an in-process model evaluates it once and keeps it in its
     KV cache for every later decision on a run of this policy; what changes goes in :func:`render_brief`.
@@ -197,9 +197,8 @@ def policy_prompt(policy: Policy) -> str:
     for param in policy.controllable():
         rule = policy.params[param]
         lines.append(f"  {param}: {num(rule.min)} to {num(rule.max)}")
-    for action, rule in sorted(policy.actions.items(), key=lambda kv: kv[0].value):
-        if rule.description:
-            lines.append(f"  {action.value}: {_first_clause(rule.description)}")
+    # No actions here: which ones a job offers differs from run to run (a job without a rollback
+    # handler); the user message names those it may take now.
     return "\n".join(lines)
 
 

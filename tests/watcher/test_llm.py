@@ -241,7 +241,8 @@ def test_brief_messages_put_the_policy_first_and_the_decision_in_few_lines(label
     b = p.messages(second.snapshot, second.policy, second.offer)
     assert [m["role"] for m in a] == ["system", "user"]
     # The system message is the policy alone: every decision on a run of this policy starts with it (KV cache).
-    assert a[0] == b[0] and "lr: 1e-06 to 1" in a[0]["content"] and "rollback: restore the best" in a[0]["content"]
+    assert a[0] == b[0] and "lr: 1e-06 to 1" in a[0]["content"] and "rollback" not in a[0]["content"]
+    assert "ACTIONS none | rollback" in a[1]["content"]
     lines = a[1]["content"].splitlines()
     assert lines[0].startswith("PROBLEM at step 400: overfitting: ") and lines[-1].startswith("SUGGESTED {")
     assert len(lines) <= 7 and len(a[1]["content"]) < len(LLMProposer(variant="anchored").messages(
