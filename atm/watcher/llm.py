@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ class LLMProposer:
         self.label = f"llm[{variant.name}]"
         self._client = client
         self._config = config
+        #: Policies whose prompt prefix the model has been given ahead of their first decision.
+        self._warmed: set[str] = set()
         if examples is None:
             examples = bundled_examples() if variant.few_shot else []
         self.examples = list(examples)[: variant.few_shot]
@@ -194,6 +197,28 @@ class LLMProposer:
         return diagnose_for_offer(snapshot, Thresholds.from_policy(policy), offer) if self.variant.evidence else None
 
     def propose(
+        self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer
+    ) -> ProposalResult:
+        result = self._propose(snapshot, policy, ctx, offer)
+        if "skipped" in result.audit:
+            self._warm(policy)
+        return result
+
+    def _warm(self, policy: Policy) -> None:
+        """Once per policy, while the model is not needed (a healthy run, a remedy being measured): load
+        it and evaluate the brief prompt's system message on a thread of its own, so that the first
+        decision that asks the model finds both ready (an in-process model keeps the prefix in its KV
+        cache). A backend without ``warm`` (a server) is left alone; a failure here is the first
+        decision's to report."""
+        if not self.variant.brief or policy.name in self._warmed:
+            return
+        self._warmed.add(policy.name)
+        warm = getattr(getattr(self.client, "backend", None), "warm", None)
+        if warm is not None:
+            system = [{"role": "system", "content": policy_prompt(policy)}]
+            threading.Thread(target=warm, args=(system,), name="atm-llm-warm", daemon=True).start()
+
+    def _propose(
         self, snapshot: TelemetrySnapshot, policy: Policy, ctx: DecisionContext, offer: Offer
     ) -> ProposalResult:
         from atm.adapters.llm import LLMError

@@ -13,7 +13,7 @@ from atm.schema import Action, Change, DecisionRecord, Diagnosis, Status
 from atm.watcher.llm import LLMProposer, _brief
 from atm.watcher.llm_answer import MAX_WHY, has_choice, response_model, to_proposal
 from atm.watcher.llm_variants import VARIANTS, bundled_examples, remedy_moves
-from atm.watcher.prompt import offered_moves
+from atm.watcher.prompt import offered_moves, policy_prompt
 from atm.watcher.proposer import Offer
 from atm.watcher.rules import Thresholds, diagnose_for_offer, remedy
 
@@ -247,3 +247,33 @@ def test_brief_messages_put_the_policy_first_and_the_decision_in_few_lines(label
     assert lines[0].startswith("PROBLEM at step 400: overfitting: ") and lines[-1].startswith("SUGGESTED {")
     assert len(lines) <= 7 and len(a[1]["content"]) < len(LLMProposer(variant="anchored").messages(
         first.snapshot, first.policy, first.offer)[1]["content"]) / 2
+
+
+class FakeWarmBackend:
+    """A fake backend that only records what it is asked to warm (no model)."""
+
+    def __init__(self) -> None:
+        self.warmed: list[list[dict[str, str]]] = []
+
+    def warm(self, messages: list[dict[str, str]]) -> None:
+        self.warmed.append(messages)
+
+
+class FakeClient:
+    def __init__(self, backend: FakeWarmBackend) -> None:
+        self.backend = backend
+
+
+def test_a_skipped_decision_warms_the_model_once_per_policy(labelled):
+    import threading
+
+    healthy = labelled("healthy_epochs")
+    backend = FakeWarmBackend()
+    p = LLMProposer(FakeClient(backend))  # type: ignore[arg-type]
+    for _ in range(3):
+        result = p.propose(healthy.snapshot, healthy.policy, healthy.ctx, healthy.offer)
+        assert "skipped" in result.audit and result.proposal.is_noop
+    for t in threading.enumerate():
+        if t.name == "atm-llm-warm":
+            t.join(5)
+    assert backend.warmed == [[{"role": "system", "content": policy_prompt(healthy.policy)}]]

@@ -164,6 +164,15 @@ class LlamaBackend:
     def wire(self) -> Wire:
         return "json_object"
 
+    def warm(self, messages: list[dict[str, str]]) -> None:
+        """Load the model and evaluate the chat template of ``messages`` (the fixed start of the prompts
+        to come), so that the next call finds them in the KV cache. Generates one token; never raises
+        (a model that cannot load says so at the call that needs it)."""
+        try:
+            self.create(messages=[*messages, {"role": "user", "content": ""}], max_tokens=1)
+        except LLMError:
+            pass
+
     def create(self, **kwargs: Any) -> Any:
         from openai.types.chat import ChatCompletion
 
