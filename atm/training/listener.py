@@ -53,6 +53,10 @@ class Knob:
     #: What undid a change of this knob and how to fix it, given (before, after, now); a generic
     #: note when None. The optimizer's lr knob knows whether an LR scheduler was made on it.
     undo_note: Callable[[float, float, float], str] | None = None
+    #: Whether the listener reads a change back to see if the job undid it. Off where the knob itself
+    #: keeps the change against what moves the value (an lr knob that scales the scheduler it was
+    #: given): that driver's own moves, steep early in a warm-up, are not an undo.
+    read_back: bool = True
 
 
 def attr(obj: Any, name: str) -> Knob:
@@ -358,7 +362,8 @@ class Listener:
         with self._lock:
             for name, value in values.items():
                 old = before.get(name)
-                if old is not None and math.isfinite(old) and not math.isclose(old, value, rel_tol=1e-9):
+                if (self.knobs[name].read_back and old is not None and math.isfinite(old)
+                        and not math.isclose(old, value, rel_tol=1e-9)):
                     self._held[name] = (ack, old, value)
         alert = update_alert(update) if ok else None
         with self._lock:

@@ -64,7 +64,8 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     # The listener reads a change back when the lr next moves (atm.training.listener.undone); this knob
     # knows the likely cause of an undone lr change.
     knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr,
-                       undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)))
+                       undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)),
+                       read_back=scheduler is None)
     for key in ("weight_decay", "momentum"):
         if key in groups()[0]:
             knobs[key] = Knob(get=_getter(groups, key), set=_group_setter(groups, key))

@@ -157,3 +157,15 @@ def test_undone_is_judged_on_a_log_scale(before: float, after: float, now: float
 @pytest.mark.parametrize("before, after, now, expected", [(0.0, 0.1, 0.0, True), (0.0, 0.1, 0.09, False), (0.1, 0.0, 0.1, True)])
 def test_undone_from_or_to_zero_is_judged_on_a_linear_scale(before: float, after: float, now: float, expected: bool) -> None:
     assert undone(before, after, now) is expected
+
+
+def test_a_steep_warm_up_it_was_given_is_not_taken_for_an_undo(caplog) -> None:
+    # The lr doubles each step of this warm-up: right after a halving, the schedule's own next move takes
+    # the lr back to the value before the cut. atm scaled the schedule it was given, so the cut held.
+    def doubling(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 2.0 ** min(s, 10) / 1024)
+
+    ch = FakeChannel()
+    used = run_with_a_cut_at_step_3(doubling, caplog, pass_scheduler=True, ch=ch)
+    assert used[4] == pytest.approx(used[3] * 2) and used[3] == pytest.approx(1e-3 * 2.0 ** 3 / 1024 / 2)
+    assert ch.acks[1].status == "applied" and not [r for r in caplog.records if "was undone" in r.getMessage()]
