@@ -183,12 +183,14 @@ class _CharMLP(nn.Module):
         return self.net(self.emb(x))
 
 
-def charlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, width: int = 256,
-               schedule: str = "constant", total: int = 800, warmup: int = 0, context: int = 8) -> Job:
-    tr, va, vocab = _chars(size_kb)
+def _next_token_job(tr: torch.Tensor, va: torch.Tensor, vocab: int, *, val_stride: int, opt: str, lr: float,
+                    wd: float, dropout: float, width: int, schedule: str, total: int, warmup: int,
+                    context: int) -> Job:
+    """The next token of a stream from the ``context`` tokens before it, by :class:`_CharMLP`; validated
+    on every ``val_stride``-th window of ``va``."""
     model = _CharMLP(vocab, context, width, dropout)
     windows = torch.arange(context)
-    vstarts = torch.arange(0, len(va) - context - 1, 3)
+    vstarts = torch.arange(0, len(va) - context - 1, val_stride)
     vx, vy = va[vstarts[:, None] + windows], va[vstarts + context]
 
     def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +202,13 @@ def charlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: f
 
     return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(vx), vy)),
                schedule=schedule, total=total, warmup=warmup)
+
+
+def charlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, width: int = 256,
+               schedule: str = "constant", total: int = 800, warmup: int = 0, context: int = 8) -> Job:
+    tr, va, vocab = _chars(size_kb)
+    return _next_token_job(tr, va, vocab, val_stride=3, opt=opt, lr=lr, wd=wd, dropout=dropout, width=width,
+                           schedule=schedule, total=total, warmup=warmup, context=context)
 
 
 def charlm_recipes() -> list[Recipe]:
@@ -231,20 +240,8 @@ def wordlm_job(*, size_kb: int, opt: str, lr: float, wd: float = 0.0, dropout: f
     """The next word of the bundled workload's tokenizer from the ``context`` words before it (the same
     MLP as the character LM)."""
     tr, va, vocab = _words(size_kb)
-    model = _CharMLP(vocab, context, width, dropout)
-    windows = torch.arange(context)
-    vstarts = torch.arange(0, len(va) - context - 1)
-    vx, vy = va[vstarts[:, None] + windows], va[vstarts + context]
-
-    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(tr) - context - 1, (64,), generator=g)
-        return tr[starts[:, None] + windows], tr[starts + context]
-
-    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return F.cross_entropy(m(b[0]), b[1]), {}
-
-    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(vx), vy)),
-               schedule=schedule, total=total, warmup=warmup)
+    return _next_token_job(tr, va, vocab, val_stride=1, opt=opt, lr=lr, wd=wd, dropout=dropout, width=width,
+                           schedule=schedule, total=total, warmup=warmup, context=context)
 
 
 def wordlm_recipes() -> list[Recipe]:
