@@ -365,8 +365,7 @@ class Listener:
                 if (self.knobs[name].read_back and old is not None and math.isfinite(old)
                         and not math.isclose(old, value, rel_tol=1e-9)):
                     self._held[name] = (ack, old, value)
-        alert = update_alert(update) if ok else None
-        with self._lock:
+            alert = update_alert(update) if ok else None
             self._outbox.append((ack, values, step if chart_step is None else chart_step))
             self._announce_needed = True
             if alert is not None:
@@ -395,11 +394,12 @@ class Listener:
                 knob = self.knobs[name]
                 note = (knob.undo_note(before, after, now) if knob.undo_note is not None
                         else generic_undo_note(name, before, after, now))
-                sent = next((a for a, _, _ in reversed(self._outbox) if a.seq == ack.seq), ack)
-                again = sent.model_copy(update={
+                # ``ack`` is the last one sent for its update: an earlier undo of another of its knobs
+                # replaced it in every entry still held (below).
+                again = ack.model_copy(update={
                     "status": "undone",
-                    "values": {**sent.values, name: now},
-                    "error": "; ".join(e for e in (sent.error, note) if e),
+                    "values": {**ack.values, name: now},
+                    "error": "; ".join(e for e in (ack.error, note) if e),
                     "signature": None,
                 })
                 # Other knobs of the same update still held under the old ack now answer to this one.
