@@ -11,7 +11,8 @@ A run's path, one module each, every ``interval`` seconds (a wait that stop inte
 3. :mod:`~atm.watcher.decide`: when the run logged a new evaluation and nothing is pending, build
    the snapshot and the offer and hand them to the proposer on a worker (one decision in flight per run);
 4. :mod:`~atm.watcher.settle`: re-check the answer against the run as it is *now* (it kept training
-   while the proposer thought) and make the decision record;
+   while the proposer thought) and make the decision record; a proposer that has not answered once
+   the run moved past ``limits.stale_after`` is not waited for: the rules decide instead;
 5. :mod:`~atm.watcher.publish`: put it on the run;
 6. :mod:`~atm.watcher.report`: the status line and ``atm history``.
 
@@ -44,7 +45,7 @@ from atm.watcher.report import RunStatus, status_fields
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.schedule import PollSchedule
 from atm.watcher.service import ErrorKind, Hooks
-from atm.watcher.settle import settle
+from atm.watcher.settle import out_of_time, settle
 from atm.watcher.shard import Shard, owns
 from atm.watcher.snapshot import RunTelemetry
 from atm.watcher.workers import ProposalPool
@@ -63,9 +64,14 @@ STALE_WARN_AFTER = 3
 class _Inflight:
     future: cf.Future[ProposalResult]
     snapshot: TelemetrySnapshot
+    #: What the proposer was handed with the snapshot: the fallback gets the same when the deadline passes.
+    ctx: DecisionContext
+    offer: Offer
     started: float
     #: When the evaluation it answers was logged (the job's clock), for the decision-lag metric; None if unknown.
     logged_at: float | None = None
+    #: Settled without its answer (the deadline passed): the answer, when it comes, is dropped.
+    abandoned: bool = False
 
 
 @dataclass
@@ -87,6 +93,8 @@ class RunState:
     #: Decisions in a row that came too late to apply, and whether that was reported (once per run).
     stale_in_a_row: int = 0
     noted_slow: bool = False
+    #: Whether the proposer missing its deadline (the rules decided instead) was reported (once per run).
+    noted_deadline: bool = False
     #: Why nothing may be changed now (warm-up, cooldown, budget), for the status line; empty otherwise.
     waiting: str = ""
     #: The run's metrics folded so far: each poll adds only what is new.
@@ -119,6 +127,12 @@ def _error_kind(exc: BackendUnavailable) -> ErrorKind:
 def _logged_at(view: RunView, step: int) -> float | None:
     """When the job logged its newest point at ``step`` (its own clock), if the view's timeline still holds it."""
     return next((t for t, s in reversed(view.timeline) if s == step), None)
+
+
+def _newest_eval(telemetry: RunTelemetry) -> int:
+    """The step of the run's newest evaluation (of its newest point, while it has none): what a decision considers."""
+    evals = telemetry.eval_steps()
+    return evals[-1] if evals else telemetry.step()
 
 
 def _clip(text: str, n: int) -> str:
@@ -352,6 +366,19 @@ class Daemon:
     def _backoff(self, failures: int) -> float:
         return min(self.interval * 2**failures, MAX_BACKOFF_S)
 
+    def _answered(self, run_id: str, inflight: _Inflight) -> None:
+        """A proposal's future is done: settle it now, unless the deadline settled it without its answer."""
+        if not inflight.abandoned:
+            self._poke(run_id)
+            return
+        future = inflight.future
+        if future.cancelled():
+            return  # cancelled before it started: nothing was asked
+        exc = future.exception()
+        log.debug("run %s: %s answered step %d after %.1f s, past its deadline (the rules had decided); dropped: %s",
+                  run_id, self.proposer.name, inflight.snapshot.step, self.clock() - inflight.started,
+                  exc if exc is not None else future.result().proposal.diagnosis.value)
+
     def _poke(self, run_id: str) -> None:
         """Poll ``run_id`` as soon as a worker is free: its proposal answered, settle it now."""
         with self._lock:
@@ -415,6 +442,8 @@ class Daemon:
 
         if st.inflight is not None and (st.inflight.future.done() or wait):
             self._settle_decision(st, view)
+        elif st.inflight is not None and self._missed_deadline(st, view):
+            self._settle_decision(st, view, missed=True)
         if not st.noted_bounds and view.listener is not None:
             st.noted_bounds = True
             for note in listener_notes(self.policy, view):
@@ -530,8 +559,7 @@ class Daemon:
         if any(r.status in (Status.PENDING, Status.AWAITING_APPROVAL) for r in st.records):
             return  # the job has not applied the last update yet (or a person not answered); decide on what it does
         telemetry = self._telemetry(st, view)
-        evals = telemetry.eval_steps()
-        newest_eval = evals[-1] if evals else telemetry.step()
+        newest_eval = _newest_eval(telemetry)
         if newest_eval <= st.last_considered_step:
             return  # no new evaluation: nothing to decide, and no snapshot to build
         st.last_considered_step = newest_eval
@@ -545,8 +573,9 @@ class Daemon:
             return
         st.waiting = ""
         future = self._pool.submit(self._propose, snapshot, ctx, offer)
-        future.add_done_callback(lambda _f: self._poke(st.run_id))
-        st.inflight = _Inflight(future, snapshot, self.clock(), logged_at=_logged_at(view, newest_eval))
+        inflight = st.inflight = _Inflight(future, snapshot, ctx, offer, self.clock(),
+                                           logged_at=_logged_at(view, newest_eval))
+        future.add_done_callback(lambda _f: self._answered(st.run_id, inflight))
         self._set(st.run_id, pending=f"deciding on step {snapshot.step}")
         # A fast proposer (rules) answers at once: settle against the view just read.
         try:
@@ -575,23 +604,47 @@ class Daemon:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("run %s: proposer %s failed (%s); falling back to rules (the decision's audit has the details)",
                         snapshot.run_id, self.proposer.name, _clip(first, 240))
-            result = self.fallback.propose(snapshot, self.policy, ctx, offer)
-            result.audit = {"fallback_from": self.proposer.name, "error": f"{type(exc).__name__}: {exc}", "failed_attempt": audit, **result.audit}
-            result.source = "fallback"
+            result = self._fall_back(snapshot, ctx, offer, f"{type(exc).__name__}: {exc}", failed_attempt=audit)
         result.audit.setdefault("latency_s", round(time.monotonic() - started, 3))
         return result
 
-    def _settle_decision(self, st: RunState, view: RunView) -> None:
+    def _fall_back(self, snapshot: TelemetrySnapshot, ctx: DecisionContext, offer: Offer, error: str,
+                   **audit: object) -> ProposalResult:
+        """The fallback's answer in the proposer's place, its audit saying whose place and why."""
+        result = self.fallback.propose(snapshot, self.policy, ctx, offer)
+        result.audit = {"fallback_from": self.proposer.name, "error": error, **audit, **result.audit}
+        result.source = "fallback"
+        return result
+
+    def _missed_deadline(self, st: RunState, view: RunView) -> bool:
+        """Whether the proposal in flight can no longer come in time: the run moved past ``limits.stale_after``
+        since the snapshot it answers, so the answer would be stale (or kept only if the problem stood)."""
+        inflight = st.inflight
+        assert inflight is not None
+        if view.status != "RUNNING" or self.proposer.name == self.fallback.name:
+            # An ended run waits as before (nothing would apply an answer); the fallback has nothing faster to defer to.
+            return False
+        ctx = decision_context(self.policy, view, st.records, {}, telemetry=self._telemetry(st, view))
+        return out_of_time(ctx, inflight.snapshot.step, self.policy.limits.stale_after)
+
+    def _settle_decision(self, st: RunState, view: RunView, missed: bool = False) -> None:
+        """Settle the decision in flight: with its answer, or, when it ``missed`` its deadline, with the fallback's."""
         inflight = st.inflight
         assert inflight is not None
         st.inflight = None
-        try:
-            result = inflight.future.result()
-        except Exception as exc:
-            log.error("run %s: no proposal (%s)", st.run_id, exc)
-            return
+        if missed:
+            result = self._instead_of_late(st, inflight)
+        else:
+            try:
+                result = inflight.future.result()
+            except Exception as exc:
+                log.error("run %s: no proposal (%s)", st.run_id, exc)
+                return
         out = settle(result, inflight.snapshot, view, st.records, self.policy, seq=st.seq + 1, now=self.clock(),
                      dry_run=self.dry_run, fallback=self.fallback, telemetry=self._telemetry(st, view))
+        if missed:
+            # The rules decided on the run as it is now: the next decision waits for a newer evaluation.
+            st.last_considered_step = max(st.last_considered_step, _newest_eval(self._telemetry(st, view)))
         self._set(st.run_id, diagnosis=out.proposal.diagnosis.value, pending="")
         record = out.record
         if record is None:
@@ -610,6 +663,28 @@ class Daemon:
             log.warning("run %s: decision #%d awaits approval: add the run tag atm.approve = %d (or atm.reject = %d) "
                         "in the tracker's UI, or run `atm approve --run %s %d` (`atm reject ...`)",
                         st.run_id, record.seq, record.seq, record.seq, st.run_id, record.seq)
+
+    def _instead_of_late(self, st: RunState, inflight: _Inflight) -> ProposalResult:
+        """The fallback's answer for a proposal that missed its deadline; the late call is left to finish
+        (a model call cannot be interrupted) and its answer dropped."""
+        inflight.abandoned = True
+        # One not started yet (waiting for a free proposal worker) never runs: it would only be dropped.
+        inflight.future.cancel()
+        waited = self.clock() - inflight.started
+        w = self.policy.limits.stale_after
+        span = " and ".join(([f"{w.evals} evaluations"] if w.evals else []) + ([f"{w.steps} steps"] if w.steps else []))
+        result = self._fall_back(inflight.snapshot, inflight.ctx, inflight.offer,
+                                 f"no answer before the run moved past limits.stale_after ({span}, {waited:.1f} s)")
+        result.audit["latency_s"] = round(waited, 3)
+        if not st.noted_deadline:
+            st.noted_deadline = True
+            log.warning(
+                "run %s: proposer %s had not answered step %d after %.1f s, when the run had moved past "
+                "limits.stale_after (%s): the rules decided on the run as it is now, as they will each time it is "
+                "this late. Use a faster model (--llm) or a larger limits.stale_after in the policy for the "
+                "proposer to decide.",
+                st.run_id, self.proposer.name, inflight.snapshot.step, waited, span)
+        return result
 
     def _lag(self, inflight: _Inflight) -> float | None:
         """Seconds from the evaluation being logged to now (the job's clock against this one's)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from atm.adapters.base import RunView
-from atm.policies import Policy, check
+from atm.policies import DecisionContext, Policy, Window, check
 from atm.schema import DecisionRecord, Proposal, Status, TelemetrySnapshot
 from atm.watcher.decide import decision_context, decision_inputs, rebase, still_current
 from atm.watcher.proposer import Proposer, ProposalResult
@@ -33,6 +33,16 @@ class Settled:
     now_step: int
     #: None when the answer was "no change" (logged, not recorded).
     record: DecisionRecord | None
+
+
+def out_of_time(ctx_now: DecisionContext, asked_step: int, stale_after: Window) -> bool:
+    """Whether an answer to the snapshot taken at ``asked_step`` comes too late now: the run, as
+    ``ctx_now`` sees it, moved past ``stale_after`` since. An empty window never passes: no deadline.
+
+    The same test makes a settled answer stale and makes the daemon stop waiting for a slow proposer,
+    so that the rules decide while their answer can still apply. Pure.
+    """
+    return bool(stale_after.steps or stale_after.evals) and ctx_now.passed(asked_step, stale_after)
 
 
 def settle(
@@ -68,8 +78,7 @@ def settle(
     ctx_now = decision_context(policy, view, records, params, dry_run=dry_run, telemetry=telemetry)
     if proposal.is_noop:
         return Settled(proposal, snap, result.source, ctx_now.step, None)
-    stale_window = policy.limits.stale_after
-    stale = bool(stale_window.steps or stale_window.evals) and ctx_now.passed(snap.step, stale_window)
+    stale = out_of_time(ctx_now, snap.step, policy.limits.stale_after)
     late_note = ""
     if stale and view.status == "RUNNING":
         # The answer is late, but the question may still stand: a slow model on a fast job would
