@@ -6,7 +6,8 @@ Rules every implementation keeps:
   that does not exist, :class:`BackendUnavailable` for anything worth retrying (server down,
   timeouts, rate limits), chained with ``from exc``. Nothing else escapes.
 - Reads are incremental: a backend keeps what it already read per run and key and fetches only
-  what is new.
+  what is new. It keeps each metric as a :class:`PointSeries`, which the daemon releases once
+  folded (a series rewritten after that, by a resumed job, is read whole again).
 - Writes are idempotent by ``seq``: publishing the same update twice leaves one update.
 - Messages are signed at this edge (:mod:`atm.signing`): a backend signs the updates it publishes
   and the records it logs, a channel signs its acks, with the key given to it or resolved from the
@@ -22,6 +23,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from array import array
@@ -39,27 +41,63 @@ M = TypeVar("M", bound=BaseModel)
 Points = Sequence[tuple[int, float]]
 
 
+class HistoryTrimmed(LookupError):
+    """Points a :class:`PointSeries` no longer holds were asked for: its owner released them after
+    folding them (:meth:`PointSeries.release`). Whoever needs a whole series again (a series that
+    was rewritten, a metric that became mapped late) must read the run anew: ``Backend.forget``."""
+
+
 class PointSeries(Sequence[tuple[int, float]]):
     """A metric's points, ``(step, value)`` in step order, kept in two typed arrays: 16 bytes a point
-    where a list of tuples takes about 100. A backend keeps one per metric of every run it reads, for
-    the whole run; a daemon watching 200 runs of 20k points a metric holds 12M of them."""
+    where a list of tuples takes about 100.
 
-    __slots__ = ("steps", "values")
+    A backend appends what each poll reads; the daemon, once it has folded them into its running
+    statistics, releases all but the newest (:meth:`release`), so a run's memory does not grow with
+    its length. A released series keeps its length, its first point and its newest points: indexes
+    and slices into what it still holds work as before, and touching a released point raises
+    :class:`HistoryTrimmed` (never a silently shorter series).
+    """
+
+    __slots__ = ("steps", "values", "dropped", "head")
 
     def __init__(self, points: Iterable[tuple[int, float]] = ()) -> None:
         self.steps = array("q")
         self.values = array("d")
+        #: Points released from the front, and the first point ever (what tells a rewritten series).
+        self.dropped = 0
+        self.head: tuple[int, float] | None = None
         self.extend(points)
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return self.dropped + len(self.steps)
+
+    def _local(self, i: int) -> int:
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"point {i} of a series of {n}")
+        if j < self.dropped:
+            raise HistoryTrimmed(f"point {j} was released (the series holds points {self.dropped} to {n - 1})")
+        return j - self.dropped
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
         if isinstance(i, slice):
-            return list(zip(self.steps[i], self.values[i]))
-        return self.steps[i], self.values[i]
+            start, stop, stride = i.indices(len(self))
+            if stride != 1:
+                raise ValueError("a PointSeries slices with step 1 only")
+            if start < stop and start < self.dropped:
+                raise HistoryTrimmed(
+                    f"points {start} to {stop - 1} asked for; the series holds {self.dropped} to {len(self) - 1}")
+            lo, hi = max(start - self.dropped, 0), max(stop - self.dropped, 0)
+            return list(zip(self.steps[lo:hi], self.values[lo:hi]))
+        if i == 0 and self.dropped:
+            return self.head
+        j = self._local(i)
+        return self.steps[j], self.values[j]
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
+        if self.dropped:
+            raise HistoryTrimmed(f"the series' first {self.dropped} points were released; it cannot be read whole")
         return zip(self.steps, self.values)
 
     def __eq__(self, other: object) -> bool:
@@ -68,20 +106,38 @@ class PointSeries(Sequence[tuple[int, float]]):
         return NotImplemented
 
     def __repr__(self) -> str:
-        return f"PointSeries({list(self)!r})"
+        held = list(zip(self.steps, self.values))
+        return f"PointSeries({held!r}, released={self.dropped})" if self.dropped else f"PointSeries({held!r})"
 
     def append(self, point: tuple[int, float]) -> None:
-        self.steps.append(int(point[0]))
-        self.values.append(float(point[1]))
+        step, value = int(point[0]), float(point[1])
+        if self.head is None:
+            self.head = (step, value)
+        self.steps.append(step)
+        self.values.append(value)
 
     def extend(self, points: Iterable[tuple[int, float]]) -> None:
         for point in points:
             self.append(point)
 
+    def release(self, keep: int) -> None:
+        """Let go of all but the newest ``keep`` points (they were folded; see the class notes). Cheap
+        when there is little to release: the arrays are cut only once they hold twice ``keep``."""
+        excess = len(self.steps) - keep
+        if excess > max(keep, 0):
+            del self.steps[:excess]
+            del self.values[:excess]
+            self.dropped += excess
+
     def sort_by_step(self) -> None:
         """Put the points in step order (stable: points of one step keep their order)."""
+        if self.dropped:
+            raise HistoryTrimmed("a released series cannot be sorted whole; read the run anew")
         pairs = sorted(self, key=lambda p: p[0])
         self.steps, self.values = array("q", (s for s, _ in pairs)), array("d", (v for _, v in pairs))
+        if pairs:
+            self.head = pairs[0]
+
 
 # Keys shared by every backend's run-side representation (tags on MLflow, files on W&B).
 UPDATE_PREFIX = "atm.update."
@@ -151,27 +207,74 @@ class PoolExhausted(BackendUnavailable):
     its client's pool allows). Retried like an outage; its message says which setting to raise."""
 
 
-class Timeline:
-    """When the job logged its most recent points: (wall time, step), oldest first, at most ``keep``.
+
+def release_history(history: Mapping[str, Points], keep: int) -> None:
+    """Release all but the newest ``keep`` points of every :class:`PointSeries` in ``history`` (other
+    sequences are left as they are): for the daemon, once it has folded them."""
+    for pts in history.values():
+        if isinstance(pts, PointSeries):
+            pts.release(keep)
+
+class Timeline(Sequence[tuple[float, int]]):
+    """When the job logged its most recent points: (wall time, step), oldest first, about ``keep``.
 
     The job's clock stamps both its metric points and its listener's acks, so an ack's wall time
     places a change on the run's own step axis, whatever the listener counts (optimizer steps, a
     W&B job that logs without ``step=``, an epoch axis). ``atm/*`` points are the listener's own
-    and are not added.
+    and are not added. Metrics logged together (one ``log_batch``, one ``wandb.log``) share one
+    entry. Two typed arrays: 16 bytes an entry, where a list of tuples took about 100 (200 runs
+    kept 400 MB of them).
     """
 
     def __init__(self, keep: int = 20_000) -> None:
         self.keep = keep
-        self.points: list[tuple[float, int]] = []
+        self.times = array("d")
+        self.steps = array("q")
+
+    @property
+    def points(self) -> "Timeline":
+        """The entries (this object: a sequence of (time, step))."""
+        return self
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return list(zip(self.times[i], self.steps[i]))
+        return self.times[i], self.steps[i]
+
+    def __iter__(self) -> Iterator[tuple[float, int]]:
+        return zip(self.times, self.steps)
+
+    def __reversed__(self) -> Iterator[tuple[float, int]]:
+        return zip(reversed(self.times), reversed(self.steps))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
 
     def add(self, batch: Sequence[tuple[float, int]]) -> None:
         if not batch:
             return
-        tail = self.points[-1][0] if self.points else float("-inf")
-        self.points.extend(batch)
-        if min(t for t, _ in batch) < tail or len(batch) > 1:
-            self.points.sort(key=lambda p: p[0])  # nearly sorted: linear
-        del self.points[: max(0, len(self.points) - self.keep)]
+        new = sorted((float(t), int(s)) for t, s in batch)
+        # Merge with the held entries from the batch's first time on (usually none, or the few of
+        # the same log call): the cost is the batch's, not the timeline's.
+        i = bisect.bisect_left(self.times, new[0][0])
+        merged = sorted([*zip(self.times[i:], self.steps[i:]), *new]) if i < len(self.times) else new
+        del self.times[i:]
+        del self.steps[i:]
+        last = (self.times[-1], self.steps[-1]) if self.times else None
+        for t, s in merged:
+            if (t, s) != last:
+                self.times.append(t)
+                self.steps.append(s)
+                last = (t, s)
+        excess = len(self.times) - self.keep
+        if excess > self.keep // 4:  # cut in batches: deleting from an array's front moves the rest
+            del self.times[:excess]
+            del self.steps[:excess]
 
 
 @dataclass
@@ -181,7 +284,8 @@ class RunView:
     run_id: str
     name: str
     status: str  # RUNNING, FINISHED, FAILED, KILLED (tracker's words, upper case)
-    #: Metric key -> all points read so far, sorted by step.
+    #: Metric key -> the points read so far, sorted by step. A backend keeps them whole until its
+    #: owner releases the folded ones (:meth:`PointSeries.release`): the daemon keeps the newest few.
     history: Mapping[str, Points]
     #: Wall time (seconds) of the newest metric point; 0 when none.
     last_metric_time: float

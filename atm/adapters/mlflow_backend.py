@@ -269,7 +269,11 @@ class MlflowBackend:
             if fresh and len(pts) > len(fresh) and fresh[0][0] < pts[-len(fresh) - 1][0]:
                 # Rare: a point older than the ones already read. Sorting the whole series on every poll
                 # made a poll cost the run's length, not what is new.
-                pts.sort_by_step()
+                if pts.dropped:  # the daemon let go of the folded points: sort the series the store holds
+                    whole = sorted(((s, v) for s, v, _ in self._full_history(run_id, key)), key=lambda p: p[0])
+                    cache.history[key] = PointSeries(whole)
+                else:
+                    pts.sort_by_step()
             new = [(ts / 1000.0, s) for s, _, ts in got]
         if not key.startswith("atm/"):
             cache.timeline.add(new)

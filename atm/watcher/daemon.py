@@ -30,7 +30,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from atm.adapters.base import Backend, BackendUnavailable, MessageProblem, PoolExhausted, RunNotFound, RunView
+from atm.adapters.base import (
+    Backend,
+    BackendUnavailable,
+    HistoryTrimmed,
+    MessageProblem,
+    PoolExhausted,
+    RunNotFound,
+    RunView,
+    release_history,
+)
 from atm.policies import Policy, blocked
 from atm.schema import Status, TelemetrySnapshot, DecisionRecord
 from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
@@ -58,6 +67,9 @@ MAX_BACKOFF_S = 60.0
 SETTLE_NOW_S = 0.2
 #: Late answers in a row after which the daemon says the proposer is too slow for the run.
 STALE_WARN_AFTER = 3
+#: Points of each metric a backend keeps once they are folded into a run's telemetry (16 bytes each):
+#: the telemetry reads only what is new, and the poll checks read the newest point.
+HISTORY_KEEP = 256
 
 
 @dataclass
@@ -391,7 +403,7 @@ class Daemon:
         """Poll one run once and act on it. With ``wait``, a decision started now is awaited and settled."""
         st = self._states.setdefault(run_id, RunState(run_id))
         self.status.setdefault(run_id, RunStatus(run_id))
-        view = self.backend.poll(run_id)
+        view = self._read(st, run_id)
         seen_before = st.recovered
         if not st.recovered:
             st.records = self._own_records(run_id)
@@ -585,6 +597,24 @@ class Daemon:
         self._settle_decision(st, view)
         with self._lock:  # settled in this poll: the extra poll its answer asked for would read nothing new
             self._schedule.unpoke(st.run_id)
+
+    def _read(self, st: RunState, run_id: str) -> RunView:
+        """Poll the run and fold what is new into its telemetry; then the backend may let go of the
+        points folded (all but the newest ``HISTORY_KEEP`` a metric), so a run's memory does not
+        grow with its length."""
+        view = self.backend.poll(run_id)
+        try:
+            self._telemetry(st, view)
+        except HistoryTrimmed as exc:
+            # A series to fold again from its start (a job resumed from a checkpoint logs its steps
+            # again) whose early points were let go: read the run whole once, into new telemetry.
+            log.info("run %s: reading its metrics anew (%s)", run_id, exc)
+            self.backend.forget(run_id)
+            st.telemetry = None
+            view = self.backend.poll(run_id)
+            self._telemetry(st, view)
+        release_history(view.history, HISTORY_KEEP)
+        return view
 
     def _telemetry(self, st: RunState, view: RunView) -> RunTelemetry:
         """The run's telemetry, with what is new in ``view`` folded in."""

@@ -201,16 +201,58 @@ def value_at(points: Points, step: int) -> float | None:
     return points[i - 1][1] if i else None
 
 
+
+class Recent(Sequence[tuple[int, float]]):
+    """The last ``size`` points of a series, ``(step, value)``, in two typed arrays: 16 bytes a point,
+    where a deque of tuples takes about 100 (4,096 points of 3 metrics of 200 runs held 250 MB)."""
+
+    __slots__ = ("size", "steps", "values")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.steps = array("q")
+        self.values = array("d")
+
+    def append(self, point: tuple[int, float]) -> None:
+        self.steps.append(point[0])
+        self.values.append(point[1])
+        if len(self.steps) > self.size + self.size // 4:  # cut in batches: an array's front moves the rest
+            del self.steps[: len(self.steps) - self.size]
+            del self.values[: len(self.values) - self.size]
+
+    def _start(self) -> int:
+        return max(0, len(self.steps) - self.size)
+
+    def __len__(self) -> int:
+        return len(self.steps) - self._start()
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        k = self._start()
+        if isinstance(i, slice):
+            r = range(k, len(self.steps))[i]
+            return [(self.steps[j], self.values[j]) for j in r]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"point {i} of the last {n}")
+        j = k + (i + n if i < 0 else i)
+        return self.steps[j], self.values[j]
+
+    def __iter__(self):  # type: ignore[no-untyped-def, override]
+        k = self._start()
+        return zip(self.steps[k:], self.values[k:])
+
+
 class SeriesState:
     """Running statistics of one metric series, folded a point at a time in step order.
 
-    Memory is bounded but for ``steps`` (the distinct steps, for windows counted in evaluations):
-    O(1) summaries, the last ``WINDOW`` usable points, the last ``recent`` points, and at most
-    ``thin_cap`` thinned points for the trail.
+    Memory is bounded but for ``steps`` (the distinct steps, 8 bytes each, kept only with
+    ``track_steps``: the run's evaluation series, whose steps windows counted in evaluations
+    need): O(1) summaries, the last ``WINDOW`` usable points, the last ``recent`` points, and at
+    most ``thin_cap`` thinned points for the trail.
     """
 
     def __init__(self, key: str, higher_is_better: bool = False, *, thin_cap: int = THIN_CAP,
-                 recent: int = RECENT) -> None:
+                 recent: int = RECENT, track_steps: bool = True) -> None:
         self.key = key
         self.higher_is_better = higher_is_better
         self.thin_cap = thin_cap
@@ -222,7 +264,8 @@ class SeriesState:
         #: The last WINDOW usable points.
         self.window: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         #: The last ``recent`` points, usable or not, for :meth:`value_at`.
-        self.recent: deque[tuple[int, float]] = deque(maxlen=recent)
+        self.recent = Recent(recent)
+        self.track_steps = track_steps
         self.steps = array("q")
         self.n_usable = 0
         self.ema = math.nan
@@ -242,7 +285,7 @@ class SeriesState:
         step, value = int(step), float(value)
         if self.n == 0:
             self.first_step = step
-        if not self.steps or step > self.steps[-1]:
+        if self.track_steps and (not self.steps or step > self.steps[-1]):
             self.steps.append(step)
         self.n += 1
         self.last = (step, value)
@@ -471,21 +514,26 @@ class RunTelemetry:
     def fold(self, history: Mapping[str, Points]) -> bool:
         """Fold in what is new in ``history`` (key -> points sorted by step, as a backend keeps them).
 
-        Returns whether any mapped metric had new points.
+        Returns whether any mapped metric had new points. Reads only the points past those folded
+        before, but for a series that must be folded again from its start (rewritten, out of step
+        order, or one whose steps became needed). If its first points were released
+        (:meth:`~atm.adapters.base.PointSeries.release`), that raises
+        :class:`~atm.adapters.base.HistoryTrimmed` and this telemetry is unusable: read the run anew
+        and fold it into a new one.
         """
         keys = frozenset(history)
         if keys != self._keys:
             self._keys = keys
             roles = resolve_roles(self.policy, sorted(keys))
             if roles != self.roles:
-                self._remap(roles, history)
+                self._remap(roles)
         self._any_step = max((int(pts[-1][0]) for pts in history.values() if pts), default=self._any_step)
         gaps = self._gaps
         new: dict[str, list[tuple[int, float]]] = {}
         for key, state in self._series.items():
             pts = history[key]
             n, first, last = self._folded.get(key, (0, None, None))
-            if n and (len(pts) < n or _point(pts[0]) != first or _point(pts[n - 1]) != last):
+            if n and (len(pts) < n or not _same(_point(pts[0]), first) or not _same(_point(pts[n - 1]), last)):
                 # Not an append: the backend rewrote the series. Fold it again from the start.
                 state = self._series[key] = self._fresh(key)
                 if gaps is not None and key in gaps.keys:
@@ -503,11 +551,20 @@ class RunTelemetry:
                 new[key] = fresh
                 self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1]))
         if gaps is None and "train_loss" in self.roles and "val_loss" in self.roles:
-            gaps = self._gaps = self._fresh_gaps(history)
-            for key in gaps.keys:
-                if new.pop(key, None) is None:
-                    continue
-                new[key] = []  # folded from the whole history just now: still counts as new
+            gaps = self._gaps = _Gaps(self.roles["train_loss"], self.roles["val_loss"])
+            val_key = gaps.keys[1]
+            val = self._series[val_key]
+            if val.n:
+                # Evaluations folded before the pair was whole have no gaps yet: fold the val series
+                # again with them, from its own recent points while they hold it all (the backend may
+                # have released them). A train series folded before keeps its statistics: a gap needs
+                # only the train value at its evaluation's step, which the train state looks up.
+                if val.n <= len(val.recent):
+                    whole = list(val.recent) + new.get(val_key, [])
+                else:
+                    whole = [_point(p) for p in history[val_key]]
+                self._series[val_key] = self._fresh(val_key)
+                new[val_key] = sorted(whole, key=lambda p: p[0])
         for key, pts in new.items():
             if gaps is not None and key in gaps.keys:
                 continue
@@ -518,40 +575,41 @@ class RunTelemetry:
             self._fold_pair(gaps, new.get(gaps.keys[0], []), new.get(gaps.keys[1], []))
         return bool(new)
 
-    def _remap(self, roles: dict[str, str], history: Mapping[str, Points]) -> None:
-        """Roles changed (a metric appeared): keep the series whose reading did not change, start the rest."""
+    def _remap(self, roles: dict[str, str]) -> None:
+        """Roles changed (a metric appeared): keep the series whose reading did not change, start the
+        rest (folded from their start by the caller)."""
         old = {key: role for role, key in self.roles.items()}
         self.roles = roles
+        steps_key = self._steps_key()
         kept: dict[str, SeriesState] = {}
         for role, key in roles.items():
             state = self._series.get(key)
             same_reading = key in old and (_base(old[key]) in HIGHER_IS_BETTER) == (_base(role) in HIGHER_IS_BETTER)
-            if state is not None and same_reading:
+            if state is not None and same_reading and (state.track_steps or key != steps_key):
                 kept[key] = state
             else:
                 kept[key] = self._fresh(key)
                 self._folded.pop(key, None)
+        if steps_key is not None:
+            for key, state in kept.items():
+                if key != steps_key and state.track_steps:
+                    state.track_steps, state.steps = False, array("q")  # the evaluation metric's steps count now
         self._series = kept
         self._folded = {k: v for k, v in self._folded.items() if k in kept}
         pair = (roles.get("train_loss"), roles.get("val_loss"))
         if self._gaps is not None and self._gaps.keys != pair:
             self._gaps = None
 
+    def _steps_key(self) -> str | None:
+        """The series whose distinct steps count as evaluations (see :func:`eval_steps`), once the run
+        logs the policy's evaluation metric. Until then every mapped series keeps its steps: which one
+        stands in for it depends on the keys the run will have logged by then."""
+        return self.roles.get(self.policy.limits.eval_metric)
+
     def _fresh(self, key: str) -> SeriesState:
         role = next((r for r, k in self.roles.items() if k == key), "")
-        return SeriesState(key, _base(role) in HIGHER_IS_BETTER, thin_cap=self._thin_cap, recent=self._recent)
-
-    def _fresh_gaps(self, history: Mapping[str, Points]) -> _Gaps:
-        """The gap state for the run's train and val losses, folded from their whole histories (once,
-        when the pair first appears or changes), together with the two series."""
-        train_key, val_key = self.roles["train_loss"], self.roles["val_loss"]
-        gaps = _Gaps(train_key, val_key)
-        for key in (train_key, val_key):
-            self._series[key] = self._fresh(key)
-            pts = history[key]
-            self._folded[key] = (len(pts), _point(pts[0]), _point(pts[-1])) if pts else (0, (0, 0.0), (0, 0.0))
-        self._fold_pair(gaps, *(sorted((_point(p) for p in history[k]), key=lambda p: p[0]) for k in gaps.keys))
-        return gaps
+        return SeriesState(key, _base(role) in HIGHER_IS_BETTER, thin_cap=self._thin_cap, recent=self._recent,
+                           track_steps=self._steps_key() in (None, key))
 
     def _fold_pair(self, gaps: _Gaps, train_new: Sequence[tuple[int, float]],
                    val_new: Sequence[tuple[int, float]]) -> None:
@@ -743,6 +801,12 @@ def _base(role: str) -> str:
 
 def _point(p: Sequence[float]) -> tuple[int, float]:
     return int(p[0]), float(p[1])
+
+
+def _same(a: tuple[int, float], b: tuple[int, float] | None) -> bool:
+    """Whether two points are the same one, NaN values included (a run whose first loss is NaN was
+    read as rewritten, and folded again from its start, on every poll)."""
+    return b is not None and a[0] == b[0] and (a[1] == b[1] or (math.isnan(a[1]) and math.isnan(b[1])))
 
 
 def build_snapshot(

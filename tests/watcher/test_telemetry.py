@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from atm.adapters.base import HistoryTrimmed, PointSeries, release_history
 from atm.policies import Policy, load_policy
 from atm.schema import Action, Status
 from atm.testing import make_record
@@ -100,6 +101,81 @@ def test_the_snapshot_is_the_one_the_whole_history_always_gave(data: st.DataObje
     assert got == want
 
 
+def released_folds(policy: Policy, history: dict, cuts: list[dict[str, int]], keep: int) -> RunTelemetry:
+    """As the daemon folds: one PointSeries per key that grows poll by poll, released after each fold."""
+    telemetry = RunTelemetry(policy, thin_cap=8)
+    held: dict[str, PointSeries] = {}
+    for cut in cuts:
+        for k, pts in history.items():
+            if cut[k]:
+                series = held.setdefault(k, PointSeries())
+                series.extend(pts[len(series): cut[k]])
+        telemetry.fold(held)
+        release_history(held, keep)
+    return telemetry
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_releasing_folded_points_after_each_poll_changes_no_snapshot(data: st.DataObject) -> None:
+    policy, keys = data.draw(st.sampled_from([
+        (LM, ("train_loss", "val_loss", "grad_norm", "loss/aux", "loss/main")),
+        (RL, ("rollout/ep_rew_mean", "eval/safe_success", "eval/collision_rate", "train/entropy_loss")),
+    ]))
+    history = data.draw(histories(keys))
+    cuts = data.draw(splits(history))
+    whole = folded(policy, history, [{k: len(p) for k, p in history.items()}], thin_cap=8)
+    assert snap(released_folds(policy, history, cuts, keep=data.draw(st.integers(1, 4)))) == snap(whole)
+
+
+def test_a_released_series_keeps_its_length_head_and_newest_points() -> None:
+    series = PointSeries((s, float(s)) for s in range(100))
+    series.release(10)
+    assert len(series) == 100 and series.dropped == 90 and len(series.steps) == 10
+    assert series[0] == (0, 0.0) and series[-1] == (99, 99.0) and series[95] == (95, 95.0)
+    assert series[95:] == [(s, float(s)) for s in range(95, 100)] and series[100:] == []
+    with pytest.raises(HistoryTrimmed):
+        series[50]
+    with pytest.raises(HistoryTrimmed):
+        series[80:]
+    with pytest.raises(HistoryTrimmed):
+        list(series)
+    series.release(10)  # nothing more to let go until it holds twice as many
+    assert series.dropped == 90
+    series.extend((s, 0.0) for s in range(100, 105))
+    series.release(10)
+    assert series.dropped == 90 and len(series) == 105
+    series.extend((s, 0.0) for s in range(105, 115))
+    series.release(10)
+    assert series.dropped == 105 and len(series) == 115 and series[105] == (105, 0.0) and series[0] == (0, 0.0)
+
+
+def test_a_series_rewritten_after_its_points_were_released_asks_for_a_new_read() -> None:
+    # A resumed job logs old steps again: the telemetry must refold the series from its start,
+    # which a released series cannot give. It says so rather than fold a tail as if it were whole.
+    series = {"train_loss": PointSeries((s, 3.0 - s / 100) for s in range(1, 141))}
+    telemetry = RunTelemetry(LM)
+    telemetry.fold(series)
+    release_history(series, 8)
+    series["train_loss"].extend([(100, 2.5)])  # appended out of order, as an arrival-order tracker shows it
+    with pytest.raises(HistoryTrimmed):
+        telemetry.fold(series)
+
+
+def test_an_evaluation_series_that_appears_late_needs_no_released_train_points() -> None:
+    train = [(s, 3.0 - s / 1000) for s in range(1, 3001)]
+    val = [(s, 2.5 - s / 2000) for s in range(1000, 3001, 500)]
+    held = {"train_loss": PointSeries(train[:2000])}
+    telemetry = RunTelemetry(LM)
+    telemetry.fold(held)
+    release_history(held, 16)
+    held["train_loss"].extend(train[2000:])
+    held["val_loss"] = PointSeries(val)
+    telemetry.fold(held)
+    whole = folded(LM, {"train_loss": train, "val_loss": val}, [{"train_loss": 3000, "val_loss": len(val)}])
+    assert snap(telemetry) == snap(whole)
+
+
 def test_a_rewritten_series_is_folded_again() -> None:
     # A job resumed from its step-100 checkpoint logs steps 101.. again: the backend rewrites the series.
     first = {"train_loss": [(s, 3.0 - s / 100) for s in range(1, 141)], "val_loss": [(s, 2.0) for s in range(20, 141, 20)]}
@@ -121,12 +197,18 @@ def test_a_poll_with_nothing_new_changes_nothing() -> None:
     assert snap(telemetry) == before
 
 
-def test_memory_per_series_is_bounded_but_for_its_steps() -> None:
+def test_memory_per_series_is_bounded_but_for_the_evaluation_steps() -> None:
     state = SeriesState("train_loss", thin_cap=64, recent=128)
     for s in range(100_000):
         state.add(s, math.sin(s / 1000))
     assert len(state.thin) <= 64 and len(state.recent) == 128 and len(state.window) == 8
+    assert len(state.recent.steps) <= 160 and state.recent[0] == (100_000 - 128, math.sin(99.872))
+    assert list(state.recent)[-1] == (99_999, math.sin(99.999)) and state.recent[-2][0] == 99_998
     assert len(state.steps) == 100_000 and state.steps.itemsize == 8
+    untracked = SeriesState("grad_norm", track_steps=False)
+    for s in range(1000):
+        untracked.add(s, 1.0)
+    assert len(untracked.steps) == 0 and untracked.n == 1000
     # Thinned points are every k-th point, k a power of two, starting from the first.
     stride = state.thin[1][0] - state.thin[0][0]
     assert state.thin[0][0] == 0 and stride & (stride - 1) == 0
