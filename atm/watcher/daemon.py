@@ -5,8 +5,8 @@ with ``shard``, only the runs this replica owns are watched (:mod:`~atm.watcher.
 
 A run's path, one module each, every ``interval`` seconds (a wait that stop interrupts):
 
-1. :mod:`~atm.watcher.poll`: read the run (new metric points, listener state, acks) and what to
-   tell the user about it once;
+1. :mod:`~atm.watcher.poll`: read the run (new points of the metrics the policy maps, listener
+   state, acks) and what to tell the user about it once;
 2. :mod:`~atm.watcher.reconcile`: merge the decision log with what is on the run;
 3. :mod:`~atm.watcher.decide`: when the run logged a new evaluation and nothing is pending, build
    the snapshot and the offer and hand them to the proposer on a worker (one decision in flight per run);
@@ -27,6 +27,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
 from atm.watcher.decide import decision_context, decision_inputs
 from atm.watcher.effect import judge
-from atm.watcher.poll import is_idle, listener_notes, metric_notes, metric_notes_due, unmapped_status
+from atm.watcher.poll import is_idle, keys_to_read, listener_notes, metric_notes, metric_notes_due, unmapped_status
 from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.publish import publish
 from atm.watcher.reconcile import foreign_update, own_records, reconcile, unpublished_acks
@@ -54,7 +55,7 @@ from atm.watcher.report import RunStatus, status_fields
 from atm.watcher.rules import RulesProposer, Thresholds, diagnose
 from atm.watcher.schedule import PollSchedule
 from atm.watcher.service import ErrorKind, Hooks
-from atm.watcher.settle import out_of_time, settle
+from atm.watcher.settle import out_of_time, outpaced, settle
 from atm.watcher.shard import Shard, owns
 from atm.watcher.snapshot import RunTelemetry
 from atm.watcher.workers import ProposalPool
@@ -107,6 +108,8 @@ class RunState:
     noted_slow: bool = False
     #: Whether the proposer missing its deadline (the rules decided instead) was reported (once per run).
     noted_deadline: bool = False
+    #: Whether the proposer being too slow for the run's pace (not asked: the rules decide at once) was reported.
+    noted_outpaced: bool = False
     #: Why nothing may be changed now (warm-up, cooldown, budget), for the status line; empty otherwise.
     waiting: str = ""
     #: The run's metrics folded so far: each poll adds only what is new.
@@ -119,6 +122,9 @@ class RunState:
     alert: str = ""
     #: Updates the job refused that were reported.
     refused: set[int] = field(default_factory=set)
+    #: The run's metric keys as last polled and those of them read (:func:`~atm.watcher.poll.keys_to_read`),
+    #: worked out again only when its keys change.
+    reading: tuple[frozenset[str], frozenset[str]] | None = None
 
 
 @dataclass
@@ -188,6 +194,8 @@ class Daemon:
         self.policy = policy
         self.proposer = proposer or RulesProposer()
         self.fallback = fallback or RulesProposer()
+        #: How long the proposer's recent answers took (every run's): is it fast enough for a run's pace?
+        self._latencies: deque[float] = deque(maxlen=5)
         self.interval = interval
         self.dry_run = dry_run
         #: Seconds to keep looking for a run that does not exist yet (a W&B id set in advance).
@@ -584,7 +592,13 @@ class Daemon:
             st.waiting = blocked(self.policy, ctx) or "every parameter is in its cooldown, out of budget or at its bound"
             return
         st.waiting = ""
-        future = self._pool.submit(self._propose, snapshot, ctx, offer)
+        why = self._outpaced(st, view, telemetry)
+        if why:
+            # Its answer would come after the deadline: asking would only delay the rules' decision.
+            future: cf.Future[ProposalResult] = cf.Future()
+            future.set_result(self._fall_back(snapshot, ctx, offer, f"not asked: {why}"))
+        else:
+            future = self._pool.submit(self._propose, snapshot, ctx, offer)
         inflight = st.inflight = _Inflight(future, snapshot, ctx, offer, self.clock(),
                                            logged_at=_logged_at(view, newest_eval))
         future.add_done_callback(lambda _f: self._answered(st.run_id, inflight))
@@ -601,8 +615,15 @@ class Daemon:
     def _read(self, st: RunState, run_id: str) -> RunView:
         """Poll the run and fold what is new into its telemetry; then the backend may let go of the
         points folded (all but the newest ``HISTORY_KEEP`` a metric), so a run's memory does not
-        grow with its length."""
-        view = self.backend.poll(run_id)
+        grow with its length. Only the keys the policy maps are read (:func:`~atm.watcher.poll.keys_to_read`)."""
+
+        def select(keys: Sequence[str]) -> frozenset[str]:
+            present = frozenset(keys)
+            if st.reading is None or st.reading[0] != present:
+                st.reading = (present, keys_to_read(self.policy, keys))
+            return st.reading[1]
+
+        view = self.backend.poll(run_id, select)
         try:
             self._telemetry(st, view)
         except HistoryTrimmed as exc:
@@ -611,7 +632,7 @@ class Daemon:
             log.info("run %s: reading its metrics anew (%s)", run_id, exc)
             self.backend.forget(run_id)
             st.telemetry = None
-            view = self.backend.poll(run_id)
+            view = self.backend.poll(run_id, select)
             self._telemetry(st, view)
         release_history(view.history, HISTORY_KEEP)
         return view
@@ -636,6 +657,7 @@ class Daemon:
                         snapshot.run_id, self.proposer.name, _clip(first, 240))
             result = self._fall_back(snapshot, ctx, offer, f"{type(exc).__name__}: {exc}", failed_attempt=audit)
         result.audit.setdefault("latency_s", round(time.monotonic() - started, 3))
+        self._latencies.append(time.monotonic() - started)
         return result
 
     def _fall_back(self, snapshot: TelemetrySnapshot, ctx: DecisionContext, offer: Offer, error: str,
@@ -645,6 +667,19 @@ class Daemon:
         result.audit = {"fallback_from": self.proposer.name, "error": error, **audit, **result.audit}
         result.source = "fallback"
         return result
+
+    def _outpaced(self, st: RunState, view: RunView, telemetry: RunTelemetry) -> str:
+        """Why the proposer would answer this run only after its deadline (see :func:`outpaced`); empty if in time."""
+        if self.proposer.name == self.fallback.name:
+            return ""
+        evals = [(s, t) for s in telemetry.eval_steps()[-6:] if (t := _logged_at(view, s)) is not None]
+        why = outpaced(list(self._latencies), evals, self.policy.limits.stale_after)
+        if why and not st.noted_outpaced:
+            st.noted_outpaced = True
+            log.warning("run %s: proposer %s is not asked while the run is this fast (%s): the rules decide at "
+                        "once. Use a faster model (--llm) or a larger limits.stale_after in the policy for the "
+                        "proposer to decide.", st.run_id, self.proposer.name, why)
+        return why
 
     def _missed_deadline(self, st: RunState, view: RunView) -> bool:
         """Whether the proposal in flight can no longer come in time: the run moved past ``limits.stale_after``

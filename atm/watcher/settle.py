@@ -8,6 +8,8 @@ fallback proposer it may call (the rules: microseconds, no I/O).
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from atm.adapters.base import RunView
@@ -43,6 +45,34 @@ def out_of_time(ctx_now: DecisionContext, asked_step: int, stale_after: Window) 
     so that the rules decide while their answer can still apply. Pure.
     """
     return bool(stale_after.steps or stale_after.evals) and ctx_now.passed(asked_step, stale_after)
+
+
+def outpaced(latencies: Sequence[float], evals: Sequence[tuple[int, float]], stale_after: Window) -> str:
+    """Why an answer from a proposer whose recent answers took ``latencies`` seconds would come
+    after the run passed ``stale_after``, the run's recent evaluations being ``evals`` ((step, wall
+    time), oldest first); empty when it would come in time, or when that cannot be told yet (no
+    answer timed, fewer than three evaluations placed in time, no window). Pure.
+
+    Asking anyway costs a decision: it waits for the deadline and then the rules decide on a run
+    that moved on. The typical answer is the median of the last five; the run's pace is its recent
+    one, so a run that slows down (longer evaluations, a second job on the machine) gets the
+    proposer back.
+    """
+    if not latencies or not (stale_after.evals or stale_after.steps) or len(evals) < 3:
+        return ""
+    (s0, t0), (s1, t1) = evals[0], evals[-1]
+    if t1 <= t0 or s1 <= s0:
+        return ""
+    typical = statistics.median(latencies[-5:])
+    per_eval, per_step = (t1 - t0) / (len(evals) - 1), (t1 - t0) / (s1 - s0)
+    # Both parts of a window must pass for it to have passed: the answer is late past the longer one.
+    budget = max(stale_after.evals * per_eval, stale_after.steps * per_step)
+    if typical <= budget:
+        return ""
+    span = " and ".join(([f"{stale_after.evals} evaluations"] if stale_after.evals else [])
+                        + ([f"{stale_after.steps} steps"] if stale_after.steps else []))
+    return (f"its answers take {typical:.1f} s (median of the last {min(len(latencies), 5)}); the run passes "
+            f"limits.stale_after ({span}) in {budget:.1f} s at its recent pace")
 
 
 def settle(

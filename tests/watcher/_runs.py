@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.schema import Change, DecisionRecord, Diagnosis, ListenerInfo, Status
 
@@ -20,11 +22,15 @@ def overfitting_run(uri: str, upto: int = 20, experiment: str = "daemon") -> str
     return rid
 
 
-def log_evals(client, rid: str, start: int, end: int) -> None:  # noqa: ANN001 - an MlflowClient
+def log_evals(client, rid: str, start: int, end: int, every_s: float | None = None) -> None:  # noqa: ANN001 - an MlflowClient
+    """Evaluations ``start``..``end`` (step 10 i); logged as fast as the store takes them, or stamped
+    ``every_s`` seconds apart from now on the job's clock (a run's pace, as the daemon reads it)."""
+    now_ms = int(time.time() * 1000)
     for i in range(start, end + 1):
         step = i * 10
-        client.log_metric(rid, "train_loss", 3.0 / i, step=step)
-        client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), step=step)
+        ts = None if every_s is None else now_ms + int((i - start) * every_s * 1000)
+        client.log_metric(rid, "train_loss", 3.0 / i, timestamp=ts, step=step)
+        client.log_metric(rid, "val_loss", 2.0 - 0.1 * min(i, 8) + 0.06 * max(0, i - 8), timestamp=ts, step=step)
 
 
 def publish_first_change(backend: MlflowBackend, rid: str, step: int, lr: tuple[float, float]) -> None:

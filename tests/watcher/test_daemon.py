@@ -7,6 +7,7 @@ misbehave on purpose are fakes, named as such.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -166,14 +167,16 @@ def test_the_daemon_says_when_answers_keep_arriving_too_late(mlflow_uri: str, ca
     slow = SlowProposer()
     daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
     i = 20
+    start_ms = int(time.time() * 1000)
     for _ in range(3):
         st = daemon.tick(rid)
         assert st.inflight is not None
-        # the run recovers by four evaluations each time (new bests), so the answer no longer applies
+        # the run recovers by four evaluations each time (new bests), so the answer no longer applies;
+        # an evaluation every 10 s (the job's clock): a pace at which the proposer is still asked
         for _ in range(4):
             i += 1
-            client.log_metric(rid, "train_loss", 3.0 / i, step=i * 10)
-            client.log_metric(rid, "val_loss", 1.0 - 0.01 * i, step=i * 10)
+            client.log_metric(rid, "train_loss", 3.0 / i, timestamp=start_ms + i * 10_000, step=i * 10)
+            client.log_metric(rid, "val_loss", 1.0 - 0.01 * i, timestamp=start_ms + i * 10_000, step=i * 10)
         slow.release.set()
         st.inflight.future.result(5)
         slow.release.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from _runs import log_evals, overfitting_run
@@ -87,8 +88,9 @@ def test_the_rules_decide_once_the_run_moved_past_stale_after_and_the_late_answe
         assert [r.seq for r in backend.read_log(rid)] == [1]
 
         # The next decision, once the change's cooldown is over, is the proposer's own again.
+        # (At an evaluation every 10 s, a pace its one timed answer keeps up with.)
         channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=245, values=rec.proposal.changes))
-        log_evals(client, rid, 25, 27)
+        log_evals(client, rid, 25, 27, every_s=10)
         st = daemon.tick(rid, wait=True)
         assert [r.source for r in st.records] == ["fallback", "slow-fake"]
     finally:
@@ -142,5 +144,39 @@ def test_with_no_stale_after_the_daemon_waits_for_the_slow_answer(mlflow_uri: st
         st = daemon.tick(rid)
         [rec] = st.records
         assert rec.source == "slow-fake" and rec.step == 200 and rec.status == Status.PENDING, (rec.status, rec.reason)
+    finally:
+        daemon.stop()
+
+
+def test_a_proposer_slower_than_the_runs_pace_is_not_asked_and_the_rules_decide_at_once(
+        mlflow_uri: str, slow: SlowFakeProposer, caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), slow, interval=0.1)
+    channel = MlflowChannel(rid, mlflow_uri)
+    try:
+        st = daemon.tick(rid)
+        first = st.inflight
+        assert first is not None
+        time.sleep(0.5)
+        slow.release.set()  # its one timed answer took 0.5 s or more
+        first.future.result(5)
+        st = daemon.tick(rid)
+        assert [r.source for r in st.records] == ["slow-fake"]
+        slow.release.clear()
+        channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=205,
+                        values=st.records[0].proposal.changes))
+        # Evaluations stamped 0.1 s apart: the run passes the lm preset's stale_after (four) in 0.4 s.
+        log_evals(client, rid, 21, 26, every_s=0.1)
+        with caplog.at_level("WARNING", logger="atm.watch"):
+            st = daemon.tick(rid)
+        assert st.inflight is None and slow.calls == 1  # not asked
+        second = st.records[1]
+        assert second.source == "fallback" and second.step == 260 and second.audit["fallback_from"] == "slow-fake"
+        assert second.audit["error"].startswith("not asked: its answers take ") and "in 0.4 s" in second.audit["error"]
+        warned = [r.getMessage() for r in caplog.records if "is not asked while the run is this fast" in r.getMessage()]
+        assert len(warned) == 1 and "limits.stale_after" in warned[0]
     finally:
         daemon.stop()
