@@ -12,14 +12,16 @@ beside it (``atm.bench.tinystories``, ``atm.bench.manipulation``) and register i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,18 +131,45 @@ def run_arm(
         if run.run_id:
             daemon = Daemon(backend, policy, make_proposer(proposer_kind or "rules", policy), interval=interval)
             watcher = threading.Thread(target=daemon.watch, args=([run.run_id],), daemon=True)
-            watcher.start()
-    run.exit_code = proc.wait()
-    reader.join(10)
-    if daemon is not None and watcher is not None:
-        watcher.join(120)  # it exits once it has seen the run finish and settled the last acks
-        daemon.stop()
+            with daemon_log(run.log.with_suffix(".daemon.log")):
+                watcher.start()
+                run.exit_code = proc.wait()
+                reader.join(10)
+                watcher.join(120)  # it exits once it has seen the run finish and settled the last acks
+                daemon.stop()
+    if watcher is None:
+        run.exit_code = proc.wait()
+        reader.join(10)
     run.records = run_records(tracking_uri, run.run_id)
     run.wall_s = time.time() - started
     if run.exit_code != 0:
         tail = run.log.read_text()[-2000:] if run.log.exists() else ""
         raise RuntimeError(f"{run.arm} seed {run.seed} failed (exit {run.exit_code}); log {run.log}:\n{tail}")
     return run
+
+
+@contextlib.contextmanager
+def daemon_log(path: Path) -> Iterator[None]:
+    """The managing daemon's own log (its decisions, no-change answers included, at INFO) in ``path``,
+    beside the job's; the console keeps only warnings, as before. Arms run one at a time."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    atm_log = logging.getLogger("atm")
+    level = atm_log.level
+    quieted = [h for h in logging.getLogger().handlers if h.level == logging.NOTSET]
+    for h in quieted:
+        h.setLevel(logging.WARNING)
+    atm_log.addHandler(handler)
+    atm_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        atm_log.removeHandler(handler)
+        atm_log.setLevel(level)
+        for h in quieted:
+            h.setLevel(logging.NOTSET)
+        handler.close()
 
 
 def job_env() -> dict[str, str]:

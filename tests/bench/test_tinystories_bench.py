@@ -45,6 +45,10 @@ def test_quick_bench_manages_the_live_run_and_resumes(tmp_path, capsys):
     assert seed["interventions"] == len(applied) and report["arms"]["managed-rules"]["interventions"] == [len(applied)]
     assert all(r.applied_step is not None and r.applied_step >= r.step for r in applied)
     assert seed["decisions"]["applied"] == len(applied) and sum(seed["decisions"].values()) == len(records)
+    # The daemon's own log, every decision at INFO, beside the job's; the fixed arms have none.
+    daemon_log = (tmp_path / "logs" / "managed-rules-seed40.daemon.log").read_text()
+    assert f"run {seed['run_id']}" in daemon_log and " INFO atm.watch: " in daemon_log
+    assert not (tmp_path / "logs" / "fixed-seed40.daemon.log").exists()
     (line,) = [ln for ln in (tmp_path / "tinystories.md").read_text().splitlines() if ln.startswith("- managed-rules")]
     assert f"{len(applied)} applied" in line.split("decisions:")[1]
 
