@@ -8,6 +8,10 @@ Rules every implementation keeps:
 - Reads are incremental: a backend keeps what it already read per run and key and fetches only
   what is new. It keeps each metric as a :class:`PointSeries`, which the daemon releases once
   folded (a series rewritten after that, by a resumed job, is read whole again).
+- Reads are selective: :meth:`Backend.poll` given ``select`` reads only the metric keys it picks
+  (and every ``atm/*`` key, the listener's own); a key it leaves out costs no request. A key picked
+  for the first time is read from its start. ``RunView.keys`` and ``last_metric_time`` cover
+  every key, read or not.
 - Writes are idempotent by ``seq``: publishing the same update twice leaves one update.
 - Messages are signed at this edge (:mod:`atm.signing`): a backend signs the updates it publishes
   and the records it logs, a channel signs its acks, with the key given to it or resolved from the
@@ -27,7 +31,7 @@ import bisect
 import json
 import re
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -39,6 +43,9 @@ from atm.signing import SigningKey, sign, verify
 M = TypeVar("M", bound=BaseModel)
 
 Points = Sequence[tuple[int, float]]
+
+#: Given every metric key a run has, the keys to read (see :meth:`Backend.poll`).
+KeySelector = Callable[[Sequence[str]], Collection[str]]
 
 
 class HistoryTrimmed(LookupError):
@@ -284,12 +291,13 @@ class RunView:
     run_id: str
     name: str
     status: str  # RUNNING, FINISHED, FAILED, KILLED (tracker's words, upper case)
-    #: Metric key -> the points read so far, sorted by step. A backend keeps them whole until its
-    #: owner releases the folded ones (:meth:`PointSeries.release`): the daemon keeps the newest few.
+    #: Metric key -> the points read so far, sorted by step: every key, or those a poll's ``select``
+    #: picked (and ``atm/*``). A backend keeps them whole until its owner releases the folded ones
+    #: (:meth:`PointSeries.release`): the daemon keeps the newest few.
     history: Mapping[str, Points]
-    #: Wall time (seconds) of the newest metric point; 0 when none.
+    #: Wall time (seconds) of the newest metric point of any key, read or not; 0 when none.
     last_metric_time: float
-    #: Whether anything new arrived since the previous poll.
+    #: Whether new points of the keys read arrived since the previous poll.
     moved: bool
     listener: ListenerInfo | None = None
     acks: dict[int, Ack] = field(default_factory=dict)
@@ -304,6 +312,14 @@ class RunView:
     #: unsigned ones (a tag added in the tracker's UI), which the daemon takes only under stricter
     #: conditions (:mod:`atm.watcher.approval`). Wrongly signed ones are in ``problems`` instead.
     approvals: list[Approval] = field(default_factory=list)
+    #: Every metric key the run has, read or not (``atm/*`` too); empty from a backend that does not say,
+    #: when the keys of ``history`` are all there is (:func:`metric_keys`).
+    keys: Sequence[str] = ()
+
+
+def metric_keys(view: RunView) -> list[str]:
+    """Every metric key the run has: ``view.keys``, or the keys of ``view.history`` when the backend gave none."""
+    return list(view.keys) if view.keys else list(view.history)
 
 
 class Backend(Protocol):
@@ -315,8 +331,12 @@ class Backend(Protocol):
         """IDs of the RUNNING runs of an experiment (by name)."""
         ...
 
-    def poll(self, run_id: str) -> RunView:
-        """Read what is new for a run (metrics, listener state, acks, published updates)."""
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
+        """Read what is new for a run (metrics, listener state, acks, published updates).
+
+        ``select``: given every metric key the run has, the keys to read; the others are not read
+        at all (``atm/*`` keys always are). None reads every key.
+        """
         ...
 
     def publish(self, record: DecisionRecord) -> None:

@@ -11,9 +11,12 @@ On the run, atm keeps:
 - the artifact ``atm/interventions.jsonl``: every decision with its full context;
 - metrics ``atm/<param>`` logged by the listener at the step each change took effect.
 
-Reading is incremental: one ``get_run`` per poll gives the latest step of every metric; only
-keys that moved are read, and only the new step window of each (through the store's
-step-window query, the same one MLflow's UI uses), falling back to the full history.
+Reading is incremental: one ``get_run`` per poll gives every metric key with its latest step
+and time; only keys that moved are read, and only the new step window of each (through the
+store's step-window query, the same one MLflow's UI uses), falling back to the full history.
+Given ``select`` (the daemon passes the keys its policy maps), only the keys it picks and the
+listener's ``atm/*`` are read; the others cost no request, and a key picked later is read from
+its first point then.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from atm.adapters.base import (
     LOG_ARTIFACT,
     SEQ_KEY,
     BackendUnavailable,
+    KeySelector,
     PoolExhausted,
     MessageProblem,
     PointSeries,
@@ -177,17 +181,22 @@ class MlflowBackend:
 
     # ------------------------------------------------------------------ reading
 
-    def poll(self, run_id: str) -> RunView:
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
         try:
             run = _translate(f"run {run_id}", lambda: self.client.get_run(run_id))
         except RunNotFound as exc:
             raise self._not_found(run_id) from exc
         with self._lock:
             cache = self._cache.setdefault(run_id, _RunCache())
+        latest = run.data._metric_objs
+        keys = [m.key for m in latest]
+        wanted = None if select is None else set(select(keys))
         moved = False
         last_time = 0.0
-        for m in run.data._metric_objs:
+        for m in latest:
             last_time = max(last_time, m.timestamp / 1000.0)
+            if wanted is not None and m.key not in wanted and not m.key.startswith("atm/"):
+                continue  # not read at all; read from its start if a later poll picks it
             prev = cache.seen.get(m.key)
             if prev is not None and (m.step, m.timestamp) <= prev:
                 continue
@@ -209,6 +218,7 @@ class MlflowBackend:
             timeline=cache.timeline.points,
             problems=msgs.problems,
             approvals=msgs.approvals,
+            keys=keys,
         )
 
     def _not_found(self, run_id: str) -> RunNotFound:

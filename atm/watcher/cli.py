@@ -390,6 +390,7 @@ def _explain(args: argparse.Namespace) -> int:
         return explain_command(args)
     if args.experiment:
         return _explain_experiment(args)
+    from atm.adapters.base import metric_keys
     from atm.watcher.decide import decision_inputs
     from atm.watcher.poll import missing_metric_note
 
@@ -402,7 +403,7 @@ def _explain(args: argparse.Namespace) -> int:
     if view.listener is None:
         print("note: no listener has attached to this run yet, so no parameter values are known and nothing "
               "can be offered; add atm.listen(...) to the training script\n")
-    missing = missing_metric_note(policy, list(view.history))
+    missing = missing_metric_note(policy, metric_keys(view))
     if missing:
         print(f"note: {missing}\n")
     print(render_explain(snapshot, policy, ctx, offer, evidence=not args.no_evidence))

@@ -8,7 +8,7 @@ import difflib
 import re
 from collections.abc import Sequence
 
-from atm.adapters.base import RunView
+from atm.adapters.base import RunView, metric_keys
 from atm.policies import Policy
 from atm.schema import fmt
 from atm.watcher.snapshot import MISSING_METRIC_AFTER, missing_role_note, resolve_roles
@@ -36,6 +36,19 @@ def run_step(view: RunView) -> int:
 def logged_steps(view: RunView) -> int:
     """How many points the run's own busiest metric has (the listener's ``atm/*`` not counted)."""
     return max((len(pts) for k, pts in view.history.items() if not k.startswith("atm/")), default=0)
+
+
+def keys_to_read(policy: Policy, keys: Sequence[str]) -> frozenset[str]:
+    """The metric keys a poll reads of a run that has ``keys``: those the policy maps. The roles resolved
+    from these alone are those resolved from every key (a key no role reads decides no role's key), so
+    the telemetry folded from them is the same. A run none of whose keys maps gets its first key read
+    (sorted), so that its step and its number of points are known (the status line, when to say which
+    metrics it lacks). The listener's ``atm/*`` keys are read anyway. Pure."""
+    picked = frozenset(resolve_roles(policy, keys).values())
+    if picked:
+        return picked
+    own = sorted(k for k in keys if not k.startswith("atm/"))
+    return frozenset(own[:1])
 
 
 def is_idle(view: RunView, now: float, idle_minutes: float) -> bool:
@@ -115,9 +128,10 @@ def unmapped_status(policy: Policy, view: RunView) -> str:
     """For the status line, from the first poll that shows the run's keys: which roles no key maps when
     the evaluation metric is one of them (the manager would else look "healthy" on a run it cannot
     judge), and the policy line that maps them; "" otherwise. Pure."""
-    if not any(not k.startswith("atm/") for k in view.history):
+    keys = metric_keys(view)
+    if not any(not k.startswith("atm/") for k in keys):
         return ""
-    unmapped = unmapped_roles(policy, list(view.history))
+    unmapped = unmapped_roles(policy, keys)
     if not unmapped:
         return ""
     return f"unmapped: {', '.join(unmapped)} (policy file: extends: {policy.name}, {mapping_line(policy, unmapped)})"
@@ -129,7 +143,7 @@ def metric_notes_due(view: RunView, now: float, policy: Policy | None = None) ->
     points (its first evaluation may not have come yet), or a listener attached for ``SILENT_JOB_S`` to a
     job that logs nothing of its own (an SB3 script whose logger writes only to stdout never reaches
     that many points)."""
-    if policy is not None and policy.limits.eval_metric in (named := unmapped_roles(policy, list(view.history))):
+    if policy is not None and policy.limits.eval_metric in (named := unmapped_roles(policy, metric_keys(view))):
         if named[policy.limits.eval_metric] is not None:
             return True
     own = logged_steps(view)
@@ -151,7 +165,7 @@ def missing_metric_note(policy: Policy, keys: Sequence[str]) -> str:
 def metric_notes(policy: Policy, view: RunView) -> list[str]:
     """Metrics the policy expects and the run does not log, and a run with no listener to act through."""
     notes = []
-    note = missing_metric_note(policy, list(view.history))
+    note = missing_metric_note(policy, metric_keys(view))
     if note:
         notes.append(note)
     if view.listener is None and view.status == "RUNNING":

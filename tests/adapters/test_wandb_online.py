@@ -26,6 +26,8 @@ from atm.adapters._wandb._local import RunLayout, write_atomic
 from atm.adapters._wandb._online import Pacer, RemoteInbox, ApiHandle, translate
 from atm.adapters._wandb._txlog import FILE_HEADER
 from atm.adapters.wandb_backend import WandbBackend, WandbChannel
+from atm.policies import load_policy
+from atm.watcher.poll import keys_to_read
 from atm.schema import Ack, Change, DecisionRecord, Diagnosis, ListenerInfo, Status
 from wandb.apis.public.runs import RunNotFoundError
 from wandb.errors import AuthenticationError, CommError, UsageError
@@ -62,6 +64,7 @@ class FakeWandbApiRun:
         self.fail_next: list[Exception] = []
         self.scans: list[tuple[str, int]] = []
         self._keys_snapshot: dict[str, Any] = {}
+        self._summary: dict[str, Any] = {}
         self.load(force=True)
         self.requests.clear()
 
@@ -86,11 +89,16 @@ class FakeWandbApiRun:
                 kind = "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "string"
                 keys.setdefault(k, {"typeCounts": [{"type": kind, "count": 0}]})["typeCounts"][0]["count"] += 1
         self._keys_snapshot = {"lastStep": max((r["_step"] for r in self.rows), default=-1), "keys": keys}
+        self._summary = {k: v for row in self.rows for k, v in row.items()}  # each key's latest, _timestamp too
         return {}
 
     @property
     def history_keys(self) -> dict[str, Any]:
         return self._keys_snapshot
+
+    @property
+    def summary_metrics(self) -> dict[str, Any]:
+        return self._summary
 
     @property
     def lastHistoryStep(self) -> int:  # noqa: N802 - wandb's name
@@ -177,6 +185,35 @@ def test_poll_scans_each_numeric_key_once_from_where_it_stopped(tmp_path: Path) 
     assert [s for s, _ in view.history["train_loss"]] == list(range(15))
     assert [s for s, _ in view.history["val_loss"]] == [4, 9, 14]
     assert view.last_metric_time == pytest.approx(1_700_000_014.0)
+
+
+def test_poll_scans_only_the_keys_picked(tmp_path: Path) -> None:
+    run = FakeWandbApiRun(PATH)
+    noise = {"lr": 1e-3, "epoch": 0.5, "throughput/tokens_per_s": 9000.0, **{f"grad_norm/layer_{i}": 0.1 for i in range(8)}}
+    for s in range(10):
+        run.log(s, train_loss=1.0 / (s + 1), phase="warmup", **noise, **({"val_loss": 2.0 - s / 10} if s % 5 == 4 else {}))
+    run.log(10, **{"atm/lr": 1e-3})
+    lm = load_policy("lm")
+    backend = backend_for(FakeWandbApi(run), tmp_path)
+    view = backend.poll(PATH, select=lambda keys: keys_to_read(lm, keys))
+    assert sorted(run.scans) == [("atm/lr", 0), ("train_loss", 0), ("val_loss", 0)], "atm/* is scanned anyway"
+    assert sorted(view.history) == ["atm/lr", "train_loss", "val_loss"]
+    assert sorted(view.keys) == sorted(["atm/lr", "train_loss", "val_loss", *noise]), "every numeric key is listed"
+
+    # Only keys no role reads move: the keys picked are scanned (the last step moved: W&B does not say
+    # which keys did), the others not; the summary tells the run is alive.
+    run.scans.clear()
+    for s in range(11, 14):
+        run.log(s, **noise)
+    view = backend.poll(PATH, select=lambda keys: keys_to_read(lm, keys))
+    assert sorted(run.scans) == [("atm/lr", 11), ("train_loss", 11), ("val_loss", 11)] and not view.moved
+    assert view.last_metric_time == pytest.approx(1_700_000_013.0)
+
+    # A key picked later is scanned from its start.
+    run.scans.clear()
+    view = backend.poll(PATH, select=lambda keys: {*keys_to_read(lm, keys), "lr"})
+    assert run.scans == [("lr", 0)]
+    assert [s for s, _ in view.history["lr"]] == [*range(10), 11, 12, 13]
 
 
 def test_publish_reaches_a_remote_listener_and_its_ack_comes_back(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from atm.adapters.mlflow_backend import MlflowBackend, MlflowChannel
 from atm.policies import load_policy
 from atm.schema import Ack, Diagnosis, ListenerInfo, Proposal, Status, fmt
-from atm.adapters.base import Timeline
+from atm.adapters.base import KeySelector, Timeline
 from atm.testing import wait_for
 from atm.watcher.daemon import Daemon, RunState
 from atm.watcher.reconcile import step_after
@@ -439,13 +439,13 @@ class FlakyBackend:
         self.real, self.down = real, down
         self.name = real.name
 
-    def poll(self, run_id: str):  # noqa: ANN201
+    def poll(self, run_id: str, select: KeySelector | None = None):  # noqa: ANN201
         from atm.adapters.base import BackendUnavailable
 
         if self.down > 0:
             self.down -= 1
             raise BackendUnavailable("connection refused (fake)")
-        return self.real.poll(run_id)
+        return self.real.poll(run_id, select)
 
     def __getattr__(self, name: str):  # noqa: ANN204
         return getattr(self.real, name)

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from atm.adapters.base import BackendUnavailable, PoolExhausted, RunView
+from atm.adapters.base import BackendUnavailable, KeySelector, PoolExhausted, RunView
 from atm.policies import load_policy
 from atm.testing import wait_for
 from atm.watcher.daemon import Daemon
@@ -43,7 +43,7 @@ class CountingTracker:
     def running_runs(self, experiment: str) -> list[str]:
         return list(self.runs)
 
-    def poll(self, run_id: str) -> RunView:
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
         with self._lock:
             if run_id in self._active:
                 self.overlaps.append(run_id)

@@ -13,6 +13,7 @@ from typing import Any
 from atm.adapters.base import (
     BackendError,
     BackendUnavailable,
+    KeySelector,
     MessageProblem,
     RunMessages,
     RunNotFound,
@@ -117,7 +118,8 @@ class _LocalRun:
         self.late_reads = 0
         self.noted_lag = False
 
-    def poll(self, run_id: str) -> RunView:
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
+        """``select`` is not needed here: the transaction log is read whole, every key alike, from the disk."""
         if self.tail is None:
             path = self.layout.transaction_log()
             if path is None:
@@ -156,6 +158,7 @@ class _LocalRun:
             timeline=self.state.timeline.points,
             problems=msgs.problems,
             approvals=msgs.approvals,
+            keys=list(self.state.history),
         )
 
     def _measure_lag(self, newest_before: float, added: int) -> None:
@@ -308,8 +311,8 @@ class WandbBackend:
 
     # ------------------------------------------------------------------ the contract
 
-    def poll(self, run_id: str) -> RunView:
-        return self._target(run_id).poll(run_id)
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
+        return self._target(run_id).poll(run_id, select)
 
     def publish(self, record: DecisionRecord) -> None:
         self._write(record.run_id, lambda t: t.publish(record))

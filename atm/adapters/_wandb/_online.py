@@ -1,9 +1,11 @@
 """Online W&B runs (``entity/project/run_id``) through the public API: metrics in, updates out.
 
-Reading: one run query per poll gives the state and ``historyKeys`` (the last step and every
-key's value types); only when the last step moved is each numeric key scanned, one key per
-``scan_history(keys=[k], min_step=...)`` (several keys in one scan return only the rows that hold
-all of them), from just after the last step already read.
+Reading: one run query per poll gives the state, ``historyKeys`` (the last step and every
+key's value types) and the summary (whose ``_timestamp`` is when the job last logged); only when
+the last step moved is each numeric key scanned, one key per ``scan_history(keys=[k],
+min_step=...)`` (several keys in one scan return only the rows that hold all of them), from just
+after the last step already read. Given ``select``, only the keys it picks and ``atm/*`` are
+scanned; a key picked later is scanned from its start then.
 
 Delivering updates: each update is uploaded as a run file, ``atm/inbox/update-NNNNNN.json``, and
 the job's listener lists ``atm/inbox/update-%`` files through the public API and downloads the new
@@ -42,6 +44,7 @@ from atm.adapters.base import (
     LOG_ARTIFACT,
     BackendError,
     BackendUnavailable,
+    KeySelector,
     MessageProblem,
     PointSeries,
     RunMessages,
@@ -325,13 +328,17 @@ class OnlineRun:
             self.pacer.call(f"W&B run {self.path}", lambda: run.load(force=True))
         return self._run
 
-    def poll(self, run_id: str) -> RunView:
+    def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
         run = self._refresh()
         last_step, keys = self._history_keys(run)
+        wanted = None if select is None else set(select(keys))
         moved = False
         for key in keys:
+            if wanted is not None and key not in wanted and not key.startswith("atm/"):
+                continue  # not scanned at all; scanned from its start if a later poll picks it
             if self._read_through.get(key, -1) < last_step:
                 moved |= self._scan(run, key, last_step)
+        self.last_time = max(self.last_time, _summary_time(run))
         self._read_messages(run)
         taken = [*self._updates, *(p.seq for p in self._problems.values() if p.kind == "update" and p.seq is not None)]
         msgs = verified(
@@ -353,6 +360,7 @@ class OnlineRun:
             timeline=self.timeline.points,
             problems=msgs.problems,
             approvals=msgs.approvals,
+            keys=keys,
         )
 
     def _history_keys(self, run: Any) -> tuple[int, list[str]]:
@@ -471,6 +479,17 @@ class OnlineRun:
     def _upload(self, name: str, text: str) -> None:
         run = self._run if self._run is not None else self._refresh()
         self.pacer.call(f"upload {name} to W&B run {self.path}", lambda: _upload_text(run, name, text))
+
+
+def _summary_time(run: Any) -> float:
+    """When the job last logged a row, by the run's summary (``_timestamp``, seconds): of every key, scanned
+    or not; 0 when the summary does not say."""
+    try:
+        summary = run.summary_metrics
+    except AttributeError:
+        return 0.0
+    ts = summary.get("_timestamp") if isinstance(summary, dict) else None
+    return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0
 
 
 def _numeric_key(key: str, info: Any) -> bool:
