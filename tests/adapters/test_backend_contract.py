@@ -91,6 +91,21 @@ def test_reads_incrementally(harness: Harness) -> None:
     assert pts[-1][1] == pytest.approx(1.2)
 
 
+def test_a_poll_reads_the_keys_picked_and_lists_every_key(harness: Harness) -> None:
+    rid = harness.new_run()
+    for s in range(1, 4):
+        for i, key in enumerate(("val_loss", "lr", "epoch")):
+            harness.log(rid, key, 2.0 - s * 0.1 + i, s * 10 + i)  # one key a step: a W&B row is written once whole
+    backend = harness.backend()
+    view = backend.poll(rid, select=lambda keys: {"val_loss"})
+    assert sorted(view.keys) == ["epoch", "lr", "val_loss"], "every key, read or not"
+    assert [s for s, _ in view.history["val_loss"]] == [10, 20, 30]
+    assert view.last_metric_time > 0
+    # A key picked later is read from its start (a backend that reads every key at once has it already).
+    view = backend.poll(rid, select=lambda keys: {"val_loss", "lr"})
+    assert [s for s, _ in view.history["lr"]] == [11, 21, 31]
+
+
 def test_a_forgotten_run_is_read_anew(harness: Harness) -> None:
     # The daemon forgets a run whose watch ended; what the backend kept for it goes, and nothing breaks.
     rid = harness.new_run()
