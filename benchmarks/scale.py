@@ -486,8 +486,8 @@ def child_daemon(cfg: dict[str, Any]) -> None:
     say = _events(Path(cfg["events"]))
     poll = MlflowBackend.poll
 
-    def counted(self: MlflowBackend, run_id: str) -> Any:
-        view = poll(self, run_id)
+    def counted(self: MlflowBackend, run_id: str, select: Any = None) -> Any:
+        view = poll(self, run_id, select)
         pts = view.history.get("train_loss")
         say(f"P {time.time():.3f} {run_id} {pts[-1][0] if pts else -1}")
         return view
