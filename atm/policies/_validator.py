@@ -229,6 +229,16 @@ def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
                     f"count the warm-up in evaluations: limits: {{warmup: {{evals: {max(lim.warmup.evals, 2)}}}}}")
         return why + ")"
     counted = ctx.counted()
+    stop = next((r for r in counted if r.action == Action.STOP), None)
+    if stop is not None:
+        # The manager judged that training should end. A job that goes on anyway (it never reads
+        # listener.stop_requested) is the user's call; tuning it further contradicts that judgement,
+        # and drove lr to its floor on such a job.
+        if stop.status != Status.APPLIED:
+            return f"stopped: the job was asked to stop at step {stop.step} (#{stop.seq})"
+        return (f"stopped: the job was asked to stop at step {_at(stop)} (#{stop.seq}) and acknowledged it; if it "
+                "keeps training, it does not act on stop (check listener.stop_requested in its loop, or remove stop "
+                "from the policy's actions): nothing more is changed on this run")
     if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
         return f"budget: the run already had {len(counted)} of {lim.max_interventions} interventions"
     if counted and not ctx.passed(counted[-1].counts_from(ctx.step), lim.cooldown):

@@ -110,6 +110,8 @@ class RunState:
     noted_deadline: bool = False
     #: Whether the proposer being too slow for the run's pace (not asked: the rules decide at once) was reported.
     noted_outpaced: bool = False
+    #: Whether a job still training after a stop it acknowledged was reported (once per run).
+    noted_stop: bool = False
     #: Why nothing may be changed now (warm-up, cooldown, budget), for the status line; empty otherwise.
     waiting: str = ""
     #: The run's metrics folded so far: each poll adds only what is new.
@@ -590,6 +592,9 @@ class Daemon:
         if not offer.choices and not offer.actions:
             # Warm-up, cooldown or budget: nothing the proposer could do. The status says which.
             st.waiting = blocked(self.policy, ctx) or "every parameter is in its cooldown, out of budget or at its bound"
+            if st.waiting.startswith("stopped:") and not st.noted_stop:
+                st.noted_stop = True  # the job goes on after a stop it acknowledged: say once why nothing more is done
+                log.warning("run %s: %s", st.run_id, st.waiting)
             return
         st.waiting = ""
         why = self._outpaced(st, view, telemetry)

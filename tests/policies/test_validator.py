@@ -503,3 +503,19 @@ def test_a_warm_up_in_steps_that_a_run_on_another_axis_never_reaches_says_how_to
     # A run early on the same axis is only told how long the warm-up is.
     assert "limits:" not in (blocked(policy, DecisionContext(step=37, params={"lr": 0.1}, eval_steps=[30])) or "")
     assert blocked(policy, DecisionContext(step=20000, params={"lr": 0.1}, eval_steps=[10000, 20000])) is None
+
+
+def test_after_a_stop_the_job_acknowledged_nothing_more_is_changed() -> None:
+    # A job that acknowledged stop but trains on (it never reads listener.stop_requested): tuning it
+    # further would contradict the judgement that training should end.
+    policy = make_policy()
+    stopped = make_record(3, 500, action=Action.STOP, applied_step=505, effective_step=510)
+    ctx = ctx_at(2000, eval_every=100, history=[stopped])
+    assert available_choices(policy, ctx) == {} and available_actions(policy, ctx) == []
+    verdict = check(propose({"lr": 5e-4}), policy, ctx)
+    assert not verdict.accepted and verdict.reason.startswith("stopped: the job was asked to stop at step 500")
+    assert "listener.stop_requested" in verdict.reason
+    # A stop the job refused, or one that never went out, does not end the run's management.
+    for status in (Status.REJECTED, Status.STALE):
+        other = make_record(3, 500, action=Action.STOP, status=status)
+        assert available_choices(policy, ctx_at(2000, eval_every=100, history=[other]))
