@@ -30,9 +30,10 @@ def main() -> None:
     ap.add_argument("--trace", required=True)
     ap.add_argument("--run-id-file", default=None)
     ap.add_argument("--no-atm", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="data and initial weights")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     x = torch.randn(200, 16)
     w = torch.randn(16, 1)
