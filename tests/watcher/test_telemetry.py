@@ -51,6 +51,12 @@ def splits(draw: st.DrawFn, history: dict[str, list[tuple[int, float]]]) -> list
     return [{k: cuts[k][i] for k in history} for i in range(polls)]
 
 
+#: A policy and the metric keys a run logs for it.
+POLICIES_AND_KEYS = st.sampled_from([
+    (LM, ("train_loss", "val_loss", "grad_norm", "loss/aux", "loss/main")),
+    (RL, ("rollout/ep_rew_mean", "eval/safe_success", "eval/collision_rate", "train/entropy_loss")),
+])
+
 RECORDS = [
     make_record(1, 30, changes={"lr": (1e-3, 5e-4)}, applied_step=32, effective_step=35),
     make_record(2, 60, status=Status.REJECTED),
@@ -74,25 +80,21 @@ def snap(telemetry: RunTelemetry) -> str:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_split_into_polls_gives_the_snapshot_of_the_whole_history(data: st.DataObject) -> None:
-    policy, keys = data.draw(st.sampled_from([
-        (LM, ("train_loss", "val_loss", "grad_norm", "loss/aux", "loss/main")),
-        (RL, ("rollout/ep_rew_mean", "eval/safe_success", "eval/collision_rate", "train/entropy_loss")),
-    ]))
+    policy, keys = data.draw(POLICIES_AND_KEYS)
     history = data.draw(histories(keys))
     cuts = data.draw(splits(history))
     # A small thinning cap, so that thinning happens in these short series too.
     whole = folded(policy, history, [{k: len(p) for k, p in history.items()}], thin_cap=8)
     assert snap(folded(policy, history, cuts, thin_cap=8)) == snap(whole)
+    # As the daemon folds: the backend's points released after each poll change nothing.
+    assert snap(released_folds(policy, history, cuts, keep=data.draw(st.integers(1, 4)))) == snap(whole)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_the_snapshot_is_the_one_the_whole_history_always_gave(data: st.DataObject) -> None:
     # Against the former whole-history computation, for series within the thinning cap.
-    policy, keys = data.draw(st.sampled_from([
-        (LM, ("train_loss", "val_loss", "grad_norm", "loss/aux", "loss/main")),
-        (RL, ("rollout/ep_rew_mean", "eval/safe_success", "eval/collision_rate", "train/entropy_loss")),
-    ]))
+    policy, keys = data.draw(POLICIES_AND_KEYS)
     history = data.draw(histories(keys))
     history = {k: p for k, p in history.items() if p}
     cuts = data.draw(splits(history))
@@ -113,19 +115,6 @@ def released_folds(policy: Policy, history: dict, cuts: list[dict[str, int]], ke
         telemetry.fold(held)
         release_history(held, keep)
     return telemetry
-
-
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_releasing_folded_points_after_each_poll_changes_no_snapshot(data: st.DataObject) -> None:
-    policy, keys = data.draw(st.sampled_from([
-        (LM, ("train_loss", "val_loss", "grad_norm", "loss/aux", "loss/main")),
-        (RL, ("rollout/ep_rew_mean", "eval/safe_success", "eval/collision_rate", "train/entropy_loss")),
-    ]))
-    history = data.draw(histories(keys))
-    cuts = data.draw(splits(history))
-    whole = folded(policy, history, [{k: len(p) for k, p in history.items()}], thin_cap=8)
-    assert snap(released_folds(policy, history, cuts, keep=data.draw(st.integers(1, 4)))) == snap(whole)
 
 
 def test_a_released_series_keeps_its_length_head_and_newest_points() -> None:
