@@ -38,6 +38,15 @@ class Window(_Strict):
             raise ValueError(f"{forms}; got {v!r}")
         return v
 
+    def describe(self) -> str:
+        """The window in words, as messages say it: "20000 steps and 2 evaluations", "1 evaluation"."""
+        parts = []
+        if self.steps:
+            parts.append(f"{self.steps} step{'s' if self.steps != 1 else ''}")
+        if self.evals:
+            parts.append(f"{self.evals} evaluation{'s' if self.evals != 1 else ''}")
+        return " and ".join(parts) or "nothing"
+
 
 class ParamRule(_Strict):
     """Bounds and pace for one controllable parameter."""

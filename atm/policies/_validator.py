@@ -220,7 +220,7 @@ def blocked(policy: Policy, ctx: DecisionContext) -> str | None:
 def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     lim = policy.limits
     if not ctx.reached(lim.warmup):
-        why = f"warm-up: no intervention before {_window(lim.warmup)} (now at step {ctx.step}"
+        why = f"warm-up: no intervention before {lim.warmup.describe()} (now at step {ctx.step}"
         evals = bisect.bisect_right(ctx.eval_steps, ctx.step)
         if lim.warmup.steps and ctx.step * 10 < lim.warmup.steps and evals >= max(lim.warmup.evals, 3):
             # A job that logs one step per update or epoch never reaches a warm-up in environment or
@@ -242,7 +242,7 @@ def _global_block(policy: Policy, ctx: DecisionContext) -> str | None:
     if lim.max_interventions is not None and len(counted) >= lim.max_interventions:
         return f"budget: the run already had {len(counted)} of {lim.max_interventions} interventions"
     if counted and not ctx.passed(counted[-1].counts_from(ctx.step), lim.cooldown):
-        return f"cooldown: last intervention at step {_at(counted[-1])}, wait {_window(lim.cooldown)}"
+        return f"cooldown: last intervention at step {_at(counted[-1])}, wait {lim.cooldown.describe()}"
     return None
 
 
@@ -263,7 +263,7 @@ def _settle_block(proposal: Proposal, policy: Policy, ctx: DecisionContext) -> s
     since = "" if waiting.effective_step is None else (
         f", {ctx.evals_between(waiting.effective_step - 1, ctx.step)} evaluation(s) since it took effect")
     return (f"settle: #{waiting.seq} for {proposal.diagnosis.value} is still being measured "
-            f"(wait {_window(policy.limits.settle)}{since})")
+            f"(wait {policy.limits.settle.describe()}{since})")
 
 
 def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None:
@@ -273,11 +273,11 @@ def _param_block(name: str, rule: ParamRule, ctx: DecisionContext) -> str | None
         # move would be undone alike, so none is made on this run; the record says the fix.
         return f"the job undid the last change of {name} (#{mine[-1].seq}); fix the job as atm history says"
     if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
-        return f"cooldown: {name} last changed at step {_at(mine[-1])}, wait {_window(rule.cooldown)}"
+        return f"cooldown: {name} last changed at step {_at(mine[-1])}, wait {rule.cooldown.describe()}"
     if rule.budget is not None and rule.budget_window is not None:
         recent = [r for r in mine if not ctx.passed(r.step, rule.budget_window)]
         if len(recent) >= rule.budget:
-            return f"budget: {name} changed {len(recent)} times within {_window(rule.budget_window)} (limit {rule.budget})"
+            return f"budget: {name} changed {len(recent)} times within {rule.budget_window.describe()} (limit {rule.budget})"
     return None
 
 
@@ -311,10 +311,10 @@ def _change_block(name: str, new: float, policy: Policy, ctx: DecisionContext) -
 
 def _action_block(action: Action, rule: ActionRule, ctx: DecisionContext) -> str | None:
     if not ctx.reached(rule.not_before):
-        return f"{action.value} not before {_window(rule.not_before)}"
+        return f"{action.value} not before {rule.not_before.describe()}"
     mine = [r for r in ctx.counted() if r.action == action]
     if mine and not ctx.passed(mine[-1].counts_from(ctx.step), rule.cooldown):
-        return f"cooldown: {action.value} last at step {_at(mine[-1])}, wait {_window(rule.cooldown)}"
+        return f"cooldown: {action.value} last at step {_at(mine[-1])}, wait {rule.cooldown.describe()}"
     return None
 
 
@@ -330,10 +330,3 @@ def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=_REL_TOL, abs_tol=1e-12)
 
 
-def _window(w: Window) -> str:
-    parts = []
-    if w.steps:
-        parts.append(f"{w.steps} step{'s' if w.steps != 1 else ''}")
-    if w.evals:
-        parts.append(f"{w.evals} evaluation{'s' if w.evals != 1 else ''}")
-    return " and ".join(parts) or "nothing"

@@ -81,7 +81,7 @@ def answers(
             out.append(Answer(rec.seq, Status.REJECTED, describe(reject)))
         elif not fresh:
             why = "approved too late" if approve is not None else "no answer"
-            out.append(Answer(rec.seq, Status.EXPIRED, f"expired: {why} while the run trained {_span(window)} past step "
+            out.append(Answer(rec.seq, Status.EXPIRED, f"expired: {why} while the run trained {window.describe()} past step "
                                                         f"{rec.step} (limits.approval_window); the run has moved on"))
         elif approve is not None:
             out.append(Answer(rec.seq, Status.PENDING, describe(approve)))
@@ -103,11 +103,6 @@ def _in_time(a: Approval, rec: DecisionRecord, seen_at: Mapping[str, float]) -> 
         return True
     seen = seen_at.get(sighting(a))
     return seen is None or seen >= rec.decided_at
-
-
-def _span(w: Window) -> str:
-    parts = ([f"{w.evals} evaluations"] if w.evals else []) + ([f"{w.steps} steps"] if w.steps else [])
-    return " and ".join(parts) or "on"
 
 
 __all__ = ["Answer", "answers", "describe", "early", "sighting"]

@@ -741,8 +741,7 @@ class Daemon:
         # One not started yet (waiting for a free proposal worker) never runs: it would only be dropped.
         inflight.future.cancel()
         waited = self.clock() - inflight.started
-        w = self.policy.limits.stale_after
-        span = " and ".join(([f"{w.evals} evaluations"] if w.evals else []) + ([f"{w.steps} steps"] if w.steps else []))
+        span = self.policy.limits.stale_after.describe()
         result = self._fall_back(inflight.snapshot, inflight.ctx, inflight.offer,
                                  f"no answer before the run moved past limits.stale_after ({span}, {waited:.1f} s)")
         result.audit["latency_s"] = round(waited, 3)

@@ -69,10 +69,8 @@ def outpaced(latencies: Sequence[float], evals: Sequence[tuple[int, float]], sta
     budget = max(stale_after.evals * per_eval, stale_after.steps * per_step)
     if typical <= budget:
         return ""
-    span = " and ".join(([f"{stale_after.evals} evaluations"] if stale_after.evals else [])
-                        + ([f"{stale_after.steps} steps"] if stale_after.steps else []))
     return (f"its answers take {typical:.1f} s (median of the last {min(len(latencies), 5)}); the run passes "
-            f"limits.stale_after ({span}) in {budget:.1f} s at its recent pace")
+            f"limits.stale_after ({stale_after.describe()}) in {budget:.1f} s at its recent pace")
 
 
 def settle(

@@ -646,7 +646,7 @@ class RunTelemetry:
 
     def eval_steps(self) -> Sequence[int]:
         """Steps at which the policy's ``eval_metric`` was logged (see :func:`eval_steps`). Not a copy."""
-        key = self.roles.get(self.policy.limits.eval_metric)
+        key = self._steps_key()
         if key is None:
             key = next(iter(self.roles.values()), None)
             if key is None or self._series[key].n < MISSING_METRIC_AFTER:
