@@ -49,7 +49,12 @@ class Thresholds:
     #: A plateau answered by this many remedies in a row, none followed by a new best of the primary
     #: metric, is answered with stop (keeping the best checkpoint) instead of yet another lr cut.
     plateau_remedies_before_stop: int = 2
-    #: ... and in either case the last remedy is judged only after this many evaluations in effect:
+    #: The last this many remedies, overfitting and plateau ones in any order, none measured ``helped``
+    #: and none followed by a new best worth the name: stop. Each rule above counts remedies for one
+    #: problem in a row; a run whose remedies alternate between the two escaped both (seen: 12
+    #: remedies, lr down to the policy's floor and weight decay up to its ceiling, for nothing).
+    remedies_before_stop: int = 3
+    #: ... and in each case the last remedy is judged only after this many evaluations in effect:
     #: one evaluation after a remedy without rollback, val loss is naturally still above its best.
     remedy_evals: int = 3
     #: Loss imbalance: largest/smallest loss component above this.
@@ -247,7 +252,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
             if recovering:
                 return Diagnosis.HEALTHY, recovering
-            exhausted = _remedies_exhausted(snap, val, t)
+            exhausted = _remedies_exhausted(snap, val, t) or _no_remedy_helped(snap, val, "val_loss", Diagnosis.OVERFITTING, t)
             if exhausted:
                 return Diagnosis.CONVERGED, exhausted
             return Diagnosis.OVERFITTING, (
@@ -274,7 +279,8 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
                 f"(ratio {gap_ratio:.2f}) under {_regularizers(snap)}"
             )
         moved = f"improved {improvement:.1%}" if improvement >= 0 else f"got {-improvement:.1%} worse"
-        exhausted = _plateau_exhausted(snap, primary, "val_loss" if val is not None else "train_loss", t)
+        role = "val_loss" if val is not None else "train_loss"
+        exhausted = _plateau_exhausted(snap, primary, role, t) or _no_remedy_helped(snap, primary, role, Diagnosis.PLATEAU, t)
         if exhausted:
             return Diagnosis.CONVERGED, exhausted
         return Diagnosis.PLATEAU, f"{primary.key} {moved} over the last window; best {fmt(primary.best)} at step {primary.best_step}"
@@ -546,6 +552,37 @@ def _plateau_exhausted(snap: TelemetrySnapshot, primary: SeriesStats, role: str,
                 "stop and keep the best checkpoint")
     return (f"{PLATEAU_STOP_PREFIX} of {primary.key} since step {primary.best_step} ({fmt(primary.best)}) through the last "
             f"{n} remedies for this plateau (from step {first} on): stop and keep the best checkpoint")
+
+
+def _no_remedy_helped(snap: TelemetrySnapshot, primary: SeriesStats, role: str, now: Diagnosis, t: Thresholds) -> str:
+    """Non-empty (the evidence, worded for the problem seen ``now``) when the last remedies, for
+    overfitting and plateaus in any order, brought no new best worth the name (better by
+    ``plateau_improvement`` than the level when they began) and none was measured ``helped``: the
+    run has given what it had, and more remedies would only walk the parameters to their bounds."""
+    n = t.remedies_before_stop
+    tail = snap.recent[-n:]
+    kinds = (Diagnosis.OVERFITTING, Diagnosis.PLATEAU)
+    if n < 1 or len(tail) < n or any(e.diagnosis not in kinds or e.applied_step is None for e in tail):
+        return ""
+    if not _had_time(tail[-1], t) or any(e.outcome is not None and e.outcome.label == EffectLabel.HELPED for e in tail):
+        return ""
+    first = tail[0].applied_step
+    assert first is not None
+    if primary.best_step >= first:
+        # For overfitting the level is the loss when the remedy was decided, above the best then: a new
+        # best below it by the margin is progress however small against the old best (errs to go on).
+        level = min((e.before_after[role][0] for e in tail if role in e.before_after), default=None)
+        if level is None or not math.isfinite(level) or primary.best < level - abs(level) * t.plateau_improvement:
+            return ""
+    kinds_seen = ", ".join(sorted({e.diagnosis.value for e in tail if e.diagnosis is not None}))
+    since = (f"best {fmt(primary.best)} at step {primary.best_step}" if primary.best_step < first
+             else f"best {fmt(primary.best)}, not {t.plateau_improvement:.0%} below the level when they began")
+    what = (f"the last {n} remedies ({kinds_seen}; #{tail[0].seq} to #{tail[-1].seq}, in effect from step {first} on) "
+            f"brought no new best of {primary.key} ({since}) and none was measured helped")
+    if now == Diagnosis.OVERFITTING:
+        return (f"{OVERFIT_STOP_PREFIX}, best {primary.key} {fmt(primary.best)} at step {primary.best_step}: "
+                f"keep the best checkpoint. Overfitting is back and {what}")
+    return f"{PLATEAU_STOP_PREFIX} worth the name: {what}: stop and keep the best checkpoint"
 
 
 def _had_time(effect: Effect, t: Thresholds) -> bool:

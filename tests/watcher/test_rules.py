@@ -573,3 +573,40 @@ def test_lr_cuts_for_train_and_val_moving_apart_do_not_bring_the_overfitting_sto
     snap = build_snapshot("r", lm, history, {"lr": 5e-4, "dropout": 0.0}, cuts)
     diagnosis, evidence = diagnose(snap)
     assert diagnosis == Diagnosis.OVERFITTING, evidence
+
+
+def test_remedies_that_alternate_between_overfitting_and_plateau_end_in_a_stop_when_none_helped() -> None:
+    # Seen on a user's overfitting script: overfitting and plateau remedies alternated, so neither
+    # stop rule (each counts one problem's remedies in a row) fired, and 12 remedies walked lr to the
+    # policy's floor and weight decay to its ceiling with no new best.
+    from atm.schema import EffectLabel, Outcome
+    from atm.testing import concat, make_record
+
+    lm = load_policy("lm")
+    val = concat(decay(20, 3.0, 1.2, rate=8.0), [1.21, 1.215, 1.208] * 5,  # 20..400 down to its best, 420..700 flat
+                 [1.22 + 0.02 * i for i in range(7)])  # 720..840 rising again
+    train = decay(len(val), 3.2, 0.4, rate=4.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=20)
+    remedies = [
+        make_record(1, 420, diagnosis=Diagnosis.OVERFITTING, changes={"lr": (1e-3, 5e-4)}, applied_step=440),
+        make_record(2, 560, diagnosis=Diagnosis.PLATEAU, changes={"lr": (5e-4, 2.5e-4)}, applied_step=580),
+        make_record(3, 660, diagnosis=Diagnosis.OVERFITTING, changes={"weight_decay": (0.0, 0.05)}, applied_step=680),
+    ]
+    params = {"lr": 2.5e-4, "weight_decay": 0.05}
+    snap = build_snapshot("r", lm, history, params, remedies)
+    assert snap.series["val_loss"].best_step < 440
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.CONVERGED, evidence
+    assert evidence.startswith("stopped: overfitting, best val") and "#1 to #3" in evidence
+    assert "overfitting, plateau" in evidence
+
+    # Two remedies are not enough to give up.
+    assert diagnose(build_snapshot("r", lm, history, params, remedies[1:]))[0] == Diagnosis.OVERFITTING
+    # One measured helped: it goes on.
+    helped = Outcome(label=EffectLabel.HELPED, metric="val_loss", evals=3)
+    with_help = [remedies[0], remedies[1].model_copy(update={"effect": helped}), remedies[2]]
+    assert diagnose(build_snapshot("r", lm, history, params, with_help))[0] == Diagnosis.OVERFITTING
+    # A new best well below the level the remedies began at: progress, it goes on.
+    better = concat(val[:-7], [1.15, 1.1, 1.08, 1.09, 1.1, 1.12, 1.14])
+    progress = make_history({"train_loss": train, "val_loss": better}, every=20)
+    assert diagnose(build_snapshot("r", lm, progress, params, remedies))[0] != Diagnosis.CONVERGED
