@@ -21,10 +21,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from atm.policies import Policy, load_policy
-from atm.schema import Action
-from atm.watcher.counterfactual import NOOP, DatasetLine, Move, applied, make_line, write_dataset
-from atm.watcher.decide import offline_situation
+from atm.policies import Policy, Window, load_policy
+from atm.schema import Action, Proposal
+from atm.watcher.counterfactual import (
+    NOOP,
+    DatasetLine,
+    Earlier,
+    Move,
+    applied,
+    earlier_records,
+    make_line,
+    write_dataset,
+)
+from atm.watcher.decide import Situation, offline_situation
 from atm.watcher.rules import RulesProposer
 
 Batch = Any
@@ -279,21 +288,80 @@ def main_run(recipe: Recipe) -> tuple[Job, list[Point], float]:
     return job, points, ceiling
 
 
-def candidate_moves(policy: Policy, point: Point, run: str = "point") -> list[Move]:
+def rules_choice(policy: Policy, point: Point, run: str = "point",
+                 earlier: Sequence[Earlier] = ()) -> tuple[Proposal, dict[str, float | str]]:
+    """The rules proposer's proposal at a point, and what the validator lets through of it."""
+    sit = _situation(run, policy, point, earlier)
+    proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
+    return proposal, applied(proposal, sit)
+
+
+def candidate_moves(policy: Policy, point: Point, run: str = "point", earlier: Sequence[Earlier] = ()) -> list[Move]:
     """The moves branched at a point: no-op, every value the policy offers for each parameter, each offered
-    action, and the rules proposer's own move when it combines several (so that it is scored as itself)."""
-    sit = offline_situation(run, policy, point.history, point.params)
+    action, and the rules proposer's own move when it combines several (so that it is scored as itself).
+
+    On a follow-up point (``earlier`` interventions in effect) the offer is the one the validator makes
+    there (cooldowns), and the rules' move is branched as they decide with and without ``limits.settle``,
+    so that both are scored as themselves."""
+    sit = _situation(run, policy, point, earlier)
     moves = [Move()]
     for param, values in sorted(sit.offer.choices.items()):
         moves += [Move(changes={param: v}) for v in values]
     moves += [Move(action=a) for a in sit.offer.actions]
-    proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
-    changes = applied(proposal, sit)
-    if len(changes) > 1:
-        act = changes.pop("action", None)
-        moves.append(Move(changes={k: float(v) for k, v in changes.items()},
-                          action=Action(act) if isinstance(act, str) else None))
+    variants = [policy] + ([_without_settle(policy)] if earlier else [])
+    for pol in variants:
+        changes = rules_choice(pol, point, run, earlier)[1]
+        if len(changes) > 1:
+            act = changes.pop("action", None)
+            mv = Move(changes={k: float(v) for k, v in changes.items()}, action=Action(act) if isinstance(act, str) else None)
+            if mv.key not in {m.key for m in moves}:
+                moves.append(mv)
     return moves
+
+
+def _situation(run: str, policy: Policy, point: Point, earlier: Sequence[Earlier]) -> Situation:
+    name = f"{run}#{point.index}"
+    return offline_situation(name, policy, point.history, point.params, earlier_records(name, earlier))
+
+
+def _without_settle(policy: Policy) -> Policy:
+    return policy.model_copy(update={"limits": policy.limits.model_copy(update={"settle": Window(evals=0)})})
+
+
+#: A follow-up point's index: the index of the point it follows plus this.
+FOLLOW_UP = 100
+
+
+def follow_up(recipe: Recipe, job: Job, point: Point, policy: Policy, evals: int = 2) -> tuple[Point, Earlier] | None:
+    """A second decision point ``evals`` evaluations after ``point``, on the branch where the rules'
+    remedy there was applied: the run as the daemon would see it while that remedy is in effect but
+    not yet measured (``limits.settle`` waits 3 evaluations in the bundled presets). None when the
+    rules' move at ``point`` changes no parameter (a no-op, a stop, a rollback alone)."""
+    proposal, changes = rules_choice(policy, point, recipe.run)
+    action = changes.pop("action", None)
+    if not changes or action == Action.STOP.value:
+        return None
+    job.load(point.checkpoint)
+    if action == Action.ROLLBACK.value:
+        job.load(point.best, weights_only=True)
+    before = job.params()
+    job.apply({k: float(v) for k, v in changes.items()})
+    # Its own data order: the branches from the follow-up point then share it up to there.
+    job.reseed(7919 * (recipe.seed + 1) + point.index)
+    history = copy.deepcopy(point.history)
+    best_val = min((v for _, v in history.get(recipe.val_key, []) if math.isfinite(v)), default=math.inf)
+    best, step, val = point.best, point.step, point.value
+    for _ in range(evals):
+        train = job.train(recipe.eval_every)
+        step += recipe.eval_every
+        val = job.evaluate()
+        _log(recipe, history, step, train, val)
+        if val < best_val:
+            best_val, best = val, job.state()
+    earlier = Earlier(step=point.step, effective_step=point.step + 1, diagnosis=proposal.diagnosis,
+                      changes={k: (before[k], float(v)) for k, v in changes.items()},
+                      action=Action(action) if isinstance(action, str) else None)
+    return Point(point.index + FOLLOW_UP, step, history, job.params(), job.state(), best, val), earlier
 
 
 def branch(job: Branchable, point: Point, move: Move, seed: int, horizon: int) -> float:
@@ -319,6 +387,7 @@ def recipe_lines(
     done: Sequence[DatasetLine] = (),
     on_line: Callable[[DatasetLine], None] | None = None,
     only: Sequence[int] | None = None,
+    follow_ups: bool = False,
 ) -> list[DatasetLine]:
     """Every decision point of one recipe, branched and labelled.
 
@@ -328,19 +397,20 @@ def recipe_lines(
             again, and they are returned in their place.
         on_line: called with each line as soon as it is labelled (to save it).
         only: branch only the points of these indices (to share one run's points among processes).
+        follow_ups: also branch, after each point where the rules applied a remedy, a follow-up point
+            while that remedy is in effect but not yet measured (:func:`follow_up`; supervised recipes).
     """
     policy = policy or recipe.policy
     pol = load_policy(policy)
     job, points, ceiling = recipe.run_main()
     finished = {ln.point: ln for ln in done if ln.run == recipe.run}
     lines = []
-    for pt in points:
-        if only is not None and pt.index not in only:
-            continue
+
+    def emit(pt: Point, earlier: Sequence[Earlier] = ()) -> None:
         if pt.index in finished:
             lines.append(finished[pt.index])
-            continue
-        moves = candidate_moves(pol, pt, recipe.run)
+            return
+        moves = candidate_moves(pol, pt, recipe.run, earlier)
         outcomes: dict[str, tuple[Move, list[float]]] = {}
         for mv in moves:
             # Seeds differ per point but are shared by the moves of a point: moves are compared on the same data.
@@ -350,16 +420,31 @@ def recipe_lines(
         line = make_line(
             outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better, family=recipe.family,
             run=recipe.run, condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
-            history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds,
+            history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds, earlier=list(earlier),
         )
         lines.append(line)
         if on_line is not None:
             on_line(line)
         if progress is not None:
             lab = line.labels
-            progress(f"{recipe.family}/{recipe.run} point {pt.index} (step {pt.step}): {len(moves)} moves, "
+            kind = f"follow-up point {pt.index}" if earlier else f"point {pt.index}"
+            progress(f"{recipe.family}/{recipe.run} {kind} (step {pt.step}): {len(moves)} moves, "
                      f"noise {lab.noise:.3g}, best {lab.best}, no-op "
                      f"{'acceptable' if NOOP in lab.acceptable else 'not acceptable'}, {len(lab.harmful)} harmful")
+
+    for pt in points:
+        if only is not None and pt.index not in only:
+            continue
+        emit(pt)
+        if not (follow_ups and isinstance(recipe, Recipe) and isinstance(job, Job)):
+            continue
+        if pt.index + FOLLOW_UP in finished:
+            lines.append(finished[pt.index + FOLLOW_UP])
+            continue
+        made = follow_up(recipe, job, pt, pol)
+        if made is not None:
+            fu_point, earlier = made
+            emit(fu_point, [earlier])
     return lines
 
 
@@ -372,6 +457,7 @@ def generate(
     progress: Callable[[str], None] | None = None,
     keep: Sequence[DatasetLine] = (),
     only: Sequence[int] | None = None,
+    follow_ups: bool = False,
 ) -> list[DatasetLine]:
     """Branch and label every (recipe, split) and write the dataset to ``out`` (JSON Lines, ``.gz`` compressed),
     rewritten after each decision point so that an interrupted run keeps what it finished.
@@ -381,6 +467,7 @@ def generate(
         keep: lines to keep in the file: the other runs' come first, as they are; those of a run
             in ``recipes`` (an interrupted generation) are not branched again.
         only: the point indices to branch (default: all).
+        follow_ups: also branch follow-up points (see :func:`recipe_lines`).
     """
     torch.set_num_threads(1)
     names = {r.run for r, _ in recipes}
@@ -397,7 +484,7 @@ def generate(
             progress(f"{recipe.family}/{recipe.run}: points {sorted(ln.point for ln in done)} kept from {out}")
         before = len(lines)
         made = recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress, done=done, on_line=save,
-                            only=only)
+                            only=only, follow_ups=follow_ups)
         # The kept points of this run, in their place among the new ones.
         lines[before:] = made
         write_dataset(kept + lines, out)

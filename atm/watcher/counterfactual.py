@@ -17,6 +17,11 @@ unless the line says ``higher_is_better`` (an RL run's held-out return):
 - ``best``: the moves with the best mean; ``acceptable``: within ``noise`` of the best;
   ``harmful``: the moves labelled ``hurt``.
 
+Follow-up points (``earlier``, written with ``generate.py --follow-ups``) continue the branch where
+the rules' remedy at a point was applied, for two evaluations: the run as the daemon sees it while
+that remedy is in effect but not yet measured. There a proposer shows whether it stacks another
+remedy for the same problem (:func:`stacked`), and what waiting costs or saves.
+
 Scoring (pure, :func:`score_choice`) judges what the validator would let through. Besides the single
 moves, the generator branches the rules proposer's own move when it combines several (a rollback with
 an lr cut and more dropout); any other combination was not branched and is scored as the worst of its
@@ -38,7 +43,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atm.policies import Policy, check, load_policy
-from atm.schema import Action, Diagnosis, Proposal
+from atm.schema import Action, Change, DecisionRecord, Diagnosis, Proposal, Status
 from atm.watcher.decide import Situation, offline_situation
 from atm.watcher.proposer import ProposalResult, Proposer, ProposerError
 from atm.watcher.snapshot import HIGHER_IS_BETTER
@@ -107,6 +112,19 @@ class Labels(_Strict):
     harmful: list[str]
 
 
+class Earlier(_Strict):
+    """An intervention applied before a line's decision point: on a follow-up point, the rules' remedy
+    at the point it follows, in effect for a few evaluations, not yet long enough to be measured."""
+
+    #: Where it was decided, and the first step trained with it.
+    step: int = Field(ge=0)
+    effective_step: int = Field(ge=0)
+    diagnosis: Diagnosis
+    #: Parameter -> [value before, value after].
+    changes: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    action: Action | None = None
+
+
 class DatasetLine(_Strict):
     """One decision point: what a proposer would have seen, and what each offered move led to."""
 
@@ -133,6 +151,9 @@ class DatasetLine(_Strict):
     higher_is_better: bool = False
     moves: list[MoveOutcome]
     labels: Labels
+    #: Interventions already applied at this point (a follow-up point, see :class:`Earlier`); empty on
+    #: the points of the main run.
+    earlier: list[Earlier] = Field(default_factory=list)
 
     @field_validator("history")
     @classmethod
@@ -158,6 +179,12 @@ class DatasetLine(_Strict):
             unknown = set(m.move.changes) - set(self.params)
             if unknown:
                 raise ValueError(f"move {m.move.key}: parameters {sorted(unknown)} are not in `params`")
+        for e in self.earlier:
+            unknown = set(e.changes) - set(self.params)
+            if unknown:
+                raise ValueError(f"`earlier` changes parameters {sorted(unknown)} that are not in `params`")
+            if e.effective_step > self.step:
+                raise ValueError(f"`earlier`: effective at step {e.effective_step}, after the point's step {self.step}")
         for name in ("best", "acceptable", "harmful"):
             unknown = set(getattr(self.labels, name)) - set(keys)
             if unknown:
@@ -235,12 +262,13 @@ def write_dataset(lines: Iterable[DatasetLine], path: str | Path) -> Path:
     """Write JSON Lines, gzip-compressed when ``path`` ends in ``.gz``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A loss line leaves out `higher_is_better` (its default): lines written before the field existed
-    # come out byte for byte the same.
-    text = "".join(
-        line.model_dump_json(exclude_none=True, exclude=None if line.higher_is_better else {"higher_is_better"}) + "\n"
-        for line in lines
-    )
+    # A loss line leaves out `higher_is_better` and a main-run point `earlier` (their defaults): lines
+    # written before the fields existed come out byte for byte the same.
+    def defaults(line: DatasetLine) -> set[str]:
+        return {name for name, empty in (("higher_is_better", not line.higher_is_better), ("earlier", not line.earlier))
+                if empty}
+
+    text = "".join(line.model_dump_json(exclude_none=True, exclude=defaults(line) or None) + "\n" for line in lines)
     if path.suffix == ".gz":
         # mtime 0: the same lines give the same bytes, so a regenerated file diffs only where it changed.
         path.write_bytes(gzip.compress(text.encode(), mtime=0))
@@ -279,9 +307,30 @@ def load_dataset(path: str | Path) -> list[DatasetLine]:
 
 
 def line_situation(line: DatasetLine, policy: Policy) -> Situation:
-    """What a proposer is handed at the line's decision point (no earlier interventions)."""
+    """What a proposer is handed at the line's decision point, with its earlier interventions as the
+    daemon would have recorded them (applied, in effect from their step, not yet measured)."""
     history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in line.history.items()}
-    return offline_situation(f"{line.run}#{line.point}", policy, history, line.params)
+    name = f"{line.run}#{line.point}"
+    return offline_situation(name, policy, history, line.params, earlier_records(name, line.earlier))
+
+
+def earlier_records(run_id: str, earlier: Sequence[Earlier]) -> list[DecisionRecord]:
+    """Earlier interventions as the daemon records them: applied, in effect from their step, not yet measured."""
+    return [
+        DecisionRecord(run_id=run_id, seq=i + 1, step=e.step, status=Status.APPLIED, source="dataset",
+                       diagnosis=e.diagnosis, changes={k: Change(old=o, new=n) for k, (o, n) in e.changes.items()},
+                       action=e.action, applied_step=e.effective_step, effective_step=e.effective_step, decided_at=0.0)
+        for i, e in enumerate(earlier)
+    ]
+
+
+def stacked(line: DatasetLine, proposal: Proposal | None, changes: dict[str, float | str]) -> bool:
+    """Whether a decision on a follow-up point applies another remedy for the problem its earlier
+    intervention answers, before that one could be measured (what ``limits.settle`` prevents).
+    Divergence is not counted: there speed wins, and settle does not wait. Pure."""
+    if not line.earlier or proposal is None or not changes or changes.get("action") == Action.STOP.value:
+        return False
+    return proposal.diagnosis == line.earlier[-1].diagnosis != Diagnosis.DIVERGENCE
 
 
 # --------------------------------------------------------------------------- fixed strategies
@@ -353,6 +402,10 @@ class Choice(BaseModel):
     harmful: bool
     regret: float | None
     latency_s: float
+    #: A follow-up point (an earlier intervention not yet measured), and whether the decision stacked
+    #: another remedy for the same problem on it (:func:`stacked`).
+    follow_up: bool = False
+    stacked: bool = False
 
 
 class Rates(BaseModel):
@@ -364,6 +417,9 @@ class Rates(BaseModel):
     mean_regret: float | None
     #: Decisions whose applied moves were no branch of the line (the offer changed since it was made).
     unmatched: int = 0
+    #: Follow-up points among them, and the decisions there that stacked a remedy on an unmeasured one.
+    follow_ups: int = 0
+    stacked: int = 0
 
 
 class DatasetReport(BaseModel):
@@ -444,6 +500,8 @@ def rates(rows: Sequence[Choice], lines: Sequence[DatasetLine]) -> Rates:
         noop_recall=_rate(sum(r.move == NOOP for r, _ in noop_right), len(noop_right)) if noop_right else None,
         mean_regret=round(statistics.fmean(regrets), 3) if regrets else None,
         unmatched=n - len(scored),
+        follow_ups=sum(r.follow_up for r in rows),
+        stacked=sum(r.stacked for r in rows),
     )
 
 
@@ -453,28 +511,37 @@ def score_dataset(
     *,
     dataset: str = "",
     split: str = "all",
+    policy: str | None = None,
     progress: Callable[[Choice], None] | None = None,
 ) -> DatasetReport:
-    """Run ``proposer`` at every line's decision point and score what the validator would apply."""
+    """Run ``proposer`` at every line's decision point and score what the validator would apply.
+
+    Args:
+        policy: a preset name or policy file to decide under instead of each line's own (to compare
+            policies, e.g. with and without ``limits.settle``); it must offer the moves the lines branched.
+    """
     policies: dict[str, Policy] = {}
     rows: list[Choice] = []
     for line in lines:
-        if line.policy not in policies:
-            policies[line.policy] = load_policy(line.policy)
-        sit = line_situation(line, policies[line.policy])
+        spec = policy or line.policy
+        if spec not in policies:
+            policies[spec] = load_policy(spec)
+        sit = line_situation(line, policies[spec])
         t0 = time.perf_counter()
         try:
             proposal: Proposal | None = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
         except ProposerError:
             proposal = None
         latency = time.perf_counter() - t0
-        key = chosen_key(line, applied(proposal, sit) if proposal is not None else {})
+        changes = applied(proposal, sit) if proposal is not None else {}
+        key = chosen_key(line, changes)
         ok, harm, regret = score_choice(line, key)
         rows.append(Choice(
             family=line.family, run=line.run, point=line.point, condition=line.condition,
             diagnosis=proposal.diagnosis.value if proposal is not None else None,
             move=key, acceptable=ok, harmful=harm,
             regret=round(regret, 3) if regret is not None else None, latency_s=round(latency, 4),
+            follow_up=bool(line.earlier), stacked=stacked(line, proposal, changes),
         ))
         if progress is not None:
             progress(rows[-1])
@@ -534,6 +601,9 @@ def format_dataset_reports(reports: Sequence[DatasetReport]) -> str:
 
     out = [f"dataset: {reports[0].dataset}  split: {reports[0].split}"] if reports else []
     out += table([rates_row(r.proposer, r.summary) for r in reports])
+    if reports and reports[0].summary.follow_ups:
+        out += ["", "follow-up points (an earlier remedy in effect, not yet measured): remedies stacked on it"]
+        out += [f"  {r.proposer}: {r.summary.stacked} of {r.summary.follow_ups}" for r in reports]
     for r in reports:
         out += ["", f"{r.proposer}, by family / recipe condition / its diagnosis:"]
         out += table([rates_row(f"family {k}", v) for k, v in r.by_family.items()]
@@ -549,12 +619,14 @@ __all__ = [
     "DatasetError",
     "DatasetLine",
     "DatasetReport",
+    "Earlier",
     "Labels",
     "Move",
     "MoveOutcome",
     "Rates",
     "applied",
     "chosen_key",
+    "earlier_records",
     "format_dataset_reports",
     "label_moves",
     "line_situation",
@@ -565,5 +637,6 @@ __all__ = [
     "score_choice",
     "score_dataset",
     "select",
+    "stacked",
     "write_dataset",
 ]

@@ -399,6 +399,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="all",
         help="with --dataset: only the families of this split (test: the held-out ones)",
     )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="with --dataset: decide under this preset or policy file instead of each line's own "
+        "(to compare policies, e.g. with and without limits.settle)",
+    )
     p.set_defaults(func=eval_command)
     return p
 
@@ -445,6 +451,8 @@ def dataset_command(args: argparse.Namespace) -> int:
 
     try:
         lines = select(load_dataset(args.dataset), args.split)
+        if args.policy:
+            load_policy(args.policy)  # a bad policy is named before any decision is made
         proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)
     except (DatasetError, ValueError) as exc:
         print(f"atm eval: {exc}", file=sys.stderr)
@@ -452,7 +460,7 @@ def dataset_command(args: argparse.Namespace) -> int:
     if args.only:
         lines = [ln for ln in lines if any(o in f"{ln.family}/{ln.run}" for o in args.only)]
     try:
-        reports = [score_dataset(p, lines, dataset=str(args.dataset), split=args.split)
+        reports = [score_dataset(p, lines, dataset=str(args.dataset), split=args.split, policy=args.policy)
                    for p in [proposer, *(make() for make in BASELINES.values())]]
     except PolicyError as exc:
         print(f"atm eval: {exc}", file=sys.stderr)

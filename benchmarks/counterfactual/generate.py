@@ -3,6 +3,7 @@
 Usage:
     nice -n 19 python benchmarks/counterfactual/generate.py                 # every family, 3 seeds
     nice -n 19 python benchmarks/counterfactual/generate.py --families cartpole --extend
+    nice -n 19 python benchmarks/counterfactual/generate.py --families mlp --extend --follow-ups
     python benchmarks/counterfactual/generate.py --families mlp --seeds 2 --out /tmp/mlp.jsonl
 
 Writes benchmarks/counterfactual/dataset.jsonl.gz (one line per decision point; schema in
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output file, .gz to compress (default: %(default)s)")
     p.add_argument("--points", default="",
                    help="comma-separated point indices to branch (default: all); processes can share a run's points")
+    p.add_argument("--follow-ups", action="store_true",
+                   help="also branch a follow-up point 2 evaluations after each point where the rules applied a "
+                        "remedy, while it is in effect but not yet measured (what limits.settle decides on); "
+                        "supervised families")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     only = [int(i) for i in args.points.split(",")] if args.points else None
     lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds, keep=keep, only=only,
-                     progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
+                     follow_ups=args.follow_ups, progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
     print(f"{len(lines)} decision points, {sum(len(ln.moves) for ln in lines)} moves -> {args.out} "
           f"({time.time() - t0:.0f} s)")
     return 0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+NO_SETTLE = HERE.parent / "policies" / "lm-no-settle.yaml"
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE.parent))
 
@@ -63,9 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         "Regret: the chosen move's mean outcome minus the best move's, in units of the point's noise "
         "(the seeds' pooled spread)."
     )
+    # limits.settle on the follow-up points (a remedy in effect, not yet measured), every split: the
+    # rules as they decide under each line's policy, and under the same with settle off.
+    follow = [ln for ln in lines if ln.earlier]
+    settle: dict[str, DatasetReport] = {}
+    if follow:
+        for name, pol in (("rules (settle 3 evals)", None), ("rules without settle", str(NO_SETTLE))):
+            settle[name] = score_dataset(make_proposer("rules"), follow, dataset=shown_name, split="follow-ups", policy=pol)
+            sm = settle[name].summary
+            table.append(["follow-ups", *rates_row(name, sm)[:-1],
+                          f"{rates_row(name, sm)[-1]}; stacked {sm.stacked} of {sm.follow_ups}"])
+        notes += (f" Follow-ups: {len(follow)} points 2 evaluations after a point where the rules applied a remedy, "
+                  "on the branch that applied it (generate.py --follow-ups); 'stacked': another remedy for the same "
+                  "problem before the first could be measured (divergence, where settle does not wait, not counted); "
+                  f"without settle: {NO_SETTLE.relative_to(HERE.parent.parent)}.")
     write("counterfactual",
           {"dataset": shown_name, "families": families,
-           "reports": {s: [r.model_dump(mode="json") for r in rs] for s, rs in reports.items()}},
+           "reports": {s: [r.model_dump(mode="json") for r in rs] for s, rs in reports.items()},
+           "settle_follow_ups": {k: r.model_dump(mode="json") for k, r in settle.items()}},
           table,
           ["split", "proposer", "n", "acceptable", "harmful", "no-op precision", "no-op recall",
            "mean regret (noise units)"],

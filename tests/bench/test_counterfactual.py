@@ -65,3 +65,30 @@ def test_the_generator_runs_a_family_end_to_end_and_branches_are_reproducible(tm
     first = branch(job, points[0], Move(), seed=5, horizon=20)
     branch(job, points[0], Move(changes={"lr": 0.1}), seed=5, horizon=20)
     assert branch(job, points[0], Move(), seed=5, horizon=20) == first
+
+
+def test_a_follow_up_point_continues_the_rules_remedy_for_two_evaluations_before_branching(tmp_path) -> None:
+    from atm.bench.counterfactual import FOLLOW_UP, rules_choice
+
+    recipe = Recipe("mlp", "tiny-overfit", "overfitting",
+                    lambda s: mlp_job(n_train=100, opt="adamw", lr=3e-3, width=32, total=140),
+                    steps=120, eval_every=10, horizon=20, points=(0.6,))
+    out = tmp_path / "fu.jsonl"
+    lines = generate([(recipe, "train")], out, seeds=2, follow_ups=True)
+    assert [ln.point for ln in lines] == [0, FOLLOW_UP]
+    main, follow = lines
+    assert load_dataset(out) == lines and not main.earlier
+
+    # The earlier intervention is what the rules applied at the main point, from the values in force there.
+    _, points, _ = main_run(recipe)
+    proposal, changes = rules_choice(load_policy("lm"), points[0], recipe.run)
+    assert changes and proposal.diagnosis.value == "overfitting"
+    (earlier,) = follow.earlier
+    assert earlier.diagnosis == proposal.diagnosis and earlier.step == main.step
+    assert {k: new for k, (_, new) in earlier.changes.items()} == {k: v for k, v in changes.items() if k != "action"}
+    assert all(main.params[k] == old for k, (old, _) in earlier.changes.items())
+    assert all(follow.params[k] == pytest.approx(new) for k, (_, new) in earlier.changes.items())
+    # Its history is the main point's and two more evaluations.
+    val = follow.history["val_loss"]
+    assert val[:-2] == main.history["val_loss"] and [s for s, _ in val[-2:]] == [main.step + 10, main.step + 20]
+    assert follow.step == main.step + 20

@@ -136,3 +136,42 @@ def test_atm_eval_dataset_prints_the_proposer_beside_the_fixed_strategies(tmp_pa
     args = ap.parse_args(["eval", "--dataset", str(bad)])
     assert args.func(args) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
+
+
+def test_a_follow_up_point_shows_its_earlier_remedy_and_scores_stacking_with_and_without_settle(tmp_path) -> None:
+    from pathlib import Path
+
+    from atm.schema import Diagnosis
+    from atm.watcher.counterfactual import Earlier
+
+    main = _overfit_line()
+    # Two evaluations after an lr cut for the same overfitting: in effect, not yet measured.
+    follow = main.model_copy(update={"point": 100, "earlier": [
+        Earlier(step=170, effective_step=171, diagnosis=Diagnosis.OVERFITTING, changes={"lr": (0.002, 0.001)})]})
+    path = write_dataset([main, follow], tmp_path / "d.jsonl")
+    first, second = path.read_text().splitlines()
+    assert '"earlier"' not in first and '"earlier"' in second  # a main-run point is written as before
+    assert load_dataset(path) == [main, follow]
+
+    settle = score_dataset(RulesProposer(), [main, follow])
+    assert [d.follow_up for d in settle.decisions] == [False, True]
+    waited = settle.decisions[1]
+    assert waited.move == NOOP and not waited.stacked
+    assert settle.summary.follow_ups == 1 and settle.summary.stacked == 0
+
+    no_settle = Path(__file__).resolve().parents[2] / "benchmarks" / "policies" / "lm-no-settle.yaml"
+    stacked = score_dataset(RulesProposer(), [follow], policy=str(no_settle)).decisions[0]
+    assert stacked.diagnosis == "overfitting" and stacked.move != NOOP and stacked.stacked
+
+
+def test_the_loader_rejects_an_earlier_remedy_after_the_point_or_on_an_unknown_parameter(tmp_path) -> None:
+    line = json.loads(_overfit_line().model_dump_json(exclude_none=True))
+    late = {**line, "earlier": [{"step": 200, "effective_step": 201, "diagnosis": "overfitting", "changes": {"lr": [1e-3, 5e-4]}}]}
+    odd = {**line, "earlier": [{"step": 100, "effective_step": 101, "diagnosis": "overfitting", "changes": {"beta": [1, 2]}}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(late) + "\n" + json.dumps(odd) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1:.*after the point's step"):
+        load_dataset(path)
+    path.write_text(json.dumps(odd) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1:.*not in `params`"):
+        load_dataset(path)
