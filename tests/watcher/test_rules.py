@@ -606,6 +606,11 @@ def test_remedies_that_alternate_between_overfitting_and_plateau_end_in_a_stop_w
     helped = Outcome(label=EffectLabel.HELPED, metric="val_loss", evals=3)
     with_help = [remedies[0], remedies[1].model_copy(update={"effect": helped}), remedies[2]]
     assert diagnose(build_snapshot("r", lm, history, params, with_help))[0] == Diagnosis.OVERFITTING
+    # The same remedies on a run now flat, not rising: a plateau they did not move; stop, worded as such.
+    flat_end = concat(val[:-7], [1.212, 1.209, 1.214, 1.21, 1.211, 1.213, 1.21])
+    plateau = make_history({"train_loss": [1.3] * len(val), "val_loss": flat_end}, every=20)
+    diagnosis, evidence = diagnose(build_snapshot("r", lm, plateau, params, remedies))
+    assert diagnosis == Diagnosis.CONVERGED and evidence.startswith("no new best worth the name"), evidence
     # A new best well below the level the remedies began at: progress, it goes on.
     better = concat(val[:-7], [1.15, 1.1, 1.08, 1.09, 1.1, 1.12, 1.14])
     progress = make_history({"train_loss": train, "val_loss": better}, every=20)
