@@ -569,10 +569,13 @@ def _no_remedy_helped(snap: TelemetrySnapshot, primary: SeriesStats, role: str, 
     first = tail[0].applied_step
     assert first is not None
     if primary.best_step >= first:
-        # For overfitting the level is the loss when the remedy was decided, above the best then: a new
-        # best below it by the margin is progress however small against the old best (errs to go on).
-        level = min((e.before_after[role][0] for e in tail if role in e.before_after), default=None)
-        if level is None or not math.isfinite(level) or primary.best < level - abs(level) * t.plateau_improvement:
+        # The level is the loss when the first of them was decided, as in :func:`_plateau_exhausted`; for
+        # overfitting that is above the best then, so a new best below it by the margin counts as
+        # progress however small against the old best: the rule errs towards going on. (Measured
+        # from the lowest of the remedies' levels instead, it stopped a TinyStories run whose first
+        # remedy, a rollback, had brought val loss from 1.37 to a new best of 1.21.)
+        level = tail[0].before_after.get(role, (math.nan, math.nan))[0]
+        if not math.isfinite(level) or primary.best < level - abs(level) * t.plateau_improvement:
             return ""
     kinds_seen = ", ".join(sorted({e.diagnosis.value for e in tail if e.diagnosis is not None}))
     since = (f"best {fmt(primary.best)} at step {primary.best_step}" if primary.best_step < first

@@ -611,6 +611,16 @@ def test_remedies_that_alternate_between_overfitting_and_plateau_end_in_a_stop_w
     plateau = make_history({"train_loss": [1.3] * len(val), "val_loss": flat_end}, every=20)
     diagnosis, evidence = diagnose(build_snapshot("r", lm, plateau, params, remedies))
     assert diagnosis == Diagnosis.CONVERGED and evidence.startswith("no new best worth the name"), evidence
+    # The first remedy (at a val loss of 1.37) brought a new best of 1.21, the two after it nothing: the
+    # three together made progress, it goes on (seen: a TinyStories run stopped here, 0.08 above
+    # where it ended when left to go on).
+    gained = concat(decay(20, 3.0, 1.3, rate=8.0), [1.37], [1.22, 1.21, 1.215, 1.212] * 3, [1.213, 1.211],
+                    [1.22 + 0.02 * i for i in range(7)])
+    assert len(gained) == len(val)
+    after_first = make_history({"train_loss": train, "val_loss": gained}, every=20)
+    snap = build_snapshot("r", lm, after_first, params, remedies)
+    assert snap.series["val_loss"].best_step > 440
+    assert diagnose(snap)[0] == Diagnosis.OVERFITTING
     # A new best well below the level the remedies began at: progress, it goes on.
     better = concat(val[:-7], [1.15, 1.1, 1.08, 1.09, 1.1, 1.12, 1.14])
     progress = make_history({"train_loss": train, "val_loss": better}, every=20)
