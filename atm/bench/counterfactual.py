@@ -476,7 +476,10 @@ def generate(
 
     def save(line: DatasetLine) -> None:
         lines.append(line)
-        write_dataset(kept + lines, out)
+        # The kept lines of this and later runs too, until they are reached: an interrupted generation
+        # must not lose what the file held.
+        made = {(ln.run, ln.point) for ln in lines}
+        write_dataset(kept + lines + [ln for ln in keep if ln.run in names and (ln.run, ln.point) not in made], out)
 
     for recipe, split in recipes:
         done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds]

@@ -92,3 +92,25 @@ def test_a_follow_up_point_continues_the_rules_remedy_for_two_evaluations_before
     val = follow.history["val_loss"]
     assert val[:-2] == main.history["val_loss"] and [s for s, _ in val[-2:]] == [main.step + 10, main.step + 20]
     assert follow.step == main.step + 20
+
+
+def test_an_interrupted_extend_keeps_every_line_the_file_held(tmp_path) -> None:
+    # Extending a file with follow-up points: interrupted after the first new line, the file still holds
+    # the kept lines of the run being extended and of the runs not reached yet.
+    runs = [Recipe("linear", name, "lr_too_high", _diverging_linear, steps=100, eval_every=10, horizon=20, points=(0.6,))
+            for name in ("first", "second")]
+    out = tmp_path / "d.jsonl"
+    kept = generate([(r, "train") for r in runs], out, seeds=2)
+    assert [(ln.run, ln.point) for ln in kept] == [("first", 0), ("second", 0)]
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(msg: str) -> None:
+        if "follow-up" in msg:
+            raise Interrupted(msg)
+
+    with pytest.raises(Interrupted):
+        generate([(r, "train") for r in runs], out, seeds=2, keep=kept, follow_ups=True, progress=interrupt)
+    held = {(ln.run, ln.point) for ln in load_dataset(out)}
+    assert held == {("first", 0), ("first", 100), ("second", 0)}
