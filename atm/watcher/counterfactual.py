@@ -560,17 +560,27 @@ def score_dataset(
     )
 
 
-def select(lines: Sequence[DatasetLine], split: str) -> list[DatasetLine]:
-    """The lines of one split (``all``: every line).
+#: Which decision points :func:`select` takes: the main runs' points, the follow-up points, or both.
+POINTS = ("all", "main", "follow-ups")
+
+
+def select(lines: Sequence[DatasetLine], split: str, points: str = "all") -> list[DatasetLine]:
+    """The lines of one split (``all``: every line), of the main runs' points, the follow-up points
+    (an earlier remedy in effect) or both.
 
     Raises:
-        DatasetError: the split has no lines.
+        DatasetError: the selection has no lines.
     """
-    if split == "all":
-        return list(lines)
-    out = [ln for ln in lines if ln.split == split]
+    if points not in POINTS:
+        raise DatasetError(f"points must be one of {', '.join(POINTS)}, got {points!r}")
+    out = [ln for ln in lines if split == "all" or ln.split == split]
     if not out:
         raise DatasetError(f"no lines in split {split!r}; the file has {sorted({ln.split for ln in lines})}")
+    if points != "all":
+        out = [ln for ln in out if bool(ln.earlier) == (points == "follow-ups")]
+        if not out:
+            raise DatasetError(f"no {points} points in split {split!r}"
+                               + (" (generate.py --follow-ups writes them)" if points == "follow-ups" else ""))
     return out
 
 
@@ -615,6 +625,7 @@ def format_dataset_reports(reports: Sequence[DatasetReport]) -> str:
 __all__ = [
     "BASELINES",
     "NOOP",
+    "POINTS",
     "Choice",
     "DatasetError",
     "DatasetLine",

@@ -400,6 +400,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with --dataset: only the families of this split (test: the held-out ones)",
     )
     p.add_argument(
+        "--points",
+        choices=("all", "main", "follow-ups"),
+        default="all",
+        help="with --dataset: the main runs' decision points, the follow-up points (an earlier remedy in "
+        "effect, not yet measured), or both (default: %(default)s)",
+    )
+    p.add_argument(
         "--policy",
         default=None,
         help="with --dataset: decide under this preset or policy file instead of each line's own "
@@ -450,7 +457,7 @@ def dataset_command(args: argparse.Namespace) -> int:
     )
 
     try:
-        lines = select(load_dataset(args.dataset), args.split)
+        lines = select(load_dataset(args.dataset), args.split, args.points)
         if args.policy:
             load_policy(args.policy)  # a bad policy is named before any decision is made
         proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)

@@ -25,6 +25,7 @@ from atm.watcher.counterfactual import (
     BASELINES,
     DatasetReport,
     load_dataset,
+    rates,
     rates_row,
     score_dataset,
     select,
@@ -46,21 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     reports: dict[str, list[DatasetReport]] = {}
     table: list[list[str]] = []
     for split in args.split or ["test", "train"]:
-        chosen = select(lines, split)
+        # The main runs' points; the follow-up points (an earlier remedy in effect) are scored below.
+        chosen = select(lines, split, "main")
         proposers = [make_proposer(k) for k in kinds] + [make() for make in BASELINES.values()]
         reports[split] = [score_dataset(pr, chosen, dataset=shown_name, split=split) for pr in proposers]
         for r in reports[split]:
             table.append([split, *rates_row(r.proposer, r.summary)])
         # Per family for every proposer (the fixed strategies too), per diagnosis for the deciding ones.
         for r in reports[split]:
-            for fam, rates in r.by_family.items():
-                table.append([split, *rates_row(f"{r.proposer}, family {fam}", rates)])
+            for fam, fam_rates in r.by_family.items():
+                table.append([split, *rates_row(f"{r.proposer}, family {fam}", fam_rates)])
         for r in reports[split][: len(kinds)]:
-            for diag, rates in r.by_diagnosis.items():
-                table.append([split, *rates_row(f"{r.proposer}, diagnosis {diag}", rates)])
+            for diag, diag_rates in r.by_diagnosis.items():
+                table.append([split, *rates_row(f"{r.proposer}, diagnosis {diag}", diag_rates)])
     families = {split: sorted({ln.family for ln in select(lines, split)}) for split in reports}
     notes = (
         f"Dataset: {shown_name}, {len(lines)} decision points; families by split: {families}. "
+        "The split rows score the main runs' points; the follow-up rows the follow-up points. "
         "Regret: the chosen move's mean outcome minus the best move's, in units of the point's noise "
         "(the seeds' pooled spread)."
     )
@@ -74,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             sm = settle[name].summary
             table.append(["follow-ups", *rates_row(name, sm)[:-1],
                           f"{rates_row(name, sm)[-1]}; stacked {sm.stacked} of {sm.follow_ups}"])
+            for split in sorted({ln.split for ln in follow}):
+                part = [i for i, ln in enumerate(follow) if ln.split == split]
+                sub = rates([settle[name].decisions[i] for i in part], [follow[i] for i in part])
+                table.append([f"follow-ups, {split}", *rates_row(name, sub)[:-1],
+                              f"{rates_row(name, sub)[-1]}; stacked {sub.stacked} of {sub.follow_ups}"])
         notes += (f" Follow-ups: {len(follow)} points 2 evaluations after a point where the rules applied a remedy, "
                   "on the branch that applied it (generate.py --follow-ups); 'stacked': another remedy for the same "
                   "problem before the first could be measured (divergence, where settle does not wait, not counted); "
