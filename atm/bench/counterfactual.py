@@ -445,7 +445,11 @@ def recipe_lines(
         if made is not None:
             fu_point, earlier = made
             emit(fu_point, [earlier])
-    return lines
+    # The run's finished lines not made now (other --points, follow-ups when not asked for) stay.
+    emitted = {ln.point for ln in lines}
+    lines += [ln for i, ln in finished.items() if i not in emitted]
+    # Each main point, then its follow-up.
+    return sorted(lines, key=lambda ln: (ln.point % FOLLOW_UP, ln.point))
 
 
 def generate(

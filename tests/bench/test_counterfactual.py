@@ -114,3 +114,6 @@ def test_an_interrupted_extend_keeps_every_line_the_file_held(tmp_path) -> None:
         generate([(r, "train") for r in runs], out, seeds=2, keep=kept, follow_ups=True, progress=interrupt)
     held = {(ln.run, ln.point) for ln in load_dataset(out)}
     assert held == {("first", 0), ("first", 100), ("second", 0)}
+    # Extended again without follow-ups, the file keeps the one it has.
+    generate([(runs[0], "train")], out, seeds=2, keep=load_dataset(out))
+    assert {(ln.run, ln.point) for ln in load_dataset(out)} == held
