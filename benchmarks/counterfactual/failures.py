@@ -37,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(HERE / "dataset.jsonl.gz"))
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
+    p.add_argument("--points", default="all", choices=("all", "main", "follow-ups"),
+                   help="the main runs' points, the follow-up points (an earlier remedy in effect), or both")
     p.add_argument("--proposer", default="rules")
     p.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
     p.add_argument("--all", action="store_true", help="every decision, not only the failures")
     args = p.parse_args(argv)
     proposer = make_proposer(args.proposer)
     wrong = 0
-    lines = [ln for ln in select(load_dataset(args.dataset), args.split) if not args.family or ln.family in args.family]
+    lines = [ln for ln in select(load_dataset(args.dataset), args.split, args.points) if not args.family or ln.family in args.family]
     for line in lines:
         sit = line_situation(line, load_policy(line.policy))
         proposal = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         assert noop is not None
         verdict = "HARMFUL" if harm else "ok" if ok else "not acceptable"
         print(f"== {line.family} {line.run} #{line.point} step {line.step}: {verdict}, regret {regret}")
+        for e in line.earlier:
+            changes = ", ".join(f"{k} {old:g}->{new:g}" for k, (old, new) in e.changes.items())
+            print(f"   earlier: {e.diagnosis.value} at step {e.step}: {changes}" + (f" with {e.action.value}" if e.action else ""))
         print(f"   chose {key} ({proposal.diagnosis.value}): {proposal.rationale}")
         # As costs: negative is better than no-op, whether the outcome is a loss or a return.
         sign = -1.0 if line.higher_is_better else 1.0
