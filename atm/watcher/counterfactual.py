@@ -579,8 +579,9 @@ def select(lines: Sequence[DatasetLine], split: str, points: str = "all") -> lis
     if points != "all":
         out = [ln for ln in out if bool(ln.earlier) == (points == "follow-ups")]
         if not out:
-            raise DatasetError(f"no {points} points in split {split!r}"
-                               + (" (generate.py --follow-ups writes them)" if points == "follow-ups" else ""))
+            what = "follow-up" if points == "follow-ups" else "main-run"
+            hint = "; generate.py --follow-ups writes them" if points == "follow-ups" else ""
+            raise DatasetError(f"no {what} points in split {split!r}{hint}")
     return out
 
 

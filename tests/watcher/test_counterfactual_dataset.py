@@ -158,6 +158,9 @@ def test_a_follow_up_point_shows_its_earlier_remedy_and_scores_stacking_with_and
     waited = settle.decisions[1]
     assert waited.move == NOOP and not waited.stacked
     assert settle.summary.follow_ups == 1 and settle.summary.stacked == 0
+    assert select([main, follow], "all", "follow-ups") == [follow] and select([main, follow], "test", "main") == [main]
+    with pytest.raises(DatasetError, match=r"no follow-up points in split 'test'; generate.py --follow-ups"):
+        select([main], "test", "follow-ups")
 
     no_settle = Path(__file__).resolve().parents[2] / "benchmarks" / "policies" / "lm-no-settle.yaml"
     stacked = score_dataset(RulesProposer(), [follow], policy=str(no_settle)).decisions[0]
