@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import time
 from typing import Any, Literal
 
@@ -245,10 +246,13 @@ def in_force(old: float, new: float, now: Any, max_factor: float | None = None) 
         now = float(now)
     except (TypeError, ValueError):
         return new
-    if old > 0 and new > 0 and now > 0 and math.isfinite(now) and not math.isclose(now, old, rel_tol=0.01):
+    # Below the smallest normal float a product loses its precision, or underflows to 0 (found by a
+    # property test: now 5e-324 halved gave 0): such a value in force is read as 0, so ``new`` as it is.
+    tiny = sys.float_info.min
+    if old > 0 and new > 0 and now >= tiny and math.isfinite(now) and not math.isclose(now, old, rel_tol=0.01):
         ratio = new / old
         bound = DEFAULT_MAX_FACTOR if max_factor is None else max_factor
-        if 1 / bound <= ratio <= bound and math.isfinite(now * ratio):
+        if 1 / bound <= ratio <= bound and tiny <= now * ratio < math.inf:
             return now * ratio
     return new
 

@@ -217,6 +217,8 @@ def test_in_force_never_amplifies_a_ratio_past_the_bound() -> None:
     assert in_force(1e-3, 5e-4, 2e-4) == pytest.approx(1e-4)
     # Beyond the policy's bound the move is a set-value, not a multiplication.
     assert in_force(1e-3, 4e-3, 2e-4, max_factor=2.0) == 4e-3
+    # A value in force below the smallest normal float reads as 0: halving it would underflow to 0.
+    assert in_force(2.0, 1.0, 5e-324) == 1.0
 
 
 @settings(max_examples=3000, deadline=None)
