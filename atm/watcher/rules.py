@@ -267,7 +267,13 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     if apart:
         recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
         return (Diagnosis.HEALTHY, recovering) if recovering else (Diagnosis.OVERFITTING, apart)
-    improvement = float(sig.get("window_improvement", 1.0))
+    if "window_improvement" not in sig:
+        # Fewer than 3 evaluations since the run went on from a restored checkpoint: no trend to read
+        # yet. (Read as the default, this was worded "still improving (100.0% over the window)".)
+        return Diagnosis.HEALTHY, (f"{primary.key} {fmt(primary.latest)}: too few evaluations to read a trend from "
+                                   "(fewer than 3 since it went on from a restored checkpoint)"
+                                   + (f"; {unmoved}" if unmoved else ""))
+    improvement = float(sig["window_improvement"])
     # A plateau needs evidence: an improvement within the noise of the window's fit. A run still
     # improving slowly, but surely, at a small lr is not cut further (seen: a harmful lr cut).
     significant = improvement - float(sig.get("window_improvement_ci", math.inf)) > 0
