@@ -49,17 +49,17 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
             for key in _LR_KEYS:
                 if isinstance(g.get(key), (int, float)):
                     g[key] = g[key] * ratio
-        if scheduler is not None:
+        for sched in _nested(scheduler):
             for attr in _SCHEDULER_LRS:
-                vals = getattr(scheduler, attr, None)
+                vals = getattr(sched, attr, None)
                 if isinstance(vals, list):
-                    setattr(scheduler, attr, [v * ratio for v in vals])
+                    setattr(sched, attr, [v * ratio for v in vals])
             # Cosine schedules anneal towards eta_min: scaled too, or the change fades out as they anneal.
-            if isinstance(getattr(scheduler, "eta_min", None), (int, float)):
-                scheduler.eta_min = scheduler.eta_min * ratio
+            if isinstance(getattr(sched, "eta_min", None), (int, float)):
+                sched.eta_min = sched.eta_min * ratio
             # ReduceLROnPlateau keeps its own floor per group.
-            if isinstance(getattr(scheduler, "min_lrs", None), list) and hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [g["lr"] for g in groups()]
+            if isinstance(getattr(sched, "min_lrs", None), list) and hasattr(sched, "_last_lr"):
+                sched._last_lr = [g["lr"] for g in groups()]
 
     # The listener reads a change back when the lr next moves (atm.training.listener.undone); this knob
     # knows the likely cause of an undone lr change.
@@ -73,6 +73,22 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
         for i, name in enumerate(("beta1", "beta2")):
             knobs[name] = Knob(get=lambda i=i: float(groups()[0]["betas"][i]), set=_beta_setter(groups, i))
     return knobs
+
+
+def _nested(scheduler: Any) -> list[Any]:
+    """The scheduler and those it runs (SequentialLR's and ChainedScheduler's ``_schedulers``, at any
+    depth): a warm-up then cosine schedule is a SequentialLR whose cosine child anneals towards its own
+    ``eta_min``, which would undo an lr cut if only the parent were scaled (seen in a user's job)."""
+    if scheduler is None:
+        return []
+    out, todo = [], [scheduler]
+    while todo:
+        s = todo.pop(0)
+        if any(s is seen for seen in out):
+            continue
+        out.append(s)
+        todo += [c for c in getattr(s, "_schedulers", None) or [] if c is not None]
+    return out
 
 
 def _has_scheduler(optimizer: Any) -> bool:
@@ -154,9 +170,9 @@ def keep_hyperparameters(optimizer: Any, scheduler: Any = None) -> Iterator[None
     they were before the block.
     """
     groups = [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    sched = {a: list(getattr(scheduler, a)) for a in _SCHEDULER_LRS
-             if scheduler is not None and isinstance(getattr(scheduler, a, None), list)}
-    eta_min = getattr(scheduler, "eta_min", None)
+    scheds = _nested(scheduler)
+    kept_lrs = [{a: list(getattr(s, a)) for a in _SCHEDULER_LRS if isinstance(getattr(s, a, None), list)} for s in scheds]
+    eta_mins = [getattr(s, "eta_min", None) for s in scheds]
     yield
     if len(optimizer.param_groups) != len(groups):
         log.warning("atm: the restored optimizer has %d param groups, not %d; its hyperparameters were left "
@@ -164,10 +180,11 @@ def keep_hyperparameters(optimizer: Any, scheduler: Any = None) -> Iterator[None
         return
     for group, kept in zip(optimizer.param_groups, groups):
         group.update(kept)
-    for a, vals in sched.items():
-        setattr(scheduler, a, vals)
-    if isinstance(eta_min, (int, float)):
-        scheduler.eta_min = eta_min
+    for s, lrs, eta_min in zip(scheds, kept_lrs, eta_mins):
+        for a, vals in lrs.items():
+            setattr(s, a, vals)
+        if isinstance(eta_min, (int, float)):
+            s.eta_min = eta_min
 
 
 def dropout_knob(model: Any) -> Knob:

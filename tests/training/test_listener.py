@@ -388,6 +388,14 @@ SCHEDULERS = {
     "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=30),
     "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=10),
     "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=20, power=2.0),
+    # Warm-up then cosine to an absolute floor: the cosine child's eta_min must be scaled too (seen in a
+    # user's job: a cut below the floor was undone as the schedule annealed).
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=3),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8, eta_min=5e-4)], milestones=[3]),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8, eta_min=5e-4)]),
 }
 
 
