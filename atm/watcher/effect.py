@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from atm.schema import DecisionRecord, EffectLabel, Outcome, Status
+from atm.schema import Action, DecisionRecord, EffectLabel, Outcome, Status
 from atm.watcher.snapshot import slope
 
 #: Evaluations before a change that the trend is fitted through, and the fewest that project anything.
@@ -42,6 +42,13 @@ def measure(
     Raises nothing: a change that cannot be judged gets ``unknown`` with the reason.
     """
     start = record.effective_step
+    if record.action == Action.STOP and not record.changes:
+        # A stop ends training: there is no "after" to measure. A job that trained on got no effect
+        # either (it does not act on stop); reading its later points as the stop's effect said "neutral".
+        if start is not None and any(s > start for s, _ in points):
+            return Outcome(label=EffectLabel.UNKNOWN, metric=metric,
+                           note="the job trained on after the stop (it does not read listener.stop_requested)")
+        return Outcome(label=EffectLabel.UNKNOWN, metric=metric, note="training ended here, as asked") if ended else None
     if start is None:
         return Outcome(label=EffectLabel.UNKNOWN, metric=metric, note="it never showed in the run's metrics") if ended else None
     before = [(s, v) for s, v in points if s < start][-PRE_EVALS:]

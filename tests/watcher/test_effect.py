@@ -151,7 +151,8 @@ def test_a_second_remedy_for_the_same_problem_waits_for_the_first_ones_effect() 
     assert check(second, LM, _ctx([first], evals + [110, 120, 130])).accepted  # 3 evaluations since
     judged = first.model_copy(update={"effect": Outcome(label=EffectLabel.NEUTRAL, metric="val_loss")})
     assert check(second, LM, _ctx([judged], evals + [110, 120])).accepted  # its effect is known
-    # Divergence does not wait, nor does setting back a change that hurt, nor another problem.
+    # Divergence does not wait, nor does setting back a change that hurt, nor (in the validator)
+    # another problem; the rules do not move the same knob for it (the next test).
     assert check(second.model_copy(update={"diagnosis": Diagnosis.DIVERGENCE}), LM, _ctx([first], evals + [110, 120])).accepted
     assert check(second.model_copy(update={"reverts": 1}), LM, _ctx([first], evals + [110, 120])).accepted
     assert check(second.model_copy(update={"diagnosis": Diagnosis.PLATEAU}), LM, _ctx([first], evals + [110, 120])).accepted
@@ -166,6 +167,24 @@ def test_the_rules_wait_instead_of_stacking() -> None:
     proposal = RulesProposer().propose(sit.snapshot, LM, sit.ctx, sit.offer).proposal
     assert proposal.diagnosis == Diagnosis.OVERFITTING and proposal.is_noop
     assert "waiting for the effect of #1" in proposal.rationale
+
+
+def test_the_rules_move_another_knob_for_another_problem_while_the_last_one_is_measured() -> None:
+    # A plateau two evaluations after an lr cut for overfitting: the lr is not cut again before that cut
+    # can be judged; nothing else is a plateau remedy, so the rules wait and say why.
+    import math
+
+    def curve(s: int) -> float:  # down to 1.0 by step 100, then flat: a plateau
+        return 1.0 + math.exp(-s / 12) + 0.002 * ((s // 10) % 2)
+
+    val = [(s, curve(s)) for s in range(10, 201, 10)]
+    train = [(s, curve(s) - 0.02) for s in range(5, 201, 5)]
+    first = applied(1, 180, {"lr": (2e-3, 1e-3)}, Diagnosis.OVERFITTING)
+    sit = offline_situation("r", LM, {"val_loss": val, "train_loss": train}, {"lr": 1e-3, "dropout": 0.0}, [first])
+    proposal = RulesProposer().propose(sit.snapshot, LM, sit.ctx, sit.offer).proposal
+    assert proposal.diagnosis == Diagnosis.PLATEAU, proposal.rationale
+    assert "lr" not in proposal.changes
+    assert "not moved again while its last change is being measured: lr (#1)" in proposal.rationale
 
 
 # --------------------------------------------------------------------------- escalation and bounds
@@ -223,3 +242,18 @@ def test_the_llm_is_offered_a_group_members_moves_as_the_groups() -> None:
     sit = offline_situation("r", policy, plateau, {"actor_lr": 1e-3, "critic_lr": 1e-3})
     moves = remedy_moves(Diagnosis.PLATEAU, offered_moves(sit.offer, sit.snapshot.params), sit.snapshot, policy)
     assert {(m.param, m.direction) for m in moves} == {("actor_lr", "down"), ("critic_lr", "down")}
+
+
+def test_a_stop_gets_no_measured_effect_and_one_the_job_ignored_says_so() -> None:
+    from atm.watcher.effect import measure
+
+    stop = applied(1, 100, {}, Diagnosis.OVERFITTING, action=Action.STOP)  # in effect from step 101
+    before = [(s, 1.0 - s / 1000) for s in range(10, 101, 10)]
+    # The job stopped: one last point where it ended, nothing after.
+    ended = measure(stop, before + [(101, 0.9)], metric="val_loss", higher_is_better=False, evals=3, ended=True)
+    assert ended is not None and ended.label == EffectLabel.UNKNOWN and ended.note == "training ended here, as asked"
+    assert measure(stop, before, metric="val_loss", higher_is_better=False, evals=3) is None  # not over yet
+    # The job trained on (it never reads stop_requested): not a "neutral" effect of the stop.
+    went_on = before + [(s, 0.9) for s in range(110, 200, 10)]
+    outcome = measure(stop, went_on, metric="val_loss", higher_is_better=False, evals=3)
+    assert outcome is not None and outcome.label == EffectLabel.UNKNOWN and "trained on after the stop" in outcome.note
