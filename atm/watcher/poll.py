@@ -134,7 +134,16 @@ def unmapped_status(policy: Policy, view: RunView) -> str:
     unmapped = unmapped_roles(policy, keys)
     if not unmapped:
         return ""
-    return f"unmapped: {', '.join(unmapped)} (policy file: extends: {policy.name}, {mapping_line(policy, unmapped)})"
+    line = f"policy file: extends: {policy.name}, {mapping_line(policy, unmapped)}"
+    eval_role = policy.limits.eval_metric
+    if unmapped.get(eval_role) is None:
+        # Nothing looks like it: most often the first evaluation has not come yet (seen: a job at step 20
+        # told to write a policy file for the eval_loss the preset maps, 5 steps before it logged it).
+        known = policy.metrics.get(eval_role, [])
+        names = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
+        return (f"unmapped: {', '.join(unmapped)}: no key like {eval_role} logged yet (the policy reads {names}); "
+                f"if the job logs it under another name: {line}")
+    return f"unmapped: {', '.join(unmapped)} ({line})"
 
 
 def metric_notes_due(view: RunView, now: float, policy: Policy | None = None) -> bool:
