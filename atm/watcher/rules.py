@@ -255,9 +255,14 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             exhausted = _remedies_exhausted(snap, val, t) or _no_remedy_helped(snap, val, "val_loss", Diagnosis.OVERFITTING, t)
             if exhausted:
                 return Diagnosis.CONVERGED, exhausted
+            # The train loss at that evaluation, from the gap (val minus train there): the latest train
+            # point is a later, noisier minibatch, and quoted beside the gap the two did not add up.
+            gap = float(sig.get("gap", math.nan))
+            at_eval = val.latest - gap if math.isfinite(gap) else train.latest
             return Diagnosis.OVERFITTING, (
                 f"val loss {fmt(val.latest)} is {rise:.1%} above its best {fmt(val.best)} (step {val.best_step}) "
-                f"while train loss falls to {fmt(train.latest)}; the gap {fmt(float(sig.get('gap', 0)))} is widening"
+                f"while train loss falls ({fmt(at_eval)} at that evaluation); the gap val - train "
+                f"{fmt(gap)} is widening"
             )
     ratio = float(sig.get("loss_component_ratio", 0.0))
     unmoved = _imbalance_unmoved(snap, ratio, t) if ratio > t.imbalance_ratio else ""

@@ -151,8 +151,7 @@ def test_a_second_remedy_for_the_same_problem_waits_for_the_first_ones_effect() 
     assert check(second, LM, _ctx([first], evals + [110, 120, 130])).accepted  # 3 evaluations since
     judged = first.model_copy(update={"effect": Outcome(label=EffectLabel.NEUTRAL, metric="val_loss")})
     assert check(second, LM, _ctx([judged], evals + [110, 120])).accepted  # its effect is known
-    # Divergence does not wait, nor does setting back a change that hurt, nor (in the validator)
-    # another problem; the rules do not move the same knob for it (the next test).
+    # Divergence does not wait, nor does setting back a change that hurt, nor another problem.
     assert check(second.model_copy(update={"diagnosis": Diagnosis.DIVERGENCE}), LM, _ctx([first], evals + [110, 120])).accepted
     assert check(second.model_copy(update={"reverts": 1}), LM, _ctx([first], evals + [110, 120])).accepted
     assert check(second.model_copy(update={"diagnosis": Diagnosis.PLATEAU}), LM, _ctx([first], evals + [110, 120])).accepted
@@ -167,24 +166,6 @@ def test_the_rules_wait_instead_of_stacking() -> None:
     proposal = RulesProposer().propose(sit.snapshot, LM, sit.ctx, sit.offer).proposal
     assert proposal.diagnosis == Diagnosis.OVERFITTING and proposal.is_noop
     assert "waiting for the effect of #1" in proposal.rationale
-
-
-def test_the_rules_move_another_knob_for_another_problem_while_the_last_one_is_measured() -> None:
-    # A plateau two evaluations after an lr cut for overfitting: the lr is not cut again before that cut
-    # can be judged; nothing else is a plateau remedy, so the rules wait and say why.
-    import math
-
-    def curve(s: int) -> float:  # down to 1.0 by step 100, then flat: a plateau
-        return 1.0 + math.exp(-s / 12) + 0.002 * ((s // 10) % 2)
-
-    val = [(s, curve(s)) for s in range(10, 201, 10)]
-    train = [(s, curve(s) - 0.02) for s in range(5, 201, 5)]
-    first = applied(1, 180, {"lr": (2e-3, 1e-3)}, Diagnosis.OVERFITTING)
-    sit = offline_situation("r", LM, {"val_loss": val, "train_loss": train}, {"lr": 1e-3, "dropout": 0.0}, [first])
-    proposal = RulesProposer().propose(sit.snapshot, LM, sit.ctx, sit.offer).proposal
-    assert proposal.diagnosis == Diagnosis.PLATEAU, proposal.rationale
-    assert "lr" not in proposal.changes
-    assert "not moved again while its last change is being measured: lr (#1)" in proposal.rationale
 
 
 # --------------------------------------------------------------------------- escalation and bounds

@@ -37,6 +37,13 @@ def test_evidence_names_the_numbers() -> None:
     _, evidence = diagnose(scenario("overfitting").snapshot())
     assert evidence.startswith("val loss 2.2")
     assert "above its best 1.49" in evidence and "widening" in evidence
+    # The numbers add up: the train loss quoted is the one at that evaluation, val minus the gap.
+    snap = scenario("overfitting").snapshot()
+    gap = float(snap.signals["gap"])
+    val = snap.series["val_loss"].latest
+    from atm.schema import fmt
+
+    assert f"train loss falls ({fmt(val - gap)} at that evaluation); the gap val - train {fmt(gap)}" in evidence
     _, evidence = diagnose(scenario("nan_loss").snapshot())
     assert evidence == "non-finite values in train_loss"
 
