@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import numbers
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from atm.signing import SigningKey, key_from_text
@@ -27,6 +27,7 @@ def listen(
     apply: ApplyMode = "auto",
     step: Callable[[], int] | None = None,
     scheduler: Any = None,
+    no_decay: Sequence[int] = (),
     run_id: str | None = None,
     backend: str | None = None,
     poll_interval: float = 1.0,
@@ -50,6 +51,9 @@ def listen(
         step: a callable giving the job's current step, used to stamp when a change took effect.
             Defaults to the optimizer steps seen (or SB3's ``num_timesteps``).
         scheduler: the LR scheduler driving ``target``, so lr changes scale its base values.
+        no_decay: indices of ``target``'s param groups whose weight decay a change must not touch
+            (biases, norms, embeddings). Needed only when every group starts at weight decay 0:
+            otherwise the groups at 0 are told apart and left alone.
         run_id, backend: which run to attach to; by default the active MLflow run
             (``mlflow.active_run()`` or ``MLFLOW_RUN_ID``) or ``wandb.run``.
         channel: a ready channel (tests and custom trackers).
@@ -75,7 +79,7 @@ def listen(
     if kind == "torch":
         from atm.training.torch_hooks import optimizer_knobs
 
-        all_knobs.update(optimizer_knobs(target, scheduler))
+        all_knobs.update(optimizer_knobs(target, scheduler, no_decay))
         hook = lambda lst: target.register_step_pre_hook(lst._on_optimizer_step)  # noqa: E731
         in_training_thread = True
     elif kind == "sb3":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from atm.training.listener import Knob
@@ -18,7 +18,7 @@ _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHEDULER_LRS = ("base_lrs", "max_lrs", "min_lrs")
 
 
-def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
+def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[int] = ()) -> dict[str, Knob]:
     """Knobs for every hyperparameter the optimizer's groups carry: lr, weight_decay, momentum, betas.
 
     A change is applied to every parameter group as a ratio of group 0's value, so groups with
@@ -28,7 +28,19 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     when the lr next moves, and a change that was undone is said in the job's log with its cause
     and fix, and the change is acknowledged as ``undone`` (PyTorch keeps no reference from an optimizer
     to its schedulers, so none can be found to scale).
+
+    ``no_decay``: indices of param groups whose weight decay stays as it is (biases, norms,
+    embeddings). Without it a group at 0 is left alone while another group has a weight decay; when
+    every group starts at 0 none can be told apart, and a change sets them all.
+
+    Raises:
+        ValueError: a ``no_decay`` index that is not a param group of the optimizer.
     """
+    fixed = frozenset(no_decay)
+    bad = sorted(i for i in fixed if not 0 <= i < len(optimizer.param_groups))
+    if bad:
+        raise ValueError(f"atm.listen(no_decay={sorted(fixed)}): the optimizer has param groups "
+                         f"0..{len(optimizer.param_groups) - 1}, not {bad}")
     # Read the groups at each use: optimizer.load_state_dict() (a rollback) replaces the list.
     def groups() -> list[dict[str, Any]]:
         return optimizer.param_groups
@@ -66,9 +78,13 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None) -> dict[str, Knob]:
     knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr,
                        undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)),
                        read_back=scheduler is None)
+    def decayed() -> list[dict[str, Any]]:
+        return [g for i, g in enumerate(groups()) if i not in fixed] or groups()
+
     for key in ("weight_decay", "momentum"):
         if key in groups()[0]:
-            knobs[key] = Knob(get=_getter(groups, key), set=_group_setter(groups, key))
+            which = decayed if key == "weight_decay" else groups
+            knobs[key] = Knob(get=_getter(which, key), set=_group_setter(which, key))
     if "betas" in groups()[0]:
         for i, name in enumerate(("beta1", "beta2")):
             knobs[name] = Knob(get=lambda i=i: float(groups()[0]["betas"][i]), set=_beta_setter(groups, i))

@@ -228,6 +228,26 @@ def test_weight_decay_keeps_no_decay_groups_at_zero():
         lst.close()
 
 
+@pytest.mark.parametrize("no_decay, expected", [((), [0.05, 0.05]), ((1,), [0.05, 0.0])])
+def test_when_every_group_starts_at_zero_weight_decay_no_decay_says_which_groups_stay(no_decay, expected):
+    # Seen in a user's job: both groups at 0 (the no-decay one for biases and embeddings), and a weight
+    # decay change reached both; there is no telling them apart unless the job says which.
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW([{"params": [model.weight], "weight_decay": 0.0}, {"params": [model.bias], "weight_decay": 0.0}], lr=1e-3)
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01, no_decay=no_decay)
+    try:
+        ch.publish(1, weight_decay=(0.0, 0.05))
+        wait_for(lambda: lst._pending)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx(expected)
+    finally:
+        lst.close()
+    with pytest.raises(ValueError, match=r"no_decay=\[2\]\): the optimizer has param groups 0..1, not \[2\]"):
+        atm.listen(opt, channel=FakeChannel(), no_decay=[2])
+
+
 def test_no_run_warns_once_and_does_nothing(monkeypatch):
     import atm.training.api as api
 
