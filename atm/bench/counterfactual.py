@@ -29,11 +29,10 @@ from atm.watcher.counterfactual import (
     Earlier,
     Move,
     applied,
-    earlier_records,
     make_line,
+    point_situation,
     write_dataset,
 )
-from atm.watcher.decide import Situation, offline_situation
 from atm.watcher.rules import RulesProposer
 
 Batch = Any
@@ -291,7 +290,7 @@ def main_run(recipe: Recipe) -> tuple[Job, list[Point], float]:
 def rules_choice(policy: Policy, point: Point, run: str = "point",
                  earlier: Sequence[Earlier] = ()) -> tuple[Proposal, dict[str, float | str]]:
     """The rules proposer's proposal at a point, and what the validator lets through of it."""
-    sit = _situation(run, policy, point, earlier)
+    sit = point_situation(run, point.index, policy, point.history, point.params, earlier)
     proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
     return proposal, applied(proposal, sit)
 
@@ -303,7 +302,7 @@ def candidate_moves(policy: Policy, point: Point, run: str = "point", earlier: S
     On a follow-up point (``earlier`` interventions in effect) the offer is the one the validator makes
     there (cooldowns), and the rules' move is branched as they decide with and without ``limits.settle``,
     so that both are scored as themselves."""
-    sit = _situation(run, policy, point, earlier)
+    sit = point_situation(run, point.index, policy, point.history, point.params, earlier)
     moves = [Move()]
     for param, values in sorted(sit.offer.choices.items()):
         moves += [Move(changes={param: v}) for v in values]
@@ -317,11 +316,6 @@ def candidate_moves(policy: Policy, point: Point, run: str = "point", earlier: S
             if mv.key not in {m.key for m in moves}:
                 moves.append(mv)
     return moves
-
-
-def _situation(run: str, policy: Policy, point: Point, earlier: Sequence[Earlier]) -> Situation:
-    name = f"{run}#{point.index}"
-    return offline_situation(name, policy, point.history, point.params, earlier_records(name, earlier))
 
 
 def _without_settle(policy: Policy) -> Policy:

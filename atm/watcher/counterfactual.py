@@ -307,21 +307,23 @@ def load_dataset(path: str | Path) -> list[DatasetLine]:
 
 
 def line_situation(line: DatasetLine, policy: Policy) -> Situation:
-    """What a proposer is handed at the line's decision point, with its earlier interventions as the
-    daemon would have recorded them (applied, in effect from their step, not yet measured)."""
+    """What a proposer is handed at the line's decision point (see :func:`point_situation`)."""
     history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in line.history.items()}
-    name = f"{line.run}#{line.point}"
-    return offline_situation(name, policy, history, line.params, earlier_records(name, line.earlier))
+    return point_situation(line.run, line.point, policy, history, line.params, line.earlier)
 
 
-def earlier_records(run_id: str, earlier: Sequence[Earlier]) -> list[DecisionRecord]:
-    """Earlier interventions as the daemon records them: applied, in effect from their step, not yet measured."""
-    return [
-        DecisionRecord(run_id=run_id, seq=i + 1, step=e.step, status=Status.APPLIED, source="dataset",
+def point_situation(run: str, point: int, policy: Policy, history: dict[str, list[tuple[int, float]]],
+                    params: dict[str, float], earlier: Sequence[Earlier] = ()) -> Situation:
+    """What a proposer is handed at decision point ``point`` of ``run``, with its earlier interventions
+    as the daemon would have recorded them (applied, in effect from their step, not yet measured)."""
+    name = f"{run}#{point}"
+    records = [
+        DecisionRecord(run_id=name, seq=i + 1, step=e.step, status=Status.APPLIED, source="dataset",
                        diagnosis=e.diagnosis, changes={k: Change(old=o, new=n) for k, (o, n) in e.changes.items()},
                        action=e.action, applied_step=e.effective_step, effective_step=e.effective_step, decided_at=0.0)
         for i, e in enumerate(earlier)
     ]
+    return offline_situation(name, policy, history, params, records)
 
 
 def stacked(line: DatasetLine, proposal: Proposal | None, changes: dict[str, float | str]) -> bool:
@@ -638,13 +640,13 @@ __all__ = [
     "Rates",
     "applied",
     "chosen_key",
-    "earlier_records",
     "format_dataset_reports",
     "label_moves",
     "line_situation",
     "load_dataset",
     "make_line",
     "move_key",
+    "point_situation",
     "rates",
     "score_choice",
     "score_dataset",

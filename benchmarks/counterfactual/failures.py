@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from atm.policies import load_policy
 from atm.watcher.counterfactual import (
     NOOP,
+    POINTS,
     applied,
     chosen_key,
     line_situation,
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(HERE / "dataset.jsonl.gz"))
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
-    p.add_argument("--points", default="all", choices=("all", "main", "follow-ups"),
+    p.add_argument("--points", default="all", choices=POINTS,
                    help="the main runs' points, the follow-up points (an earlier remedy in effect), or both")
     p.add_argument("--proposer", default="rules")
     p.add_argument("--family", action="append", default=[], help="only this family (repeatable)")

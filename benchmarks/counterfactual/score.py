@@ -24,6 +24,7 @@ from _common import write
 from atm.watcher.counterfactual import (
     BASELINES,
     DatasetReport,
+    Rates,
     load_dataset,
     rates,
     rates_row,
@@ -71,17 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     # rules as they decide under each line's policy, and under the same with settle off.
     follow = [ln for ln in lines if ln.earlier]
     settle: dict[str, DatasetReport] = {}
+
+    def stacked_row(label: str, name: str, r: Rates) -> list[str]:
+        *cells, regret = rates_row(name, r)
+        return [label, *cells, f"{regret}; stacked {r.stacked} of {r.follow_ups}"]
+
     if follow:
         for name, pol in (("rules (settle 3 evals)", None), ("rules without settle", str(NO_SETTLE))):
             settle[name] = score_dataset(make_proposer("rules"), follow, dataset=shown_name, split="follow-ups", policy=pol)
-            sm = settle[name].summary
-            table.append(["follow-ups", *rates_row(name, sm)[:-1],
-                          f"{rates_row(name, sm)[-1]}; stacked {sm.stacked} of {sm.follow_ups}"])
+            table.append(stacked_row("follow-ups", name, settle[name].summary))
             for split in sorted({ln.split for ln in follow}):
                 part = [i for i, ln in enumerate(follow) if ln.split == split]
                 sub = rates([settle[name].decisions[i] for i in part], [follow[i] for i in part])
-                table.append([f"follow-ups, {split}", *rates_row(name, sub)[:-1],
-                              f"{rates_row(name, sub)[-1]}; stacked {sub.stacked} of {sub.follow_ups}"])
+                table.append(stacked_row(f"follow-ups, {split}", name, sub))
         notes += (f" Follow-ups: {len(follow)} points 2 evaluations after a point where the rules applied a remedy, "
                   "on the branch that applied it (generate.py --follow-ups); 'stacked': another remedy for the same "
                   "problem before the first could be measured (divergence, where settle does not wait, not counted); "
