@@ -34,13 +34,16 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
     every group starts at 0 none can be told apart, and a change sets them all.
 
     Raises:
-        ValueError: a ``no_decay`` index that is not a param group of the optimizer.
+        ValueError: a ``no_decay`` index that is not a param group of the optimizer, or all of them.
     """
     fixed = frozenset(no_decay)
     bad = sorted(i for i in fixed if not 0 <= i < len(optimizer.param_groups))
     if bad:
         raise ValueError(f"atm.listen(no_decay={sorted(fixed)}): the optimizer has param groups "
                          f"0..{len(optimizer.param_groups) - 1}, not {bad}")
+    if fixed and len(fixed) == len(optimizer.param_groups):
+        raise ValueError(f"atm.listen(no_decay={sorted(fixed)}) names every param group, so no weight decay would "
+                         "ever change: freeze it in the policy instead (frozen: [weight_decay])")
     # Read the groups at each use: optimizer.load_state_dict() (a rollback) replaces the list.
     def groups() -> list[dict[str, Any]]:
         return optimizer.param_groups
@@ -79,7 +82,7 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
                        undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)),
                        read_back=scheduler is None)
     def decayed() -> list[dict[str, Any]]:
-        return [g for i, g in enumerate(groups()) if i not in fixed] or groups()
+        return [g for i, g in enumerate(groups()) if i not in fixed]
 
     for key in ("weight_decay", "momentum"):
         if key in groups()[0]:

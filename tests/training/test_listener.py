@@ -246,6 +246,8 @@ def test_when_every_group_starts_at_zero_weight_decay_no_decay_says_which_groups
         lst.close()
     with pytest.raises(ValueError, match=r"no_decay=\[2\]\): the optimizer has param groups 0..1, not \[2\]"):
         atm.listen(opt, channel=FakeChannel(), no_decay=[2])
+    with pytest.raises(ValueError, match="names every param group"):
+        atm.listen(opt, channel=FakeChannel(), no_decay=[0, 1])
 
 
 def test_no_run_warns_once_and_does_nothing(monkeypatch):
