@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from atm.bench.counterfactual_rl import RLRecipe
 
 #: Families held out for testing: never used to tune a proposer.
-TEST_FAMILIES = ("aux", "cnn")
+TEST_FAMILIES = ("aux", "cnn", "arm")
 
 
 def _opt(name: str, model: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
@@ -330,9 +330,15 @@ def cartpole_recipes() -> list[RLRecipe]:
     return make()
 
 
+def arm_recipes() -> list[RLRecipe]:
+    from atm.bench.counterfactual_rl import arm_recipes as make
+
+    return make()
+
+
 FAMILIES: dict[str, Callable[[], Sequence[BranchRecipe]]] = {
     "mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes,
-    "wordlm": wordlm_recipes, "cartpole": cartpole_recipes,
+    "wordlm": wordlm_recipes, "cartpole": cartpole_recipes, "arm": arm_recipes,
 }
 
 

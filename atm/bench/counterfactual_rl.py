@@ -77,6 +77,8 @@ class PPOJob:
         self.output = _history_output()
         model.set_logger(Logger(None, [self.output]))  # type: ignore[list-item]
         self.knobs = sb3_knobs(model)
+        #: An SB3 callback for :meth:`train` (what the job logs besides SB3's rows).
+        self.callback: Any = None
 
     @property
     def step(self) -> int:
@@ -109,7 +111,7 @@ class PPOJob:
 
     def train(self, steps: int) -> dict[str, float]:
         """At least ``steps`` environment steps (whole rollouts); SB3's rows go to the history."""
-        self.model.learn(steps, reset_num_timesteps=False, log_interval=1)
+        self.model.learn(steps, reset_num_timesteps=False, log_interval=1, callback=self.callback)
         return {}
 
     def evaluate(self) -> float:
@@ -239,4 +241,78 @@ def cartpole_recipes() -> list[RLRecipe]:
         RLRecipe(f, "cartpole-rollout-only-lr-1e-3", "healthy",
                  lambda s: cartpole_job(lr=1e-3, seed=s), steps=40_960, eval_every=1024, horizon=4096,
                  points=(0.3, 0.55, 0.8), log_eval=False),
+    ]
+
+
+# --------------------------------------------------------------------------- PPO on the MuJoCo arm
+
+
+class _History:
+    """A tracker (:class:`atm.training.workloads.manipulation.tracking.Tracker`) that keeps what is logged
+    in a history, without the machine's speed (``time/*``)."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            if not k.startswith("time/"):
+                self.history.setdefault(k, []).append((int(step), float(v)))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class ArmJob(PPOJob):
+    """The arm workload (``atm-train manipulation``) as a branchable job: its recipe's PPO model and envs,
+    logging what the workload logs (SB3's ``train/*`` and ``rollout/*`` rows, ``train/entropy``,
+    ``rollout/safe_success`` and ``rollout/collision_rate`` after every update, and at each evaluation the
+    ``eval/*`` metrics of its held-out scenes, both policy modes). Its evaluation metric, the outcome of a
+    branch and what its best checkpoint is chosen by, is ``eval/safe_success``: the deterministic policy's
+    safe success on those scenes, the ``rl-ppo`` preset's evaluation metric."""
+
+    def __init__(self, recipe: str, seed: int, eval_episodes: int = 12) -> None:
+        from stable_baselines3.common.callbacks import BaseCallback
+        from stable_baselines3.common.logger import Logger
+
+        from atm.training.workloads.manipulation.env import ArmSpec
+        from atm.training.workloads.manipulation.evaluate import Evaluator
+        from atm.training.workloads.manipulation.recipes import get_recipe
+        from atm.training.workloads.manipulation.train import TrackerWriter, episode_stats, make_model
+
+        spec = ArmSpec()
+        super().__init__(make_model(get_recipe(recipe), spec, seed), eval_env=None)  # type: ignore[arg-type]
+        self.evaluator = Evaluator(spec, episodes_per_difficulty=eval_episodes)
+        self.output = _History()  # type: ignore[assignment]
+        self.model.set_logger(Logger(None, [TrackerWriter(self.output)]))  # type: ignore[list-item]
+
+        class EpisodeStats(BaseCallback):
+            def _on_step(self) -> bool:
+                return True
+
+            def _on_rollout_end(self) -> None:
+                for key, value in episode_stats(self.model).items():  # type: ignore[arg-type]
+                    self.logger.record(key, value)
+
+        self.callback = EpisodeStats()
+
+    def evaluate(self) -> float:
+        metrics = self.evaluator.evaluate(self.model).metrics()
+        if self.log_eval:
+            for k, v in metrics.items():
+                self.history.setdefault(k, []).append((self.step, v))
+        return metrics["eval/safe_success"]
+
+
+def arm_recipes() -> list[RLRecipe]:
+    """The arm workload's recipes, evaluated every 10 updates (its default cadence, 20,480 steps) on 12 scenes
+    of each difficulty, branched for 8 updates (16,384 steps). Points at 35% and 70% of 204,800 steps: the
+    4th and 8th evaluations."""
+    f = "arm"
+    common: dict[str, Any] = {"steps": 204_800, "eval_every": 20_480, "horizon": 16_384, "points": (0.35, 0.7),
+                              "seed": 40}
+    return [
+        RLRecipe(f, "arm-reckless", "lr_too_high", lambda s: ArmJob("reckless", s), **common),
+        RLRecipe(f, "arm-cautious", "stalled", lambda s: ArmJob("cautious", s), **common),
+        RLRecipe(f, "arm-baseline", "healthy", lambda s: ArmJob("baseline", s), **common),
     ]

@@ -52,3 +52,32 @@ def test_a_ppo_branch_restarts_from_its_checkpoint() -> None:
     branch(job, points[0], Move(changes={"lr": 3e-3, "n_epochs": 8}), seed=5, horizon=256)
     assert branch(job, points[0], Move(), seed=5, horizon=256) == first
     assert job.params()["lr"] == points[0].params["lr"]
+
+
+def test_the_arm_job_logs_what_the_arm_workload_logs_and_branches_from_its_checkpoint() -> None:
+    """The MuJoCo arm as a branchable job: the workload's metric names, the rl-ppo preset's offer (its
+    reward weights among the knobs), a branch that restarts from its checkpoint, and a reward-weight
+    move that changes training's reward and not the held-out evaluation's."""
+    from atm.bench.counterfactual import candidate_moves
+    from atm.bench.counterfactual_rl import ArmJob
+    from atm.policies import load_policy
+
+    recipe = RLRecipe("arm", "tiny-arm", "lr_too_high", lambda s: ArmJob("reckless", s, eval_episodes=1),
+                      steps=4 * 2048, eval_every=2048, horizon=2048, points=(0.99,))
+    job, points, worst = recipe.run_main()
+    pt = points[0]
+    assert worst == 0.0 and pt.step == 4 * 2048 and len(pt.history["eval/safe_success"]) == 4
+    # The workload's names (atm-train manipulation), each after every update or evaluation.
+    assert {"rollout/safe_success", "rollout/collision_rate", "train/entropy", "train/std", "eval/robust_score",
+            "eval/stochastic/safe_success", "eval/deterministic/hard/safe_success"} <= set(pt.history)
+    assert len(pt.history["rollout/safe_success"]) == 4 and not any(k.startswith("time/") for k in pt.history)
+    assert pt.value == pt.history["eval/safe_success"][-1][1]
+    keys = {m.key for m in candidate_moves(load_policy("rl-ppo"), pt, recipe.run)}
+    assert {NOOP, "lr=0.0015", "reward.collision_penalty=25", "clip_range=0.1", "stop"} <= keys
+
+    first = branch(job, pt, Move(), seed=3, horizon=2048)
+    branch(job, pt, Move(changes={"lr": 1e-4, "reward.collision_penalty": 25.0}), seed=3, horizon=2048)
+    assert job.params()["reward.collision_penalty"] == 25.0
+    assert {w["collision_penalty"] for w in job.evaluator.venv.env_method("get_reward_weights")} == {5.0}
+    assert branch(job, pt, Move(), seed=3, horizon=2048) == first
+    assert job.params()["reward.collision_penalty"] == 1.0 and job.params()["lr"] == pt.params["lr"]

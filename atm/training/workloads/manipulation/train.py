@@ -33,10 +33,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 import atm
 from atm.training.workloads.manipulation.env import ArmSpec, PlanarArmReachEnv
 from atm.training.workloads.manipulation.evaluate import TEST_SEED_BASE, EvalReport, Evaluator
-from atm.training.workloads.manipulation.recipes import get_recipe
+from atm.training.workloads.manipulation.recipes import Recipe, get_recipe
 from atm.training.workloads.manipulation.tracking import Tracker, open_tracker
 
-__all__ = ["DEFAULT_TIMESTEPS", "QUICK", "TrainConfig", "TrainResult", "train"]
+__all__ = [
+    "DEFAULT_TIMESTEPS", "QUICK", "TrackerWriter", "TrainConfig", "TrainResult", "episode_stats", "make_model", "train",
+]
 
 # 300k steps: the baseline recipe learns the task by then (figures in this package's README.md),
 # and 12 runs (fixed and managed, cautious and reckless, 3 seeds) fit in 90 minutes on 2 cores.
@@ -85,7 +87,7 @@ class TrainResult(BaseModel):
     run_id: str | None = None
 
 
-class _TrackerWriter(KVWriter):
+class TrackerWriter(KVWriter):
     """Forwards SB3's logger records (train/*, rollout/*, time/fps) to the tracker."""
 
     def __init__(self, tracker: Tracker) -> None:
@@ -152,10 +154,8 @@ class _WorkloadCallback(BaseCallback):
             self.rollbacks += 1
 
     def _on_rollout_end(self) -> None:
-        episodes = list(self.model.ep_info_buffer or [])
-        if episodes:
-            self.logger.record("rollout/safe_success", float(np.mean([e["safe_success"] for e in episodes])))
-            self.logger.record("rollout/collision_rate", float(np.mean([e["collision"] for e in episodes])))
+        for key, value in episode_stats(self.model).items():
+            self.logger.record(key, value)
         if self.num_timesteps >= self.next_eval:
             self.evaluate()
             while self.next_eval <= self.num_timesteps:
@@ -206,6 +206,34 @@ class _WorkloadCallback(BaseCallback):
         return report
 
 
+def make_model(recipe: Recipe, spec: ArmSpec, seed: int) -> PPO:
+    """The recipe's PPO model on its training envs (``recipe.n_envs`` arms with the recipe's reward weights)."""
+    # DummyVecEnv: sub-process envs gain nothing on 2 cores; the env steps far faster than PPO trains.
+    venv = make_vec_env(
+        PlanarArmReachEnv,
+        n_envs=recipe.n_envs,
+        seed=seed,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs={"spec": spec, "reward_weights": recipe.reward_weights()},
+        monitor_kwargs={"info_keywords": ("safe_success", "collision")},
+    )
+    return PPO(
+        "MlpPolicy", venv, seed=seed, device="cpu", verbose=0, policy_kwargs=POLICY_KWARGS, **recipe.ppo_kwargs(),
+    )
+
+
+def episode_stats(model: PPO) -> dict[str, float]:
+    """``rollout/safe_success`` and ``rollout/collision_rate`` over SB3's buffer of recent training episodes
+    (empty before the first episode ends)."""
+    episodes = list(model.ep_info_buffer or [])
+    if not episodes:
+        return {}
+    return {
+        "rollout/safe_success": float(np.mean([e["safe_success"] for e in episodes])),
+        "rollout/collision_rate": float(np.mean([e["collision"] for e in episodes])),
+    }
+
+
 def train(
     config: TrainConfig, spec: ArmSpec | None = None, on_start: Callable[[str | None], None] | None = None
 ) -> TrainResult:
@@ -226,19 +254,9 @@ def train(
     started = time.perf_counter()
 
     weights = recipe.reward_weights()
-    # DummyVecEnv: sub-process envs gain nothing on 2 cores; the env steps far faster than PPO trains.
-    venv = make_vec_env(
-        PlanarArmReachEnv,
-        n_envs=recipe.n_envs,
-        seed=config.seed,
-        vec_env_cls=DummyVecEnv,
-        env_kwargs={"spec": spec, "reward_weights": weights},
-        monitor_kwargs={"info_keywords": ("safe_success", "collision")},
-    )
-    model = PPO(
-        "MlpPolicy", venv, seed=config.seed, device="cpu", verbose=0, policy_kwargs=POLICY_KWARGS,
-        **recipe.ppo_kwargs(),
-    )
+    model = make_model(recipe, spec, config.seed)
+    venv = model.get_env()
+    assert venv is not None
 
     params: dict[str, Any] = {
         "workload": "manipulation",
@@ -263,7 +281,7 @@ def train(
     )
     if on_start is not None:
         on_start(_run_id(tracker))
-    outputs: list[KVWriter] = [_TrackerWriter(tracker)]
+    outputs: list[KVWriter] = [TrackerWriter(tracker)]
     if config.verbose:
         outputs.append(HumanOutputFormat(sys.stdout))
     model.set_logger(Logger(folder=None, output_formats=outputs))
