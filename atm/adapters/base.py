@@ -41,6 +41,7 @@ from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Update
 from atm.signing import SigningKey, sign, verify
 
 M = TypeVar("M", bound=BaseModel)
+U = TypeVar("U", Update, Ack)
 
 Points = Sequence[tuple[int, float]]
 
@@ -492,7 +493,10 @@ def verified(
 ) -> RunMessages:
     """``messages`` with only the updates and acks signed with ``key``; the others join ``problems``. Pure.
 
-    The daemon's side: what it takes for its own updates, and for the job's acks, is what checks.
+    The daemon's side: what it takes for its own updates, and for the job's acks, is what checks and,
+    when ``run_id`` is given, names this run (:func:`names_run`): every run of one key signs alike, so a
+    signed update or ack copied from another run would otherwise pass for this run's (settle its
+    pending update, or pass for another watcher's update and make the daemon step back).
     Approvals: unsigned ones (UI tags) are kept as such, for the daemon's stricter rules; a signed
     one is kept when it checks with ``key`` and names ``run_id`` (when given: a copy from another
     run does not pass).
@@ -511,22 +515,29 @@ def verified(
                                            "approval", a.seq))
         else:
             approvals.append(a)
-    updates: dict[int, Update] = {}
-    acks: dict[int, Ack] = {}
-    for seq, u in messages.updates.items():
-        check = verify(u, key, key_problem=key_problem, here="this watcher")
-        if check:
-            updates[seq] = u
-        else:
-            problems.append(MessageProblem("", check.reason, "update", seq))
-    for seq, a in messages.acks.items():
-        check = verify(a, key, key_problem=key_problem, here="this watcher")
-        if check:
-            acks[seq] = a
-        else:
-            problems.append(MessageProblem("", check.reason, "ack", seq))
+
+    def own(kind: str, given: Mapping[int, U]) -> dict[int, U]:
+        taken: dict[int, U] = {}
+        for seq, m in given.items():
+            check = verify(m, key, key_problem=key_problem, here="this watcher")
+            if not check:
+                problems.append(MessageProblem("", check.reason, kind, seq))
+            elif run_id and not names_run(m.run_id, run_id):
+                problems.append(MessageProblem("", f"{kind} #{seq} is for run {m.run_id}, not this one: a copy from "
+                                               "another run; ignored", kind, seq))
+            else:
+                taken[seq] = m
+        return taken
+
+    updates, acks = own("update", messages.updates), own("ack", messages.acks)
     return RunMessages(updates=updates, acks=acks, listener=messages.listener, seq=messages.seq, problems=problems,
                        approvals=approvals)
+
+
+def names_run(named: str, run_id: str) -> bool:
+    """Whether a message's ``run_id`` names the run ``run_id``: the same id, or one of them a path ending
+    in the other (W&B's ``entity/project/id`` and the bare id a job knows its run by). Pure."""
+    return named == run_id or named.endswith("/" + run_id) or run_id.endswith("/" + named)
 
 
 def records_to_jsonl(records: Sequence[DecisionRecord], key: SigningKey | None = None) -> str:

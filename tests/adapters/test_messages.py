@@ -7,6 +7,7 @@ from atm.adapters.base import (
     SEQ_KEY,
     MessageProblem,
     ack_key,
+    names_run,
     parse_messages,
     update_key,
     verified,
@@ -18,8 +19,8 @@ KEY = key_from_text("k" * 32, "test")
 OTHER = key_from_text("o" * 32, "other")
 
 
-def _update(seq: int) -> Update:
-    return Update(run_id="r", seq=seq, step=1, diagnosis=Diagnosis.PLATEAU, source="rules",
+def _update(seq: int, run_id: str = "r") -> Update:
+    return Update(run_id=run_id, seq=seq, step=1, diagnosis=Diagnosis.PLATEAU, source="rules",
                   changes={"lr": Change(old=1e-3, new=5e-4)})
 
 
@@ -69,6 +70,24 @@ def test_verified_keeps_only_what_the_key_signed_and_reports_the_rest() -> None:
     assert "ack #50 is not signed" in reasons[("ack", 50)]
     nokey = verified(parse_messages(tags), None, key_problem="ATM_KEY: too short")
     assert nokey.updates == {} and "this watcher has no atm key (ATM_KEY: too short)" in nokey.problems[0].reason
+
+
+def test_signed_messages_copied_from_another_run_of_the_key_are_not_this_runs() -> None:
+    # Every run of one key signs alike: a copy of another run's update or ack checks, but names that run.
+    tags = {
+        update_key(1): sign(_update(1), KEY).model_dump_json(),
+        update_key(2): sign(_update(2, run_id="other-run"), KEY).model_dump_json(),
+        ack_key(1): sign(Ack(run_id="other-run", seq=1, status="applied", applied_step=3), KEY).model_dump_json(),
+    }
+    msgs = verified(parse_messages(tags), KEY, run_id="r")
+    assert list(msgs.updates) == [1] and msgs.acks == {}
+    reasons = {(p.kind, p.seq): p.reason for p in msgs.problems}
+    assert "update #2 is for run other-run, not this one: a copy from another run" in reasons[("update", 2)]
+    assert "ack #1 is for run other-run, not this one" in reasons[("ack", 1)]
+    assert msgs.seq == 2  # its number is still taken: the watcher numbers past it
+    # W&B: the watcher names an online run entity/project/id, the job its bare id; either names the run.
+    assert names_run("abc123", "team/proj/abc123") and names_run("team/proj/abc123", "abc123")
+    assert not names_run("abc1234", "team/proj/abc123") and not names_run("xabc123", "abc123")
 
 
 def test_a_problem_reads_as_one_line() -> None:

@@ -102,6 +102,46 @@ def test_forged_and_stray_acks_are_reported_once_and_settle_nothing(
     assert st.seq == 1
 
 
+def test_a_signed_update_copied_from_another_run_does_not_make_the_watcher_step_back(
+    mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # Every run one watcher manages is signed with the same key: what it wrote on one run checks on any.
+    attacker = MlflowClient(mlflow_uri)
+    other, rid = overfitting_run(mlflow_uri), overfitting_run(mlflow_uri, upto=5)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    assert [r.seq for r in daemon.tick(other, wait=True).records] == [1]
+    assert daemon.tick(rid, wait=True).records == []  # in warm-up: nothing decided yet
+    attacker.set_tag(rid, update_key(1), attacker.get_run(other).data.tags[update_key(1)])
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        st = daemon.tick(rid, wait=True)
+        log_evals(attacker, rid, 6, 20)
+        st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    # It is no other watcher's: the watcher says what it is and goes on managing the run, past its number.
+    assert not st.done and daemon.status[rid].state != "another daemon" and not daemon.status[rid].gave_up
+    assert caplog.text.count(f"update #1 is for run {other}, not this one: a copy from another run") == 1
+    assert [(r.seq, r.status) for r in st.records] == [(2, Status.PENDING)]
+
+
+def test_a_signed_ack_copied_from_another_run_settles_nothing(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    attacker = MlflowClient(mlflow_uri)
+    other, rid = overfitting_run(mlflow_uri), overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    daemon.tick(other, wait=True)
+    daemon.tick(rid, wait=True)
+    MlflowChannel(other, mlflow_uri).ack(Ack(run_id=other, seq=1, status="rejected", applied_step=None,
+                                             error="lr would be -1"))
+    attacker.set_tag(rid, ack_key(1), attacker.get_run(other).data.tags[ack_key(1)])
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert [(r.seq, r.status) for r in st.records] == [(1, Status.PENDING)]
+    assert daemon.status[rid].problems == 1
+
+
 def test_malformed_tags_are_reported_once_each(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
