@@ -7,8 +7,8 @@ metrics); the training thread only takes updates off an in-memory queue, at the 
 network, and nothing the listener does raises into it.
 
 Updates are applied in ascending ``seq``, each at most once: a restarted listener resumes after
-the highest ``seq`` it has acknowledged on the run (with an ack it signed: one written in by anyone
-else does not count).
+the highest ``seq`` it has acknowledged on the run (with an ack it signed for this run: one written
+in by anyone else, or copied from another run, does not count).
 
 Only the watcher can steer the job: an update is applied only when its signature checks with this
 job's key (:mod:`atm.signing`) and every change stays within the limits it carries
@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from atm.adapters.base import RunNotFound
+from atm.adapters.base import RunNotFound, names_run
 from atm.adapters.notes import refused_alert, undone_alert, update_alert
 from atm.schema import Ack, Action, LimitExceeded, ListenerInfo, Update, target_value
 from atm.signing import KeySource, SignatureCheck, SigningKey, verify
@@ -77,16 +77,28 @@ def as_knob(name: str, spec: Any) -> Knob:
     )
 
 
-def resume_after(acks: Mapping[int, Ack], updates: Mapping[int, Update], key: SigningKey | None) -> int:
+def own_acks(acks: Mapping[int, Ack], key: SigningKey | None, run_id: str) -> dict[int, Ack]:
+    """The acks this job wrote: signed with its key and naming its run. Pure.
+
+    Every job of one key signs alike, so another run's ack copied onto this one checks too: its
+    ``run_id`` tells it apart (:func:`atm.adapters.base.names_run`: an applied ack names the run as the
+    watcher's update does, a rejected one as the job knows it).
+    """
+    return {seq: ack for seq, ack in acks.items() if verify(ack, key) and names_run(ack.run_id, run_id)}
+
+
+def resume_after(acks: Mapping[int, Ack], updates: Mapping[int, Update], key: SigningKey | None, *,
+                 run_id: str) -> int:
     """The highest ``seq`` an earlier process of this job already dealt with: where to resume. Pure.
 
-    Only acks signed with the job's key count (a written-in ``atm.ack.000050`` would otherwise make
-    a resumed job skip every genuine update below it), and a ``rejected`` one only when its update
-    is genuine: an update refused for its signature takes no number from the watcher's own.
+    Only acks this job wrote count (:func:`own_acks`: a written-in ``atm.ack.000050``, or one copied
+    from another run, would otherwise make a resumed job skip every genuine update below it), and a
+    ``rejected`` one only when its update is genuine: an update refused for its signature takes no
+    number from the watcher's own.
     """
     done = [
-        seq for seq, ack in acks.items()
-        if verify(ack, key) and (ack.status != "rejected" or (seq in updates and verify(updates[seq], key)))
+        seq for seq, ack in own_acks(acks, key, run_id).items()
+        if ack.status != "rejected" or (seq in updates and verify(updates[seq], key))
     ]
     return max(done, default=0)
 
@@ -424,13 +436,13 @@ class Listener:
 
     def _resume(self) -> None:
         acks = self.channel.acked()
-        trusted = {seq: a for seq, a in acks.items() if verify(a, self._key)}
+        trusted = own_acks(acks, self._key, self.channel.run_id)
         settled = max((seq for seq, a in trusted.items() if a.status != "rejected"), default=0)
         # The updates are needed only to judge rejections above the last applied one (rare): most
         # restarts read nothing more than before.
         rejected_above = any(a.status == "rejected" and seq > settled for seq, a in trusted.items())
         updates = {u.seq: u for u in self.channel.fetch(settled)} if rejected_above else {}
-        self._last_applied = resume_after(acks, updates, self._key)
+        self._last_applied = resume_after(acks, updates, self._key, run_id=self.channel.run_id)
 
     def _admit(self, fresh: list[Update]) -> list[Update]:
         """The updates from ``fresh`` that are the watcher's own for this run; the others are refused once each."""

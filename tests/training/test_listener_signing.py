@@ -246,9 +246,9 @@ def test_resume_counts_only_the_jobs_own_acks_of_genuine_updates() -> None:
         7: sign(Ack(run_id="run-1", seq=7, status="rejected", applied_step=None, error="not signed"), key),
         9: Ack(run_id="run-1", seq=9, status="applied", applied_step=1),
     }
-    assert resume_after(acks, {**genuine, **forged}, key) == 3
-    assert resume_after(acks, forged, key) == 1          # #3's update not read: its rejection does not count
-    assert resume_after(acks, genuine, None) == 0        # without the key nothing is trusted
+    assert resume_after(acks, {**genuine, **forged}, key, run_id="run-1") == 3
+    assert resume_after(acks, forged, key, run_id="run-1") == 1   # #3's update not read: its rejection does not count
+    assert resume_after(acks, genuine, None, run_id="run-1") == 0  # without the key nothing is trusted
 
 
 # --------------------------------------------------------------------------- the property
@@ -320,3 +320,24 @@ def test_no_update_that_fails_its_signature_or_limits_ever_changes_a_value(chang
             bound = c.max_factor if c.max_factor is not None else 10.0
             # Either the value the watcher named, or the value in force times a factor within the bound.
             assert value == pytest.approx(c.new) or 1 / bound - 1e-9 <= value / before[name] <= bound + 1e-9
+
+
+def test_a_signed_ack_copied_from_another_run_does_not_make_a_resumed_job_skip_updates() -> None:
+    # Every job of one key signs its acks alike: another run's ack #50, copied onto this run, checks.
+    model, opt = make_job()
+    ch = FakeChannel()
+    ch.acks[50] = sign(Ack(run_id="run-2", seq=50, status="applied", applied_step=9), resolve_key())
+    ch.publish(1, lr=(1e-3, 5e-4))
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        wait_for(lambda: lst._pending)
+        step(model, opt)
+        assert [u.seq for u in lst.applied] == [1] and lr_of(opt) == pytest.approx(5e-4)
+    finally:
+        lst.close()
+    # A W&B job names its run by its bare id where the watcher's update names entity/project/id.
+    key = resolve_key()
+    acks = {1: sign(Ack(run_id="team/proj/run-1", seq=1, status="applied", applied_step=1), key),
+            2: sign(Ack(run_id="run-1", seq=2, status="applied", applied_step=1), key),
+            50: sign(Ack(run_id="run-2", seq=50, status="applied", applied_step=1), key)}
+    assert resume_after(acks, {}, key, run_id="run-1") == 2
