@@ -156,6 +156,11 @@ LATEST_KEY = "atm.latest"
 #: ``atm.effect.NNNNNN``: what an applied change did, in words, once measured (shown in the tracker's UI).
 EFFECT_PREFIX = "atm.effect."
 LOG_ARTIFACT = "atm/interventions.jsonl"
+#: The highest number of a run's messages the watcher numbers its decisions past. A larger one in a
+#: name or in ``atm.seq`` (only another client writes one) is not taken: the watcher's next number,
+#: past it, would not fit a tag's name (MLflow: 250 characters) and nothing could be published.
+MAX_SEQ = 10**9
+
 #: Run tags a person adds in the tracker's UI to answer a decision held for approval: value ``<seq>``.
 APPROVE_KEY = "atm.approve"
 REJECT_KEY = "atm.reject"
@@ -473,8 +478,16 @@ def parse_messages(tags: Mapping[str, str]) -> RunMessages:
     except ValueError:
         reserved = 0
         out.problems.append(MessageProblem(f"tag {SEQ_KEY}", f"is not a number ({tags.get(SEQ_KEY)!r}); ignored", "seq"))
-    out.seq = max([reserved, *taken])
+    if reserved > MAX_SEQ:
+        out.problems.append(MessageProblem(f"tag {SEQ_KEY}", f"is past the numbers atm uses (a number of {len(str(reserved))} "
+                                           "digits); ignored", "seq"))
+    out.seq = highest_taken([reserved, *taken])
     return out
+
+
+def highest_taken(numbers: Iterable[int]) -> int:
+    """The highest of ``numbers`` the watcher numbers past: those up to :data:`MAX_SEQ`; 0 for none. Pure."""
+    return max((n for n in numbers if n <= MAX_SEQ), default=0)
 
 
 def ui_approval(key: str, value: str, where: str) -> Approval | MessageProblem:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from atm.adapters.base import (
     LISTENER_KEY,
+    MAX_SEQ,
     SEQ_KEY,
     MessageProblem,
     ack_key,
@@ -88,6 +89,17 @@ def test_signed_messages_copied_from_another_run_of_the_key_are_not_this_runs() 
     # W&B: the watcher names an online run entity/project/id, the job its bare id; either names the run.
     assert names_run("abc123", "team/proj/abc123") and names_run("team/proj/abc123", "abc123")
     assert not names_run("abc1234", "team/proj/abc123") and not names_run("xabc123", "abc123")
+
+
+def test_a_number_past_max_seq_is_not_taken() -> None:
+    # The watcher's next number past it would not fit a tag's name: nothing could be published.
+    huge = int("9" * 239)
+    tags = {update_key(2): sign(_update(2), KEY).model_dump_json(),
+            f"atm.update.{huge}": _update(huge).model_dump_json(), SEQ_KEY: "9" * 300}
+    msgs = verified(parse_messages(tags), KEY, run_id="r")
+    assert msgs.seq == 2
+    assert any(p.where == "tag atm.seq" and "past the numbers atm uses" in p.reason for p in msgs.problems)
+    assert parse_messages({SEQ_KEY: str(MAX_SEQ)}).seq == MAX_SEQ
 
 
 def test_a_problem_reads_as_one_line() -> None:

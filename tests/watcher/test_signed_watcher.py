@@ -142,6 +142,18 @@ def test_a_signed_ack_copied_from_another_run_settles_nothing(mlflow_uri: str) -
     assert daemon.status[rid].problems == 1
 
 
+def test_a_number_no_tag_name_holds_does_not_stop_the_watcher_publishing(mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    MlflowClient(mlflow_uri).set_tag(rid, "atm.seq", "9" * 300)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert [(r.seq, r.status) for r in st.records] == [(1, Status.PENDING)]
+    assert list(MlflowBackend(mlflow_uri).poll(rid).updates) == [1]
+
+
 def test_malformed_tags_are_reported_once_each(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -18,6 +18,7 @@ from atm.adapters.base import (
     RunMessages,
     RunNotFound,
     RunView,
+    highest_taken,
     records_from_jsonl,
     records_to_jsonl,
     verified,
@@ -139,7 +140,7 @@ class _LocalRun:
         approvals = list(self.approvals.read().values())
         taken = [*updates, *(p.seq for p in self.inbox.problems if p.seq is not None)]
         msgs = verified(
-            RunMessages(updates, acks, listener, max([read_seq(self.layout.seq_file), *taken]),
+            RunMessages(updates, acks, listener, highest_taken([read_seq(self.layout.seq_file), *taken]),
                         [*self.inbox.problems, *self.outbox.problems, *self.approvals.problems], approvals),
             self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.layout.run_id,
         )

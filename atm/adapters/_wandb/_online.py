@@ -51,6 +51,7 @@ from atm.adapters.base import (
     RunNotFound,
     RunView,
     Timeline,
+    highest_taken,
     parse_message,
     records_from_jsonl,
     records_to_jsonl,
@@ -342,7 +343,7 @@ class OnlineRun:
         self._read_messages(run)
         taken = [*self._updates, *(p.seq for p in self._problems.values() if p.kind == "update" and p.seq is not None)]
         msgs = verified(
-            RunMessages(dict(self._updates), dict(self._acks), self._listener, max([self._seq, *taken]),
+            RunMessages(dict(self._updates), dict(self._acks), self._listener, highest_taken([self._seq, *taken]),
                         list(self._problems.values()), list(self._approvals.values())),
             self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.path,
         )
