@@ -13,7 +13,8 @@ On the run, atm keeps:
 
 Reading is incremental: one ``get_run`` per poll gives every metric key with its latest step
 and time; only keys that moved are read, and only the new step window of each (through the
-store's step-window query, the same one MLflow's UI uses), falling back to the full history.
+store's step-window query, the same one MLflow's UI uses), falling back to the full history; of a
+key logged without ``step=`` (every point at step 0), the points past the last one read, by offset.
 Given ``select`` (the daemon passes the keys its policy maps), only the keys it picks and the
 listener's ``atm/*`` are read; the others cost no request, and a key picked later is read from
 its first point then.
@@ -132,8 +133,9 @@ class _RunCache:
     history: dict[str, PointSeries] = field(default_factory=dict)
     #: key -> (step, timestamp ms) of the newest point read.
     seen: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: Keys logged without ``step=`` (every point at step 0): numbered by arrival instead.
-    stepless: set[str] = field(default_factory=set)
+    #: Keys logged without ``step=`` (every point at step 0), numbered by arrival instead: the time (ms)
+    #: of the last point read of each.
+    stepless: dict[str, int] = field(default_factory=dict)
     log_records: list[DecisionRecord] | None = None
     timeline: Timeline = field(default_factory=Timeline)
 
@@ -255,12 +257,21 @@ class MlflowBackend:
     def _read_new(self, run_id: str, key: str, latest_step: int, latest_ts: int, cache: _RunCache) -> None:
         pts = cache.history.setdefault(key, PointSeries())
         prev_step, prev_ts = cache.seen.get(key, (-1, -1))
-        if key in cache.stepless or (pts and latest_step <= prev_step):
+        tail = None
+        if key in cache.stepless and pts:
+            tail = self._stepless_tail(run_id, key, pts, cache.stepless[key])
+        if tail is not None:
+            # The points past those read, numbered on: a poll reads what is new, not the whole metric.
+            new = [(ts / 1000.0, len(pts) + i) for i, (_, _, ts) in enumerate(tail)]
+            pts.extend((s, v) for (_, s), (_, v, _) in zip(new, tail))
+            if tail:
+                cache.stepless[key] = tail[-1][2]
+        elif key in cache.stepless or (pts and latest_step <= prev_step):
             full = self._full_history(run_id, key)
             if key in cache.stepless or _stepless(full):
                 # Logged without step= (every point at step 0): the window query cannot find new
                 # points by step, and the points' order is their only axis.
-                cache.stepless.add(key)
+                cache.stepless[key] = full[-1][2]
                 cache.history[key] = PointSeries((i, v) for i, (_, v, _) in enumerate(full))
                 new = [(ts / 1000.0, i) for i, (_, _, ts) in enumerate(full) if i >= len(pts)]
             else:
@@ -288,6 +299,38 @@ class MlflowBackend:
         if not key.startswith("atm/"):
             cache.timeline.add(new)
         cache.seen[key] = (latest_step, latest_ts)
+
+    def _stepless_tail(
+        self, run_id: str, key: str, pts: PointSeries, last_ts: int
+    ) -> list[tuple[int, float, int]] | None:
+        """The points of a metric logged without ``step=`` past the ``len(pts)`` already read, in the
+        store's order (time, step, value), or None when they cannot be told from the store's offsets:
+        the page read from the last point read on (logged at ``last_ts``) must start with that point (a
+        point logged with an earlier time than it shifts the offsets: the caller reads the metric whole
+        then).
+
+        Pages by offset through the store's ``page_token`` (the offset, base64 JSON, in the SQL and
+        file stores and the server that serves them): MLflow's step-window query cannot find the new
+        points of a metric whose every point is at step 0.
+        """
+        from mlflow.utils.search_utils import SearchUtils
+
+        store = self.client._tracking_client.store
+        rows: list[tuple[int, float, int]] = []
+        token: str | None = SearchUtils.create_page_token(len(pts) - 1).decode("ascii")
+        try:
+            while token:
+                page = store.get_metric_history(run_id, key, max_results=WINDOW_MAX, page_token=token)
+                rows += [(m.step, _as_float(m.value), m.timestamp) for m in page]
+                token = page.token
+        except Exception as exc:  # an optimisation only: any failure means "read the metric whole"
+            log.debug("offset read of %s failed (%s); using full history", key, exc)
+            return None
+        last = pts[-1][1]
+        same = rows and rows[0][2] == last_ts and (rows[0][1] == last or math.isnan(rows[0][1]) and math.isnan(last))
+        if not same:
+            return None
+        return rows[1:]
 
     def _window(self, run_id: str, key: str, start: int, end: int) -> list[tuple[int, float, int]] | None:
         """Points with start <= step <= end, or None when the fast path is unavailable (or a single step

@@ -101,6 +101,42 @@ def test_stepless_metrics_are_numbered_by_arrival(mlflow_uri: str) -> None:
     assert [s for s, _ in pts] == [0, 1, 2]
 
 
+def _stepless_metric_is_read_from_its_last_point_on(uri: str) -> None:
+    # Every poll read a step-less metric whole (the step-window query cannot tell its new points):
+    # a run logging without step= for days cost its whole history per poll.
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from atm.adapters.base import release_history
+
+    client = MlflowClient(uri)
+    rid = client.create_run(client.create_experiment("stepless-tail")).info.run_id
+    backend = CountingBackend(uri)
+    client.log_batch(rid, metrics=[Metric("loss", 1.0 / (i + 1), 1000 + i, 0) for i in range(3000)])
+    backend.poll(rid)
+    client.log_batch(rid, metrics=[Metric("loss", 0.5, 5000, 0)])
+    release_history(backend.poll(rid).history, 256)  # seen to be step-less: read whole, once
+    backend.full_reads = 0
+    client.log_batch(rid, metrics=[Metric("loss", v, 5001 + i, 0) for i, v in enumerate((0.25, float("nan")))])
+    pts = backend.poll(rid).history["loss"]
+    assert backend.full_reads == 0, "the new points must come from an offset read, not the whole history"
+    assert len(pts) == 3003 and pts[3000] == (3000, 0.5) and pts[3001] == (3001, 0.25) and pts[-1][0] == 3002
+    # A point logged with an earlier time than the last one read shifts the store's order: read whole.
+    client.log_batch(rid, metrics=[Metric("loss", 0.125, 1500, 0), Metric("loss", 0.0625, 6000, 0)])
+    pts = backend.poll(rid).history["loss"]
+    assert backend.full_reads == 1
+    assert len(pts) == 3005 and pts[501] == (501, 0.125) and pts[3002] == (3002, 0.25) and pts[-1] == (3004, 0.0625)
+
+
+def test_sqlite_store_reads_a_stepless_metric_from_its_last_point_on(mlflow_uri: str) -> None:
+    _stepless_metric_is_read_from_its_last_point_on(mlflow_uri)
+
+
+@pytest.mark.server
+def test_mlflow_server_reads_a_stepless_metric_from_its_last_point_on(mlflow_server: str) -> None:
+    _stepless_metric_is_read_from_its_last_point_on(mlflow_server)
+
+
 def test_a_job_resumed_from_a_checkpoint_keeps_its_step_axis(mlflow_uri: str) -> None:
     # Seen in a trial: killed at step 140 and resumed from its step-100 checkpoint into the same run,
     # the job logged steps 101-140 again; read as row numbers from then on, the run's steps were lost
