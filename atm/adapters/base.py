@@ -38,7 +38,7 @@ from typing import Protocol, TypeVar
 from pydantic import BaseModel
 
 from atm.schema import Ack, Approval, DecisionRecord, ListenerInfo, Update
-from atm.signing import SigningKey, sign, verify
+from atm.signing import SignatureCheck, SigningKey, sign, verify
 
 M = TypeVar("M", bound=BaseModel)
 U = TypeVar("U", Update, Ack)
@@ -430,49 +430,43 @@ def parse_message(model: type[M], text: str, where: str, kind: str, seq: int | N
     return msg
 
 
-def parse_messages(tags: Mapping[str, str]) -> RunMessages:
+class MessageMemo:
+    """One run's messages as parsed and checked at the polls before: a run holds an update and an ack
+    for every decision ever made, and every poll reads them all, so a poll parses (:func:`parse_messages`)
+    and checks (:func:`verified`) only those that are new or changed since. A backend keeps one per run."""
+
+    def __init__(self) -> None:
+        #: tag -> (its text, what parsing it gave): the same message object while the text is the same.
+        self.parsed: dict[str, tuple[str, BaseModel | MessageProblem | None]] = {}
+        #: id of a message -> (the message, what it was checked with, the check). The message is held,
+        #: so that its id is not another's.
+        self.checked: dict[int, tuple[BaseModel, tuple[str | None, str], SignatureCheck]] = {}
+
+
+def parse_messages(tags: Mapping[str, str], memo: MessageMemo | None = None) -> RunMessages:
     """Split a run's key/value state into updates, acks, listener info and the highest seq taken.
 
     Malformed entries do not stop the daemon or the job; each is listed in ``problems`` for the
-    caller to report. Signatures are not checked here (see :func:`verified`).
+    caller to report. Signatures are not checked here (see :func:`verified`). With ``memo``, a tag
+    whose text is the one parsed before gives the message parsed then.
     """
     out = RunMessages()
     taken: list[int] = []
+    if memo is not None:
+        memo.parsed = {k: v for k, v in memo.parsed.items() if k in tags}
     for key, value in tags.items():
         if not key.startswith("atm."):
             continue
-        numbered = _NUMBERED_TAG.match(key)
-        if key.startswith((UPDATE_PREFIX, ACK_PREFIX)) and numbered is None:
-            kind = "update" if key.startswith(UPDATE_PREFIX) else "ack"
-            out.problems.append(MessageProblem(f"tag {key}", f"is not an atm {kind} name ({kind} tags are "
-                                               f"{UPDATE_PREFIX if kind == 'update' else ACK_PREFIX}NNNNNN); ignored", kind))
-            continue
-        got: BaseModel | MessageProblem | None = None
-        if key in (APPROVE_KEY, REJECT_KEY):
-            got = ui_approval(key, value, f"tag {key}")
-        elif key.startswith(APPROVAL_PREFIX):
-            numbered_approval = _APPROVAL_TAG.match(key)
-            got = (parse_message(Approval, value, f"tag {key}", "approval", int(numbered_approval.group(1)))
-                   if numbered_approval else
-                   MessageProblem(f"tag {key}", f"is not an atm approval name ({APPROVAL_PREFIX}NNNNNN); ignored",
-                                  "approval"))
-        elif numbered is not None and numbered.group(1) == UPDATE_PREFIX:
+        if key.startswith(UPDATE_PREFIX) and (numbered := _NUMBERED_TAG.match(key)) is not None:
             taken.append(int(numbered.group(2)))
-            got = parse_message(Update, value, f"tag {key}", "update", int(numbered.group(2)))
-        elif numbered is not None:
-            got = parse_message(Ack, value, f"tag {key}", "ack", int(numbered.group(2)))
-        elif key == LISTENER_KEY:
-            got = parse_message(ListenerInfo, value, f"tag {key}", "listener", None)
-        if isinstance(got, MessageProblem):
-            out.problems.append(got)
-        elif isinstance(got, Update):
-            out.updates[got.seq] = got
-        elif isinstance(got, Ack):
-            out.acks[got.seq] = got
-        elif isinstance(got, ListenerInfo):
-            out.listener = got
-        elif isinstance(got, Approval):
-            out.approvals.append(got)
+        hit = memo.parsed.get(key) if memo is not None else None
+        if hit is not None and hit[0] == value:
+            _file(out, hit[1])
+            continue
+        got = _parse_tag(key, value)
+        if memo is not None:
+            memo.parsed[key] = (value, got)
+        _file(out, got)
     try:
         reserved = int(tags.get(SEQ_KEY, "0"))
     except ValueError:
@@ -490,6 +484,44 @@ def highest_taken(numbers: Iterable[int]) -> int:
     return max((n for n in numbers if n <= MAX_SEQ), default=0)
 
 
+def _parse_tag(key: str, value: str) -> BaseModel | MessageProblem | None:
+    """What one ``atm.*`` tag holds: a message, the problem with it, or None (not a message). Pure."""
+    numbered = _NUMBERED_TAG.match(key)
+    if key.startswith((UPDATE_PREFIX, ACK_PREFIX)) and numbered is None:
+        kind = "update" if key.startswith(UPDATE_PREFIX) else "ack"
+        return MessageProblem(f"tag {key}", f"is not an atm {kind} name ({kind} tags are "
+                              f"{UPDATE_PREFIX if kind == 'update' else ACK_PREFIX}NNNNNN); ignored", kind)
+    if key in (APPROVE_KEY, REJECT_KEY):
+        return ui_approval(key, value, f"tag {key}")
+    if key.startswith(APPROVAL_PREFIX):
+        numbered_approval = _APPROVAL_TAG.match(key)
+        return (parse_message(Approval, value, f"tag {key}", "approval", int(numbered_approval.group(1)))
+                if numbered_approval else
+                MessageProblem(f"tag {key}", f"is not an atm approval name ({APPROVAL_PREFIX}NNNNNN); ignored",
+                               "approval"))
+    if numbered is not None and numbered.group(1) == UPDATE_PREFIX:
+        return parse_message(Update, value, f"tag {key}", "update", int(numbered.group(2)))
+    if numbered is not None:
+        return parse_message(Ack, value, f"tag {key}", "ack", int(numbered.group(2)))
+    if key == LISTENER_KEY:
+        return parse_message(ListenerInfo, value, f"tag {key}", "listener", None)
+    return None
+
+
+def _file(out: RunMessages, got: BaseModel | MessageProblem | None) -> None:
+    """Put one parsed tag where it belongs in ``out``."""
+    if isinstance(got, MessageProblem):
+        out.problems.append(got)
+    elif isinstance(got, Update):
+        out.updates[got.seq] = got
+    elif isinstance(got, Ack):
+        out.acks[got.seq] = got
+    elif isinstance(got, ListenerInfo):
+        out.listener = got
+    elif isinstance(got, Approval):
+        out.approvals.append(got)
+
+
 def ui_approval(key: str, value: str, where: str) -> Approval | MessageProblem:
     """The answer a person gave by adding ``atm.approve`` or ``atm.reject`` = ``<seq>`` in the
     tracker's UI: an unsigned :class:`Approval`, or the problem with its value. Pure."""
@@ -502,9 +534,12 @@ def ui_approval(key: str, value: str, where: str) -> Approval | MessageProblem:
 
 
 def verified(
-    messages: RunMessages, key: SigningKey | None, *, key_problem: str = "", run_id: str | None = None
+    messages: RunMessages, key: SigningKey | None, *, key_problem: str = "", run_id: str | None = None,
+    memo: MessageMemo | None = None,
 ) -> RunMessages:
-    """``messages`` with only the updates and acks signed with ``key``; the others join ``problems``. Pure.
+    """``messages`` with only the updates and acks signed with ``key``; the others join ``problems``. Pure
+    but for ``memo``, whose checks of the same message objects (a backend's, kept from the poll before)
+    are not made again.
 
     The daemon's side: what it takes for its own updates, and for the job's acks, is what checks and,
     when ``run_id`` is given, names this run (:func:`names_run`): every run of one key signs alike, so a
@@ -514,13 +549,25 @@ def verified(
     one is kept when it checks with ``key`` and names ``run_id`` (when given: a copy from another
     run does not pass).
     """
+    against = (key.key_id if key is not None else None, key_problem)
+    seen: dict[int, tuple[BaseModel, tuple[str | None, str], SignatureCheck]] = {}
+
+    def checked(message: BaseModel) -> SignatureCheck:
+        hit = memo.checked.get(id(message)) if memo is not None else None
+        if hit is not None and hit[0] is message and hit[1] == against:
+            check = hit[2]
+        else:
+            check = verify(message, key, key_problem=key_problem, here="this watcher")
+        seen[id(message)] = (message, against, check)
+        return check
+
     problems = list(messages.problems)
     approvals: list[Approval] = []
     for a in messages.approvals:
         if a.signature is None and a.key_id is None:
             approvals.append(a)
             continue
-        check = verify(a, key, key_problem=key_problem, here="this watcher")
+        check = checked(a)
         if not check:
             problems.append(MessageProblem("", check.reason, "approval", a.seq))
         elif run_id is not None and a.run_id != run_id:
@@ -532,7 +579,7 @@ def verified(
     def own(kind: str, given: Mapping[int, U]) -> dict[int, U]:
         taken: dict[int, U] = {}
         for seq, m in given.items():
-            check = verify(m, key, key_problem=key_problem, here="this watcher")
+            check = checked(m)
             if not check:
                 problems.append(MessageProblem("", check.reason, kind, seq))
             elif run_id and not names_run(m.run_id, run_id):
@@ -543,6 +590,8 @@ def verified(
         return taken
 
     updates, acks = own("update", messages.updates), own("ack", messages.acks)
+    if memo is not None:
+        memo.checked = seen
     return RunMessages(updates=updates, acks=acks, listener=messages.listener, seq=messages.seq, problems=problems,
                        approvals=approvals)
 

@@ -44,6 +44,7 @@ from atm.adapters.base import (
     SEQ_KEY,
     BackendUnavailable,
     KeySelector,
+    MessageMemo,
     PoolExhausted,
     MessageProblem,
     PointSeries,
@@ -138,6 +139,8 @@ class _RunCache:
     stepless: dict[str, int] = field(default_factory=dict)
     log_records: list[DecisionRecord] | None = None
     timeline: Timeline = field(default_factory=Timeline)
+    #: The run's tags as parsed and checked so far: a poll parses and checks only the new ones.
+    messages: MessageMemo = field(default_factory=MessageMemo)
 
 
 class MlflowBackend:
@@ -204,8 +207,8 @@ class MlflowBackend:
                 continue
             self._read_new(run_id, m.key, m.step, m.timestamp, cache)
             moved = True
-        msgs = verified(parse_messages(run.data.tags), self.keys.get_or_none(), key_problem=self.keys.problem,
-                        run_id=run_id)
+        msgs = verified(parse_messages(run.data.tags, cache.messages), self.keys.get_or_none(),
+                        key_problem=self.keys.problem, run_id=run_id, memo=cache.messages)
         return RunView(
             run_id=run_id,
             name=run.info.run_name or "",

@@ -144,6 +144,30 @@ def test_publish_fetch_ack_roundtrip(harness: Harness) -> None:
     assert changed and merged[0].status == Status.UNDONE and "a scheduler" in merged[0].reason
 
 
+def test_a_poll_checks_only_the_messages_new_since_the_last(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run holds an update and an ack for every decision ever made; every poll parsed and checked
+    # the signatures of all of them again.
+    import atm.signing
+
+    rid = harness.new_run()
+    backend, channel = harness.backend(), harness.channel(rid)
+    for seq in range(1, 5):
+        backend.reserve_seq(rid, seq)
+        backend.publish(record(rid, seq))
+        channel.ack(Ack(run_id=rid, seq=seq, status="applied", applied_step=30 + seq, values={"lr": 5e-4}))
+    backend.poll(rid)
+    checks = []
+    signature_of = atm.signing.signature_of
+    monkeypatch.setattr(atm.signing, "signature_of", lambda m, k: checks.append(m) or signature_of(m, k))
+    view = backend.poll(rid)
+    assert sorted(view.acks) == [1, 2, 3, 4] and sorted(view.updates) == [1, 2, 3, 4] and not view.problems
+    assert checks == [], "nothing new on the run: nothing to check again"
+    channel.ack(Ack(run_id=rid, seq=2, status="undone", applied_step=32, values={"lr": 1e-3}, error="a scheduler"))
+    checks.clear()  # the channel signs in this process too
+    view = backend.poll(rid)
+    assert view.acks[2].status == "undone" and len(checks) == 1, "only the ack sent again is checked"
+
+
 def test_a_change_is_placed_on_the_runs_own_step_axis(harness: Harness) -> None:
     # The listener stamps its own count (9999: optimizer steps, say); the run's metrics use another
     # axis. Where the change took effect is read from when the job logged its points.

@@ -14,6 +14,7 @@ from atm.adapters.base import (
     BackendError,
     BackendUnavailable,
     KeySelector,
+    MessageMemo,
     MessageProblem,
     RunMessages,
     RunNotFound,
@@ -118,6 +119,8 @@ class _LocalRun:
         self.read_at: float | None = None
         self.late_reads = 0
         self.noted_lag = False
+        #: The messages' signature checks so far: a poll checks only the new ones.
+        self.checked = MessageMemo()
 
     def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
         """``select`` is not needed here: the transaction log is read whole, every key alike, from the disk."""
@@ -142,7 +145,7 @@ class _LocalRun:
         msgs = verified(
             RunMessages(updates, acks, listener, highest_taken([read_seq(self.layout.seq_file), *taken]),
                         [*self.inbox.problems, *self.outbox.problems, *self.approvals.problems], approvals),
-            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.layout.run_id,
+            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.layout.run_id, memo=self.checked,
         )
         alive = process_alive(listener.pid, listener.host) if listener else None
         return RunView(

@@ -45,6 +45,7 @@ from atm.adapters.base import (
     BackendError,
     BackendUnavailable,
     KeySelector,
+    MessageMemo,
     MessageProblem,
     PointSeries,
     RunMessages,
@@ -319,6 +320,8 @@ class OnlineRun:
         self._log_listed = False
         #: file name -> why it was not taken (malformed, or filed under another number).
         self._problems: dict[str, MessageProblem] = {}
+        #: The messages' signature checks so far: a poll checks only the new ones.
+        self._checked = MessageMemo()
 
     def _refresh(self) -> Any:
         if self._run is None:
@@ -345,7 +348,7 @@ class OnlineRun:
         msgs = verified(
             RunMessages(dict(self._updates), dict(self._acks), self._listener, highest_taken([self._seq, *taken]),
                         list(self._problems.values()), list(self._approvals.values())),
-            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.path,
+            self.keys.get_or_none(), key_problem=self.keys.problem, run_id=self.path, memo=self._checked,
         )
         return RunView(
             run_id=run_id,
