@@ -381,8 +381,11 @@ class Daemon:
         return None, st.done, None
 
     def _release(self, run_id: str) -> None:
-        """A run's watch ended: drop its points here and in the backend (its decisions and status stay)."""
-        self._states[run_id].telemetry = None
+        """A run's watch ended: drop what is kept of it here (its points and decisions, about 14 KB a
+        decision: a daemon watching an experiment for months sees thousands of runs end) and in the
+        backend. Its status line stays, and whether it was seen (a run not found is gone, not late)."""
+        st = self._states[run_id]
+        self._states[run_id] = RunState(run_id, recovered=st.recovered, done=st.done)
         self.backend.forget(run_id)
 
     def _backoff(self, failures: int) -> float:

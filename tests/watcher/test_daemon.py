@@ -43,6 +43,22 @@ def test_decides_publishes_and_settles_on_ack(mlflow_uri: str) -> None:
     daemon.stop()
 
 
+def test_a_run_whose_watch_ended_keeps_no_decisions_in_the_daemon(mlflow_uri: str) -> None:
+    # A daemon watching an experiment for months sees thousands of runs end; it kept each one's
+    # decisions (snapshots and all) for as long as it lived.
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    first = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    assert len(first.tick(rid, wait=True).records) == 1
+    first.stop()
+    MlflowClient(mlflow_uri).set_terminated(rid, "FINISHED")
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    daemon.watch([rid])  # recovers the decision from the run's log, sees it ended, and returns
+    assert daemon.status[rid].state == "finished" and daemon.status[rid].last.startswith("#1")
+    assert daemon._states[rid].records == [] and daemon._states[rid].telemetry is None
+
+
 def test_dry_run_records_but_publishes_nothing(mlflow_uri: str) -> None:
     rid = overfitting_run(mlflow_uri)
     daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1, dry_run=True)
