@@ -42,7 +42,7 @@ from atm.adapters.base import (
     release_history,
 )
 from atm.policies import Policy, blocked
-from atm.schema import Status, TelemetrySnapshot, DecisionRecord
+from atm.schema import Action, DecisionRecord, Status, TelemetrySnapshot
 from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
 from atm.watcher.decide import decision_context, decision_inputs
@@ -595,7 +595,7 @@ class Daemon:
         if not offer.choices and not offer.actions:
             # Warm-up, cooldown or budget: nothing the proposer could do. The status says which.
             st.waiting = blocked(self.policy, ctx) or "every parameter is in its cooldown, out of budget or at its bound"
-            if st.waiting.startswith("stopped:") and not st.noted_stop:
+            if not st.noted_stop and any(r.action == Action.STOP for r in ctx.counted()):
                 st.noted_stop = True  # the job goes on after a stop it acknowledged: say once why nothing more is done
                 log.warning("run %s: %s", st.run_id, st.waiting)
             return

@@ -556,3 +556,32 @@ def test_stopping_does_not_wait_for_a_decision_in_flight(mlflow_uri: str, caplog
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "stopped" in done.stdout and "decision in flight (asked at step 200)" in done.stderr
+
+
+class StopProposer:
+    """Fake proposer that always asks the job to stop."""
+
+    name = "stopper"
+
+    def propose(self, snapshot, policy, ctx, offer):  # noqa: ANN001
+        from atm.schema import Action
+
+        return ProposalResult(Proposal(diagnosis=Diagnosis.CONVERGED, action=Action.STOP), self.name)
+
+
+def test_a_job_that_trains_on_after_an_acknowledged_stop_is_told_once(mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    rid = overfitting_run(mlflow_uri)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), StopProposer(), interval=0.1)
+    st = daemon.tick(rid, wait=True)
+    assert [r.status for r in st.records] == [Status.PENDING]
+    MlflowChannel(rid, mlflow_uri).ack(Ack(run_id=rid, seq=1, status="applied", applied_step=205, values={}))
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        for upto in (24, 28):  # the job goes on logging evaluations
+            log_evals(MlflowClient(mlflow_uri), rid, upto - 3, upto)
+            st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert [r.status for r in st.records] == [Status.APPLIED]
+    told = [r.getMessage() for r in caplog.records if "does not act on stop" in r.getMessage()]
+    assert len(told) == 1 and "listener.stop_requested" in told[0]
