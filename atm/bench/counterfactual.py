@@ -206,6 +206,7 @@ class BranchRecipe(Protocol):
     seed: int
     policy: str
     higher_is_better: bool
+    resolution: float
 
     def run_main(self) -> tuple[Branchable, list[Point], float]: ...
 
@@ -233,6 +234,8 @@ class Recipe:
     policy: str = "lm"
     #: The outcome is a loss: smaller is better.
     higher_is_better: bool = False
+    #: A loss can tell any difference.
+    resolution: float = 0.0
 
     def run_main(self) -> tuple[Job, list[Point], float]:
         return main_run(self)
@@ -412,7 +415,8 @@ def recipe_lines(
                     for s in range(seeds)]
             outcomes[mv.key] = (mv, outs)
         line = make_line(
-            outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better, family=recipe.family,
+            outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better,
+            resolution=recipe.resolution, family=recipe.family,
             run=recipe.run, condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
             history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds, earlier=list(earlier),
         )

@@ -176,6 +176,9 @@ class RLRecipe:
     higher_is_better: bool = True
     #: Whether the run logs its evaluations; without them a proposer sees SB3's rollout statistics alone.
     log_eval: bool = True
+    #: The smallest difference the outcome can tell (a success rate over N episodes: 1/N); a mean return
+    #: tells any.
+    resolution: float = 0.0
 
     def run_main(self) -> tuple[PPOJob, list[Point], float]:
         return rl_main_run(self)
@@ -246,6 +249,9 @@ def cartpole_recipes() -> list[RLRecipe]:
 
 # --------------------------------------------------------------------------- PPO on the MuJoCo arm
 
+#: Held-out scenes of each difficulty per evaluation: the workload's default.
+ARM_EVAL_EPISODES = 12
+
 
 class _History:
     """A tracker (:class:`atm.training.workloads.manipulation.tracking.Tracker`) that keeps what is logged
@@ -271,7 +277,7 @@ class ArmJob(PPOJob):
     branch and what its best checkpoint is chosen by, is ``eval/safe_success``: the deterministic policy's
     safe success on those scenes, the ``rl-ppo`` preset's evaluation metric."""
 
-    def __init__(self, recipe: str, seed: int, eval_episodes: int = 12) -> None:
+    def __init__(self, recipe: str, seed: int, eval_episodes: int = ARM_EVAL_EPISODES) -> None:
         from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.logger import Logger
 
@@ -307,10 +313,14 @@ class ArmJob(PPOJob):
 def arm_recipes() -> list[RLRecipe]:
     """The arm workload's recipes, evaluated every 10 updates (its default cadence, 20,480 steps) on 12 scenes
     of each difficulty, branched for 8 updates (16,384 steps). Points at 35% and 70% of 204,800 steps: the
-    4th and 8th evaluations."""
+    4th and 7th evaluations."""
+    from atm.training.workloads.manipulation.env import Difficulty
+
     f = "arm"
+    # The outcome is a share of 36 scenes (12 of each difficulty): it moves by 1/36 at the least.
+    scenes = ARM_EVAL_EPISODES * len(Difficulty)
     common: dict[str, Any] = {"steps": 204_800, "eval_every": 20_480, "horizon": 16_384, "points": (0.35, 0.7),
-                              "seed": 40}
+                              "seed": 40, "resolution": 1 / scenes}
     return [
         RLRecipe(f, "arm-reckless", "lr_too_high", lambda s: ArmJob("reckless", s), **common),
         RLRecipe(f, "arm-cautious", "stalled", lambda s: ArmJob("cautious", s), **common),

@@ -149,6 +149,9 @@ class DatasetLine(_Strict):
     ceiling: float
     #: Whether a larger outcome is better (an RL run's return); a loss is better smaller.
     higher_is_better: bool = False
+    #: The smallest difference the outcome can tell (an RL success rate over N held-out episodes: 1/N); 0
+    #: for a loss. The labels' noise is never below it.
+    resolution: float = Field(0.0, ge=0)
     moves: list[MoveOutcome]
     labels: Labels
     #: Interventions already applied at this point (a follow-up point, see :class:`Earlier`); empty on
@@ -199,7 +202,8 @@ class DatasetLine(_Strict):
 
 
 def label_moves(
-    outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE_FLOOR, *, higher_is_better: bool = False
+    outcomes: dict[str, Sequence[float]], noise_floor: float = NOISE_FLOOR, *, higher_is_better: bool = False,
+    resolution: float = 0.0,
 ) -> tuple[dict[str, MoveLabel], Labels]:
     """Per-move labels and the line's move sets from each move's per-seed outcomes. Pure.
 
@@ -208,6 +212,8 @@ def label_moves(
             in the same order.
         noise_floor: the smallest noise as a share of no-op's mean outcome.
         higher_is_better: a larger outcome is better (a return); else a smaller one (a loss).
+        resolution: the smallest difference the outcome can tell (a success rate over 36 episodes: 1/36);
+            the noise is never taken below it.
 
     Raises:
         ValueError: no no-op move, or fewer than two seeds.
@@ -222,7 +228,10 @@ def label_moves(
     # Pooled over moves: a single move's 2-3 seeds give a rough spread, the point's moves together a steadier one.
     variances = [statistics.variance(v) for v in outcomes.values()]
     pooled = math.sqrt(statistics.fmean(variances))
-    noise = max(pooled, noise_floor * abs(means[NOOP]), 1e-12)
+    # A rate over a few episodes moves in whole episodes: where most moves score the same on every seed
+    # (a stalled run at 0 successes), the pooled spread is near zero and one episode's success would
+    # read as many spreads of help.
+    noise = max(pooled, noise_floor * abs(means[NOOP]), resolution, 1e-12)
     ref = means[NOOP]
     labels: dict[str, MoveLabel] = {}
     for k, m in means.items():
@@ -238,7 +247,7 @@ def label_moves(
 
 def make_line(
     *, outcomes: dict[str, tuple[Move, Sequence[float]]], ceiling: float, higher_is_better: bool = False,
-    **fields: Any,
+    resolution: float = 0.0, **fields: Any,
 ) -> DatasetLine:
     """A dataset line from the moves' per-seed outcomes (none counted worse than ``ceiling``), labelled. Pure."""
     worst = max if higher_is_better else min
@@ -247,12 +256,13 @@ def make_line(
         return worst(x, ceiling) if math.isfinite(x) else ceiling
 
     capped = {k: [cap(x) for x in v] for k, (_, v) in outcomes.items()}
-    per_move, labels = label_moves(capped, higher_is_better=higher_is_better)
+    per_move, labels = label_moves(capped, higher_is_better=higher_is_better, resolution=resolution)
     moves = [
         MoveOutcome(move=mv, outcomes=capped[k], mean=statistics.fmean(capped[k]), label=per_move[k])
         for k, (mv, _) in outcomes.items()
     ]
-    return DatasetLine(ceiling=ceiling, higher_is_better=higher_is_better, moves=moves, labels=labels, **fields)
+    return DatasetLine(ceiling=ceiling, higher_is_better=higher_is_better, resolution=resolution, moves=moves,
+                       labels=labels, **fields)
 
 
 # --------------------------------------------------------------------------- file
@@ -262,11 +272,11 @@ def write_dataset(lines: Iterable[DatasetLine], path: str | Path) -> Path:
     """Write JSON Lines, gzip-compressed when ``path`` ends in ``.gz``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A loss line leaves out `higher_is_better` and a main-run point `earlier` (their defaults): lines
+    # A loss line leaves out `higher_is_better` and `resolution`, a main-run point `earlier` (their defaults): lines
     # written before the fields existed come out byte for byte the same.
     def defaults(line: DatasetLine) -> set[str]:
-        return {name for name, empty in (("higher_is_better", not line.higher_is_better), ("earlier", not line.earlier))
-                if empty}
+        return {name for name, empty in (("higher_is_better", not line.higher_is_better), ("earlier", not line.earlier),
+                                          ("resolution", not line.resolution)) if empty}
 
     text = "".join(line.model_dump_json(exclude_none=True, exclude=defaults(line) or None) + "\n" for line in lines)
     if path.suffix == ".gz":

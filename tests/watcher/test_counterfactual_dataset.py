@@ -71,6 +71,30 @@ def test_a_return_is_labelled_and_scored_larger_is_better() -> None:
     assert noop.regret == pytest.approx(90 / line.labels.noise, abs=1e-3) and not noop.acceptable
 
 
+def test_a_success_rate_is_not_read_finer_than_one_episode(tmp_path) -> None:
+    # A stalled arm: every move scores 0 successes in 36 scenes on every seed, one move a single success
+    # on one seed. The moves' pooled spread is near 0: without the outcome's resolution that one
+    # episode read as 4 spreads of help.
+    outcomes = {NOOP: [0.0] * 3, "clip_range=0.1": [0.0] * 3, "n_epochs=1": [0.0] * 3, "lr=0.0001": [1 / 36, 0.0, 0.0]}
+    assert label_moves(outcomes, higher_is_better=True)[0]["lr=0.0001"] == "helped"
+    per_move, labels = label_moves(outcomes, higher_is_better=True, resolution=1 / 36)
+    assert set(per_move.values()) == {"neutral"} and labels.noise == pytest.approx(1 / 36)
+    assert labels.best == ["lr=0.0001"] and NOOP in labels.acceptable
+
+    line = make_line(outcomes={k: (Move(changes={"lr": 1e-4}) if k.startswith("lr") else Move(), v)
+                               for k, v in outcomes.items() if k in (NOOP, "lr=0.0001")},
+                     ceiling=0.0, higher_is_better=True, resolution=1 / 36, family="toy", run="arm",
+                     condition="stalled", split="test", point=0, policy="rl-ppo", step=81920,
+                     history={"eval/safe_success": [(20480 * i, 0.0) for i in range(1, 5)]}, params={"lr": 3e-5},
+                     horizon=16384, seeds=3)
+    assert line.moves[1].label == "neutral"
+    write_dataset([line, _overfit_line()], tmp_path / "d.jsonl")
+    text = (tmp_path / "d.jsonl").read_text().splitlines()
+    # Kept where it is set; left out of a loss line (the default), whose bytes stay as they were.
+    assert '"resolution":' in text[0] and '"resolution"' not in text[1]
+    assert load_dataset(tmp_path / "d.jsonl")[0].resolution == pytest.approx(1 / 36)
+
+
 def test_several_moves_at_once_are_scored_as_their_branch_or_else_their_worst_part() -> None:
     line = _overfit_line()
     assert chosen_key(line, {}) == NOOP
