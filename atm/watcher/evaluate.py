@@ -384,7 +384,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL (or ATM_LLM_BASE_URL)")
     p.add_argument("--variant", default=None, help="LLM prompting variant (default: the measured best)")
     p.add_argument(
-        "--only", action="append", default=[], help="run only scenarios whose name contains this (with --dataset: family/run, e.g. arm or aux/) (repeatable)"
+        "--only", action="append", default=[], help="run only scenarios whose name contains this (with --dataset: family/run, e.g. arm/ or aux/) (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
