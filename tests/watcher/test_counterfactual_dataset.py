@@ -202,3 +202,18 @@ def test_the_loader_rejects_an_earlier_remedy_after_the_point_or_on_an_unknown_p
     path.write_text(json.dumps(odd) + "\n")
     with pytest.raises(DatasetError, match=r"bad.jsonl:1:.*not in `params`"):
         load_dataset(path)
+
+
+def test_the_shipped_dataset_loads_and_the_rules_decisions_on_it_are_its_branches() -> None:
+    # A change to a preset's offer or to the rules that the dataset was not regenerated for shows here:
+    # a decision whose moves are no branch of its line cannot be scored.
+    from pathlib import Path
+
+    from atm.bench.counterfactual_families import TEST_FAMILIES
+    from atm.watcher.proposers import make_proposer
+
+    lines = load_dataset(Path(__file__).resolve().parents[2] / "benchmarks" / "counterfactual" / "dataset.jsonl.gz")
+    assert {ln.family for ln in lines if ln.split == "test"} == set(TEST_FAMILIES)
+    assert all(ln.resolution > 0 for ln in lines if ln.family == "arm")
+    report = score_dataset(make_proposer("rules"), lines)
+    assert report.summary.n == len(lines) and report.summary.unmatched == 0
