@@ -598,8 +598,24 @@ def verified(
 
 def names_run(named: str, run_id: str) -> bool:
     """Whether a message's ``run_id`` names the run ``run_id``: the same id, or one of them a path ending
-    in the other (W&B's ``entity/project/id`` and the bare id a job knows its run by). Pure."""
-    return named == run_id or named.endswith("/" + run_id) or run_id.endswith("/" + named)
+    in the other (W&B's ``entity/project/id`` and the bare id a job knows its run by), or a W&B run
+    folder or ``.wandb`` file and the run's id (``wandb/offline-run-20260101_120000-abc123`` and
+    ``abc123``; a resumed run's folders differ in their time: a watcher restarted on the newer one
+    keeps its decisions). Pure."""
+    if named == run_id or named.endswith("/" + run_id) or run_id.endswith("/" + named):
+        return True
+    a, b = _wandb_dir_id(named), _wandb_dir_id(run_id)
+    return (a is not None or b is not None) and (a or named) == (b or run_id)
+
+
+def _wandb_dir_id(spec: str) -> str | None:
+    """The run id a W&B run folder or ``.wandb`` file names (``.../offline-run-<time>-<id>[/run-<id>.wandb]``),
+    or None for anything else. Pure."""
+    parts = spec.rstrip("/").split("/")
+    if parts[-1].endswith(".wandb") and len(parts) > 1:
+        parts.pop()
+    m = WANDB_RUN_DIR_RE.match(parts[-1])
+    return m.group(2) if m else None
 
 
 def records_to_jsonl(records: Sequence[DecisionRecord], key: SigningKey | None = None) -> str:

@@ -460,7 +460,7 @@ def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] |
             return backend
     try:
         view = backend.poll(args.run[0])
-        own, refused = own_records(backend.read_log(args.run[0]), key)
+        own, refused = own_records(backend.read_log(args.run[0]), key, run_id=view.run_id)
         records, _ = reconcile(own, view)
     except (RunNotFound, BackendUnavailable) as exc:
         print(f"atm {command}: {exc}", file=sys.stderr)

@@ -496,7 +496,7 @@ class Daemon:
     def _own_records(self, run_id: str) -> list[DecisionRecord]:
         """The run's decision log, only the records signed with this daemon's key; the rest said once."""
         records, refused = own_records(self.backend.read_log(run_id), self.keys.get_or_none(),
-                                       key_problem=self.keys.problem)
+                                       key_problem=self.keys.problem, run_id=run_id)
         if refused:
             log.warning(
                 "run %s: %d record(s) of the decision log are not this watcher's (%s): they are not taken as its "

@@ -13,7 +13,7 @@ import bisect
 import math
 from collections.abc import Mapping, Sequence
 
-from atm.adapters.base import RunView
+from atm.adapters.base import RunView, names_run
 from atm.schema import Ack, DecisionRecord, Status, Update
 from atm.signing import SigningKey, verify
 
@@ -65,23 +65,28 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
 
 
 def own_records(
-    records: Sequence[DecisionRecord], key: SigningKey | None, *, key_problem: str = ""
+    records: Sequence[DecisionRecord], key: SigningKey | None, *, key_problem: str = "", run_id: str | None = None
 ) -> tuple[list[DecisionRecord], list[str]]:
-    """The decision log's records signed with ``key`` (the watcher's own), and why each other is not. Pure.
+    """The decision log's records signed with ``key`` (the watcher's own) and, when ``run_id`` is given,
+    naming that run; and why each other is not. Pure.
 
     A record without a signature (a log written before atm signed its records, or by another client)
     is refused like a forged one: taken as the watcher's own, it could hold a decision "pending" for
-    good or use up the budgets, and so lock the watcher out. Refusing costs only the memory of older
-    decisions: cooldowns and budgets count from the first signed record.
+    good or use up the budgets, and so lock the watcher out. So is a signed one of another run: every
+    run of one key signs alike, and another run's stop copied onto this one would end its management.
+    Refusing costs only the memory of older decisions: cooldowns and budgets count from the first
+    signed record.
     """
     kept: list[DecisionRecord] = []
     refused: list[str] = []
     for r in records:
         check = verify(r, key, key_problem=key_problem, here="this watcher")
-        if check:
-            kept.append(r)
-        else:
+        if not check:
             refused.append(check.reason)
+        elif run_id and not names_run(r.run_id, run_id):
+            refused.append(f"decision record #{r.seq} is for run {r.run_id}, not this one: a copy from another run")
+        else:
+            kept.append(r)
     return kept, refused
 
 

@@ -89,6 +89,13 @@ def test_signed_messages_copied_from_another_run_of_the_key_are_not_this_runs() 
     # W&B: the watcher names an online run entity/project/id, the job its bare id; either names the run.
     assert names_run("abc123", "team/proj/abc123") and names_run("team/proj/abc123", "abc123")
     assert not names_run("abc1234", "team/proj/abc123") and not names_run("xabc123", "abc123")
+    # W&B offline: a run folder (a resumed run has one per process, differing in time), its .wandb file or
+    # its bare id: each spelling a watcher was started with names the run.
+    folder = "wandb/offline-run-20261207_101500-abc123"
+    for other in ("abc123", "/home/u/wandb/offline-run-20261207_120000-abc123", f"{folder}/run-abc123.wandb"):
+        assert names_run(folder, other) and names_run(other, folder)
+    assert not names_run(folder, "abc124") and not names_run(folder, "wandb/offline-run-20261207_101500-abc124")
+    assert not names_run("run-abc123.wandb", "abc124")
 
 
 def test_a_number_past_max_seq_is_not_taken() -> None:

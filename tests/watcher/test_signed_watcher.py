@@ -282,3 +282,26 @@ def test_another_key_is_told_on_the_first_read_of_an_update_the_log_missed(mlflo
     daemon.tick(rid, wait=True)
     daemon.stop()
     assert daemon.status[rid].state == "key mismatch"
+
+
+def test_a_restarted_watcher_refuses_a_signed_decision_log_copied_from_another_run(
+    mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from atm.adapters.base import LOG_ARTIFACT, records_to_jsonl
+    from atm.schema import Action
+
+    # Every run of one key signs alike: another run's stop, copied onto this one, would otherwise pass for
+    # this run's and silence the watcher here for good ("stopped: ... nothing more is changed").
+    attacker = MlflowClient(mlflow_uri)
+    other, rid = overfitting_run(mlflow_uri), overfitting_run(mlflow_uri)
+    stop = sign(make_record(1, 10, action=Action.STOP, run_id=other, status=Status.APPLIED), resolve_key())
+    attacker.log_text(rid, records_to_jsonl([stop]), LOG_ARTIFACT)
+    daemon = Daemon(MlflowBackend(mlflow_uri), load_policy("lm"), interval=0.1)
+    with caplog.at_level("WARNING", logger="atm.watch"):
+        st = daemon.tick(rid, wait=True)
+    daemon.stop()
+    assert f"decision record #1 is for run {other}, not this one: a copy from another run" in caplog.text
+    assert [(r.seq, r.run_id, r.status) for r in st.records] == [(1, rid, Status.PENDING)]
+    assert own_records([stop], resolve_key(), run_id=other) == ([stop], [])
