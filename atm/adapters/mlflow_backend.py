@@ -158,7 +158,7 @@ class MlflowBackend:
         if existing and path and path != ":memory:" and not os.path.exists(path):
             raise ValueError(
                 f"no MLflow store at {path} (from {self.tracking_uri}); pass the job's tracking URI with "
-                "--tracking-uri or MLFLOW_TRACKING_URI"
+                "--tracking-uri or MLFLOW_TRACKING_URI (a job that logs to W&B: --backend wandb)"
             )
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         # The daemon's and `atm history`'s reads of the decision log would each print a download

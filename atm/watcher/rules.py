@@ -89,6 +89,9 @@ class Thresholds:
     #: ... and the fall of the smoothed return from its best, as a share of the returns' range, that
     #: means the policy got worse (returns are noisy; a tenth of the range is noise).
     return_regress_drop: float = 0.3
+    #: ... and beyond this many standard deviations of one evaluation's noise (from successive
+    #: evaluations' differences over the window, their median): a fall the noise could make is no regression.
+    return_regress_noise: float = 4.0
 
     @classmethod
     def names(cls) -> frozenset[str]:
@@ -363,7 +366,13 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
         return Diagnosis.EXPLORATION_COLLAPSE, (
             f"{entropy[1]} fell {entropy[0]:.0%} over the window with no progress of {ret.key} ({gain:+.0%} of its range)"
         )
-    if drop >= t.return_regress_drop and ret.slope <= 0:
+    # A fall the evaluations' own noise could make is no regression: on a run that never learned (a
+    # stalled one at a tiny lr), the range is all noise, and a dip from its luckiest evaluations cut an
+    # lr that was already too small (seen in a trial). The best of many 3-evaluation means sits up to
+    # about 1.5 sigma above their level, the latest about 1 below: 4 sigma is beyond both.
+    noise = float(sig.get("return_noise", 0.0))
+    beyond_noise = not noise > 0 or float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * noise
+    if drop >= t.return_regress_drop and ret.slope <= 0 and beyond_noise:
         return Diagnosis.DIVERGENCE, (
             f"{ret.key} fell to {fmt(recent)} (last 3 evaluations) from {fmt(float(sig['return_recent_best']))}, "
             f"{drop:.0%} of its range: the policy is getting worse"

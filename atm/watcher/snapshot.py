@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import itertools
 import math
+import statistics
 from array import array
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -81,8 +83,17 @@ def missing_role_note(policy: Policy, keys: Sequence[str]) -> str:
             "(losses, returns): log them to this run. Stable-Baselines3's logger does not write to MLflow or "
             "W&B by itself: see the README's Stable-Baselines3 paragraph"
         )
-    if not logged or role in resolve_roles(policy, logged):
+    roles = resolve_roles(policy, logged) if logged else {}
+    if not logged or role in roles:
         return ""
+    if role in ("safe_success", "success") and "return" in roles:
+        # A gymnasium task logs a return and no success rate: mapping a success rate it never logs is not the fix.
+        return (
+            f"no metric for {role}: the run logs a return ({roles['return']}) and no success rate; judged by its "
+            f"return, a run is stalled or done only against the return that solves the task: in a policy file, "
+            f"extends: {policy.name}, limits: {{eval_metric: return}}, thresholds: {{solved_return: N}} "
+            "(CartPole-v1: 475), and pass --policy FILE"
+        )
     wanted = ", ".join(policy.metrics.get(role, [])) or "nothing (the policy has no such role)"
     shown = ", ".join(logged[:12]) + (f" and {len(logged) - 12} more" if len(logged) > 12 else "")
     return (
@@ -319,6 +330,18 @@ class SeriesState:
                 self.stride *= 2
         self.last3.append(value)
         self.best_mean3 = max(self.best_mean3, sum(self.last3) / len(self.last3))
+
+    @property
+    def noise(self) -> float:
+        """One value's standard deviation around the series' trend, over the window: the median of the
+        successive values' absolute differences, scaled (a difference of two values has sd sigma * sqrt(2);
+        the median of its absolute value is 0.6745 of that). The median, so that one step (a fall, a
+        jump while learning) does not pass for noise; differences, so that a trend does not either.
+        nan below 3 values."""
+        vals = [v for _, v in self.window]
+        if len(vals) < 3:
+            return math.nan
+        return statistics.median(abs(b - a) for a, b in itertools.pairwise(vals)) / (0.6745 * math.sqrt(2))
 
     def value_at(self, step: int) -> float | None:
         """The last value logged at or before ``step``: exact within the recent points, read from the
@@ -725,6 +748,8 @@ class RunTelemetry:
             sig["return_recent"] = recent
             sig["return_recent_best"] = r.best_mean3
             sig["return_recent_drop"] = r.best_mean3 - recent
+            if math.isfinite(r.noise):
+                sig["return_noise"] = r.noise
             # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
             sig["return_window_gain"] = fitted_change(list(r.window))
         gn = series.get("grad_norm")

@@ -198,6 +198,13 @@ def derive_signals(
         sig["return_recent"] = means[-1]
         sig["return_recent_best"] = max(means)
         sig["return_recent_drop"] = max(means) - means[-1]
+        recent = vals[-WINDOW:]
+        if len(recent) >= 3:
+            # One evaluation's noise: the median absolute difference of successive values, as a standard deviation.
+            diffs = sorted(abs(b - a) for a, b in zip(recent, recent[1:]))
+            mid = len(diffs) // 2
+            median = diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
+            sig["return_noise"] = median / (0.6745 * math.sqrt(2))
         # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
         sig["return_window_gain"] = fitted_change(finite[-WINDOW:])
     gn = series.get("grad_norm")

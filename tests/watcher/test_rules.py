@@ -315,6 +315,21 @@ def test_a_return_that_falls_for_good_is_a_regression_but_noise_is_not() -> None
     assert diagnose(noisy, Thresholds(solved_return=475))[0] == Diagnosis.PLATEAU
 
 
+def test_a_stalled_run_whose_return_wanders_in_its_noise_is_no_regression() -> None:
+    # PPO on Pendulum at lr 2e-5 (a user's trial): the policy never learned, its evaluations wander by
+    # about 150 around -1300. The dip from its luckiest evaluations is 52% of the range the noise spans,
+    # and was read as "getting worse": the lr, already far too small, was cut again.
+    stalled = _return_run([-1058, -1445, -1532, -1269, -1258, -1259, -1413, -1203, -1106, -1151, -1098, -1167,
+                           -907, -1147, -1270, -1238, -1373, -1223, -1503, -1429])
+    assert diagnose(stalled, Thresholds(return_regress_noise=0))[0] == Diagnosis.DIVERGENCE  # without the noise test
+    diagnosis, evidence = diagnose(stalled)
+    assert diagnosis == Diagnosis.HEALTHY and "solved_return" in evidence
+    assert diagnose(stalled, Thresholds(solved_return=-200))[0] == Diagnosis.PLATEAU
+    # A fall far beyond the noise still is one, however noisy the climb before it was.
+    fell = _return_run([-1400, -1100, -1250, -700, -500, -350, -300, -250, -270, -240, -260, -700, -720, -690])
+    assert diagnose(fell)[0] == Diagnosis.DIVERGENCE
+
+
 def test_a_plateau_that_two_lr_cuts_did_not_move_is_stopped_keeping_the_best() -> None:
     # Val loss reaches its best at step 400, then sits flat; two lr cuts (from 600 and 800) bring no new best.
     from atm.testing import flat, make_record

@@ -89,3 +89,21 @@ def test_a_run_before_its_first_evaluation_is_shown_unmapped_but_not_warned_abou
     again.tick(rid, wait=True)
     again.stop()
     assert again.status[rid].note == ""
+
+
+def test_a_return_only_rl_run_is_told_to_be_judged_by_its_return_not_to_map_a_success_rate() -> None:
+    # A gymnasium task (Pendulum) under rl-ppo, whose evaluation metric is safe success: it logs none, and
+    # mapping one it never logs is not the fix (a trial's user was told to, and had to guess).
+    from atm.adapters.base import RunView
+    from atm.watcher.poll import unmapped_status
+    from atm.watcher.snapshot import missing_role_note
+
+    rl = load_policy("rl-ppo")
+    keys = ["eval/mean_reward", "rollout/ep_rew_mean", "train/entropy_loss", "train/approx_kl"]
+    view = RunView("r", "", "RUNNING", {k: [(1, 0.0)] for k in keys}, 0.0, False)
+    for said in (unmapped_status(rl, view), missing_role_note(rl, keys)):
+        assert "limits: {eval_metric: return}" in said and "solved_return" in said and "eval/mean_reward" in said
+        assert "YOUR_METRIC" not in said and "safe_success: [" not in said
+    # A run that logs no return either is still told to map its evaluation metric.
+    view = RunView("r", "", "RUNNING", {"train/loss": [(1, 0.0)]}, 0.0, False)
+    assert "safe_success: [YOUR_METRIC]" in unmapped_status(rl, view)
