@@ -145,7 +145,9 @@ class Outcome(BaseModel):
     def summary(self) -> str:
         if self.label == EffectLabel.UNKNOWN:
             return f"unknown ({self.note})" if self.note else "unknown"
-        return (f"{self.label.value}: {self.metric} {fmt(self.measured)} against {fmt(self.projected)} projected "
+        # A neutral change may still show a difference: say it is one the run's noise could make.
+        within = " (a difference within the noise)" if self.label == EffectLabel.NEUTRAL else ""
+        return (f"{self.label.value}{within}: {self.metric} {fmt(self.measured)} against {fmt(self.projected)} projected "
                 f"over {self.evals} evaluations (noise {fmt(self.noise)}; slope {fmt(self.slope_before)} -> "
                 f"{fmt(self.slope_after)} per 1k steps)")
 

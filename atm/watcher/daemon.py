@@ -721,8 +721,11 @@ class Daemon:
         self._set(st.run_id, diagnosis=out.proposal.diagnosis.value, pending="")
         record = out.record
         if record is None:
-            log.info("run %s step %d: %s, no change (%s)", st.run_id, out.asked.step, out.proposal.diagnosis.value,
-                     out.source)
+            # With the why: a problem seen and nothing done (a knob at its bound, no rollback registered)
+            # read as the manager ignoring it.
+            why = out.proposal.rationale.strip()
+            log.info("run %s step %d: %s, no change (%s)%s", st.run_id, out.asked.step, out.proposal.diagnosis.value,
+                     out.source, f": {why}" if why else "")
             self.hooks.decided(self._lag(inflight))
             return
         self._note_staleness(st, record.status, record.audit.get("latency_s"), record.step, out.now_step)
