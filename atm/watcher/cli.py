@@ -86,8 +86,10 @@ def _backend(args: argparse.Namespace, key: Any) -> Any:
             raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
             raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
-    if args.wandb_dir and not os.path.isdir(args.wandb_dir) and not getattr(args, "experiment", None):
-        # (--experiment waits for the job to create it; a --run can only be in a folder that exists.)
+    waits = getattr(args, "experiment", None) or getattr(args, "wait", 0) > 0
+    if args.wandb_dir and not os.path.isdir(args.wandb_dir) and not waits:
+        # (--experiment, and --run with --wait, wait for the job to create it: a watcher started before
+        # the job is the README's pattern; a --run alone can only be in a folder that exists.)
         raise SystemExit(f"atm: --wandb-dir {args.wandb_dir}: no such folder ({os.path.abspath(args.wandb_dir)}); give "
                          "the folder that holds the job's offline-run-* folders: ./wandb where the job ran, or "
                          "$WANDB_DIR/wandb when the job set WANDB_DIR")

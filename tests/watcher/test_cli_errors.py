@@ -90,6 +90,17 @@ def test_a_wandb_dir_that_does_not_exist_is_named(tmp_path: Path) -> None:
         main(["history", "--backend", "wandb", "--run", "abc", "--wandb-dir", str(missing)])
 
 
+def test_a_watcher_started_with_wait_before_the_job_waits_for_its_wandb_folder(tmp_path: Path) -> None:
+    # The README's pattern, the watcher first: the job's wandb.init has not made ./wandb yet.
+    from atm.watcher.cli import watch_main
+
+    missing = tmp_path / "wandb"
+    assert watch_main(["--backend", "wandb", "--run", "abc", "--wandb-dir", str(missing), "--policy", "rl-ppo",
+                       "--wait", "0.5", "--interval", "0.1"]) == 1
+    with pytest.raises(SystemExit, match="no such folder"):
+        watch_main(["--backend", "wandb", "--run", "abc", "--wandb-dir", str(missing), "--policy", "rl-ppo"])
+
+
 def test_a_dead_tracking_server_is_said_at_once(capsys: pytest.CaptureFixture[str]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
