@@ -370,8 +370,9 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
     # stalled one at a tiny lr), the range is all noise, and a dip from its luckiest evaluations cut an
     # lr that was already too small (seen in a trial). The best of many 3-evaluation means sits up to
     # about 1.5 sigma above their level, the latest about 1 below: 4 sigma is beyond both.
-    noise = float(sig.get("return_noise", 0.0))
-    beyond_noise = not noise > 0 or float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * noise
+    # Two evaluations give no noise to judge by (the signal needs 3): no regression yet.
+    noise = sig.get("return_noise")
+    beyond_noise = noise is not None and float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * float(noise)
     if drop >= t.return_regress_drop and ret.slope <= 0 and beyond_noise:
         return Diagnosis.DIVERGENCE, (
             f"{ret.key} fell to {fmt(recent)} (last 3 evaluations) from {fmt(float(sig['return_recent_best']))}, "
