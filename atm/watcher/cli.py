@@ -19,7 +19,7 @@ log = logging.getLogger("atm")
 # --------------------------------------------------------------------------- shared options
 
 
-def _add_backend_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+def _add_backend_args(p: argparse.ArgumentParser, many: bool = False, experiment: bool | None = None) -> None:
     p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND") or None,
                    help="tracker the job logs to (default: $ATM_BACKEND; without it atm-watch takes mlflow, and the "
                         "commands reading one --run look for it in MLflow, then in W&B's offline runs)")
@@ -28,7 +28,8 @@ def _add_backend_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    + ". W&B: a run directory, run id, or entity/project/run_id")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
-                        "current folder; --run refuses a store that does not exist, --experiment waits for one)")
+                        "current folder; --run refuses a store that does not exist"
+                        + (", --experiment waits for one)" if (many if experiment is None else experiment) else ")"))
     p.add_argument("--wandb-dir", default=None,
                    help="W&B: the folder holding the job's offline-run-* folders (default: $WANDB_DIR/wandb, else ./wandb)")
 
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         description="What the proposer would be shown for a run now: the snapshot, the allowed moves, "
                                     "and what blocks a move (warm-up, cooldown, budget). Give one --run, or "
                                     "--experiment for each of its running runs.")
-    _add_backend_args(ex)
+    _add_backend_args(ex, experiment=True)
     ex.add_argument("--experiment", default=None,
                     help="explain every RUNNING run of this experiment (MLflow) or project (W&B), one after another "
                          "(default: none; give --run or this)")

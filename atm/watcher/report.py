@@ -116,8 +116,20 @@ def print_history(run_id: str, records: Sequence[DecisionRecord]) -> None:
         if r["approval"]:
             why = f"{r['approval']}; {why}"
         t.add_row(str(r["seq"]), str(r["step"]), applied_cell(r), str(r["status"]), str(r["label"]),
-                  changes or "—", effect_cell(r), str(r["source"]), why[:300])
+                  changes or "—", effect_cell(r), str(r["source"]), clip(why))
     Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+#: The longest rationale a table cell shows; ``--json`` has every record whole.
+CELL_CHARS = 400
+
+
+def clip(text: str, limit: int = CELL_CHARS) -> str:
+    """``text``, or its first words up to ``limit`` characters and a pointer to the whole (cut mid-word
+    and without a mark, a reason read as if it ended there). Pure."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " … (whole: atm history --json)"
 
 
 def change_cell(name: str, change: dict[str, float], in_force: dict[str, float]) -> str:
