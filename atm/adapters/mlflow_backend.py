@@ -265,8 +265,9 @@ class MlflowBackend:
             tail = self._stepless_tail(run_id, key, pts, cache.stepless[key])
         if tail is not None:
             # The points past those read, numbered on: a poll reads what is new, not the whole metric.
-            new = [(ts / 1000.0, len(pts) + i) for i, (_, _, ts) in enumerate(tail)]
-            pts.extend((s, v) for (_, s), (_, v, _) in zip(new, tail))
+            first = len(pts)
+            pts.extend((first + i, v) for i, (_, v, _) in enumerate(tail))
+            new = [(ts / 1000.0, first + i) for i, (_, _, ts) in enumerate(tail)]
             if tail:
                 cache.stepless[key] = tail[-1][2]
         elif key in cache.stepless or (pts and latest_step <= prev_step):
@@ -307,7 +308,7 @@ class MlflowBackend:
         self, run_id: str, key: str, pts: PointSeries, last_ts: int
     ) -> list[tuple[int, float, int]] | None:
         """The points of a metric logged without ``step=`` past the ``len(pts)`` already read, in the
-        store's order (time, step, value), or None when they cannot be told from the store's offsets:
+        store's order, as (step, value, time ms), or None when they cannot be told from the store's offsets:
         the page read from the last point read on (logged at ``last_ts``) must start with that point (a
         point logged with an earlier time than it shifts the offsets: the caller reads the metric whole
         then).

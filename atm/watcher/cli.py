@@ -19,7 +19,7 @@ log = logging.getLogger("atm")
 # --------------------------------------------------------------------------- shared options
 
 
-def _add_backend_args(p: argparse.ArgumentParser, many: bool = False, experiment: bool | None = None) -> None:
+def _add_backend_args(p: argparse.ArgumentParser, many: bool = False, experiment: bool = False) -> None:
     p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND") or None,
                    help="tracker the job logs to (default: $ATM_BACKEND; without it atm-watch takes mlflow, and the "
                         "commands reading one --run look for it in MLflow, then in W&B's offline runs)")
@@ -29,7 +29,7 @@ def _add_backend_args(p: argparse.ArgumentParser, many: bool = False, experiment
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
                         "current folder; --run refuses a store that does not exist"
-                        + (", --experiment waits for one)" if (many if experiment is None else experiment) else ")"))
+                        + (", --experiment waits for one)" if experiment else ")"))
     p.add_argument("--wandb-dir", default=None,
                    help="W&B: the folder holding the job's offline-run-* folders (default: $WANDB_DIR/wandb, else ./wandb)")
 
@@ -141,7 +141,7 @@ def watch_parser() -> argparse.ArgumentParser:
         description="Watch live training runs and manage them within a policy.",
         epilog="example: atm-watch --backend mlflow --run 3f2a... --tracking-uri sqlite:///mlflow.db --proposer rules",
     )
-    _add_backend_args(p, many=True)
+    _add_backend_args(p, many=True, experiment=True)
     p.add_argument("--experiment", default=None, help="watch every RUNNING run of this experiment (MLflow) or project (W&B)")
     p.add_argument("--project", dest="experiment", help=argparse.SUPPRESS)
     _add_proposer_args(p)

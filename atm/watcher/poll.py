@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from atm.adapters.base import RunView, metric_keys
 from atm.policies import Policy
 from atm.schema import fmt
-from atm.watcher.snapshot import MISSING_METRIC_AFTER, missing_role_note, resolve_roles
+from atm.watcher.snapshot import MISSING_METRIC_AFTER, judge_by_return, missing_role_note, resolve_roles
 
 #: Seconds a listener may be attached to a run that logs no metric of its own before the daemon says so.
 SILENT_JOB_S = 120.0
@@ -137,13 +137,9 @@ def unmapped_status(policy: Policy, view: RunView) -> str:
     line = f"policy file: extends: {policy.name}, {mapping_line(policy, unmapped)}"
     eval_role = policy.limits.eval_metric
     if unmapped.get(eval_role) is None:
-        returns = resolve_roles(policy, [k for k in keys if not k.startswith("atm/")]).get("return")
-        if eval_role in ("safe_success", "success") and returns is not None:
-            # A gymnasium task logs a return and no success rate (seen: Pendulum under rl-ppo, told to map
-            # a safe_success it will never have): the task's return is what to judge it by.
-            return (f"unmapped: {eval_role}: the run logs no success rate; to judge it by its return ({returns}): "
-                    f"policy file: extends: {policy.name}, limits: {{eval_metric: return}}, thresholds: "
-                    "{solved_return: <the return that solves the task>}")
+        advice = judge_by_return(policy, resolve_roles(policy, [k for k in keys if not k.startswith("atm/")]))
+        if advice:
+            return f"unmapped: {eval_role}: {advice}"
         # Nothing looks like it: most often the first evaluation has not come yet (seen: a job at step 20
         # told to write a policy file for the eval_loss the preset maps, 5 steps before it logged it).
         known = policy.metrics.get(eval_role, [])

@@ -86,14 +86,9 @@ def missing_role_note(policy: Policy, keys: Sequence[str]) -> str:
     roles = resolve_roles(policy, logged) if logged else {}
     if not logged or role in roles:
         return ""
-    if role in ("safe_success", "success") and "return" in roles:
-        # A gymnasium task logs a return and no success rate: mapping a success rate it never logs is not the fix.
-        return (
-            f"no metric for {role}: the run logs a return ({roles['return']}) and no success rate; judged by its "
-            f"return, a run is stalled or done only against the return that solves the task: in a policy file, "
-            f"extends: {policy.name}, limits: {{eval_metric: return}}, thresholds: {{solved_return: N}} "
-            "(CartPole-v1: 475), and pass --policy FILE"
-        )
+    advice = judge_by_return(policy, roles)
+    if advice:
+        return f"no metric for {role}: {advice}, and pass --policy FILE"
     wanted = ", ".join(policy.metrics.get(role, [])) or "nothing (the policy has no such role)"
     shown = ", ".join(logged[:12]) + (f" and {len(logged) - 12} more" if len(logged) > 12 else "")
     return (
@@ -101,6 +96,18 @@ def missing_role_note(policy: Policy, keys: Sequence[str]) -> str:
         f"If one of these is it, map it in a policy file (metrics: {{{role}: [NAME]}}) and pass --policy FILE "
         f"(`atm policy show {policy.name}` prints one to start from)"
     )
+
+
+def judge_by_return(policy: Policy, roles: Mapping[str, str]) -> str:
+    """For a run judged by a success rate it does not log but that logs a return (most gymnasium tasks,
+    ``roles`` as :func:`resolve_roles` maps them): how to judge it by its return instead; "" otherwise.
+    Mapping a success rate it never logs is not the fix (a trial's user was told to). Pure."""
+    role = policy.limits.eval_metric
+    if role not in ("safe_success", "success") or role in roles or "return" not in roles:
+        return ""
+    return (f"the run logs a return ({roles['return']}) and no success rate; judged by its return, a run is "
+            f"stalled or done only against the return that solves the task: in a policy file, extends: "
+            f"{policy.name}, limits: {{eval_metric: return}}, thresholds: {{solved_return: N}} (CartPole-v1: 475)")
 
 
 def _is_pattern(candidate: str) -> bool:
@@ -748,8 +755,9 @@ class RunTelemetry:
             sig["return_recent"] = recent
             sig["return_recent_best"] = r.best_mean3
             sig["return_recent_drop"] = r.best_mean3 - recent
-            if math.isfinite(r.noise):
-                sig["return_noise"] = r.noise
+            noise = r.noise
+            if math.isfinite(noise):
+                sig["return_noise"] = noise
             # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
             sig["return_window_gain"] = fitted_change(list(r.window))
         gn = series.get("grad_norm")
