@@ -360,6 +360,11 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
     target = math.isfinite(t.solved_return)
     if target and recent >= t.solved_return:
         return Diagnosis.CONVERGED, f"{ret.key} {fmt(ret.latest)} (last 3 evaluations {fmt(recent)}) reached {fmt(t.solved_return)}"
+    noise = sig.get("return_noise")
+    if noise is None:
+        # Two evaluations show neither a trend nor the noise to judge one by: a healthy run's slow start
+        # (-1484 then -1744 on Pendulum, solved 12k steps later) read as a stall, and its lr was tripled.
+        return Diagnosis.HEALTHY, f"{ret.key} {fmt(ret.latest)}: too few evaluations to read a trend from ({ret.n})"
     entropy = _entropy_drop(snap)
     below = drop >= t.progress_gain or (target and recent < t.solved_return)
     if entropy is not None and entropy[0] > t.collapse_entropy_drop and gain < t.progress_gain and below:
@@ -370,9 +375,7 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
     # stalled one at a tiny lr), the range is all noise, and a dip from its luckiest evaluations cut an
     # lr that was already too small (seen in a trial). The best of many 3-evaluation means sits up to
     # about 1.5 sigma above their level, the latest about 1 below: 4 sigma is beyond both.
-    # Two evaluations give no noise to judge by (the signal needs 3): no regression yet.
-    noise = sig.get("return_noise")
-    beyond_noise = noise is not None and float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * float(noise)
+    beyond_noise = float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * float(noise)
     if drop >= t.return_regress_drop and ret.slope <= 0 and beyond_noise:
         return Diagnosis.DIVERGENCE, (
             f"{ret.key} fell to {fmt(recent)} (last 3 evaluations) from {fmt(float(sig['return_recent_best']))}, "

@@ -330,6 +330,18 @@ def test_a_stalled_run_whose_return_wanders_in_its_noise_is_no_regression() -> N
     assert diagnose(fell)[0] == Diagnosis.DIVERGENCE
 
 
+def test_two_evaluations_of_a_return_are_no_stall_and_no_regression() -> None:
+    # A healthy PPO run's slow start on Pendulum (solved 12k steps later): at two evaluations a target
+    # below it read as a stall, and its lr was tripled.
+    start = _return_run([-1484, -1744])
+    target = Thresholds(solved_return=-250)
+    assert diagnose(start, Thresholds(solved_return=-250))[0] == Diagnosis.HEALTHY
+    assert "too few evaluations" in diagnose(start, target)[1]
+    # From the third on, a run that stalls below its target is one.
+    assert diagnose(_return_run([-1484, -1744, -1750]), target)[0] == Diagnosis.PLATEAU
+    assert diagnose(_return_run([-200, -150]), target)[0] == Diagnosis.CONVERGED
+
+
 def test_a_plateau_that_two_lr_cuts_did_not_move_is_stopped_keeping_the_best() -> None:
     # Val loss reaches its best at step 400, then sits flat; two lr cuts (from 600 and 800) bring no new best.
     from atm.testing import flat, make_record
