@@ -92,6 +92,11 @@ class Thresholds:
     #: ... and beyond this many standard deviations of one evaluation's noise (from successive
     #: evaluations' differences over the window, their median): a fall the noise could make is no regression.
     return_regress_noise: float = 4.0
+    #: ... and, with no ``solved_return`` set, this many evaluations in a row (the whole window) at the
+    #: best return the run ever had, with no spread at all: the task's ceiling (CartPole's 500), a
+    #: solved run. A rollout mean that is not updated for lack of finished episodes repeats too, but
+    #: for as many rollouts as an episode spans, not a whole window.
+    return_ceiling_evals: int = 8
 
     @classmethod
     def names(cls) -> frozenset[str]:
@@ -360,6 +365,12 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
     target = math.isfinite(t.solved_return)
     if target and recent >= t.solved_return:
         return Diagnosis.CONVERGED, f"{ret.key} {fmt(ret.latest)} (last 3 evaluations {fmt(recent)}) reached {fmt(t.solved_return)}"
+    held = int(sig.get("return_held", 0))
+    if not target and held >= t.return_ceiling_evals and ret.latest >= ret.max and ret.max > ret.min:
+        return Diagnosis.CONVERGED, (
+            f"{ret.key} has held its best {fmt(ret.latest)} for the last {held} evaluations with no spread at all: "
+            "the task's ceiling (set thresholds: {solved_return: ...} to stop at a target of your own)"
+        )
     noise = sig.get("return_noise")
     if noise is None:
         # Two evaluations show neither a trend nor the noise to judge one by: a healthy run's slow start
@@ -374,9 +385,11 @@ def _diagnose_return(snap: TelemetrySnapshot, ret: SeriesStats, t: Thresholds) -
     # A fall the evaluations' own noise could make is no regression: on a run that never learned (a
     # stalled one at a tiny lr), the range is all noise, and a dip from its luckiest evaluations cut an
     # lr that was already too small (seen in a trial). The best of many 3-evaluation means sits up to
-    # about 1.5 sigma above their level, the latest about 1 below: 4 sigma is beyond both.
+    # about 1.5 sigma above their level, the latest about 1 below: 4 sigma is beyond both. No test of
+    # the window's slope: a run that collapsed and drifts up within its noise since (CartPole from 400
+    # to about 200) has a rising window and is still far below its best checkpoint.
     beyond_noise = float(sig.get("return_recent_drop", 0.0)) > t.return_regress_noise * float(noise)
-    if drop >= t.return_regress_drop and ret.slope <= 0 and beyond_noise:
+    if drop >= t.return_regress_drop and beyond_noise:
         return Diagnosis.DIVERGENCE, (
             f"{ret.key} fell to {fmt(recent)} (last 3 evaluations) from {fmt(float(sig['return_recent_best']))}, "
             f"{drop:.0%} of its range: the policy is getting worse"

@@ -141,6 +141,18 @@ def _usable(v: float) -> bool:
     return math.isfinite(v) and abs(v) < OVERFLOW
 
 
+def held_count(values: Sequence[float]) -> int:
+    """How many of the last ``values`` equal the last one (to a relative 1e-9). Pure."""
+    if not values:
+        return 0
+    last, n = values[-1], 0
+    for v in reversed(values):
+        if not math.isclose(v, last, rel_tol=1e-9, abs_tol=1e-12):
+            break
+        n += 1
+    return n
+
+
 def fitted_change(points: Points) -> float:
     """How much a least-squares line through ``points`` moves from their first step to their last."""
     return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
@@ -760,6 +772,9 @@ class RunTelemetry:
                 sig["return_noise"] = noise
             # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
             sig["return_window_gain"] = fitted_change(list(r.window))
+            # How many evaluations in a row ended exactly where the latest did: a return that repeats
+            # with no spread at all sits at the task's ceiling (CartPole's 500) or is not being updated.
+            sig["return_held"] = float(held_count([v for _, v in r.window]))
         gn = series.get("grad_norm")
         if gn is not None and gn.window_mean > 0:
             sig["grad_norm_ratio"] = gn.latest / gn.window_mean

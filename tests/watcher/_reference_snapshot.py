@@ -207,6 +207,9 @@ def derive_signals(
             sig["return_noise"] = median / (0.6745 * math.sqrt(2))
         # Progress across the trailing window by a least-squares fit: noisy end points decide nothing.
         sig["return_window_gain"] = fitted_change(finite[-WINDOW:])
+        # Evaluations in a row (within the window) that ended exactly where the latest did.
+        sig["return_held"] = float(next((i for i, v in enumerate(reversed(recent))
+                                         if not math.isclose(v, recent[-1], rel_tol=1e-9, abs_tol=1e-12)), len(recent)))
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

@@ -330,6 +330,31 @@ def test_a_stalled_run_whose_return_wanders_in_its_noise_is_no_regression() -> N
     assert diagnose(fell)[0] == Diagnosis.DIVERGENCE
 
 
+def test_a_fall_that_lasts_is_a_regression_though_the_return_drifts_up_within_its_noise_since() -> None:
+    # PPO on CartPole (the branched dataset's healthy run): 400 at its best, then a collapse to about 200
+    # where it stays, drifting up a little. The window's slope is positive, which read as "no regression";
+    # rolling back to the best checkpoint was the best move.
+    collapsed = _return_run([62, 48, 43, 39, 36, 42, 104, 127, 130, 151, 150, 140, 211, 179, 222, 369, 420, 407,
+                             201, 234, 229, 201, 161, 178, 193, 223, 185, 204, 206, 219])
+    diagnosis, evidence = diagnose(collapsed)
+    assert diagnosis == Diagnosis.DIVERGENCE and "getting worse" in evidence
+
+
+def test_a_return_held_at_its_best_with_no_spread_is_the_tasks_ceiling() -> None:
+    # CartPole at its 500 cap for a whole window: the run is solved, whether or not a target was set;
+    # what can follow is only a fall (the branched dataset's lr-too-high run collapsed after it).
+    climb = [20.0, 80.0, 200.0, 420.0]
+    diagnosis, evidence = diagnose(_return_run(climb + [500.0] * 8))
+    assert diagnosis == Diagnosis.CONVERGED and "ceiling" in evidence
+    assert diagnose(_return_run(climb + [500.0] * 7))[0] == Diagnosis.HEALTHY
+    # Not a ceiling: a run that never left its floor, one held below its best, one with any spread.
+    assert diagnose(_return_run([-200.0] * 12))[0] != Diagnosis.CONVERGED
+    assert diagnose(_return_run(climb + [500.0, 300.0] + [300.0] * 8))[0] != Diagnosis.CONVERGED
+    assert diagnose(_return_run(climb + [500.0, 499.0] * 4))[0] != Diagnosis.CONVERGED
+    # A target of the user's own decides instead: below it, a held return is a stall.
+    assert diagnose(_return_run(climb + [500.0] * 8), Thresholds(solved_return=600))[0] == Diagnosis.PLATEAU
+
+
 def test_two_evaluations_of_a_return_are_no_stall_and_no_regression() -> None:
     # A healthy PPO run's slow start on Pendulum (solved 12k steps later): at two evaluations a target
     # below it read as a stall, and its lr was tripled.
