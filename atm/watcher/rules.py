@@ -513,6 +513,8 @@ def _dropout_overregularized(snap: TelemetrySnapshot, t: Thresholds) -> str:
     mean, ci = float(sig["gap_mean"]), float(sig.get("gap_mean_ci", math.inf))
     evals = min(val.n, WINDOW)
     per_eval = max(float(sig.get("window_improvement", 0.0)), 0.0) / max(evals - 1, 1)
+    # The evaluations the gap was read over: fewer than the window after a rollback or a dropout change.
+    evals = int(sig.get("gap_evals", evals))
     if mean + ci >= 0 or -mean <= per_eval:
         return ""
     return (f"train loss is above val loss across the last {evals} evaluations (by {-mean:.1%} of val loss, "

@@ -141,6 +141,19 @@ def _usable(v: float) -> bool:
     return math.isfinite(v) and abs(v) < OVERFLOW
 
 
+#: Knobs that act on the train loss alone (dropout is off at evaluation): a change of one moves the
+#: train/val gap at once, so gap evidence from before it says nothing about the new value. Seen: train
+#: above val "across the last 8 evaluations under dropout 0.1" when 6 of them were under 0.5.
+GAP_KNOBS = ("dropout",)
+
+
+def restart_steps(records: Sequence[DecisionRecord]) -> tuple[list[int], list[int]]:
+    """The steps applied rollbacks took effect at, and those applied changes of a :data:`GAP_KNOBS` knob did. Pure."""
+    done = [r for r in records if r.status == Status.APPLIED and r.effective_step is not None]
+    return ([r.effective_step for r in done if r.action == Action.ROLLBACK],  # type: ignore[misc]
+            [r.effective_step for r in done if any(k in r.changes for k in GAP_KNOBS)])  # type: ignore[misc]
+
+
 def held_count(values: Sequence[float]) -> int:
     """How many of the last ``values`` equal the last one (to a relative 1e-9). Pure."""
     if not values:
@@ -503,7 +516,7 @@ def gap_window_signals(gaps: Points, scale: float) -> dict[str, float]:
     if not (math.isfinite(mean_ci_) and math.isfinite(change_ci)):
         return {}
     return {"gap_mean": mean / scale, "gap_mean_ci": mean_ci_ / scale,
-            "gap_trend": change / scale, "gap_trend_ci": change_ci / scale}
+            "gap_trend": change / scale, "gap_trend_ci": change_ci / scale, "gap_evals": float(len(gaps))}
 
 
 #: Distinct steps a run logs before a missing evaluation metric is taken to be missing for good (a
@@ -707,12 +720,18 @@ class RunTelemetry:
         state = self._series[key]
         return key, state.higher_is_better, list(state.recent)
 
-    def signals(self, series: Mapping[str, SeriesStats], restarted_at: int | None = None) -> dict[str, float | bool]:
+    def signals(
+        self, series: Mapping[str, SeriesStats], restarted_at: int | None = None, gaps_from: int | None = None
+    ) -> dict[str, float | bool]:
         """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
 
         ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
-        rollback), if any; trends are read from there, not across the jump.
+        rollback), if any; trends are read from there, not across the jump. ``gaps_from``: the step
+        from which the train/val gap's window is read (a rollback, or a change of dropout, which acts
+        on the train loss alone and so moves the gap at once); ``restarted_at`` when not given.
         """
+        if gaps_from is None:
+            gaps_from = restarted_at
         sig: dict[str, float | bool] = {}
         # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
         sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if _base(r) in WATCHED_FOR_NONFINITE)
@@ -740,8 +759,8 @@ class RunTelemetry:
                     sig["window_improvement_ci"] = ci / scale
             if train is not None and val is not None and self._gaps is not None:
                 gaps = self._gaps.window(self._series[train.key])
-                if restarted_at is not None:
-                    gaps = [(st, g) for st, g in gaps if st >= restarted_at]
+                if gaps_from is not None:
+                    gaps = [(st, g) for st, g in gaps if st >= gaps_from]
                 sig.update(gap_window_signals(gaps, scale))
         if train is not None and train.n >= 3 and not train.nonfinite:
             # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
@@ -817,15 +836,14 @@ class RunTelemetry:
     ) -> TelemetrySnapshot:
         """The snapshot a proposer sees, from what has been folded so far."""
         series = self.series()
-        restarts = [r.effective_step for r in records
-                    if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
+        restarts, gap_moves = restart_steps(records)
         kw = {} if now is None else {"taken_at": now}
         return TelemetrySnapshot(
             run_id=run_id,
             run_name=run_name,
             step=self.step(series),
             series=series,
-            signals=self.signals(series, max(restarts, default=None)),
+            signals=self.signals(series, max(restarts, default=None), max(restarts + gap_moves, default=None)),
             params=dict(params),
             recent=self.effects(records, recent),
             applied=dict(Counter(r.diagnosis.value for r in records if r.status == Status.APPLIED)),

@@ -106,7 +106,10 @@ def reference_snapshot(
         step = max((int(pts[-1][0]) for pts in history.values() if pts), default=0)
     restarts = [r.effective_step for r in records
                 if r.status == Status.APPLIED and r.action == Action.ROLLBACK and r.effective_step is not None]
-    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles}, max(restarts, default=None))
+    dropout_moves = [r.effective_step for r in records
+                     if r.status == Status.APPLIED and "dropout" in r.changes and r.effective_step is not None]
+    signals = derive_signals(series, {roles[r]: history[roles[r]] for r in roles}, max(restarts, default=None),
+                             max(restarts + dropout_moves, default=None))
     effects = measured_effects(records, history, roles, recent, _eval_steps(policy, roles, history))
     kw = {} if now is None else {"taken_at": now}
     return TelemetrySnapshot(
@@ -122,13 +125,16 @@ def reference_snapshot(
     )
 
 def derive_signals(
-    series: Mapping[str, SeriesStats], by_key: Mapping[str, Points], restarted_at: int | None = None
+    series: Mapping[str, SeriesStats], by_key: Mapping[str, Points], restarted_at: int | None = None,
+    gaps_from: int | None = None,
 ) -> dict[str, float | bool]:
     """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
 
     ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
     rollback), if any; trends are read from there, not across the jump.
     """
+    if gaps_from is None:
+        gaps_from = restarted_at
     sig: dict[str, float | bool] = {}
     # Only losses, gradients and goals count: SB3 logs explained_variance as NaN whenever returns are constant.
     sig["nonfinite"] = any(s.nonfinite for r, s in series.items() if r.split("[", 1)[0] in WATCHED_FOR_NONFINITE)
@@ -168,8 +174,8 @@ def derive_signals(
                 sig["window_improvement_ci"] = ci / scale
         if train and val:
             tail = gaps[-WINDOW:]
-            if restarted_at is not None:
-                tail = [(st, g) for st, g in tail if st >= restarted_at]
+            if gaps_from is not None:
+                tail = [(st, g) for st, g in tail if st >= gaps_from]
             sig.update(gap_window_signals(tail, scale))
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.

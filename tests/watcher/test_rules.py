@@ -9,7 +9,7 @@ import pytest
 
 from atm.policies import DecisionContext, Policy, available_actions, available_choices, check, load_policy
 from atm.schema import Action, Diagnosis
-from atm.testing import SCENARIOS, decay, make_history, scenario, series
+from atm.testing import SCENARIOS, decay, make_history, make_record, scenario, series
 from atm.watcher.proposer import Offer, ProposalResult
 from atm.watcher.decide import Situation
 from atm.watcher.evaluate import load_scenario, situation
@@ -571,6 +571,29 @@ def test_train_loss_above_val_under_dropout_lowers_dropout_alone() -> None:
     result = _propose_on(make_history({"train_loss": train, "val/loss": val}, every=25),
                       {"lr": 2e-3, "weight_decay": 0.01, "dropout": 0.0})
     assert result.proposal.diagnosis == Diagnosis.HEALTHY, result.proposal.rationale
+
+
+def test_gap_evidence_from_before_a_dropout_change_says_nothing_about_the_new_dropout() -> None:
+    # Counterfactual dataset (MLP with dropout 0.5, cut to 0.1): two evaluations after the cut, train
+    # loss was already below val, yet "train loss is above val across the last 8 evaluations under
+    # dropout 0.1" was read from the six before it, and the next dropout cut waited only for settle.
+    val = decay(12, 0.55, 0.40, rate=2.0, noise=0.005, seed=1)
+    train = [v + 0.08 for v in decay(10, 0.55, 0.42, rate=2.0, noise=0.01, seed=2)] + [v - 0.03 for v in val[10:]]
+    history = make_history({"train_loss": train, "val/loss": val}, every=25)
+    cut = make_record(1, 250, changes={"dropout": (0.5, 0.1)}, diagnosis=Diagnosis.OVER_REGULARIZATION,
+                      effective_step=251)
+    params = {"lr": 2e-3, "weight_decay": 0.01, "dropout": 0.1}
+    unaware = diagnose(build_snapshot("r", load_policy("lm"), history, params))
+    assert unaware[0] == Diagnosis.OVER_REGULARIZATION, unaware[1]  # what the whole window says
+    diagnosis, evidence = diagnose(build_snapshot("r", load_policy("lm"), history, params, [cut]))
+    # Neither over-regularisation nor train and val "moving apart" from the jump the cut made.
+    assert diagnosis == Diagnosis.HEALTHY, evidence
+    # Evidence gathered after the change counts: train still above val for 4 evaluations under 0.1.
+    val4 = decay(14, 0.55, 0.40, rate=2.0, noise=0.005, seed=1)
+    still = [v + 0.08 for v in decay(14, 0.55, 0.42, rate=2.0, noise=0.01, seed=2)]
+    later = make_history({"train_loss": still, "val/loss": val4}, every=25)
+    diagnosis, evidence = diagnose(build_snapshot("r", load_policy("lm"), later, params, [cut]))
+    assert diagnosis == Diagnosis.OVER_REGULARIZATION and "last 4 evaluations" in evidence, evidence
 
 
 def test_train_above_val_by_less_than_its_progress_is_lag_not_dropout() -> None:

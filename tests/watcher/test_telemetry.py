@@ -61,6 +61,8 @@ RECORDS = [
     make_record(1, 30, changes={"lr": (1e-3, 5e-4)}, applied_step=32, effective_step=35),
     make_record(2, 60, status=Status.REJECTED),
     make_record(3, 90, action=Action.ROLLBACK, applied_step=95, effective_step=96),
+    # Dropout acts on the train loss alone: the gap's window starts again here.
+    make_record(4, 120, changes={"dropout": (0.1, 0.05)}, applied_step=121, effective_step=123),
 ]
 
 
