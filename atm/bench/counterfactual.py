@@ -40,15 +40,18 @@ Batch = Any
 
 def schedule_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
     """The lr schedule's factor at ``step`` of ``total``: ``constant``, ``cosine`` (to 5%), ``warmup``
-    (linear over ``warmup`` steps, then constant) or ``warmup-cosine``. Pure."""
+    (linear over ``warmup`` steps, then constant), ``warmup-cosine`` or ``warmup-linear`` (then a
+    linear decay to 5%, the Hugging Face Trainer's default shape). Pure."""
     f = 1.0
     if kind.startswith("warmup") and warmup > 0 and step < warmup:
         f = (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
     if kind.endswith("cosine"):
-        t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
         f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-    if kind not in ("constant", "cosine", "warmup", "warmup-cosine"):
-        raise ValueError(f"unknown lr schedule {kind!r}; choose constant, cosine, warmup or warmup-cosine")
+    if kind == "warmup-linear":
+        f *= 1.0 - 0.95 * t
+    if kind not in ("constant", "cosine", "warmup", "warmup-cosine", "warmup-linear"):
+        raise ValueError(f"unknown lr schedule {kind!r}; choose constant, cosine, warmup, warmup-cosine or warmup-linear")
     return f
 
 

@@ -117,3 +117,28 @@ def test_an_interrupted_extend_keeps_every_line_the_file_held(tmp_path) -> None:
     # Extended again without follow-ups, the file keeps the one it has.
     generate([(runs[0], "train")], out, seeds=2, keep=load_dataset(out))
     assert {(ln.run, ln.point) for ln in load_dataset(out)} == held
+
+
+def test_warmup_linear_rises_over_the_warmup_then_decays_linearly_to_five_percent() -> None:
+    from atm.bench.counterfactual import schedule_factor
+
+    f = [schedule_factor("warmup-linear", s, 110, warmup=10) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(1 - 0.95 * 0.5)
+    assert f[110] == pytest.approx(0.05) and f[119] == pytest.approx(0.05)
+    assert all(b <= a for a, b in zip(f[10:], f[11:]))
+    with pytest.raises(ValueError, match="warmup-linear"):
+        schedule_factor("linear-warmup", 0, 10)
+
+
+def test_the_sequence_family_trains_and_its_dropout_knob_reaches_every_encoder_layer() -> None:
+    from atm.bench.counterfactual_families import seq_job
+
+    job = seq_job(n_train=64, opt="adamw", lr=1e-3, dropout=0.1, total=20)
+    before = job.evaluate()
+    job.train(20)
+    assert job.evaluate() < before  # a real model learning from real steps
+    job.apply({"dropout": 0.3})
+    drops = [m for m in job.model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) >= 6 and all(d.p == 0.3 for d in drops)  # 3 per encoder layer, 2 layers
+    assert job.params()["dropout"] == 0.3
