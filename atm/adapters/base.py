@@ -546,8 +546,9 @@ def verified(
     signed update or ack copied from another run would otherwise pass for this run's (settle its
     pending update, or pass for another watcher's update and make the daemon step back).
     Approvals: unsigned ones (UI tags) are kept as such, for the daemon's stricter rules; a signed
-    one is kept when it checks with ``key`` and names ``run_id`` (when given: a copy from another
-    run does not pass).
+    one is kept when it checks with ``key`` and, when ``run_id`` is given, names this run as updates
+    and acks do (:func:`names_run`: an approval naming the run by its W&B folder, ``.wandb`` file,
+    ``entity/project/id`` or bare id counts; a copy from another run does not).
     """
     against = (key.key_id if key is not None else None, key_problem)
     seen: dict[int, tuple[BaseModel, tuple[str | None, str], SignatureCheck]] = {}
@@ -570,9 +571,9 @@ def verified(
         check = checked(a)
         if not check:
             problems.append(MessageProblem("", check.reason, "approval", a.seq))
-        elif run_id is not None and a.run_id != run_id:
-            problems.append(MessageProblem("", f"approval #{a.seq} is for run {a.run_id}, not this one; ignored",
-                                           "approval", a.seq))
+        elif run_id and not names_run(a.run_id, run_id):
+            problems.append(MessageProblem("", f"approval #{a.seq} is for run {a.run_id}, not this one: a copy "
+                                           "from another run; ignored", "approval", a.seq))
         else:
             approvals.append(a)
 

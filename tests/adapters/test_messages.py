@@ -7,13 +7,14 @@ from atm.adapters.base import (
     MAX_SEQ,
     SEQ_KEY,
     MessageProblem,
+    RunMessages,
     ack_key,
     names_run,
     parse_messages,
     update_key,
     verified,
 )
-from atm.schema import Ack, Change, Diagnosis, ListenerInfo, Update
+from atm.schema import Ack, Approval, Change, Diagnosis, ListenerInfo, Update
 from atm.signing import key_from_text, sign
 
 KEY = key_from_text("k" * 32, "test")
@@ -96,6 +97,24 @@ def test_signed_messages_copied_from_another_run_of_the_key_are_not_this_runs() 
         assert names_run(folder, other) and names_run(other, folder)
     assert not names_run(folder, "abc124") and not names_run(folder, "wandb/offline-run-20261207_101500-abc124")
     assert not names_run("run-abc123.wandb", "abc124")
+
+
+def test_a_signed_approval_names_its_run_as_updates_and_acks_do() -> None:
+    # One rule for every message: an approval naming the run by another accepted spelling counts, and one
+    # naming another run (a copy) does not, whichever spelling the watcher was started with.
+    folder = "wandb/offline-run-20261207_101500-abc123"
+    local = ["abc123", folder, f"{folder}/run-abc123.wandb", "/home/u/wandb/offline-run-20261207_120000-abc123"]
+    others = ["abc124", "wandb/offline-run-20261207_101500-abc124", "team/proj/abc1234"]
+    cases = [(watched, local) for watched in local] + [("team/proj/abc123", ["abc123", "team/proj/abc123"])]
+    for watched, spellings in cases:
+        given = [sign(Approval(run_id=rid, seq=seq, decision="approve", by="alice@box"), KEY)
+                 for seq, rid in enumerate(spellings + others, start=1)]
+        msgs = verified(RunMessages(approvals=given), KEY, run_id=watched)
+        assert [a.seq for a in msgs.approvals] == list(range(1, len(spellings) + 1)), watched
+        refused = {p.seq: p.reason for p in msgs.problems if p.kind == "approval"}
+        assert sorted(refused) == list(range(len(spellings) + 1, len(given) + 1)), watched
+        assert f"approval #{len(spellings) + 1} is for run abc124, not this one: a copy from another run" in \
+            refused[len(spellings) + 1]
 
 
 def test_a_number_past_max_seq_is_not_taken() -> None:

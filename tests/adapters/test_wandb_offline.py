@@ -309,6 +309,25 @@ def test_run_resolution(tmp_path: Path) -> None:
         WandbBackend(tmp_path / "wandb").poll("abc123")
 
 
+def test_an_approval_naming_the_run_by_its_folder_or_file_is_taken_and_another_runs_is_not(tmp_path: Path) -> None:
+    from atm.adapters._wandb._local import approval_name
+    from atm.schema import Approval
+    from atm.signing import resolve_key, sign
+
+    run_dir = fake_run_dir(tmp_path, "abc123")
+    WandbBackend(tmp_path / "wandb").write_approval("abc123", Approval(seq=1, decision="approve", by="alice@box"))
+    # Signed answers that name the run as the watcher's --run may (its folder, its .wandb file), and a copy
+    # of another run's.
+    for seq, named in ((2, str(run_dir)), (3, str(run_dir / "run-abc123.wandb")), (4, "abc124")):
+        signed = sign(Approval(run_id=named, seq=seq, decision="approve", by="bob@box"), resolve_key())
+        write_atomic(RunLayout(run_dir).approvals / approval_name(seq), signed.model_dump_json())
+    for spelling in ("abc123", str(run_dir), str(run_dir / "run-abc123.wandb")):
+        view = WandbBackend(tmp_path / "wandb").poll(spelling)
+        assert sorted(a.seq for a in view.approvals) == [1, 2, 3], spelling
+        assert [str(p) for p in view.problems] == ["approval #4 is for run abc124, not this one: a copy from another "
+                                                   "run; ignored"], spelling
+
+
 def test_run_status_rules() -> None:
     assert run_status(0, None) == "FINISHED"
     assert run_status(1, True) == "FAILED"
