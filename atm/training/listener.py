@@ -87,19 +87,15 @@ def own_acks(acks: Mapping[int, Ack], key: SigningKey | None, run_id: str) -> di
     return {seq: ack for seq, ack in acks.items() if verify(ack, key) and names_run(ack.run_id, run_id)}
 
 
-def resume_after(acks: Mapping[int, Ack], updates: Mapping[int, Update], key: SigningKey | None, *,
-                 run_id: str) -> int:
+def resume_after(own: Mapping[int, Ack], updates: Mapping[int, Update], key: SigningKey | None) -> int:
     """The highest ``seq`` an earlier process of this job already dealt with: where to resume. Pure.
 
-    Only acks this job wrote count (:func:`own_acks`: a written-in ``atm.ack.000050``, or one copied
-    from another run, would otherwise make a resumed job skip every genuine update below it), and a
-    ``rejected`` one only when its update is genuine: an update refused for its signature takes no
-    number from the watcher's own.
+    ``own``: the acks this job wrote (:func:`own_acks`; a written-in ``atm.ack.000050``, or one copied
+    from another run, would otherwise make a resumed job skip every genuine update below it), checked
+    once by the caller. A ``rejected`` one counts only when its update is genuine: an update refused
+    for its signature takes no number from the watcher's own.
     """
-    done = [
-        seq for seq, ack in own_acks(acks, key, run_id).items()
-        if ack.status != "rejected" or (seq in updates and verify(updates[seq], key))
-    ]
+    done = [seq for seq, ack in own.items() if ack.status != "rejected" or (seq in updates and verify(updates[seq], key))]
     return max(done, default=0)
 
 
@@ -435,14 +431,14 @@ class Listener:
         self._wake.set()
 
     def _resume(self) -> None:
-        acks = self.channel.acked()
-        trusted = own_acks(acks, self._key, self.channel.run_id)
+        # The acks are checked here, once: resume_after takes the ones that passed.
+        trusted = own_acks(self.channel.acked(), self._key, self.channel.run_id)
         settled = max((seq for seq, a in trusted.items() if a.status != "rejected"), default=0)
         # The updates are needed only to judge rejections above the last applied one (rare): most
         # restarts read nothing more than before.
         rejected_above = any(a.status == "rejected" and seq > settled for seq, a in trusted.items())
         updates = {u.seq: u for u in self.channel.fetch(settled)} if rejected_above else {}
-        self._last_applied = resume_after(acks, updates, self._key, run_id=self.channel.run_id)
+        self._last_applied = resume_after(trusted, updates, self._key)
 
     def _admit(self, fresh: list[Update]) -> list[Update]:
         """The updates from ``fresh`` that are the watcher's own for this run; the others are refused once each."""

@@ -174,3 +174,45 @@ def test_the_update_tag_written_by_the_backend_is_signed_and_carries_its_limits(
     body = json.loads(client.get_run(rid).data.tags[update_key(1)])
     assert body["key_id"] == resolve_key().key_id and len(body["signature"]) == 64
     assert body["changes"]["lr"] == {"old": 1e-3, "new": 5e-4, "max_factor": 2.0, "min": 0.0}
+
+
+def test_a_restarted_job_checks_each_of_its_earlier_acks_once(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job restarted on a run with a long history reads its earlier acks at start: one signature check each.
+    from collections import Counter
+
+    from mlflow.tracking import MlflowClient
+
+    import atm.training.listener as listener_module
+    from atm.adapters.mlflow_backend import MlflowChannel
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("restart")).info.run_id
+    backend = MlflowBackend(mlflow_uri)
+    for seq in (1, 2, 3):
+        backend.reserve_seq(rid, seq)
+        backend.publish(_record(rid, seq, lr=(1e-3, 5e-4)))
+    earlier = MlflowChannel(rid, mlflow_uri)  # the job's process before the restart
+    earlier.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=10))
+    earlier.ack(Ack(run_id=rid, seq=2, status="applied", applied_step=20))
+    # A rejection above the last applied change: the restart reads the updates too, to judge it.
+    earlier.ack(Ack(run_id=rid, seq=3, status="rejected", applied_step=30, error="lr below the job's floor"))
+
+    checked: Counter[int] = Counter()
+    real_verify = listener_module.verify
+
+    def spy_verify(message: object, *args: object, **kwargs: object) -> object:
+        if isinstance(message, Ack):
+            checked[message.seq] += 1
+        return real_verify(message, *args, **kwargs)
+
+    monkeypatch.setattr(listener_module, "verify", spy_verify)
+    job = Job(rid)
+    try:
+        # Past start-up and the background thread's first cycles (the announcement is made in the first).
+        job.train_until(lambda: "atm.listener" in client.get_run(rid).data.tags, what="the listener's announcement")
+        job.train_until(lambda: len(job.lrs) >= 20)
+        assert job.listener._last_applied == 3 and job.listener.applied == []  # resumed after #3: nothing again
+    finally:
+        job.listener.close()
+    assert checked == {1: 1, 2: 1, 3: 1}

@@ -21,7 +21,7 @@ from atm.adapters.base import MessageProblem
 from atm.schema import Ack, Change, Diagnosis, Update
 from atm.signing import key_from_text, resolve_key, sign
 from atm.testing import FakeChannel, wait_for
-from atm.training.listener import Listener, resume_after
+from atm.training.listener import Listener, own_acks, resume_after
 from atm.training.torch_hooks import optimizer_knobs
 
 OTHER = key_from_text("someone-elses-key-000000", "other")
@@ -246,9 +246,9 @@ def test_resume_counts_only_the_jobs_own_acks_of_genuine_updates() -> None:
         7: sign(Ack(run_id="run-1", seq=7, status="rejected", applied_step=None, error="not signed"), key),
         9: Ack(run_id="run-1", seq=9, status="applied", applied_step=1),
     }
-    assert resume_after(acks, {**genuine, **forged}, key, run_id="run-1") == 3
-    assert resume_after(acks, forged, key, run_id="run-1") == 1   # #3's update not read: its rejection does not count
-    assert resume_after(acks, genuine, None, run_id="run-1") == 0  # without the key nothing is trusted
+    assert resume_after(own_acks(acks, key, "run-1"), {**genuine, **forged}, key) == 3
+    assert resume_after(own_acks(acks, key, "run-1"), forged, key) == 1   # #3's update not read: its rejection does not count
+    assert resume_after(own_acks(acks, None, "run-1"), genuine, None) == 0  # without the key nothing is trusted
 
 
 # --------------------------------------------------------------------------- the property
@@ -340,4 +340,4 @@ def test_a_signed_ack_copied_from_another_run_does_not_make_a_resumed_job_skip_u
     acks = {1: sign(Ack(run_id="team/proj/run-1", seq=1, status="applied", applied_step=1), key),
             2: sign(Ack(run_id="run-1", seq=2, status="applied", applied_step=1), key),
             50: sign(Ack(run_id="run-2", seq=50, status="applied", applied_step=1), key)}
-    assert resume_after(acks, {}, key, run_id="run-1") == 2
+    assert resume_after(own_acks(acks, key, "run-1"), {}, key) == 2
