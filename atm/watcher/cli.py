@@ -13,7 +13,7 @@ from typing import Any
 
 from atm.policies import Policy, PolicyError, load_policy, policy_json_schema
 
-log = logging.getLogger("atm")
+log = logging.getLogger("atm.watch")
 
 
 # --------------------------------------------------------------------------- shared options
@@ -118,9 +118,13 @@ def _policy(spec: str) -> Policy:
     return policy
 
 
+#: The one shape of every line atm-watch logs (``14:25:23 INFO atm.watch: run <id>: ...``).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     if level.upper() != "DEBUG":
         # Each retry of a request to a server that is down is a WARNING with the full URL; the daemon
         # says once that the tracker is unreachable, and again when it is back.
@@ -130,6 +134,10 @@ def _setup_logging(level: str) -> None:
         for name in ("httpx", "httpx2", "httpcore", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("instructor").setLevel(logging.CRITICAL)
+        # What MLflow's own logging set-up keeps quiet, for a process that leaves MLflow's loggers to this
+        # one (atm-watch): a new store's migrations and every SQL statement.
+        for name in ("alembic", "sqlalchemy.engine"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------- atm-watch
@@ -167,8 +175,11 @@ def watch_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="keep looking for a --run that does not exist yet for S seconds (a W&B run id set in "
                         "advance with WANDB_RUN_ID); default: fail at once")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--no-table", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--log-level", default="INFO",
+                   help="without the live table: INFO (default) logs each run's status as it changes and every "
+                        "decision; WARNING only what needs attention")
+    p.add_argument("--no-table", action="store_true",
+                   help="log lines even on a terminal, each `HH:MM:SS LEVEL logger: message`")
     return p
 
 
@@ -190,6 +201,9 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
         watch_parser().error(f"shard {shard} (from --shard, ATM_SHARD or ATM_SHARDS) divides the runs of an "
                              "--experiment among replicas; with --run you choose the runs yourself")
     table = sys.stdout.isatty() and not args.no_table and not args.once
+    # MLflow's lines go through this process's logging, in the same shape as atm's, not through a handler
+    # and format of MLflow's own (read when mlflow is first imported, below).
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     _setup_logging("WARNING" if table else args.log_level)
     from atm.adapters import BackendUnavailable, RunNotFound
     from atm.watcher.daemon import Daemon
@@ -214,8 +228,8 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     down = _tracker_down(args)
     if down:
         # Said now, not after the client's retries; the daemon retries with back-off and says when it answers.
-        print(f"atm-watch: {down}; watching anyway, retrying in the background until it answers "
-              "(check --tracking-uri if it should be up)", file=sys.stderr, flush=True)
+        log.warning("%s; watching anyway, retrying in the background until it answers (check --tracking-uri if it "
+                    "should be up)", down)
     backend = _backend(args, key)
     daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait,
                     workers=args.workers, shard=shard, hooks=service, key=key, approve=args.approve)
@@ -255,11 +269,15 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
     who = getattr(proposer, "name", args.proposer)
     if args.proposer == "llm":
         who += f" {proposer.client.name}, variant {proposer.variant.name}"  # which model, and where: a wrong setting shows here, not in the audit
-    print(f"atm-watch: watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
-          f"({args.backend}, policy {policy.name}, proposer {who}, "
-          f"every {args.interval:g}s, {args.workers} workers{f', shard {shard}' if shard else ''}"
-          f"{', dry run' if args.dry_run else ''}{', approval required' if daemon.approve else ''}"
-          f"{_service_note(args)}; key id {key.key_id} from {key.source}); Ctrl-C or SIGTERM stops", flush=True)
+    banner = (f"watching {', '.join(args.run) or 'experiment ' + repr(args.experiment)} "
+              f"({args.backend}, policy {policy.name}, proposer {who}, "
+              f"every {args.interval:g}s, {args.workers} workers{f', shard {shard}' if shard else ''}"
+              f"{', dry run' if args.dry_run else ''}{', approval required' if daemon.approve else ''}"
+              f"{_service_note(args)}; key id {key.key_id} from {key.source}); Ctrl-C or SIGTERM stops")
+    if table:
+        print(f"atm-watch: {banner}", flush=True)  # above the table
+    else:
+        log.info("%s", banner)
     try:
         daemon.watch(args.run, experiment=args.experiment)
     finally:
@@ -270,7 +288,7 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
             stop_display()
     errors = [s for s in daemon.status.values() if s.state == "not found"]
     for s in errors:
-        print(f"atm-watch: {s.error}", file=sys.stderr)
+        log.error("run %s: %s", s.run_id, s.error)
     return max(1 if errors and len(errors) == len(daemon.status) else 0, _gave_up(daemon))
 
 
@@ -278,7 +296,7 @@ def _gave_up(daemon: Any) -> int:
     """1, after saying why, when the daemon stopped managing a run for a reason it cannot get past."""
     stopped = [s for s in daemon.status.values() if s.gave_up]
     for s in stopped:
-        print(f"atm-watch: stopped managing run {s.run_id}: {s.gave_up}", file=sys.stderr)
+        log.error("run %s: stopped managing it: %s", s.run_id, s.gave_up)
     return 1 if stopped else 0
 
 

@@ -16,12 +16,13 @@ _SHOWN = ("state", "step", "diagnosis", "decisions", "applied", "pending", "last
 
 
 def log_changes() -> Callable[[RunStatus], None]:
-    """An ``on_change`` callback that prints one line whenever a run's visible status changes."""
+    """An ``on_change`` callback that logs one line (INFO, logger ``atm.watch``) whenever a run's visible
+    status changes: ``run <id>: <status_text>``, the shape of every other line the daemon logs about a run."""
     last: dict[str, tuple[Any, ...]] = {}
     lock = threading.Lock()
 
     def on_change(s: RunStatus) -> None:
-        # The step alone moves at every poll; print when something else changed. "deciding on step N"
+        # The step alone moves at every poll; log when something else changed. "deciding on step N"
         # lasts milliseconds with the rules (the live table shows it; a log needs only the outcome).
         pending = "" if s.pending.startswith("deciding") else s.pending
         key = tuple(pending if f == "pending" else getattr(s, f) for f in _SHOWN if f != "step")
@@ -29,22 +30,31 @@ def log_changes() -> Callable[[RunStatus], None]:
             if last.get(s.run_id) == key:
                 return
             last[s.run_id] = key
-        if s.state == "waiting":  # --wait: progress, in words that do not read as a failure
-            print(f"[atm] run {label(s)}: waiting, {s.pending}", flush=True)
-            return
-        print(
-            f"[atm] run {label(s)} step {s.step}: {s.state}"
-            + (f", {s.diagnosis}" if s.diagnosis else "")
-            + f", interventions {s.applied} applied / {s.decisions}"
-            + (f", pending {pending}" if pending else "")
-            + (f", last {s.last}" if s.last else "")
-            + (f", {s.problems} message{'s' if s.problems != 1 else ''} not taken" if s.problems else "")
-            + (f", {s.note}" if s.note else "")
-            + (f", error {s.error[:120]}{'…' if len(s.error) > 120 else ''}" if s.error else ""),
-            flush=True,
-        )
+        log.info("run %s: %s", s.run_id, status_text(s))
 
     return on_change
+
+
+def status_text(s: RunStatus) -> str:
+    """A run's status in words, the message of its log line. Pure.
+
+    ``brawny-crab-588, step 200, watching, overfitting, interventions 0 applied / 1, pending #1 awaiting
+    approval, last #1 @200 ...``; a run not started yet (``--wait``) reads as progress, not as a failure.
+    """
+    name = f"{s.name}, " if s.name and s.name != short_id(s.run_id) else ""
+    if s.state == "waiting":
+        return f"{name}waiting, {s.pending}"
+    pending = "" if s.pending.startswith("deciding") else s.pending
+    return (
+        f"{name}step {s.step}, {s.state}"
+        + (f", {s.diagnosis}" if s.diagnosis else "")
+        + f", interventions {s.applied} applied / {s.decisions}"
+        + (f", pending {pending}" if pending else "")
+        + (f", last {s.last}" if s.last else "")
+        + (f", {s.problems} message{'s' if s.problems != 1 else ''} not taken" if s.problems else "")
+        + (f", {s.note}" if s.note else "")
+        + (f", error {s.error[:120]}{'…' if len(s.error) > 120 else ''}" if s.error else "")
+    )
 
 
 def short_id(run_id: str) -> str:
@@ -55,12 +65,6 @@ def short_id(run_id: str) -> str:
     if m:
         return m.group(2)
     return tail if tail != run_id else run_id[:12]
-
-
-def label(s: Any) -> str:
-    """The run's id and, when it says more, its name."""
-    rid = short_id(s.run_id)
-    return rid if not s.name or s.name == rid else f"{rid} {s.name}"
 
 
 def live_table(daemon: Any) -> Callable[[], None]:

@@ -141,7 +141,7 @@ def test_atm_watch_says_a_dead_server_at_once_and_keeps_watching() -> None:
         proc.wait(10)
 
 
-def test_wait_reads_as_progress_not_as_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wait_reads_as_progress_not_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from atm.adapters.wandb_backend import WandbBackend
     from atm.policies import load_policy
     from atm.testing import wait_for
@@ -151,6 +151,7 @@ def test_wait_reads_as_progress_not_as_an_error(tmp_path: Path, capsys: pytest.C
     daemon = Daemon(WandbBackend(tmp_path / "wandb"), load_policy("lm"), interval=0.05, wait_for_run=30,
                     on_change=log_changes())
     watcher = threading.Thread(target=daemon.watch, args=(["myrun0001"],), daemon=True)
+    caplog.set_level("INFO", logger="atm.watch")
     watcher.start()
     try:
         wait_for(lambda: daemon.status.get("myrun0001") is not None and daemon.status["myrun0001"].state == "waiting")
@@ -159,9 +160,9 @@ def test_wait_reads_as_progress_not_as_an_error(tmp_path: Path, capsys: pytest.C
     finally:
         daemon.stop()
         watcher.join(timeout=10)
-    out = capsys.readouterr().out
-    first = out.splitlines()[0]
-    assert first.startswith("[atm] run myrun0001: waiting, the run is not started yet; looking for it up to")
+    out = caplog.text
+    status = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run myrun0001: waiting")]
+    assert status[0].startswith("run myrun0001: waiting, the run is not started yet; looking for it up to")
     assert "error" not in out and "not found" not in out and "no W&B run" not in out
 
 

@@ -217,7 +217,7 @@ def test_atm_watch_exits_non_zero_when_another_watcher_manages_the_run(mlflow_ur
     text = (tmp_path / "watch.log").read_text()
     assert rc == 1, text
     assert f"key id {resolve_key().key_id} from ATM_KEY" in text  # the banner names the key
-    assert f"atm-watch: stopped managing run {rid}: another atm-watch is managing this run (update #1" in text
+    assert f"ERROR atm.watch: run {rid}: stopped managing it: another atm-watch is managing this run (update #1" in text
 
 
 def test_a_forged_update_does_not_make_atm_watch_exit(mlflow_uri: str, tmp_path: Path) -> None:
