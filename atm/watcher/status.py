@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from atm.adapters.base import WANDB_RUN_DIR_RE
 from atm.watcher.report import RunStatus
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 log = logging.getLogger("atm.watch")
 
@@ -67,21 +70,46 @@ def short_id(run_id: str) -> str:
     return tail if tail != run_id else run_id[:12]
 
 
+#: The live table's columns: (header, width, share of the width left). A column with no share is as wide
+#: as its longest value can be (steps up to 9 digits; "99 applied / 99"); the others are at least that
+#: wide and share the rest of the console in fixed proportions. No width depends on what the cells hold
+#: now, so every frame's columns start where the last frame's did (measured from their content, they
+#: moved whenever a diagnosis or a decision changed), on a console too narrow for them as well.
+COLUMNS: tuple[tuple[str, int, int], ...] = (
+    ("run", 12, 0),  # short_id: an MLflow id's first 12 characters, a W&B id (8)
+    ("name", 6, 2),
+    ("step", 9, 0),
+    ("state", 11, 2),  # "no listener", "unreachable"
+    ("diagnosis", 9, 2),
+    ("interventions", 15, 0),
+    ("pending", 8, 3),
+    ("last decision", 12, 4),
+    ("not taken", 9, 0),
+)
+
+
+def status_table(statuses: Iterable[RunStatus]) -> Table:
+    """One frame of the live table: a rich ``Table`` of the runs' statuses, as wide as the console. Pure."""
+    from rich.table import Table
+
+    t = Table(title="atm-watch", expand=True)
+    for header, width, ratio in COLUMNS:
+        # A width with a ratio is the column's least width (rich's rule for flexible columns).
+        t.add_column(header, overflow="fold", width=width, ratio=ratio or None,
+                     justify="right" if header in ("step", "not taken") else "left")
+    for s in statuses:
+        t.add_row(short_id(s.run_id), s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
+                  s.diagnosis + (f" ({s.note})" if s.note else ""), f"{s.applied} applied / {s.decisions}", s.pending,
+                  s.last, str(s.problems) if s.problems else "")
+    return t
+
+
 def live_table(daemon: Any) -> Callable[[], None]:
     """Start a rich Live table refreshed twice a second; returns a function that stops it."""
     from rich.live import Live
-    from rich.table import Table
 
     def render() -> Table:
-        t = Table(title="atm-watch", expand=True)
-        for col in ("run", "name", "step", "state", "diagnosis", "interventions", "pending", "last decision",
-                    "not taken"):
-            t.add_column(col, overflow="fold")
-        for s in list(daemon.status.values()):
-            t.add_row(short_id(s.run_id), s.name, str(s.step), s.state + (f" ({s.error[:40]})" if s.error else ""),
-                      s.diagnosis + (f" ({s.note})" if s.note else ""), f"{s.applied} applied / {s.decisions}", s.pending, s.last,
-                      str(s.problems) if s.problems else "")
-        return t
+        return status_table(list(daemon.status.values()))
 
     live = Live(render(), refresh_per_second=2, transient=False)
     live.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from atm.watcher.report import RunStatus
-from atm.watcher.status import short_id, status_text
+from atm.watcher.status import short_id, status_table, status_text
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,35 @@ def test_every_line_atm_watch_writes_without_the_table_has_one_shape(mlflow_uri:
     assert f"INFO atm.watch: watching {rid} (mlflow" in text  # the banner
     assert f"WARNING atm.watch: run {rid}: decision #1 awaits approval" in text
     assert f"INFO atm.watch: run {rid}: " in text and ", step 200, watching, overfitting" in text  # status lines
+
+
+# --------------------------------------------------------------------------- the live table
+
+
+def _column_starts(statuses: list[RunStatus], width: int) -> list[int]:
+    """Where the columns of one frame start on a console ``width`` wide (its borders' positions)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(status_table(statuses))
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    top = next(line for line in lines if line.startswith("┏"))
+    starts = [i for i, ch in enumerate(top) if ch == "┳"]
+    for row in (line for line in lines if line.startswith("│")):  # every row keeps to the header's columns
+        assert [i for i, ch in enumerate(row) if ch == "│"][1:-1] == starts, row
+    return starts
+
+
+def test_the_live_tables_columns_start_at_the_same_place_in_every_frame() -> None:
+    first = [_status(state="starting")]
+    later = [
+        _status(name="brawny-crab-588", step=123456, state="watching", diagnosis="overfitting", applied=3, decisions=4,
+                pending="#5 waiting for the job", problems=2,
+                last="#4 @1200 applied overfitting dropout 0->0.1, lr 0.002->0.001 — within policy: dropout 0 -> 0.1"),
+        RunStatus(run_id="wandb/offline-run-20260101_120000-abc123", state="unreachable", error="connection refused " * 5,
+                  note="unmapped: val_loss (policy file: extends: lm, metrics: {val_loss: [dev/xent]})"),
+    ]
+    for width in (200, 160, 120, 100, 80):
+        assert _column_starts(first, width) == _column_starts(later, width) == _column_starts([], width), width
