@@ -337,6 +337,11 @@ class Backend(Protocol):
         """IDs of the RUNNING runs of an experiment (by name)."""
         ...
 
+    def experiment_runs(self, experiment: str) -> list[str]:
+        """IDs of every run of an experiment (by name), running or ended, oldest first (``atm history
+        --experiment``). Raises :class:`RunNotFound` when the tracker has no such experiment."""
+        ...
+
     def poll(self, run_id: str, select: KeySelector | None = None) -> RunView:
         """Read what is new for a run (metrics, listener state, acks, published updates).
 

@@ -171,6 +171,13 @@ class MlflowBackend:
     # ------------------------------------------------------------------ discovery
 
     def running_runs(self, experiment: str) -> list[str]:
+        return self._search(experiment, "attributes.status = 'RUNNING'")
+
+    def experiment_runs(self, experiment: str) -> list[str]:
+        return self._search(experiment, "", order_by=["attributes.start_time ASC"])
+
+    def _search(self, experiment: str, where: str, order_by: list[str] | None = None) -> list[str]:
+        """The ids of the runs of ``experiment`` that ``where`` (an MLflow filter string) selects."""
         exp = _translate(f"experiment {experiment!r}", lambda: self.client.get_experiment_by_name(experiment))
         if exp is None:
             raise RunNotFound(f"no MLflow experiment named {experiment!r} at {self.tracking_uri}")
@@ -178,7 +185,7 @@ class MlflowBackend:
         token: str | None = None
         while True:  # in pages: one search returns at most LIST_PAGE runs, and an experiment may hold more
             page = _translate("search runs", lambda: self.client.search_runs(
-                [exp.experiment_id], "attributes.status = 'RUNNING'", max_results=LIST_PAGE, page_token=token))
+                [exp.experiment_id], where, max_results=LIST_PAGE, order_by=order_by, page_token=token))
             ids += [r.info.run_id for r in page]
             token = page.token
             if not token:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from atm.policies import Policy, PolicyError, load_policy, policy_json_schema
@@ -22,14 +22,16 @@ log = logging.getLogger("atm.watch")
 def _add_backend_args(p: argparse.ArgumentParser, many: bool = False, experiment: bool = False) -> None:
     p.add_argument("--backend", choices=["mlflow", "wandb"], default=os.environ.get("ATM_BACKEND") or None,
                    help="tracker the job logs to (default: $ATM_BACKEND; without it atm-watch takes mlflow, and the "
-                        "commands reading one --run look for it in MLflow, then in W&B's offline runs)")
+                        "commands reading a run (or history's --experiment) look for it in MLflow, then in W&B's "
+                        "offline runs)")
     p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
                    help=("run to watch (repeatable)" if many else "the run")
                    + ". W&B: a run directory, run id, or entity/project/run_id")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default store in the "
-                        "current folder; --run refuses a store that does not exist"
-                        + (", --experiment waits for one)" if experiment else ")"))
+                        "current folder; "
+                        + ("--run refuses a store that does not exist, --experiment waits for one)" if experiment
+                           else "a store that does not exist is refused, not created)"))
     p.add_argument("--wandb-dir", default=None,
                    help="W&B: the folder holding the job's offline-run-* folders (default: $WANDB_DIR/wandb, else ./wandb)")
 
@@ -59,8 +61,10 @@ def _key(command: str) -> Any:
         raise SystemExit(f"{command}: {exc}") from None
 
 
-def _backend(args: argparse.Namespace, key: Any) -> Any:
-    """The backend named by the arguments, signing and checking with ``key``."""
+def _backend(args: argparse.Namespace, key: Any, *, watching: bool = False) -> Any:
+    """The backend named by the arguments, signing and checking with ``key``. ``watching``: for atm-watch,
+    whose ``--experiment`` (and ``--run`` with ``--wait`` on W&B) waits for the job to create the store or
+    folder; the commands that read a run refuse one that does not exist rather than make it."""
     from atm.adapters import make_backend
 
     if args.backend == "mlflow":
@@ -77,8 +81,9 @@ def _backend(args: argparse.Namespace, key: Any) -> Any:
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", str(calls))
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", str(calls))
         os.environ.setdefault("MLFLOW_HTTP_POOL_MAXSIZE", str(max(10, calls)))
-        # With --experiment the job may create the store later; a run id is only in a store that exists.
-        existing = not getattr(args, "experiment", None)
+        # A watcher of an experiment may start before the job creates the store; a run id, or an experiment
+        # to read, is only in a store that exists.
+        existing = not (watching and getattr(args, "experiment", None))
         try:
             # The environment's URI named here: the process's MLflow may have been pointed elsewhere (tests, the demo).
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -87,7 +92,7 @@ def _backend(args: argparse.Namespace, key: Any) -> Any:
             raise SystemExit(f"atm: {exc}") from None
         except Exception as exc:  # MLflow refuses the URI itself (an unknown scheme, a malformed path)
             raise SystemExit(f"atm: cannot use MLflow tracking URI {args.tracking_uri!r}: {exc}".strip()) from None
-    waits = getattr(args, "experiment", None) or getattr(args, "wait", 0) > 0
+    waits = watching and (getattr(args, "experiment", None) or getattr(args, "wait", 0) > 0)
     if args.wandb_dir and not os.path.isdir(args.wandb_dir) and not waits:
         # (--experiment, and --run with --wait, wait for the job to create it: a watcher started before
         # the job is the README's pattern; a --run alone can only be in a folder that exists.)
@@ -230,7 +235,7 @@ def watch_main(argv: Sequence[str] | None = None) -> int:
         # Said now, not after the client's retries; the daemon retries with back-off and says when it answers.
         log.warning("%s; watching anyway, retrying in the background until it answers (check --tracking-uri if it "
                     "should be up)", down)
-    backend = _backend(args, key)
+    backend = _backend(args, key, watching=True)
     daemon = Daemon(backend, policy, proposer, interval=args.interval, dry_run=args.dry_run, wait_for_run=args.wait,
                     workers=args.workers, shard=shard, hooks=service, key=key, approve=args.approve)
 
@@ -328,9 +333,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="atm", description="AI Training Manager")
     sub = p.add_subparsers(dest="command", required=True)
 
-    h = sub.add_parser("history", help="the interventions on a run, as a table or JSON")
+    h = sub.add_parser("history", help="the interventions on a run, or on every run of an experiment, as a table or JSON",
+                       description="The decisions atm made on a run, from its decision log: give one --run, or "
+                                   "--experiment for every run of an experiment (a sweep), oldest first, each "
+                                   "under its run id.")
     _add_backend_args(h)
-    h.add_argument("--json", action="store_true", help="print a JSON list")
+    h.add_argument("--experiment", default=None,
+                   help="every run of this experiment (MLflow) or project (W&B: a project of the offline runs "
+                        "under --wandb-dir, or entity/project), running or ended (default: none; give --run or this)")
+    h.add_argument("--json", action="store_true",
+                   help="print a JSON list: a run's interventions; with --experiment, one item a run, "
+                        "{run_id, name, status, interventions}")
 
     pol = sub.add_parser("policy", help="policy tools")
     psub = pol.add_subparsers(dest="policy_command", required=True)
@@ -351,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         description="What the proposer would be shown for a run now: the snapshot, the allowed moves, "
                                     "and what blocks a move (warm-up, cooldown, budget). Give one --run, or "
                                     "--experiment for each of its running runs.")
-    _add_backend_args(ex, experiment=True)
+    _add_backend_args(ex)
     ex.add_argument("--experiment", default=None,
                     help="explain every RUNNING run of this experiment (MLflow) or project (W&B), one after another "
                          "(default: none; give --run or this)")
@@ -461,11 +474,9 @@ def _explain_experiment(args: argparse.Namespace) -> int:
 
 def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] | int:
     """The run's current view and its decisions (log merged with acks), or an exit code after an error."""
-    from atm.adapters import BackendUnavailable, RunNotFound
-    from atm.watcher.reconcile import own_records, reconcile
-
     if len(args.run) != 1:
-        print(f"atm {command}: give exactly one --run", file=sys.stderr)
+        print(f"atm {command}: give exactly one --run" + (" (or --experiment NAME)" if command == "history" else ""),
+              file=sys.stderr)
         return 2
     key = _key(f"atm {command}")
     if args.backend:
@@ -479,9 +490,17 @@ def _read_run(args: argparse.Namespace, command: str) -> tuple[Any, list[Any]] |
         backend = _find_backend(args, key, command)
         if isinstance(backend, int):
             return backend
+    return _run_records(backend, args.run[0], key, command)
+
+
+def _run_records(backend: Any, run_id: str, key: Any, command: str) -> tuple[Any, list[Any]] | int:
+    """A run's current view and its decisions (log merged with acks), or 1 after saying what failed."""
+    from atm.adapters import BackendUnavailable, RunNotFound
+    from atm.watcher.reconcile import own_records, reconcile
+
     try:
-        view = backend.poll(args.run[0])
-        own, refused = own_records(backend.read_log(args.run[0]), key, run_id=view.run_id)
+        view = backend.poll(run_id)
+        own, refused = own_records(backend.read_log(run_id), key, run_id=view.run_id)
         records, _ = reconcile(own, view)
     except (RunNotFound, BackendUnavailable) as exc:
         print(f"atm {command}: {exc}", file=sys.stderr)
@@ -502,18 +521,9 @@ def _find_backend(args: argparse.Namespace, key: Any, command: str) -> Any:
     holds it. A path or ``entity/project/id`` is W&B's: MLflow ids have no slash."""
     from atm.watcher.locate import find_run
 
-    def make(name: str) -> Any:
-        def build() -> Any:
-            args.backend = name
-            down = _tracker_down(args)
-            if down:
-                raise ValueError(down)
-            return _backend(args, key)
-        return build
-
     run = args.run[0]
     names = ["wandb"] if "/" in run or os.sep in run else ["mlflow", "wandb"]
-    backend, notes = find_run(run, [(n, make(n)) for n in names])
+    backend, notes = find_run(run, [(n, _maker(args, key, n)) for n in names])
     if backend is not None:
         return backend
     args.backend = None
@@ -524,6 +534,41 @@ def _find_backend(args: argparse.Namespace, key: Any, command: str) -> Any:
           + "\n  ".join(notes)
           + "\nPass --backend mlflow --tracking-uri URI (the job's MLFLOW_TRACKING_URI), or --backend wandb "
             "--wandb-dir DIR (the folder holding the job's offline-run-* folders) or --run entity/project/ID",
+          file=sys.stderr)
+    return 1
+
+
+def _maker(args: argparse.Namespace, key: Any, name: str) -> Callable[[], Any]:
+    """A factory of the backend ``name`` for the locate functions: it sets ``args.backend``, and raises
+    ValueError, saying so, for an MLflow server that does not answer."""
+    def build() -> Any:
+        args.backend = name
+        down = _tracker_down(args)
+        if down:
+            raise ValueError(down)
+        return _backend(args, key)
+    return build
+
+
+def _experiment_runs(args: argparse.Namespace, key: Any, command: str) -> tuple[Any, list[str]] | int:
+    """The backend holding ``--experiment`` and the experiment's runs, oldest first; or an exit code after
+    saying where atm looked. Without ``--backend``: MLflow, then W&B's offline runs (an ``entity/project``
+    is W&B's: MLflow's experiment names are looked up as given, a slash and all, only with --backend)."""
+    from atm.watcher.locate import find_experiment
+
+    experiment = args.experiment
+    names = [args.backend] if args.backend else (["wandb"] if "/" in experiment else ["mlflow", "wandb"])
+    backend, runs, notes = find_experiment(experiment, [(n, _maker(args, key, n)) for n in names])
+    if backend is not None:
+        return backend, runs
+    if len(names) == 1:
+        print(f"atm {command}: {notes[0].split(': ', 1)[1]}", file=sys.stderr)
+        return 1
+    args.backend = None
+    print(f"atm {command}: experiment {experiment!r} was not found, and --backend was not given. Looked in:\n  "
+          + "\n  ".join(notes)
+          + "\nPass --backend mlflow --tracking-uri URI (the job's MLFLOW_TRACKING_URI), or --backend wandb "
+            "--wandb-dir DIR (the folder holding the job's offline-run-* folders) or --experiment entity/project",
           file=sys.stderr)
     return 1
 
@@ -567,6 +612,8 @@ def _answer(args: argparse.Namespace) -> int:
 def _history(args: argparse.Namespace) -> int:
     from atm.watcher.report import history_rows, print_history
 
+    if args.experiment:
+        return _history_experiment(args)
     got = _read_run(args, "history")
     if isinstance(got, int):
         return got
@@ -576,6 +623,37 @@ def _history(args: argparse.Namespace) -> int:
     else:
         print_history(args.run[0], records)
     return 0
+
+
+def _history_experiment(args: argparse.Namespace) -> int:
+    """``atm history --experiment NAME``: each run's table under its run id, oldest run first, or one JSON
+    list of the runs. A run that cannot be read is said and skipped (exit 1 at the end)."""
+    from atm.watcher.report import history_rows, print_history
+
+    if args.run:
+        print("atm history: give --run or --experiment, not both", file=sys.stderr)
+        return 2
+    key = _key("atm history")
+    got = _experiment_runs(args, key, "history")
+    if isinstance(got, int):
+        return got
+    backend, runs = got
+    if not args.json:
+        print(f"experiment {args.experiment!r}: {len(runs)} run{'s' if len(runs) != 1 else ''}, oldest first")
+    worst, items = 0, []
+    for rid in runs:
+        one = _run_records(backend, rid, key, "history")
+        if isinstance(one, int):
+            worst = max(worst, one)
+            continue
+        view, records = one
+        if args.json:
+            items.append({"run_id": rid, "name": view.name, "status": view.status, "interventions": history_rows(records)})
+        else:
+            print_history(rid, records)
+    if args.json:
+        print(json.dumps(items, indent=2))
+    return worst
 
 
 def _policy_cmd(args: argparse.Namespace) -> int:

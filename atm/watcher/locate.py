@@ -1,5 +1,5 @@
-"""Locate: whether the tracker a command names answers, and which tracker holds a run when the user did
-not say (``atm history --run ID`` without ``--backend``)."""
+"""Locate: whether the tracker a command names answers, and which tracker holds a run or an experiment
+when the user did not say (``atm history --run ID`` or ``--experiment NAME`` without ``--backend``)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ def find_run(
         except (SystemExit, ValueError, BackendUnavailable) as exc:
             notes.append(f"{name}: {_text(exc)}")
     return None, notes
+
+
+def find_experiment(
+    experiment: str, candidates: Sequence[tuple[str, Callable[[], Backend]]]
+) -> tuple[Backend | None, list[str], list[str]]:
+    """The first backend, in the order of ``candidates`` (name, factory), whose tracker holds
+    ``experiment``, the experiment's runs (:meth:`~atm.adapters.base.Backend.experiment_runs`), and what
+    each one tried said (``name: why``). A factory that raises ``SystemExit`` or ``ValueError`` (a store
+    that does not exist, a server that does not answer), like an unreachable tracker, is noted and the
+    search goes on."""
+    notes: list[str] = []
+    for name, make in candidates:
+        try:
+            backend = make()
+            return backend, backend.experiment_runs(experiment), notes
+        except (RunNotFound, SystemExit, ValueError, BackendUnavailable) as exc:
+            notes.append(f"{name}: {_text(exc)}")
+    return None, [], notes
 
 
 def _text(exc: Any) -> str:

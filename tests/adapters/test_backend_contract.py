@@ -24,17 +24,20 @@ class Harness(Protocol):
     def backend(self) -> Any: ...
     def channel(self, run_id: str) -> Any: ...
     missing_run_id: str
+    #: The experiment (MLflow) or project (W&B) ``new_run`` makes runs in.
+    experiment: str
 
 
 class MlflowHarness:
     missing_run_id = "0" * 32
+    experiment = "contract"
 
     def __init__(self, uri: str):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        self.exp = self.client.create_experiment("contract")
+        self.exp = self.client.create_experiment(self.experiment)
 
     def new_run(self) -> str:
         return self.client.create_run(self.exp).info.run_id
@@ -221,6 +224,22 @@ def test_finished_and_missing_runs(harness: Harness) -> None:
     assert harness.backend().poll(rid).status == "FINISHED"
     with pytest.raises(RunNotFound):
         harness.backend().poll(harness.missing_run_id)
+
+
+def test_every_run_of_an_experiment_is_listed_oldest_first(harness: Harness) -> None:
+    import time
+
+    first = harness.new_run()
+    harness.log(first, "val_loss", 1.0, 1)
+    harness.finish(first)
+    time.sleep(1.1)  # W&B names a run's folder to the second
+    second = harness.new_run()
+    harness.log(second, "val_loss", 1.0, 1)
+    backend = harness.backend()
+    assert backend.experiment_runs(harness.experiment) == [first, second]  # ended or running
+    assert backend.running_runs(harness.experiment) == [second]
+    with pytest.raises(RunNotFound):
+        backend.experiment_runs("no-such-experiment")
 
 
 def test_unreachable_tracker_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -203,6 +203,29 @@ def test_running_runs_of_an_experiment(mlflow_uri: str, monkeypatch: pytest.Monk
         MlflowBackend(mlflow_uri).running_runs("nope")
 
 
+def test_every_run_of_an_experiment_oldest_first(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from atm.adapters.base import RunNotFound
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("sweep")
+    # Created out of the order they started in; ended ones and a running one alike.
+    started = {3000: "FINISHED", 1000: "FAILED", 2000: None, 4000: "KILLED"}
+    ids = {t: client.create_run(exp, start_time=t).info.run_id for t in started}
+    for t, status in started.items():
+        if status:
+            client.set_terminated(ids[t], status)
+    client.create_run(client.create_experiment("another"))
+    oldest_first = [ids[t] for t in sorted(started)]
+    assert MlflowBackend(mlflow_uri).experiment_runs("sweep") == oldest_first
+    monkeypatch.setattr("atm.adapters.mlflow_backend.LIST_PAGE", 3)  # more runs than one search returns
+    assert MlflowBackend(mlflow_uri).experiment_runs("sweep") == oldest_first
+    assert MlflowBackend(mlflow_uri).running_runs("sweep") == [ids[2000]]
+    with pytest.raises(RunNotFound, match="no MLflow experiment named 'nope'"):
+        MlflowBackend(mlflow_uri).experiment_runs("nope")
+
+
 def test_a_mistyped_store_path_is_refused_not_created(tmp_path) -> None:
     from atm.adapters.mlflow_backend import MlflowBackend
 

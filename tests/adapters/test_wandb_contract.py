@@ -112,6 +112,7 @@ class WandbHarness:
     """Plays the job for the contract suite: real offline runs in the job server, this process as the daemon."""
 
     missing_run_id = "nosuchrun"
+    experiment = "contract"  # the project the job server makes runs in
 
     def __init__(self, server: JobServer, root: Path):
         self.server = server

@@ -265,6 +265,59 @@ def test_a_job_killed_by_a_signal_is_reported_killed(tmp_path: Path) -> None:
     assert backend.running_runs("atm-tests") == []
 
 
+SWEEP = r'''
+"""Runs of two projects, one after another, as a sweep leaves them; the first one resumed last."""
+import json, sys, time
+import wandb
+made = []
+def run(project, **resume):
+    r = wandb.init(mode="offline", dir=sys.argv[1], project=project, settings=wandb.Settings(console="off"), **resume)
+    r.log({"loss": 1.0}, step=1)
+    made.append(r.id)
+    r.finish()
+    time.sleep(1.1)  # run folders are named to the second
+run("atm-tests"); run("elsewhere"); run("atm-tests"); run("atm-tests", id=made[0], resume="allow")
+print(json.dumps(made[:3]))
+'''
+
+
+def test_every_run_of_a_project_oldest_first_and_the_projects_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from atm.watcher.cli import main
+
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    env = dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, other, second = json.loads(out.stdout.strip().splitlines()[-1])
+    wandb_dir = tmp_path / "wandb"
+    assert len(list(wandb_dir.glob(f"offline-run-*-{first}"))) == 2  # resumed: a folder per process
+    backend = WandbBackend(wandb_dir)
+    assert backend.experiment_runs("atm-tests") == [first, second]  # ended runs, each once, oldest first
+    assert backend.experiment_runs("elsewhere") == [other]
+    assert backend.running_runs("atm-tests") == []
+    with pytest.raises(RunNotFound, match=r"no W&B run of project 'nope' under .*--wandb-dir"):
+        backend.experiment_runs("nope")
+
+    backend.write_log(first, [record(first, 1, step=1)])
+    assert main(["history", "--backend", "wandb", "--experiment", "atm-tests", "--wandb-dir", str(wandb_dir),
+                 "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [(i["run_id"], [r["seq"] for r in i["interventions"]]) for i in items] == [(first, [1]), (second, [])]
+    assert items[0]["interventions"][0]["changes"] == {"lr": {"old": 0.01, "new": 0.003}}
+    # Without --backend: no MLflow store here, so the project is looked for among W&B's offline runs.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["history", "--experiment", "atm-tests"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("experiment 'atm-tests': 2 runs, oldest first")
+    assert text.index(f"run {first}") < text.index(f"no interventions on run {second}")
+    assert "lr 0.01→0.003" in text and other not in text
+
+
 # --------------------------------------------------------------------------- run directories without a job
 
 

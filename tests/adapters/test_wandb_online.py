@@ -142,7 +142,8 @@ class FakeWandbApi:
             run.load(force=True)
         return run
 
-    def runs(self, path: str, filters: dict | None = None, per_page: int = 50) -> list[FakeWandbApiRun]:
+    def runs(self, path: str, filters: dict | None = None, order: str = "+created_at",
+             per_page: int = 50) -> list[FakeWandbApiRun]:
         state = (filters or {}).get("state")
         return [r for p, r in self.runs_by_path.items() if p.startswith(path + "/") and (state is None or r.state == state)]
 
@@ -373,6 +374,7 @@ def test_missing_run_state_and_project_listing(tmp_path: Path) -> None:
         backend.poll("team/proj/nope")
     assert backend.poll("team/proj/r2").status == "KILLED"
     assert backend.running_runs("team/proj") == [PATH]
+    assert backend.experiment_runs("team/proj") == [PATH, "team/proj/r2"]  # ended runs too
 
 
 def test_server_trouble_is_backend_unavailable(tmp_path: Path) -> None:

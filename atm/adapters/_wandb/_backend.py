@@ -48,7 +48,7 @@ from atm.adapters._wandb._online import (
     RemoteInbox,
     default_api_factory,
     is_run_path,
-    running_online_runs,
+    online_runs,
 )
 from atm.adapters._wandb._txlog import LogFormatError, LogTail, RunLog, exit_code_at_end, read_run_record
 from atm.adapters._wandb._ui import RunUI
@@ -284,7 +284,7 @@ class WandbBackend:
     def running_runs(self, experiment: str) -> list[str]:
         """Run ids of the live runs of a project: local ones by name, online ones as ``entity/project``."""
         if "/" in experiment:
-            return running_online_runs(experiment, self._api, Pacer(self.min_request_interval))
+            return online_runs(experiment, self._api, Pacer(self.min_request_interval), running=True)
         out: list[str] = []
         now = self.clock()
         for run_dir in run_dirs(self.wandb_dir):
@@ -303,6 +303,29 @@ class WandbBackend:
                 continue
             if layout.run_id not in out:
                 out.append(layout.run_id)
+        return out
+
+    def experiment_runs(self, experiment: str) -> list[str]:
+        """Every run of a project, ended or not: local ones (under ``wandb_dir``) by id, a resumed run's
+        folders once; online ones as ``entity/project/id`` when ``experiment`` is ``entity/project``."""
+        if "/" in experiment:
+            return online_runs(experiment, self._api, Pacer(self.min_request_interval), running=False)
+        out: list[str] = []
+        for run_dir in run_dirs(self.wandb_dir):
+            layout = RunLayout(run_dir)
+            path = layout.transaction_log()
+            try:
+                if path is None or self._project(path) != experiment:
+                    continue
+            except (OSError, LogFormatError) as exc:
+                log.debug("skipping %s: %s", run_dir, exc)
+                continue
+            if layout.run_id not in out:
+                out.append(layout.run_id)
+        if not out:
+            # A local project exists only through its runs' folders.
+            raise RunNotFound(f"no W&B run of project {experiment!r} under {self.wandb_dir.resolve()}; pass --wandb-dir "
+                              "(the folder holding the job's offline-run-* folders), or entity/project for online runs")
         return out
 
     def _project(self, path: Path) -> str:

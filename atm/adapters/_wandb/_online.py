@@ -505,12 +505,14 @@ def _numeric_key(key: str, info: Any) -> bool:
     return any(c.get("type") == "number" for c in counts if isinstance(c, dict))
 
 
-def running_online_runs(project_path: str, api: ApiHandle, pacer: Pacer) -> list[str]:
-    """``entity/project/run_id`` of the running runs of ``entity/project``."""
+def online_runs(project_path: str, api: ApiHandle, pacer: Pacer, *, running: bool) -> list[str]:
+    """``entity/project/run_id`` of the runs of ``entity/project``, oldest first: the running ones, or
+    (``running=False``) every one."""
     wandb_api = api.get(f"W&B project {project_path}")
+    filters = {"state": "running"} if running else None
     runs = pacer.call(
         f"W&B project {project_path}",
-        lambda: list(wandb_api.runs(project_path, filters={"state": "running"}, per_page=100)),
+        lambda: list(wandb_api.runs(project_path, filters=filters, order="+created_at", per_page=100)),
     )
     return [f"{project_path}/{r.id}" for r in runs]
 
@@ -580,6 +582,6 @@ __all__ = [
     "RemoteInbox",
     "default_api_factory",
     "is_run_path",
-    "running_online_runs",
+    "online_runs",
     "translate",
 ]
