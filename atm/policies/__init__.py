@@ -1,7 +1,7 @@
 """Policies: the YAML format, its loader and the deterministic validator."""
 
 from atm.policies._loader import PolicyError, load_policy, parse_policy, policy_json_schema, preset_names
-from atm.policies._schema import ActionRule, Limits, LLMSettings, ParamRule, Policy, Window
+from atm.policies._schema import AUX_ROLES, ActionRule, Limits, LLMSettings, ParamRule, Policy, Window
 from atm.policies._validator import (
     COUNTED,
     COUNTED_DRY,
@@ -16,6 +16,7 @@ from atm.policies._validator import (
 )
 
 __all__ = [
+    "AUX_ROLES",
     "COUNTED",
     "COUNTED_DRY",
     "ActionRule",

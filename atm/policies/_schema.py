@@ -144,6 +144,7 @@ ROLES: dict[str, str] = {
     "train_loss": "training loss",
     "val_loss": "validation loss",
     "grad_norm": "gradient norm",
+    "lr": "learning rate in force (the listener logs it as atm/lr)",
     "loss_components": "parts of the loss (a pattern such as loss/*)",
     "return": "RL episode return",
     "success": "RL success rate (0-1)",
@@ -158,6 +159,10 @@ ROLES: dict[str, str] = {
     "explained_variance": "value function's explained variance",
     "value_loss": "value function loss",
 }
+
+
+#: Roles that describe the run's settings, not its progress: read beside the others, never alone.
+AUX_ROLES = frozenset({"lr"})
 
 
 class Policy(_Strict):

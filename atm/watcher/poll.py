@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 
 from atm.adapters.base import RunView, metric_keys
-from atm.policies import Policy
+from atm.policies import AUX_ROLES, Policy
 from atm.schema import fmt
 from atm.watcher.snapshot import MISSING_METRIC_AFTER, judge_by_return, missing_role_note, resolve_roles
 
@@ -43,10 +43,11 @@ def keys_to_read(policy: Policy, keys: Sequence[str]) -> frozenset[str]:
     from these alone are those resolved from every key (a key no role reads decides no role's key), so
     the telemetry folded from them is the same. A run none of whose keys maps gets its first key read
     (sorted), so that its step and its number of points are known (the status line, when to say which
-    metrics it lacks). The listener's ``atm/*`` keys are read anyway. Pure."""
-    picked = frozenset(resolve_roles(policy, keys).values())
-    if picked:
-        return picked
+    metrics it lacks). The listener's ``atm/*`` keys are read anyway; a role of the run's settings
+    (``lr``) is read only beside one of its progress. Pure."""
+    roles = resolve_roles(policy, keys)
+    if any(role not in AUX_ROLES for role in roles):
+        return frozenset(roles.values())
     own = sorted(k for k in keys if not k.startswith("atm/"))
     return frozenset(own[:1])
 

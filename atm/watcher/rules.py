@@ -31,6 +31,9 @@ class Thresholds:
     overfit_rise: float = 0.03
     #: ... while the train/val gap keeps widening (gap slope per 1000 steps above this).
     overfit_gap_slope: float = 0.0
+    #: An lr (the ``lr`` role: the listener's ``atm/lr``) that rose by more than this share across its
+    #: trailing window and is at its highest: the schedule's warm-up, left alone but for divergence.
+    warmup_lr_rise: float = 0.01
     #: Divergence: training loss gave back this share of its progress, or a gradient-norm spike this large.
     diverge_lost: float = 0.5
     grad_spike: float = 5.0
@@ -256,6 +259,9 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
         )
     if float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss"):
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"
+    warming = _warming_up(snap, primary, t)
+    if warming:
+        return Diagnosis.HEALTHY, warming
     if val is not None and train is not None:
         dropout_cost = _dropout_overregularized(snap, t)
         if dropout_cost:
@@ -473,6 +479,26 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
         # this common: val loss drops at once to the old best, then climbs again for many evaluations.
         return ""
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
+
+
+def _warming_up(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) -> str:
+    """Non-empty (the evidence) while the job's own schedule is still raising the lr: a warm-up, whose
+    rising lr makes the losses noisy and slow by design. Nothing but divergence is answered then.
+    (Seen: a CNN's 302-step linear warm-up read as overfitting at step 200, rolled back and its lr
+    halved, so the warm-up peaked at half its height.) Not a warm-up: a rise atm applied itself, or an
+    lr series that stopped being logged (the listener logs it while a schedule moves it)."""
+    lr, sig = snap.series.get("lr"), snap.signals
+    rise = float(sig.get("lr_window_rise", 0.0))
+    if lr is None or rise <= t.warmup_lr_rise or lr.slope <= 0 or lr.latest < lr.max * (1 - 1e-9):
+        return ""
+    interval = (primary.last_step - primary.first_step) / max(primary.n - 1, 1)
+    if lr.last_step < primary.last_step - 1.5 * interval:
+        return ""
+    since = float(sig.get("lr_window_from", math.inf))
+    if any(e.applied_step is not None and e.applied_step >= since and "lr" in e.changes for e in snap.recent):
+        return ""
+    return (f"the lr is still rising ({lr.key} {fmt(lr.latest / (1 + rise))} -> {fmt(lr.latest)} over its last "
+            f"{min(lr.n, WINDOW)} points): a warm-up, left to its schedule")
 
 
 def _val_rising(snap: TelemetrySnapshot, t: Thresholds) -> bool:

@@ -794,6 +794,13 @@ class RunTelemetry:
             # How many evaluations in a row ended exactly where the latest did: a return that repeats
             # with no spread at all sits at the task's ceiling (CartPole's 500) or is not being updated.
             sig["return_held"] = float(held_count([v for _, v in r.window]))
+        lr = series.get("lr")
+        if lr is not None and lr.n >= 3:
+            # How far the lr rose across its trailing window, and the step that window starts at: a
+            # schedule's warm-up, told apart from atm's own changes by the records after that step.
+            w = self._series[lr.key].window
+            sig["lr_window_rise"] = w[-1][1] / w[0][1] - 1.0 if w[0][1] > 0 else 0.0
+            sig["lr_window_from"] = float(w[0][0])
         gn = series.get("grad_norm")
         if gn is not None and gn.window_mean > 0:
             sig["grad_norm_ratio"] = gn.latest / gn.window_mean

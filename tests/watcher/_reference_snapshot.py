@@ -216,6 +216,11 @@ def derive_signals(
         # Evaluations in a row (within the window) that ended exactly where the latest did.
         sig["return_held"] = float(next((i for i, v in enumerate(reversed(recent))
                                          if not math.isclose(v, recent[-1], rel_tol=1e-9, abs_tol=1e-12)), len(recent)))
+    lr = series.get("lr")
+    if lr is not None and lr.n >= 3:
+        w = [(st, v) for st, v in by_key[lr.key] if _usable(v)][-WINDOW:]
+        sig["lr_window_rise"] = w[-1][1] / w[0][1] - 1.0 if w[0][1] > 0 else 0.0
+        sig["lr_window_from"] = float(w[0][0])
     gn = series.get("grad_norm")
     if gn is not None and gn.window_mean > 0:
         sig["grad_norm_ratio"] = gn.latest / gn.window_mean

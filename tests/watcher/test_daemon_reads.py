@@ -20,7 +20,7 @@ from atm.watcher.daemon import Daemon
 
 from _runs import log_evals, overfitting_run
 
-NOISE = ("epoch", "lr", "step_time", "throughput/tokens_per_s", "memory/allocated_gb",
+NOISE = ("epoch", "gpu/utilization", "step_time", "throughput/tokens_per_s", "memory/allocated_gb",
          *(f"weights/layer_{i:02d}/norm" for i in range(15)))
 
 
@@ -121,4 +121,4 @@ def test_a_run_none_of_whose_keys_maps_gets_one_read_and_is_told_about(
     assert set(window_reads) == {min(NOISE)}
     assert daemon.status[rid].step == 25
     said = [r.getMessage() for r in caplog.records if "no metric for val_loss" in r.getMessage()]
-    assert len(said) == 1 and "the run logs: epoch, lr, memory/allocated_gb" in said[0]
+    assert len(said) == 1 and "the run logs: epoch, gpu/utilization, memory/allocated_gb" in said[0]

@@ -610,6 +610,43 @@ def test_train_far_above_val_under_light_dropout_is_not_dropouts_doing() -> None
     assert result.proposal.diagnosis == Diagnosis.OVER_REGULARIZATION, result.proposal.rationale
 
 
+def _warmup_run(lr_every: int = 25, lr_until: int = 250):
+    # Val noisy and a little above its best at step 200, train falling: what a CNN's 302-step linear
+    # warm-up looked like when it was read as overfitting, rolled back and had its lr halved.
+    train = [2.0, 1.7, 1.5, 1.4, 1.3, 1.2, 1.15, 1.1]
+    val = [1.9, 1.6, 1.43, 1.5, 1.46, 1.55, 1.6, 1.63]
+    lrs = [0.001 + 0.099 * s / 302 for s in range(lr_every, lr_until + 1, lr_every)]
+    history = make_history({"train/loss": train, "val/loss": val}, every=25)
+    history["atm/lr"] = [(s, v) for s, v in zip(range(lr_every, lr_until + 1, lr_every), lrs)]
+    return history
+
+
+def test_a_warm_up_is_left_to_its_schedule_but_not_after_it() -> None:
+    params = {"lr": 0.066, "weight_decay": 5e-4, "dropout": 0.1}
+    history = _warmup_run()
+    diagnosis, evidence = diagnose(build_snapshot("r", load_policy("lm"), history, params))
+    assert diagnosis == Diagnosis.HEALTHY and "warm-up" in evidence, evidence
+    # The same losses without the lr series: overfitting, as before.
+    no_lr = {k: v for k, v in history.items() if k != "atm/lr"}
+    assert diagnose(build_snapshot("r", load_policy("lm"), no_lr, params))[0] == Diagnosis.OVERFITTING
+    # Past the peak, the lr decaying: the losses are read again.
+    decaying = dict(history, **{"atm/lr": history["atm/lr"][:6] + [(175, 0.05), (200, 0.04)]})
+    assert diagnose(build_snapshot("r", load_policy("lm"), decaying, params))[0] == Diagnosis.OVERFITTING
+    # An lr series that stopped long before the latest evaluation (a schedule done, or nothing logging it).
+    stale = dict(history, **{"atm/lr": history["atm/lr"][:4]})
+    assert diagnose(build_snapshot("r", load_policy("lm"), stale, params))[0] == Diagnosis.OVERFITTING
+    # A rise atm applied itself (a revert) is no warm-up.
+    raise_ = make_record(1, 150, changes={"lr": (0.02, 0.05)}, diagnosis=Diagnosis.PLATEAU, effective_step=151)
+    assert diagnose(build_snapshot("r", load_policy("lm"), history, params, [raise_]))[0] == Diagnosis.OVERFITTING
+
+
+def test_a_warm_up_does_not_hide_divergence() -> None:
+    history = _warmup_run()
+    history["val/loss"][-1] = (200, float("nan"))
+    params = {"lr": 0.066, "weight_decay": 5e-4, "dropout": 0.1}
+    assert diagnose(build_snapshot("r", load_policy("lm"), history, params))[0] == Diagnosis.DIVERGENCE
+
+
 def test_train_above_val_by_less_than_its_progress_is_lag_not_dropout() -> None:
     # A train loss averaged over the steps between evaluations, while it falls fast, reads above the
     # val loss measured at the end of them: that is lag, not over-regularisation.
