@@ -22,6 +22,7 @@ from atm.watcher.snapshot import (
     fitted_change,
     fitted_change_ci,
     gap_window_signals,
+    lost_progress,
 
     resolve_roles,
     running_ema,
@@ -183,10 +184,15 @@ def derive_signals(
         # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
         usable = [(st, v) for st, v in by_key[train.key] if _usable(v)]
         ema = running_ema([v for _, v in usable])
-        best, worst = min(ema), max(ema)
-        sig["train_lost_progress"] = (ema[-1] - best) / max(worst - best, 1e-8)
-        sig["train_smoothed_best_step"] = usable[ema.index(best)][0]
-        sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = ema[-1], best, worst
+        worst = max(ema)
+        if restarted_at is not None:
+            # From the restore on: the smoothed curve started afresh there, its best, and the run's worst.
+            usable = [(st, v) for st, v in usable if st >= restarted_at]
+            ema = running_ema([v for _, v in usable]) if usable else []
+            worst = max([worst, *ema])
+        if len(ema) >= (3 if restarted_at is not None else 1):
+            best = min(ema)
+            sig.update(lost_progress(ema[-1], best, usable[ema.index(best)][0], worst))
     goal = series.get("safe_success") or series.get("success") or series.get("return")
     if goal is not None and not goal.nonfinite and goal.key in by_key:
         window = [v for _, v in by_key[goal.key] if _usable(v)][-WINDOW:]
