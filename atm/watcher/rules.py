@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from atm.policies import DecisionContext, ParamRule, Policy, unsettled
+from atm.policies import DecisionContext, ParamRule, Policy, undo_value, unsettled
 from atm.schema import Action, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.effect import hurt_unanswered
 from atm.watcher.proposer import Offer, ProposalResult
@@ -191,15 +191,17 @@ def waiting_for(diagnosis: Diagnosis, policy: Policy, ctx: DecisionContext) -> s
 
 
 def revert_proposal(snap: TelemetrySnapshot, ctx: DecisionContext, offer: Offer) -> Proposal | None:
-    """Set back the latest change measured ``hurt`` (the values before it, and a rollback to the best
-    checkpoint where the job offers one), unless a later decision already did. None when there is
+    """Set back the latest change measured ``hurt`` (undone as :func:`atm.policies.undo_value` says, and a
+    rollback to the best checkpoint where the job offers one), unless a later decision already did. None when there is
     nothing to set back, or nothing the policy allows now."""
     rec = hurt_unanswered(ctx.history)
     if rec is None or rec.effect is None:
         return None
     changes = {}
     for name, change in rec.changes.items():
-        value = next((o for o in offer.choices.get(name, []) if math.isclose(o, change.old, rel_tol=1e-6, abs_tol=1e-12)), None)
+        now = ctx.params.get(name)
+        back = change.old if now is None else undo_value(change, rec.applied_values.get(name), now)
+        value = next((o for o in offer.choices.get(name, []) if math.isclose(o, back, rel_tol=1e-6, abs_tol=1e-12)), None)
         if value is not None:
             changes[name] = value
     action = Action.ROLLBACK if Action.ROLLBACK in offer.actions else None
