@@ -166,6 +166,33 @@ def held_count(values: Sequence[float]) -> int:
     return n
 
 
+def fitted_start(points: Points) -> float:
+    """Where a least-squares line through ``points`` is at their first step (nan for none)."""
+    if not points:
+        return math.nan
+    mx = sum(s for s, _ in points) / len(points)
+    my = sum(v for _, v in points) / len(points)
+    return my + slope(points) * (points[0][0] - mx)
+
+
+def window_improvement(points: Points) -> tuple[float, float]:
+    """The relative improvement of a loss across ``points`` by a least-squares fit (positive: getting
+    better), and the half-width of its 95% confidence interval (inf when there is no scatter to judge
+    by). Pure.
+
+    A share of where the line began, not of the best value: after a spike (the first evaluations after
+    a restore, a warm-up) the best is far below the window's start, and the fall from 2.35 to 1.05 read
+    "107.7% over the window". A loss that never went below 0 is held at 100%: a line through a sharp
+    fall that flattens out ends below 0, and no loss loses more than all of itself.
+    """
+    change, ci = fitted_change_ci(points)
+    scale = max(abs(fitted_start(points)), 1e-8)
+    improvement = -change / scale
+    if improvement > 1 and all(v >= 0 for _, v in points):
+        improvement = 1.0
+    return improvement, ci / scale
+
+
 def fitted_change(points: Points) -> float:
     """How much a least-squares line through ``points`` moves from their first step to their last."""
     return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
@@ -808,12 +835,11 @@ class RunTelemetry:
             # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
             # Fewer than 3 points since a rollback tell no trend yet.
             if len(window) >= 3:
-                change, ci = fitted_change_ci(window)
-                sig["window_improvement"] = -change / scale
+                sig["window_improvement"], ci = window_improvement(window)
                 # Its 95% confidence interval's half-width, from the scatter around the fit: a slow
                 # improvement larger than this is real progress, not a plateau.
                 if math.isfinite(ci):
-                    sig["window_improvement_ci"] = ci / scale
+                    sig["window_improvement_ci"] = ci
             if train is not None and val is not None and self._gaps is not None:
                 gaps = self._gaps.window(self._series[train.key])
                 if gaps_from is not None:

@@ -20,7 +20,6 @@ from atm.watcher.snapshot import (
     _eval_steps,
     _usable,
     fitted_change,
-    fitted_change_ci,
     gap_window_signals,
     lost_progress,
 
@@ -29,6 +28,7 @@ from atm.watcher.snapshot import (
     slope,
     smoothed,
     trail,
+    window_improvement,
 )
 
 def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
@@ -169,10 +169,9 @@ def derive_signals(
         # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
         # Fewer than 3 points since a rollback tell no trend yet.
         if len(window) >= 3:
-            change, ci = fitted_change_ci(window)
-            sig["window_improvement"] = -change / scale
+            sig["window_improvement"], ci = window_improvement(window)
             if math.isfinite(ci):
-                sig["window_improvement_ci"] = ci / scale
+                sig["window_improvement_ci"] = ci
         if train and val:
             tail = gaps[-WINDOW:]
             if gaps_from is not None:
