@@ -12,6 +12,7 @@ from atm.policies._validator import (
     check,
     choices,
     max_factor,
+    undo_value,
     unsettled,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "parse_policy",
     "policy_json_schema",
     "preset_names",
+    "undo_value",
     "unsettled",
 ]

@@ -83,16 +83,39 @@ def choices(rule: ParamRule, current: float) -> list[float]:
     return sorted(out)
 
 
+def undo_value(change: Change, applied: float | None, now: float) -> float:
+    """The value that undoes ``change`` (decided ``old -> new``, ``applied`` as the job reported it right
+    after, None if unknown) of a parameter now at ``now``. Pure.
+
+    The change, not what the job did since: when the value has moved since the change took effect (an
+    LR scheduler anneals it, a warm-up raises it), the change's factor ``old / new`` applied to the
+    value now; setting ``old`` as such would undo the schedule too (an lr annealed to 0.00052 set back
+    to the 0.0666 of before a halving made early in the run, 128 times over). When it has not moved
+    (within 1%, as :func:`atm.schema.in_force` reads it), ``old`` as it was. A change from or to 0 has
+    no factor: ``old`` as it was.
+    """
+    at = change.new if applied is None else applied
+    if change.old > 0 and change.new > 0 and now > 0 and not math.isclose(now, at, rel_tol=0.01):
+        return now * change.old / change.new
+    return change.old
+
+
 def revert_value(name: str, rule: ParamRule, ctx: DecisionContext) -> float | None:
-    """The value ``name`` had before its latest applied change, when the run has moved from it: setting
-    it back is always a move the policy allows (within its bounds), whatever the multipliers, so that a
-    change measured to hurt can be undone."""
+    """The value that undoes the latest applied change of ``name`` (see :func:`undo_value`), when it is
+    not the value in force: always a move the policy allows, whatever the multipliers, so that a
+    change measured to hurt can be undone. None when that value is outside the policy's bounds (a
+    warm-up took the lr near its maximum since a halving: doubling it would pass the maximum)."""
     for rec in reversed(ctx.history):
         if rec.status == Status.APPLIED and name in rec.changes:
-            old, current = rec.changes[name].old, ctx.params.get(name)
-            if current is None or _same(old, current) or not rule.min <= old <= rule.max:
+            current = ctx.params.get(name)
+            if current is None:
                 return None
-            return float(round(old)) if rule.integer else old
+            back = undo_value(rec.changes[name], rec.applied_values.get(name), current)
+            if rule.integer:
+                back = float(round(back))
+            if _same(back, current) or not rule.min <= back <= rule.max:
+                return None
+            return back
     return None
 
 

@@ -23,11 +23,13 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
 
     A change is applied to every parameter group as a ratio of group 0's value, so groups with
     different learning rates (a backbone at lr/10) keep their proportions. Learning-rate changes
-    also scale the scheduler's ``base_lrs`` so LambdaLR, CosineAnnealingLR, OneCycleLR and friends
-    do not silently undo them at their next step. Without the scheduler, an lr change is read back
-    when the lr next moves, and a change that was undone is said in the job's log with its cause
-    and fix, and the change is acknowledged as ``undone`` (PyTorch keeps no reference from an optimizer
-    to its schedulers, so none can be found to scale).
+    scale the lrs a scheduler may read back from the param groups (``initial_lr``, OneCycleLR's
+    ``max_lr`` and ``min_lr``) and, given the scheduler, its own base values (``base_lrs``, ``eta_min``)
+    so that LambdaLR, CyclicLR, warm restarts and SequentialLR's next schedule do not silently undo
+    them. Without the scheduler, an lr change is read back when the lr next moves, and a change that
+    was undone is said in the job's log with its cause and fix, and the change is acknowledged as
+    ``undone`` (PyTorch keeps no reference from an optimizer to its schedulers, so none can be found
+    to scale).
 
     ``no_decay``: indices of param groups whose weight decay stays as it is (biases, norms,
     embeddings). Without it a group at 0 is left alone while another group has a weight decay; when
@@ -51,10 +53,15 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
     knobs: dict[str, Knob] = {}
     scheduled = scheduler is None and _has_scheduler(optimizer)
     if scheduled:
+        # Measured for each scheduler named, in tests/training/test_scheduler_warning.py. OneCycleLR reads
+        # its lrs from the param groups (initial_lr, max_lr, min_lr), which scale_lr scales: it keeps a change.
         log.warning(
-            "atm: an LR scheduler is attached to this optimizer; pass it as atm.listen(optimizer, scheduler=sched) "
-            "so learning-rate changes scale its base values: schedulers that recompute the lr from them (LambdaLR, "
-            "cosine, OneCycleLR, ...) would undo a change at their next step"
+            "atm: an LR scheduler is attached to this optimizer and was not given to atm; pass it, "
+            "atm.listen(optimizer, scheduler=sched), so that an lr change scales the schedule itself. Without it, "
+            "LambdaLR (the Hugging Face warm-up schedules too), CyclicLR and CosineAnnealingWarmRestarts undo a "
+            "change at their next step, SequentialLR at its next milestone, and a CosineAnnealingLR with eta_min "
+            "above 0 lets it fade as it anneals; OneCycleLR, CosineAnnealingLR, StepLR, ExponentialLR, LinearLR, "
+            "PolynomialLR and the others that compute from the lr in force keep it"
         )
 
     def scale_lr(value: float) -> None:
@@ -125,9 +132,9 @@ def undone_note(before: float, after: float, now: float, scheduled: bool) -> str
     if scheduled:
         return head + (
             "An LR scheduler made on this optimizer was not given to atm: LambdaLR (and the HF warm-up "
-            "schedules built on it), CyclicLR, warm restarts and others recompute the lr from their own base "
-            "values at every step. Pass it, atm.listen(optimizer, scheduler=sched), so a change scales the "
-            "schedule itself."
+            "schedules built on it), CyclicLR and warm restarts recompute the lr from their own base values at "
+            "every step, SequentialLR at each milestone. Pass it, atm.listen(optimizer, scheduler=sched), so a "
+            "change scales the schedule itself."
         )
     return head + (
         "Something in the job sets the lr itself (code that writes param_groups' lr from a config at every "

@@ -6,6 +6,9 @@ run's own spread around that line as the noise. Better than projected beyond the
 ``helped``; worse than projected beyond the noise, and worse than where the run was, is ``hurt``
 (a curve that merely flattens, as healthy ones do, is not hurt by whatever came before);
 anything between is ``neutral``. Pure functions; the daemon records the outcome on the decision.
+
+Each change is judged on its own evaluations only: the window after it ends where the run's next
+applied change took effect, and the line before it starts at the latest restore (rollback) before it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from atm.schema import Action, DecisionRecord, EffectLabel, Outcome, Status
+from atm.schema import Action, DecisionRecord, EffectLabel, Outcome, Status, fmt
 from atm.watcher.snapshot import slope
 
 #: Evaluations before a change that the trend is fitted through, and the fewest that project anything.
@@ -27,6 +30,27 @@ NOISE_FLOOR = 0.005
 Z = 3.0
 
 
+def overtaken_by(record: DecisionRecord, records: Sequence[DecisionRecord]) -> DecisionRecord | None:
+    """The first later applied change that took effect after ``record`` did (a stop with no changes is
+    none: it changes nothing the job trains with), if any. Pure."""
+    start = record.effective_step
+    if start is None:
+        return None
+    later = [r for r in records if r.seq > record.seq and r.status == Status.APPLIED and r.effective_step is not None
+             and r.effective_step >= start and (r.changes or r.action not in (None, Action.STOP))]
+    return min(later, key=lambda r: (r.effective_step, r.seq), default=None)
+
+
+def restored_at(record: DecisionRecord, records: Sequence[DecisionRecord]) -> int | None:
+    """The step the latest applied rollback before ``record`` took effect at, if any. Pure."""
+    start = record.effective_step
+    if start is None:
+        return None
+    return max((r.effective_step for r in records if r.seq < record.seq and r.status == Status.APPLIED
+                and r.action == Action.ROLLBACK and r.effective_step is not None and r.effective_step <= start),
+               default=None)
+
+
 def measure(
     record: DecisionRecord,
     points: Sequence[tuple[int, float]],
@@ -35,9 +59,14 @@ def measure(
     higher_is_better: bool,
     evals: int,
     ended: bool = False,
+    records: Sequence[DecisionRecord] = (),
 ) -> Outcome | None:
     """The outcome of ``record``'s change on ``points`` (the metric's (step, value), sorted by step),
     or None while fewer than ``evals`` evaluations came after it and the run goes on.
+
+    ``records``: the run's decisions (``record`` among them or not). The evaluations after the next
+    applied change took effect are that change's, not this one's; those before the latest rollback
+    before this change are of a model the rollback replaced.
 
     Raises nothing: a change that cannot be judged gets ``unknown`` with the reason.
     """
@@ -51,9 +80,19 @@ def measure(
         return Outcome(label=EffectLabel.UNKNOWN, metric=metric, note="training ended here, as asked") if ended else None
     if start is None:
         return Outcome(label=EffectLabel.UNKNOWN, metric=metric, note="it never showed in the run's metrics") if ended else None
-    before = [(s, v) for s, v in points if s < start][-PRE_EVALS:]
-    after = [(s, v) for s, v in points if s >= start][:evals]
+    restore = restored_at(record, records)
+    # The line before is fitted through the restored model's evaluations only: across a restore's jump
+    # it reads the jump as a trend (a cross-entropy "projected" at -0.14 after a rollback).
+    before = [(s, v) for s, v in points if s < start and (restore is None or s >= restore)][-PRE_EVALS:]
+    nxt = overtaken_by(record, records)
+    end = nxt.effective_step if nxt is not None and nxt.effective_step is not None else math.inf
+    after = [(s, v) for s, v in points if start <= s < end][:evals]
     if len(after) < evals:
+        # Cut short by the next change as by the end of the run, and read alike: fewer evaluations than
+        # the policy's settle window judge nothing (``unknown``), rather than a label on a smaller sample.
+        if nxt is not None:
+            return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after),
+                           note=f"#{nxt.seq} took effect {len(after)} of {evals} evaluations after it")
         if not ended:
             return None
         return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after),
@@ -65,7 +104,8 @@ def measure(
     after = [(s, v) for s, v in after if math.isfinite(v)]
     if len(before) < MIN_PRE or not after:
         return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after),
-                       note=f"{len(before)} evaluations before it: too few to project a trend from")
+                       note=f"{len(before)} evaluations before it" + (f" since the rollback at step {restore}" if restore is not None else "")
+                            + ": too few to project a trend from")
     b = slope(before)
     mx = sum(s for s, _ in before) / len(before)
     my = sum(v for _, v in before) / len(before)
@@ -75,7 +115,15 @@ def measure(
     jitter = math.sqrt(sum((v2 - v1) ** 2 for (_, v1), (_, v2) in zip(before, before[1:])) / (2 * (len(before) - 1)))
     level = sum(v for _, v in before[-3:]) / len(before[-3:])
     noise = max(spread, jitter, NOISE_FLOOR * abs(level), 1e-12)
-    projected = sum(my + b * (s - mx) for s, _ in after) / len(after)
+    line = [my + b * (s - mx) for s, _ in after]
+    if min(line) < 0 <= min(v for _, v in before + after):
+        # A metric that never went below 0 (a loss, a rate) projected below it: the run was falling
+        # faster than a line can follow for long. Clamped to 0, any value measured would read as worse
+        # than projected; such a projection judges nothing.
+        return Outcome(label=EffectLabel.UNKNOWN, metric=metric, evals=len(after), before=level,
+                       note=f"the trend before it (slope {fmt(b * 1000.0)} per 1k steps) projects {metric} below 0: "
+                            "too steep to extrapolate")
+    projected = sum(line) / len(after)
     measured = sum(v for _, v in after) / len(after)
     sign = 1.0 if higher_is_better else -1.0
     vs_trend, vs_level = sign * (measured - projected), sign * (measured - level)
@@ -109,7 +157,8 @@ def judge(
     out, judged = [], []
     for rec in records:
         if rec.status == Status.APPLIED and rec.effect is None and (rec.changes or rec.action is not None):
-            outcome = measure(rec, points, metric=metric, higher_is_better=higher_is_better, evals=evals, ended=ended)
+            outcome = measure(rec, points, metric=metric, higher_is_better=higher_is_better, evals=evals, ended=ended,
+                              records=records)
             if outcome is not None:
                 rec = rec.model_copy(update={"effect": outcome})
                 judged.append(rec.seq)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from atm.policies import DecisionContext, ParamRule, Policy, unsettled
+from atm.policies import DecisionContext, ParamRule, Policy, undo_value, unsettled
 from atm.schema import Action, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, TelemetrySnapshot, fmt
 from atm.watcher.effect import hurt_unanswered
 from atm.watcher.proposer import Offer, ProposalResult
@@ -194,15 +194,17 @@ def waiting_for(diagnosis: Diagnosis, policy: Policy, ctx: DecisionContext) -> s
 
 
 def revert_proposal(snap: TelemetrySnapshot, ctx: DecisionContext, offer: Offer) -> Proposal | None:
-    """Set back the latest change measured ``hurt`` (the values before it, and a rollback to the best
-    checkpoint where the job offers one), unless a later decision already did. None when there is
+    """Set back the latest change measured ``hurt`` (undone as :func:`atm.policies.undo_value` says, and a
+    rollback to the best checkpoint where the job offers one), unless a later decision already did. None when there is
     nothing to set back, or nothing the policy allows now."""
     rec = hurt_unanswered(ctx.history)
     if rec is None or rec.effect is None:
         return None
     changes = {}
     for name, change in rec.changes.items():
-        value = next((o for o in offer.choices.get(name, []) if math.isclose(o, change.old, rel_tol=1e-6, abs_tol=1e-12)), None)
+        now = ctx.params.get(name)
+        back = change.old if now is None else undo_value(change, rec.applied_values.get(name), now)
+        value = next((o for o in offer.choices.get(name, []) if math.isclose(o, back, rel_tol=1e-6, abs_tol=1e-12)), None)
         if value is not None:
             changes[name] = value
     action = Action.ROLLBACK if Action.ROLLBACK in offer.actions else None
@@ -746,8 +748,8 @@ def remedy(
 def remedy_with_notes(
     diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
 ) -> tuple[dict[str, float], Action | None, list[str]]:
-    """:func:`remedy`, and notes for the rationale: moves escalated past a remedy measured neutral,
-    parameters already at the policy's bound."""
+    """:func:`remedy`, and notes for the rationale: moves escalated past a remedy measured neutral (the
+    ones made), parameters not moved for being at the policy's bound or at the last value it offers."""
     notes: list[str] = []
     rl = is_rl(snap)
     if diagnosis == Diagnosis.CONVERGED:
@@ -770,13 +772,14 @@ def remedy_with_notes(
     if diagnosis == Diagnosis.OVER_REGULARIZATION and _dropout_overregularized(snap, t):
         moves = _DROPOUT_COST
     last = next((e for e in reversed(snap.recent) if e.diagnosis == diagnosis and e.outcome is not None), None)
+    escalated: tuple[str, list[Move]] | None = None
     if last is not None and last.outcome is not None and last.outcome.label == EffectLabel.NEUTRAL and last.changes:
         # The last remedy for this problem did nothing measurable: escalate to the next axes first
         # (lr, then regularisation), and come back to those only when nothing else is left.
         tried = set(last.changes)
         fresh = [m for m in moves if _target(m.param, policy) not in tried]
         if fresh and len(fresh) < len(moves):
-            notes.append(f"#{last.seq} ({', '.join(sorted(tried))}) was neutral: trying {', '.join(m.param for m in fresh)}")
+            escalated = (f"#{last.seq} ({', '.join(sorted(tried))}) was neutral", fresh)
         moves = fresh + [m for m in moves if _target(m.param, policy) in tried]
     changes: dict[str, float] = {}
     groups_moved: set[str] = set()
@@ -798,8 +801,23 @@ def remedy_with_notes(
                 rule = policy.params[name]
                 bound = rule.min if mv.direction == "down" else rule.max
                 notes.append(f"{name} is at the policy's {'minimum' if mv.direction == 'down' else 'maximum'} {fmt(bound)}")
+            elif opts:
+                # Inside its bounds but with no offered value on that side (dropout 0.3, the preset's top
+                # value, maximum 0.5): a reason too, or the rationale leaves the move unexplained.
+                notes.append(f"{name} is at the {'lowest' if mv.direction == 'down' else 'highest'} value the "
+                             f"policy offers ({fmt(cur)})")
         if moved:
             groups_moved.add(mv.param)
+    if escalated is not None:
+        # Written from what moved: named before the moves were picked, it announced "trying dropout"
+        # for a dropout already at its top value, beside changes of the same parameters again.
+        head, fresh = escalated
+        trying = [m.param for m in fresh if m.param in groups_moved]
+        again = [m.param for m in moves if m.param in groups_moved and m not in fresh]
+        if trying:
+            notes.insert(0, f"{head}: trying {', '.join(trying)}" + (f", and {', '.join(again)} again" if again else ""))
+        else:
+            notes.insert(0, f"{head} and no other parameter could move" + (f": {', '.join(again)} again" if again else ""))
     # The best checkpoint is better on the metric that matters than where the run is now. Exploration
     # running away while the goal falls from its best is such a case too: smaller steps alone keep
     # the worse policy it drifted to.

@@ -166,6 +166,33 @@ def held_count(values: Sequence[float]) -> int:
     return n
 
 
+def fitted_start(points: Points) -> float:
+    """Where a least-squares line through ``points`` is at their first step (nan for none)."""
+    if not points:
+        return math.nan
+    mx = sum(s for s, _ in points) / len(points)
+    my = sum(v for _, v in points) / len(points)
+    return my + slope(points) * (points[0][0] - mx)
+
+
+def window_improvement(points: Points) -> tuple[float, float]:
+    """The relative improvement of a loss across ``points`` by a least-squares fit (positive: getting
+    better), and the half-width of its 95% confidence interval (inf when there is no scatter to judge
+    by). Pure.
+
+    A share of where the line began, not of the best value: after a spike (the first evaluations after
+    a restore, a warm-up) the best is far below the window's start, and the fall from 2.35 to 1.05 read
+    "107.7% over the window". A loss that never went below 0 is held at 100%: a line through a sharp
+    fall that flattens out ends below 0, and no loss loses more than all of itself.
+    """
+    change, ci = fitted_change_ci(points)
+    scale = max(abs(fitted_start(points)), 1e-8)
+    improvement = -change / scale
+    if improvement > 1 and all(v >= 0 for _, v in points):
+        improvement = 1.0
+    return improvement, ci / scale
+
+
 def fitted_change(points: Points) -> float:
     """How much a least-squares line through ``points`` moves from their first step to their last."""
     return slope(points) * (points[-1][0] - points[0][0]) if points else 0.0
@@ -285,6 +312,35 @@ class Recent(Sequence[tuple[int, float]]):
         return zip(self.steps[k:], self.values[k:])
 
 
+class SmoothedSince:
+    """The smoothed curve (:data:`EMA_ALPHA`) of a series' usable points from step ``since`` on, started
+    afresh at the first of them, and its extremes: the train loss as the model restored at ``since``
+    has made it, with nothing of the model the restore replaced."""
+
+    __slots__ = ("since", "seen", "n", "ema", "best", "best_step", "worst")
+
+    def __init__(self, since: int) -> None:
+        self.since = since
+        #: Points of the series (usable or not, before ``since`` or not) looked at so far.
+        self.seen = 0
+        self.n = 0
+        self.ema = self.best = self.worst = math.nan
+        self.best_step = 0
+
+    def add(self, step: int, value: float) -> None:
+        if step < self.since or not _usable(value):
+            return
+        if self.n == 0:
+            self.ema = self.best = self.worst = value
+            self.best_step = step
+        else:
+            self.ema = EMA_ALPHA * value + (1 - EMA_ALPHA) * self.ema
+            if self.ema < self.best:
+                self.best, self.best_step = self.ema, step
+            self.worst = max(self.worst, self.ema)
+        self.n += 1
+
+
 class SeriesState:
     """Running statistics of one metric series, folded a point at a time in step order.
 
@@ -323,6 +379,7 @@ class SeriesState:
         #: The last three usable values and the best of their running means (returns read that way).
         self.last3: deque[float] = deque(maxlen=3)
         self.best_mean3 = -math.inf
+        self._since: SmoothedSince | None = None
 
     def add(self, step: int, value: float) -> None:
         step, value = int(step), float(value)
@@ -374,6 +431,23 @@ class SeriesState:
         if len(vals) < 3:
             return math.nan
         return statistics.median(abs(b - a) for a, b in itertools.pairwise(vals)) / (0.6745 * math.sqrt(2))
+
+    def smoothed_since(self, step: int) -> SmoothedSince:
+        """The smoothed curve from ``step`` on (see :class:`SmoothedSince`).
+
+        Kept between calls and advanced by the points added since the last, so that asking at every
+        poll costs what is new. Built afresh from the recent points when ``step`` changes (a later
+        restore): exact while ``step`` is among the last ``recent`` points, read from those alone beyond.
+        """
+        since = self._since
+        new = self.n - since.seen if since is not None and since.since == step else None
+        if since is None or new is None or new > len(self.recent):
+            since, new = SmoothedSince(step), len(self.recent)
+        for s, v in self.recent[len(self.recent) - new:]:
+            since.add(s, v)
+        since.seen = self.n
+        self._since = since
+        return since
 
     def value_at(self, step: int) -> float | None:
         """The last value logged at or before ``step``: exact within the recent points, read from the
@@ -502,6 +576,15 @@ class _Gaps:
         }
 
 
+def lost_progress(ema: float, best: float, best_step: int, worst: float) -> dict[str, float]:
+    """The train-loss signals of its smoothed curve, now at ``ema``, at ``best`` (first reached at
+    ``best_step``) and ``worst``: the share of the progress made that was lost again, 0 at the best,
+    1 back at the worst. Relative to the range, not to the best value, so a loss near 0 wobbling is not
+    "divergence"; of the smoothed curve, so a job logging one noisy mini-batch's loss is not either. Pure."""
+    return {"train_lost_progress": (ema - best) / max(worst - best, 1e-8), "train_smoothed_best_step": best_step,
+            "train_smoothed": ema, "train_smoothed_best": best, "train_smoothed_worst": worst}
+
+
 def gap_window_signals(gaps: Points, scale: float) -> dict[str, float]:
     """The train/val gap over the trailing window of evaluations, relative to ``scale`` (the val loss's
     best): its mean and fitted change across the window, each with the half-width of its 95% confidence
@@ -551,7 +634,7 @@ class RunTelemetry:
     ``fold(history)`` reads each mapped metric's points past the ones already folded; a series that
     did not simply grow (a job resumed from a checkpoint logs its steps again, and the backend
     rewrites it) is refolded from the history given. ``snapshot()`` costs O(metrics x window),
-    whatever the run's length.
+    whatever the run's length (and once after each rollback, the train loss's recent points).
     """
 
     def __init__(self, policy: Policy, *, thin_cap: int = THIN_CAP, recent: int = RECENT) -> None:
@@ -726,9 +809,10 @@ class RunTelemetry:
         """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
 
         ``restarted_at``: the step from which the run went on from a restored checkpoint (the latest
-        rollback), if any; trends are read from there, not across the jump. ``gaps_from``: the step
-        from which the train/val gap's window is read (a rollback, or a change of dropout, which acts
-        on the train loss alone and so moves the gap at once); ``restarted_at`` when not given.
+        rollback), if any; trends and the train loss's progress are read from there, not across the
+        jump. ``gaps_from``: the step from which the train/val gap's window is read (a rollback, or a
+        change of dropout, which acts on the train loss alone and so moves the gap at once);
+        ``restarted_at`` when not given.
         """
         if gaps_from is None:
             gaps_from = restarted_at
@@ -751,25 +835,28 @@ class RunTelemetry:
             # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
             # Fewer than 3 points since a rollback tell no trend yet.
             if len(window) >= 3:
-                change, ci = fitted_change_ci(window)
-                sig["window_improvement"] = -change / scale
+                sig["window_improvement"], ci = window_improvement(window)
                 # Its 95% confidence interval's half-width, from the scatter around the fit: a slow
                 # improvement larger than this is real progress, not a plateau.
                 if math.isfinite(ci):
-                    sig["window_improvement_ci"] = ci / scale
+                    sig["window_improvement_ci"] = ci
             if train is not None and val is not None and self._gaps is not None:
                 gaps = self._gaps.window(self._series[train.key])
                 if gaps_from is not None:
                     gaps = [(st, g) for st, g in gaps if st >= gaps_from]
                 sig.update(gap_window_signals(gaps, scale))
         if train is not None and train.n >= 3 and not train.nonfinite:
-            # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
-            # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
-            # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
             t = self._series[train.key]
-            sig["train_lost_progress"] = (t.ema - t.ema_min) / max(t.ema_max - t.ema_min, 1e-8)
-            sig["train_smoothed_best_step"] = t.ema_min_step
-            sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = t.ema, t.ema_min, t.ema_max
+            if restarted_at is None:
+                sig.update(lost_progress(t.ema, t.ema_min, t.ema_min_step, t.ema_max))
+            elif (since := t.smoothed_since(restarted_at)).n >= 3:  # fewer since a restore tell no trend yet
+                # After a restore the best is the restored model's: going back from the replaced model's
+                # 0.002 to the restored one's 0.52 is progress the restore gave back, not divergence. The
+                # worst stays the run's (its start, mostly), so that progress is still counted from there:
+                # the few points since a restore span so little that their noise would read as a large
+                # share of it. A restored model that blows up passes that worst and is divergence as
+                # before; non-finite values are divergence whatever this says.
+                sig.update(lost_progress(since.ema, since.best, since.best_step, max(t.ema_max, since.worst)))
         goal = series.get("safe_success") or series.get("success") or series.get("return")
         if goal is not None and not goal.nonfinite:
             window_values = [v for _, v in self._series[goal.key].window]

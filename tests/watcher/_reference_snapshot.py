@@ -20,14 +20,15 @@ from atm.watcher.snapshot import (
     _eval_steps,
     _usable,
     fitted_change,
-    fitted_change_ci,
     gap_window_signals,
+    lost_progress,
 
     resolve_roles,
     running_ema,
     slope,
     smoothed,
     trail,
+    window_improvement,
 )
 
 def series_stats(key: str, points: Points, higher_is_better: bool = False) -> SeriesStats | None:
@@ -168,10 +169,9 @@ def derive_signals(
         # getting better); a fit, not the two end points, so one noisy evaluation does not decide it.
         # Fewer than 3 points since a rollback tell no trend yet.
         if len(window) >= 3:
-            change, ci = fitted_change_ci(window)
-            sig["window_improvement"] = -change / scale
+            sig["window_improvement"], ci = window_improvement(window)
             if math.isfinite(ci):
-                sig["window_improvement_ci"] = ci / scale
+                sig["window_improvement_ci"] = ci
         if train and val:
             tail = gaps[-WINDOW:]
             if gaps_from is not None:
@@ -183,10 +183,15 @@ def derive_signals(
         # of the smoothed curve, so a job logging one noisy mini-batch's loss is not "divergence" either.
         usable = [(st, v) for st, v in by_key[train.key] if _usable(v)]
         ema = running_ema([v for _, v in usable])
-        best, worst = min(ema), max(ema)
-        sig["train_lost_progress"] = (ema[-1] - best) / max(worst - best, 1e-8)
-        sig["train_smoothed_best_step"] = usable[ema.index(best)][0]
-        sig["train_smoothed"], sig["train_smoothed_best"], sig["train_smoothed_worst"] = ema[-1], best, worst
+        worst = max(ema)
+        if restarted_at is not None:
+            # From the restore on: the smoothed curve started afresh there, its best, and the run's worst.
+            usable = [(st, v) for st, v in usable if st >= restarted_at]
+            ema = running_ema([v for _, v in usable]) if usable else []
+            worst = max([worst, *ema])
+        if len(ema) >= (3 if restarted_at is not None else 1):
+            best = min(ema)
+            sig.update(lost_progress(ema[-1], best, usable[ema.index(best)][0], worst))
     goal = series.get("safe_success") or series.get("success") or series.get("return")
     if goal is not None and not goal.nonfinite and goal.key in by_key:
         window = [v for _, v in by_key[goal.key] if _usable(v)][-WINDOW:]
