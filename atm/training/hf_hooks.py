@@ -18,6 +18,17 @@ from atm.training.listener import Listener
 log = logging.getLogger("atm.listener")
 
 
+def no_decay_groups(groups: list[dict[str, Any]]) -> list[int]:
+    """The param groups the Trainer keeps free of weight decay: at 0 and holding only biases and
+    normalisation weights (tensors of one dimension), as ``Trainer.create_optimizer`` builds its second
+    group. With the Trainer's default ``weight_decay=0`` both groups start at 0 and cannot be told apart
+    by their values; a weight-decay change then reached the biases and LayerNorm weights too. Empty
+    when every group looks so (nothing to tell apart). Pure."""
+    free = [i for i, g in enumerate(groups)
+            if float(g.get("weight_decay", 0.0)) == 0.0 and g["params"] and all(p.ndim <= 1 for p in g["params"])]
+    return free if len(free) < len(groups) else []
+
+
 def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any], **kwargs: Any) -> Any:
     from transformers import TrainerCallback
 
@@ -43,8 +54,11 @@ def make_callback(listen: Callable[..., Listener], dropout: Callable[[Any], Any]
                     knobs["dropout"] = dropout(model)
                 except ValueError:
                     log.info("atm: the model has no nn.Dropout modules; no dropout knob")
+            optimizer = kw.get("optimizer")
+            if "no_decay" not in opts and optimizer is not None:
+                opts["no_decay"] = no_decay_groups(optimizer.param_groups)
             self.listener = listen(
-                kw.get("optimizer"),
+                optimizer,
                 scheduler=kw.get("lr_scheduler"),
                 knobs=knobs,
                 step=step,

@@ -53,10 +53,11 @@ class Probe(transformers.TrainerCallback):
             hook()
 
 
-def trainer(tmp_path, callbacks, *, steps: int = 40, scheduler: str = "linear", report_to=None):
+def trainer(tmp_path, callbacks, *, steps: int = 40, scheduler: str = "linear", report_to=None,
+            weight_decay: float = 0.01):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8,
-        learning_rate=1e-3, weight_decay=0.01, lr_scheduler_type=scheduler, logging_steps=5,
+        learning_rate=1e-3, weight_decay=weight_decay, lr_scheduler_type=scheduler, logging_steps=5,
         eval_strategy="no", save_strategy="no", report_to=report_to or [], use_cpu=True, disable_tqdm=True,
     )
     return transformers.Trainer(model=tiny_model(0.1), args=args, train_dataset=rows(32, 1), callbacks=callbacks)
@@ -89,6 +90,31 @@ def test_lr_change_scales_the_trainers_schedule_and_dropout_is_a_knob(tmp_path):
     # The Trainer's accelerate wrapper was seen through: the knobs are the real optimizer's.
     names = set(channel.infos[-1].knobs)
     assert {"lr", "weight_decay", "beta1", "beta2", "dropout"} <= names
+
+
+def test_a_weight_decay_change_leaves_the_trainers_no_decay_group_alone(tmp_path):
+    # The Trainer's default weight_decay=0 puts both of its groups at 0; its second holds the biases and
+    # LayerNorm weights, which it never decays. A change from 0 reached them too.
+    channel = FakeChannel()
+    probe = Probe()
+    atm_cb = atm.hf_callback(channel=channel, poll_interval=0.01)
+    tr = trainer(tmp_path, [atm_cb, probe], weight_decay=0.0)
+    seen: dict[str, list[float]] = {}
+
+    def publish() -> None:
+        channel.publish(1, weight_decay=(0.0, 0.05))
+        wait_for(lambda: atm_cb.listener._pending)
+
+    def record() -> None:
+        seen["wd"] = [g["weight_decay"] for g in tr.optimizer.param_groups]
+
+    probe.on_step[10] = publish
+    probe.on_step[20] = record
+    tr.train()
+    assert channel.acks[1].status == "applied"
+    groups = tr.optimizer.param_groups
+    assert len(groups) == 2 and all(p.ndim <= 1 for p in groups[1]["params"])
+    assert seen["wd"] == [0.05, 0.0]
 
 
 def test_stop_ends_training_and_the_update_is_applied_once(tmp_path):

@@ -640,6 +640,44 @@ def test_a_warm_up_is_left_to_its_schedule_but_not_after_it() -> None:
     assert diagnose(build_snapshot("r", load_policy("lm"), history, params, [raise_]))[0] == Diagnosis.OVERFITTING
 
 
+def test_val_rising_with_train_above_it_is_not_overfitting() -> None:
+    # A Trainer's BERT with label smoothing 0.1: train loss sits above val throughout, val wandered 3.4%
+    # above its best, and "the gap val - train -0.004 is widening" (closing from below 0) was read as
+    # overfitting: dropout raised, lr halved, on a healthy run.
+    val = [0.69, 0.60, 0.52, 0.47, 0.45, 0.44, 0.433, 0.44, 0.447, 0.4479]
+    train = [0.72, 0.64, 0.57, 0.51, 0.48, 0.465, 0.456, 0.455, 0.453, 0.4524]
+    params = {"lr": 5e-4, "weight_decay": 0.0, "dropout": 0.0}
+    history = make_history({"train/loss": train, "eval/loss": val}, every=40)
+    diagnosis, evidence = diagnose(build_snapshot("r", load_policy("lm"), history, params))
+    assert diagnosis != Diagnosis.OVERFITTING, evidence
+    # Train below val, the gap widening: overfitting, as before.
+    under = [0.68, 0.58, 0.49, 0.42, 0.38, 0.35, 0.33, 0.31, 0.29, 0.27]
+    history = make_history({"train/loss": under, "eval/loss": val}, every=40)
+    assert diagnose(build_snapshot("r", load_policy("lm"), history, params))[0] == Diagnosis.OVERFITTING
+
+
+def test_a_gradient_spike_in_a_warm_up_while_val_reaches_a_new_best_is_learning_not_divergence() -> None:
+    # A Trainer's BERT in its warm-up: the lr still rising (train/learning_rate, as the Trainer logs it to W&B),
+    # the grad norm 0.2 -> 19 as both losses fell to new lows; read as divergence, its lr was cut 4x.
+    val = [0.693, 0.69, 0.68, 0.66, 0.63, 0.602]
+    train = [0.69, 0.68, 0.62, 0.55, 0.47, 0.41]
+    grad = [0.12, 0.2, 0.3, 0.25, 2.2, 19.1]
+    lr = [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4]
+    curves = {"train/loss": train, "eval/loss": val, "train/grad_norm": grad, "train/learning_rate": lr}
+    history = make_history(curves, every=40)
+    snap = build_snapshot("r", load_policy("lm"), history, {"lr": 6e-4})
+    assert snap.signals["grad_norm_ratio"] > Thresholds().grad_spike
+    diagnosis, evidence = diagnose(snap)
+    assert diagnosis == Diagnosis.HEALTHY and "warm-up" in evidence, evidence
+    # The same spike with val worse than its best: divergence, warm-up or not.
+    history["eval/loss"][-1] = (240, 0.75)
+    assert diagnose(build_snapshot("r", load_policy("lm"), history, {"lr": 6e-4}))[0] == Diagnosis.DIVERGENCE
+    # And out of a warm-up (no lr series), a spike is divergence as before, however the losses go.
+    del history["train/learning_rate"]
+    history["eval/loss"][-1] = (240, 0.602)
+    assert diagnose(build_snapshot("r", load_policy("lm"), history, {"lr": 6e-4}))[0] == Diagnosis.DIVERGENCE
+
+
 def test_a_warm_up_does_not_hide_divergence() -> None:
     history = _warmup_run()
     history["val/loss"][-1] = (200, float("nan"))
