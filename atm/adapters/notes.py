@@ -74,7 +74,10 @@ def update_alert(update: Update) -> tuple[str, str, str] | None:
         return None
     what = "stop" if update.action == Action.STOP else "rollback to the best checkpoint"
     changes = ", ".join(f"{k} {fmt(c.old)} -> {fmt(c.new)}" for k, c in update.changes.items())
-    text = (f"atm decision #{update.seq} at step {update.step} ({update.diagnosis.value}): {what}"
+    # A stop's diagnosis is "converged" whatever problem it ends (overfitting back after remedies, say):
+    # its rationale names that, and a label beside it read as a contradiction.
+    label = "" if update.action == Action.STOP else f" ({update.diagnosis.value})"
+    text = (f"atm decision #{update.seq} at step {update.step}{label}: {what}"
             + (f", with {changes}" if changes else "") + (f". {update.rationale}" if update.rationale else ""))
     return f"atm: {what} (#{update.seq})"[:ALERT_TITLE_LIMIT], text, "WARN"
 

@@ -363,6 +363,12 @@ class Listener:
         )
         if errors:
             log.warning("atm update #%d: %s", update.seq, ack.error)
+        elif update.action == Action.STOP:
+            # A warning, so that it shows without any logging set up: training ends and the job's
+            # console should say why (seen: a Trainer run ended at step 1030 of 1250 with no word).
+            # The rationale says why; the diagnosis of a stop that ends overfitting reads "converged".
+            log.warning("atm update #%d at step %s: the manager asked this job to stop: %s",
+                        update.seq, step, update.rationale or "no reason given")
         else:
             log.info("atm update #%d applied at step %s: %s", update.seq, step, values)
         if self.channel is None:

@@ -83,6 +83,9 @@ def listener_notes(policy: Policy, view: RunView) -> list[str]:
         notes.append(note)
     for name, value in sorted(view.listener.values.items()):
         rule = policy.params.get(name)
+        if name == "lr" and value == 0:
+            # A warm-up schedule's first step (the Hugging Face ones start at 0), not a chosen lr.
+            continue
         if rule is not None and not rule.min <= value <= rule.max:
             notes.append(f"{name} is {fmt(value)}, outside the policy's [{fmt(rule.min)}, {fmt(rule.max)}]; a move "
                          "on it lands inside those bounds, however far that is")

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from atm.adapters.mlflow_backend import MlflowBackend
-from atm.adapters.notes import MLFLOW_NOTE_TAG, NOTE_MARK, notable, run_note
+from atm.adapters.notes import MLFLOW_NOTE_TAG, NOTE_MARK, notable, run_note, update_alert
 from atm.schema import Action, Status
 from atm.testing import make_record
 
@@ -25,6 +25,18 @@ def test_only_what_a_person_should_hear_about_makes_a_note() -> None:
     assert notable(make_record(1, 10, changes={"lr": (1e-3, 5e-4)})) == ""  # an ordinary remedy: the tags say it
     assert notable(make_record(1, 10, status=Status.DRY_RUN, action=Action.STOP)) == ""
     assert notable(make_record(1, 10, status=Status.STALE, action=Action.STOP)) == ""
+
+
+def test_a_stop_alert_says_the_problem_it_ends_not_converged() -> None:
+    from atm.schema import Change, Diagnosis, Update
+
+    stop = Update(run_id="r", seq=4, step=1000, diagnosis=Diagnosis.CONVERGED, action=Action.STOP, source="rules",
+                  rationale="overfitting is back after 3 remedies: stop, keeping the best checkpoint")
+    title, text, level = update_alert(stop)  # type: ignore[misc]
+    assert title == "atm: stop (#4)" and "converged" not in text and "overfitting is back" in text
+    back = Update(run_id="r", seq=5, step=1200, diagnosis=Diagnosis.DIVERGENCE, action=Action.ROLLBACK,
+                  source="rules", changes={"lr": Change(old=1e-3, new=5e-4)})
+    assert "(divergence): rollback to the best checkpoint, with lr 0.001 -> 0.0005" in update_alert(back)[1]  # type: ignore[index]
 
 
 def test_the_mlflow_run_note_says_the_latest_stop_and_keeps_the_users_own_text(mlflow_uri: str) -> None:

@@ -187,6 +187,26 @@ def test_stop_and_rollback_actions():
         lst.close()
 
 
+def test_a_stop_is_said_in_the_jobs_console_without_any_logging_set_up(caplog):
+    # A warning, which Python shows by default: a Trainer run ended at step 1030 of 1250 with no word.
+    model, opt = make_model()
+    ch = FakeChannel()
+    lst = atm.listen(opt, channel=ch, poll_interval=0.01)
+    try:
+        with caplog.at_level("INFO", logger="atm.listener"):
+            ch.publish(1, lr=(1e-3, 5e-4))
+            ch.publish(2, action=Action.STOP)
+            wait_for(lambda: len(lst._pending) == 2)
+            train_step(model, opt)
+            wait_for(lambda: 2 in ch.acks)
+        levels = {r.getMessage().split(":")[0]: r.levelname for r in caplog.records if "atm update" in r.getMessage()}
+        assert levels["atm update #1 applied at step 1"] == "INFO"
+        stop = [r for r in caplog.records if "asked this job to stop" in r.getMessage()]
+        assert len(stop) == 1 and stop[0].levelname == "WARNING" and "#2 at step 1" in stop[0].getMessage()
+    finally:
+        lst.close()
+
+
 def test_lr_change_survives_a_lambda_scheduler_and_keeps_group_ratios():
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.01}], lr=0.1)

@@ -401,6 +401,21 @@ def test_a_value_outside_the_policy_bounds_is_reported(mlflow_uri: str, caplog) 
     assert "lr is 5, outside the policy's [1e-06, 1]" in caplog.text
 
 
+def test_an_lr_of_0_at_the_start_of_a_warm_up_is_not_reported_as_outside_the_bounds() -> None:
+    from atm.adapters.base import RunView
+    from atm.watcher.poll import listener_notes
+
+    def notes(values: dict[str, float]) -> list[str]:
+        info = ListenerInfo(run_id="r", knobs=list(values), values=values, actions=[], apply_mode="auto", pid=1,
+                            started_at=0.0)
+        view = RunView(run_id="r", name="r", status="RUNNING", history={}, last_metric_time=0.0, moved=False, listener=info)
+        return listener_notes(load_policy("lm"), view)
+
+    assert notes({"lr": 0.0, "dropout": 0.1}) == []  # a warm-up schedule's first step
+    assert any("lr is 5" in n for n in notes({"lr": 5.0}))
+    assert any("dropout is 0.9" in n for n in notes({"dropout": 0.9}))
+
+
 def test_knobs_the_policy_does_not_control_are_named_with_the_likely_typo() -> None:
     from atm.watcher.poll import unmanaged_knobs_note
 
