@@ -36,6 +36,23 @@ def _opt(name: str, model: nn.Module, lr: float, wd: float) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
 
 
+def _indexed_job(model: nn.Module, data: tuple[torch.Tensor, ...], criterion: Callable[..., torch.Tensor], *,
+                 batch: int, opt: str, lr: float, wd: float, schedule: str, total: int, warmup: int) -> Job:
+    """A job on ``data`` (train inputs and targets, val inputs and targets) by random mini-batches of
+    ``batch``, its loss and evaluation by ``criterion``."""
+    x_tr, y_tr, x_va, y_va = data
+
+    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x_tr), (batch,), generator=g)
+        return x_tr[idx], y_tr[idx]
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return criterion(m(b[0]), b[1]), {}
+
+    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(criterion(m(x_va), y_va)),
+               schedule=schedule, total=total, warmup=warmup)
+
+
 # --------------------------------------------------------------------------- MLP regression
 
 
@@ -65,16 +82,8 @@ def mlp_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: floa
             schedule: str = "constant", total: int = 1000, warmup: int = 0, batch: int = 32) -> Job:
     x_tr, y_tr, x_va, y_va = _regression(n_train)
     model = _mlp(x_tr.shape[1], width, dropout)
-
-    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(x_tr), (batch,), generator=g)
-        return x_tr[idx], y_tr[idx]
-
-    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return F.mse_loss(m(b[0]), b[1]), {}
-
-    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.mse_loss(m(x_va), y_va)),
-               schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(model, (x_tr, y_tr, x_va, y_va), F.mse_loss, batch=batch, opt=opt, lr=lr, wd=wd,
+                        schedule=schedule, total=total, warmup=warmup)
 
 
 def mlp_recipes() -> list[Recipe]:
@@ -299,16 +308,8 @@ def cnn_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: floa
             schedule: str = "constant", total: int = 600, warmup: int = 0) -> Job:
     x_tr, y_tr, x_va, y_va = _images(n_train)
     model = _CNN(channels, dropout)
-
-    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(x_tr), (32,), generator=g)
-        return x_tr[idx], y_tr[idx]
-
-    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return F.cross_entropy(m(b[0]), b[1]), {}
-
-    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(x_va), y_va)),
-               schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(model, (x_tr, y_tr, x_va, y_va), F.cross_entropy, batch=32, opt=opt, lr=lr, wd=wd,
+                        schedule=schedule, total=total, warmup=warmup)
 
 
 def cnn_recipes() -> list[Recipe]:
@@ -368,16 +369,8 @@ def seq_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: floa
             schedule: str = "constant", total: int = 700, warmup: int = 0) -> Job:
     x_tr, y_tr, x_va, y_va = _sequences(n_train)
     model = _Encoder(10, x_tr.shape[1], width, dropout)
-
-    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(x_tr), (32,), generator=g)
-        return x_tr[idx], y_tr[idx]
-
-    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return F.cross_entropy(m(b[0]), b[1]), {}
-
-    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.cross_entropy(m(x_va), y_va)),
-               schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(model, (x_tr, y_tr, x_va, y_va), F.cross_entropy, batch=32, opt=opt, lr=lr, wd=wd,
+                        schedule=schedule, total=total, warmup=warmup)
 
 
 def seq_recipes() -> list[Recipe]:
@@ -433,16 +426,8 @@ def mf_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float
            schedule: str = "constant", total: int = 800, warmup: int = 0) -> Job:
     ui_tr, r_tr, ui_va, r_va = _ratings(n_train)
     model = _Factors(300, 200, dim, dropout)
-
-    def sample(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(ui_tr), (64,), generator=g)
-        return ui_tr[idx], r_tr[idx]
-
-    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], _: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return F.mse_loss(m(b[0]), b[1]), {}
-
-    return Job(model, _opt(opt, model, lr, wd), sample, loss, lambda m: float(F.mse_loss(m(ui_va), r_va)),
-               schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(model, (ui_tr, r_tr, ui_va, r_va), F.mse_loss, batch=64, opt=opt, lr=lr, wd=wd,
+                        schedule=schedule, total=total, warmup=warmup)
 
 
 def mf_recipes() -> list[Recipe]:
