@@ -190,6 +190,23 @@ def test_a_change_is_placed_on_the_runs_own_step_axis(harness: Harness) -> None:
     assert changed and merged[0].effective_step == 25 and merged[0].applied_step == 9999
 
 
+def test_the_listeners_values_at_the_jobs_step_do_not_hide_the_jobs_points(harness: Harness) -> None:
+    # The listener logs its atm/* values at the job's current step, the step of the job's next metrics:
+    # those metrics are still the first the job logged after the change.
+    rid = harness.new_run()
+    harness.log(rid, "val_loss", 1.0, 190)
+    backend, channel = harness.backend(), harness.channel(rid)
+    backend.reserve_seq(rid, 1)
+    rec = record(rid, 1, step=190)
+    backend.publish(rec)
+    channel.ack(Ack(run_id=rid, seq=1, status="applied", applied_step=197, values={"lr": 5e-4}))
+    channel.log_values({"lr": 5e-4}, 200)
+    for s in (200, 210):
+        harness.log(rid, "val_loss", 0.9, s)
+    merged, _ = reconcile([rec], backend.poll(rid))
+    assert merged[0].status == Status.APPLIED and merged[0].effective_step == 200
+
+
 def test_listener_info_and_applied_value_metrics(harness: Harness) -> None:
     rid = harness.new_run()
     channel = harness.channel(rid)

@@ -7,6 +7,7 @@ the run wandb will sync (every record of the transaction log, tags, charts, tabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from atm.adapters._wandb._txlog import FILE_HEADER, LogTail, RunLog
 from atm.adapters.wandb_backend import UnreadableRun, WandbBackend, WandbChannel, run_status
 from atm.schema import Ack, Change, DecisionRecord, Diagnosis, Status, Update
 from atm.training.listener import Knob, Listener
+from atm.watcher.reconcile import reconcile
 
 T = TypeVar("T")
 
@@ -496,6 +498,52 @@ def test_default_flush_interval_still_delivers_everything(tmp_path: Path) -> Non
             job.kill()
     assert [s for s, _ in view.history["loss"]] == list(range(400))
     assert len({n for n in seen if 0 < n < 400}) >= 1, f"points arrive in flushes while the job runs: {seen}"
+
+
+HF_STYLE_JOB = r'''
+"""A job that logs like the HF Trainer (one row a log call, no step=, its own x axis declared) and what
+its listener writes into it: the job logs at 190, the listener applies a change (its ack's wall time
+goes to a file), writes its values at the job's step then (197) into the row the job opens next, then
+the job logs its train and eval rows at 200 (the listener's table joins the eval row) and one at 210."""
+import json, sys, time
+from pathlib import Path
+import wandb
+from atm.adapters._wandb._ui import RunUI, TABLE_COLUMNS, TABLE_KEY
+run = wandb.init(mode="offline", dir=sys.argv[1], project="hf-style")
+run.define_metric("train/global_step")
+run.define_metric("*", step_metric="train/global_step", step_sync=True)
+ui = RunUI(run, Path(run.dir), online=False)
+run.log({"train/loss": 1.0, "train/global_step": 190})
+time.sleep(0.3)
+applied_at = time.time()
+ui.log_values({"lr": 0.003}, 197)
+time.sleep(0.3)
+run.log({"train/loss": 0.9, "train/global_step": 200})
+run.log({TABLE_KEY: wandb.Table(columns=TABLE_COLUMNS, data=[[1] * len(TABLE_COLUMNS)])}, commit=False)
+run.log({"eval/loss": 1.1, "train/global_step": 200})
+time.sleep(0.3)
+run.log({"train/loss": 0.8, "train/global_step": 210})
+json.dump({"run_id": run.id, "applied_at": applied_at}, open(sys.argv[1] + "/job.json", "w"))
+run.finish()
+'''
+
+
+def test_a_change_applied_between_two_rows_takes_effect_at_the_next_rows_step(tmp_path: Path) -> None:
+    """The listener's values share the row the job logs next, and that row is the job's first after the
+    change: effective_step is its step (200), not the step of the first row the listener left alone (210)."""
+    script = tmp_path / "job.py"
+    script.write_text(HF_STYLE_JOB)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120,
+                   env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline",
+                            WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL="1"))
+    job = json.loads((tmp_path / "job.json").read_text())
+    view = WandbBackend(tmp_path / "wandb").poll(job["run_id"])
+    assert [s for s, _ in view.history["train/loss"]] == [190, 200, 210]
+    assert [s for s, _ in view.history["atm/lr"]] == [197]
+    ack = Ack(run_id=job["run_id"], seq=1, status="applied", applied_step=197, applied_at=job["applied_at"],
+              values={"lr": 0.003})
+    (rec,), _ = reconcile([record(job["run_id"], 1, step=190)], dataclasses.replace(view, acks={1: ack}))
+    assert rec.status == Status.APPLIED and rec.effective_step == 200, list(view.timeline)
 
 
 WANDB_OVERFIT_JOB = r'''

@@ -281,13 +281,27 @@ class RunLog:
                 continue  # _runtime and W&B's own bookkeeping
             self.history.setdefault(key, PointSeries()).append((atm_istep if key.startswith("atm/") else istep, value))
             added += 1
-        # A row the listener wrote into (values or the table, commit=False, so they join the job's open
-        # row) is stamped when that row closes, after the change: it would place the change one
-        # evaluation early.
-        touched = any((item.nested_key[0] if item.nested_key else item.key).startswith("atm/") for item in hist.item)
-        if ts is not None and math.isfinite(ts) and not touched and any(not k.startswith(("_", "atm/")) for k in values):
+        if ts is not None and math.isfinite(ts) and self._times_the_job(hist, values, istep, atm_step):
             self.timeline.add([(ts, istep)])
         return added
+
+    def _times_the_job(self, hist: pb.HistoryRecord, values: dict[str, float], istep: int, atm_step: float | None) -> bool:
+        """Whether a row's stamp is when the job logged its metrics at the row's step."""
+        # A row of atm/* values alone is the listener's: its stamp says when a change was applied, not
+        # when the job logged anything. (step_sync fills the declared step into such a row too.)
+        if not any(not k.startswith(("_", "atm/")) and k != self.step_metric for k in values):
+            return False
+        listener_wrote = any((item.nested_key[0] if item.nested_key else item.key).startswith("atm/") for item in hist.item)
+        if not listener_wrote:
+            return True
+        # W&B stamps a row with its last write. The listener writes with commit=False, into the job's
+        # open row: where the job had already logged that row's metrics (step= given, the row open
+        # until the next step), the stamp is the listener's, after the change, and counting the row
+        # would place the change one evaluation early. But a row whose step is past the step the
+        # listener wrote at (atm/step) was logged by a job that had not reached that step when the
+        # listener wrote: its metrics came last and the stamp is theirs (the HF Trainer's rows, logged
+        # without step=). Left out, the change would be placed one evaluation late.
+        return atm_step is not None and math.isfinite(atm_step) and istep > atm_step
 
 
 def history_values(hist: pb.HistoryRecord) -> dict[str, float]:
