@@ -306,10 +306,8 @@ class _CNN(nn.Module):
 
 def cnn_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, channels: int = 8,
             schedule: str = "constant", total: int = 600, warmup: int = 0) -> Job:
-    x_tr, y_tr, x_va, y_va = _images(n_train)
-    model = _CNN(channels, dropout)
-    return _indexed_job(model, (x_tr, y_tr, x_va, y_va), F.cross_entropy, batch=32, opt=opt, lr=lr, wd=wd,
-                        schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(_CNN(channels, dropout), _images(n_train), F.cross_entropy, batch=32, opt=opt, lr=lr,
+                        wd=wd, schedule=schedule, total=total, warmup=warmup)
 
 
 def cnn_recipes() -> list[Recipe]:
@@ -424,10 +422,8 @@ class _Factors(nn.Module):
 
 def mf_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, dim: int = 16,
            schedule: str = "constant", total: int = 800, warmup: int = 0) -> Job:
-    ui_tr, r_tr, ui_va, r_va = _ratings(n_train)
-    model = _Factors(300, 200, dim, dropout)
-    return _indexed_job(model, (ui_tr, r_tr, ui_va, r_va), F.mse_loss, batch=64, opt=opt, lr=lr, wd=wd,
-                        schedule=schedule, total=total, warmup=warmup)
+    return _indexed_job(_Factors(300, 200, dim, dropout), _ratings(n_train), F.mse_loss, batch=64, opt=opt, lr=lr,
+                        wd=wd, schedule=schedule, total=total, warmup=warmup)
 
 
 def mf_recipes() -> list[Recipe]:
