@@ -144,7 +144,7 @@ ROLES: dict[str, str] = {
     "train_loss": "training loss",
     "val_loss": "validation loss",
     "grad_norm": "gradient norm",
-    "lr": "learning rate in force (the listener logs it as atm/lr)",
+    "lr": "learning rate in force (the job's own lr metric, or the listener's atm/lr)",
     "loss_components": "parts of the loss (a pattern such as loss/*)",
     "return": "RL episode return",
     "success": "RL success rate (0-1)",

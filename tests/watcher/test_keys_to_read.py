@@ -52,11 +52,13 @@ def test_the_keys_read_resolve_to_the_roles_of_every_key(policy_name: str, mix: 
 
 
 def test_what_is_read_of_common_scripts() -> None:
-    assert _read("lm", [*HF_TRAINER, *NOISE]) == ["atm/dropout", "atm/lr", "eval_loss", "grad_norm", "train_loss"]
+    # The job's own lr comes first for the lr role (learning_rate too, were lr not logged).
+    assert _read("lm", [*HF_TRAINER, *NOISE]) == ["atm/dropout", "atm/lr", "eval_loss", "grad_norm", "lr", "train_loss"]
+    assert _read("lm", HF_TRAINER) == ["eval_loss", "grad_norm", "learning_rate", "train_loss"]
     # Lightning: loss/* and train/loss_* are loss components (loss/val too, as val_loss is logged).
     assert _read("lm", [*LIGHTNING, *NOISE]) == [
-        "atm/dropout", "atm/lr", "grad_norm/total", "loss/ce", "loss/kl", "loss/val", "train/loss_aux", "train/loss_ce",
-        "train_loss_epoch", "val_loss"]
+        "atm/dropout", "atm/lr", "grad_norm/total", "loss/ce", "loss/kl", "loss/val", "lr", "train/loss_aux",
+        "train/loss_ce", "train_loss_epoch", "val_loss"]
     assert _read("rl-ppo", [*SB3, *NOISE]) == [
         "atm/dropout", "atm/lr", "eval/mean_ep_length", "eval/mean_reward", "rollout/success_rate", "train/approx_kl",
         "train/clip_fraction", "train/entropy_loss", "train/explained_variance", "train/std", "train/value_loss"]
