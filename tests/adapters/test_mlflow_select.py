@@ -16,7 +16,7 @@ from atm.policies import load_policy
 from atm.watcher.poll import keys_to_read
 
 MAPPED = ("train_loss", "val_loss", "grad_norm")
-UNMAPPED = ("lr", "epoch", "throughput/tokens_per_s", "memory/allocated_gb", *(f"grad_norm/layer_{i}" for i in range(16)))
+UNMAPPED = ("samples_per_s", "epoch", "throughput/tokens_per_s", "memory/allocated_gb", *(f"grad_norm/layer_{i}" for i in range(16)))
 #: The job's first point (ms), after the listener's atm/lr point (logged at the time it runs).
 T0 = int(time.time() * 1000) + 60_000
 
@@ -79,11 +79,11 @@ def test_only_the_keys_picked_are_read_and_every_key_is_listed(mlflow_uri: str,
     assert view.last_metric_time == pytest.approx((T0 + 44_000) / 1000)
 
     # A key picked later (the run's keys changed what the policy reads) is read from its first point.
-    view = backend.poll(rid, select=lambda keys: {*select(keys), "lr"})
-    assert window_reads == [("lr", 0, 44)]
-    assert [s for s, _ in view.history["lr"]] == list(range(45))
-    stored = client.get_metric_history(rid, "lr")
-    assert view.history["lr"] == sorted((m.step, pytest.approx(m.value)) for m in stored)
+    view = backend.poll(rid, select=lambda keys: {*select(keys), "samples_per_s"})
+    assert window_reads == [("samples_per_s", 0, 44)]
+    assert [s for s, _ in view.history["samples_per_s"]] == list(range(45))
+    stored = client.get_metric_history(rid, "samples_per_s")
+    assert view.history["samples_per_s"] == sorted((m.step, pytest.approx(m.value)) for m in stored)
 
     # No select: every key, as `atm explain` and `atm history` read a run.
     whole = MlflowBackend(mlflow_uri).poll(rid)
