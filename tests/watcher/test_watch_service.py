@@ -94,4 +94,6 @@ def test_a_replica_serves_metrics_and_health_and_stops_on_sigterm(mlflow_uri: st
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "2 workers, shard 1/2" in out and f"metrics on :{port}" in out
+    # The banner is a log line, on stderr like every other line of atm-watch without its table.
+    said = out + err
+    assert "2 workers, shard 1/2" in said and f"metrics on :{port}" in said
