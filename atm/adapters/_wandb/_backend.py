@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,17 +286,12 @@ class WandbBackend:
         if "/" in experiment:
             return online_runs(experiment, self._api, Pacer(self.min_request_interval), running=True)
         out: list[str] = []
-        now = self.clock()
-        for run_dir in run_dirs(self.wandb_dir):
-            layout = RunLayout(run_dir)
-            path = layout.transaction_log()
+        for layout, path in self._local_runs(experiment, idle_after=self.clock() - self.idle_seconds):
             try:
-                if path is None or now - path.stat().st_mtime > self.idle_seconds:
-                    continue
-                if self._project(path) != experiment or exit_code_at_end(path) is not None:
+                if exit_code_at_end(path) is not None:
                     continue
             except (OSError, LogFormatError) as exc:
-                log.debug("skipping %s: %s", run_dir, exc)
+                log.debug("skipping %s: %s", layout.run_dir, exc)
                 continue
             info = _LocalRun(layout, self.keys).listener()
             if info is not None and process_alive(info.pid, info.host) is False:
@@ -311,15 +306,7 @@ class WandbBackend:
         if "/" in experiment:
             return online_runs(experiment, self._api, Pacer(self.min_request_interval), running=False)
         out: list[str] = []
-        for run_dir in run_dirs(self.wandb_dir):
-            layout = RunLayout(run_dir)
-            path = layout.transaction_log()
-            try:
-                if path is None or self._project(path) != experiment:
-                    continue
-            except (OSError, LogFormatError) as exc:
-                log.debug("skipping %s: %s", run_dir, exc)
-                continue
+        for layout, _ in self._local_runs(experiment):
             if layout.run_id not in out:
                 out.append(layout.run_id)
         if not out:
@@ -327,6 +314,24 @@ class WandbBackend:
             raise RunNotFound(f"no W&B run of project {experiment!r} under {self.wandb_dir.resolve()}; pass --wandb-dir "
                               "(the folder holding the job's offline-run-* folders), or entity/project for online runs")
         return out
+
+    def _local_runs(self, experiment: str, idle_after: float | None = None) -> Iterator[tuple[RunLayout, Path]]:
+        """The offline run folders under ``wandb_dir`` of project ``experiment``, with their transaction
+        logs; with ``idle_after``, only those whose log was written after that time (checked first: it
+        costs a stat, where the project costs reading the log's run record). A folder that cannot be
+        read is skipped."""
+        for run_dir in run_dirs(self.wandb_dir):
+            layout = RunLayout(run_dir)
+            path = layout.transaction_log()
+            try:
+                if path is None or (idle_after is not None and path.stat().st_mtime < idle_after):
+                    continue
+                if self._project(path) != experiment:
+                    continue
+            except (OSError, LogFormatError) as exc:
+                log.debug("skipping %s: %s", run_dir, exc)
+                continue
+            yield layout, path
 
     def _project(self, path: Path) -> str:
         if path not in self._projects:
