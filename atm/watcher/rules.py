@@ -31,8 +31,9 @@ class Thresholds:
     overfit_rise: float = 0.03
     #: ... while the train/val gap keeps widening (gap slope per 1000 steps above this).
     overfit_gap_slope: float = 0.0
-    #: An lr (the ``lr`` role: the listener's ``atm/lr``) that rose by more than this share across its
-    #: trailing window and is at its highest: the schedule's warm-up, left alone but for divergence.
+    #: An lr (the ``lr`` role: the job's own lr metric, else the listener's ``atm/lr``) that rose by more
+    #: than this share across its trailing window and is at its highest: the schedule's warm-up, left
+    #: alone but for divergence.
     warmup_lr_rise: float = 0.01
     #: Divergence: training loss gave back this share of its progress, or a gradient-norm spike this large.
     diverge_lost: float = 0.5
@@ -554,10 +555,10 @@ def _dropout_overregularized(snap: TelemetrySnapshot, t: Thresholds) -> str:
     if dropout <= 0 or val is None or "gap_mean" not in sig:
         return ""
     mean, ci = float(sig["gap_mean"]), float(sig.get("gap_mean_ci", math.inf))
-    evals = min(val.n, WINDOW)
-    per_eval = max(float(sig.get("window_improvement", 0.0)), 0.0) / max(evals - 1, 1)
+    window = min(val.n, WINDOW)
+    per_eval = max(float(sig.get("window_improvement", 0.0)), 0.0) / max(window - 1, 1)
     # The evaluations the gap was read over: fewer than the window after a rollback or a dropout change.
-    evals = int(sig.get("gap_evals", evals))
+    evals = int(sig.get("gap_evals", window))
     if mean + ci >= 0 or -mean <= per_eval:
         return ""
     if dropout < 1 and -mean > t.dropout_gap_bound * dropout / (1 - dropout):
