@@ -205,6 +205,7 @@ class BranchRecipe(Protocol):
     family: str
     run: str
     condition: str
+    steps: int
     horizon: int
     seed: int
     policy: str
@@ -366,15 +367,26 @@ def follow_up(recipe: Recipe, job: Job, point: Point, policy: Policy, evals: int
 
 def branch(job: Branchable, point: Point, move: Move, seed: int, horizon: int) -> float:
     """The evaluation metric after ``horizon`` steps from ``point`` with ``move`` applied, on data order ``seed``."""
+    return branch_to(job, point, move, seed, [horizon])[0]
+
+
+def branch_to(job: Branchable, point: Point, move: Move, seed: int, horizons: Sequence[int]) -> list[float]:
+    """The evaluation metric ``h`` steps after ``point`` for each ``h`` of ``horizons`` (ascending), on one
+    branch with ``move`` applied and data order ``seed``: the first value is what :func:`branch` gives
+    for the first horizon, the branch simply trains on. A stop keeps the point's value throughout."""
     if move.action == Action.STOP:
-        return point.value
+        return [point.value for _ in horizons]
     job.load(point.checkpoint)
     if move.action == Action.ROLLBACK:
         job.load(point.best, weights_only=True)
     job.apply(move.changes)
     job.reseed(seed)
-    job.train(horizon)
-    return job.evaluate()
+    out, done = [], 0
+    for h in horizons:
+        job.train(h - done)
+        done = h
+        out.append(job.evaluate())
+    return out
 
 
 def recipe_lines(
@@ -388,6 +400,7 @@ def recipe_lines(
     on_line: Callable[[DatasetLine], None] | None = None,
     only: Sequence[int] | None = None,
     follow_ups: bool = False,
+    to_end: bool = False,
 ) -> list[DatasetLine]:
     """Every decision point of one recipe, branched and labelled.
 
@@ -399,6 +412,8 @@ def recipe_lines(
         only: branch only the points of these indices (to share one run's points among processes).
         follow_ups: also branch, after each point where the rules applied a remedy, a follow-up point
             while that remedy is in effect but not yet measured (:func:`follow_up`; supervised recipes).
+        to_end: carry every branch on to the run's last step (``recipe.steps``) and keep its outcome
+            there too (``at_end``), where the horizon ends before it.
     """
     policy = policy or recipe.policy
     pol = load_policy(policy)
@@ -411,14 +426,20 @@ def recipe_lines(
             lines.append(finished[pt.index])
             return
         moves = candidate_moves(pol, pt, recipe.run, earlier)
+        end = recipe.steps - pt.step if to_end and recipe.steps - pt.step > recipe.horizon else None
+        horizons = [recipe.horizon] + ([end] if end else [])
         outcomes: dict[str, tuple[Move, list[float]]] = {}
+        ends: dict[str, list[float]] = {}
         for mv in moves:
             # Seeds differ per point but are shared by the moves of a point: moves are compared on the same data.
-            outs = [branch(job, pt, mv, 1000 * (recipe.seed + 1) + 17 * pt.index + s, recipe.horizon)
+            outs = [branch_to(job, pt, mv, 1000 * (recipe.seed + 1) + 17 * pt.index + s, horizons)
                     for s in range(seeds)]
-            outcomes[mv.key] = (mv, outs)
+            outcomes[mv.key] = (mv, [o[0] for o in outs])
+            if end:
+                ends[mv.key] = [o[1] for o in outs]
+        extra: dict[str, Any] = {"at_end": ends, "end_step": recipe.steps} if end else {}
         line = make_line(
-            outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better,
+            outcomes=outcomes, ceiling=ceiling, higher_is_better=recipe.higher_is_better, **extra,
             resolution=recipe.resolution, family=recipe.family,
             run=recipe.run, condition=recipe.condition, split=split, point=pt.index, policy=policy, step=pt.step,
             history=pt.history, params=pt.params, horizon=recipe.horizon, seeds=seeds, earlier=list(earlier),
@@ -463,6 +484,7 @@ def generate(
     keep: Sequence[DatasetLine] = (),
     only: Sequence[int] | None = None,
     follow_ups: bool = False,
+    to_end: bool = False,
 ) -> list[DatasetLine]:
     """Branch and label every (recipe, split) and write the dataset to ``out`` (JSON Lines, ``.gz`` compressed),
     rewritten after each decision point so that an interrupted run keeps what it finished.
@@ -473,6 +495,7 @@ def generate(
             in ``recipes`` (an interrupted generation) are not branched again.
         only: the point indices to branch (default: all).
         follow_ups: also branch follow-up points (see :func:`recipe_lines`).
+        to_end: also measure every branch at the run's end (see :func:`recipe_lines`).
     """
     torch.set_num_threads(1)
     names = {r.run for r, _ in recipes}
@@ -487,12 +510,15 @@ def generate(
         write_dataset(kept + lines + [ln for ln in keep if ln.run in names and (ln.run, ln.point) not in made], out)
 
     for recipe, split in recipes:
-        done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds]
+        # With to_end, a kept point branched to its horizon only is branched again (unless its horizon
+        # already reaches the run's end).
+        done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds
+                and (not to_end or ln.has_end or ln.step + ln.horizon >= recipe.steps)]
         if progress is not None and done:
             progress(f"{recipe.family}/{recipe.run}: points {sorted(ln.point for ln in done)} kept from {out}")
         before = len(lines)
         made = recipe_lines(recipe, split, policy=policy, seeds=seeds, progress=progress, done=done, on_line=save,
-                            only=only, follow_ups=follow_ups)
+                            only=only, follow_ups=follow_ups, to_end=to_end)
         # The kept points of this run, in their place among the new ones.
         lines[before:] = made
         write_dataset(kept + lines, out)

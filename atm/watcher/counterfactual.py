@@ -96,11 +96,15 @@ class MoveOutcome(_Strict):
     outcomes: list[float] = Field(min_length=1)
     mean: float
     label: MoveLabel
+    #: The same branches carried on to the end of the run (the line's ``end_step``), one per seed; absent
+    #: when the line was branched to its horizon only. What a user keeps is the run's end: a move that
+    #: helps over a short horizon (a smaller step lowers the loss at once) can cost by then.
+    at_end: list[float] | None = None
 
-    @field_validator("outcomes")
+    @field_validator("outcomes", "at_end")
     @classmethod
-    def _finite(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
+    def _finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
             raise ValueError("outcomes must be finite (cap a diverged branch at the line's `ceiling`)")
         return v
 
@@ -157,6 +161,8 @@ class DatasetLine(_Strict):
     #: Interventions already applied at this point (a follow-up point, see :class:`Earlier`); empty on
     #: the points of the main run.
     earlier: list[Earlier] = Field(default_factory=list)
+    #: The run's last step, where each move's ``at_end`` outcomes were measured; absent when they were not.
+    end_step: int | None = None
 
     @field_validator("history")
     @classmethod
@@ -176,9 +182,18 @@ class DatasetLine(_Strict):
             raise ValueError("`moves` must hold exactly one no-op move")
         if len(set(keys)) != len(keys):
             raise ValueError(f"`moves` repeats a move: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+        ends = [m.at_end is not None for m in self.moves]
+        if any(ends) and not all(ends):
+            raise ValueError("`at_end`: every move needs its outcomes at the run's end, or none")
+        if all(ends) and self.end_step is None:
+            raise ValueError("`at_end` outcomes need `end_step`, the step they were measured at")
+        if self.end_step is not None and self.end_step <= self.step + self.horizon - 1:
+            raise ValueError(f"`end_step` {self.end_step} is not after the horizon (step {self.step} + {self.horizon})")
         for m in self.moves:
             if len(m.outcomes) != self.seeds:
                 raise ValueError(f"move {m.move.key}: {len(m.outcomes)} outcomes for {self.seeds} seeds")
+            if m.at_end is not None and len(m.at_end) != self.seeds:
+                raise ValueError(f"move {m.move.key}: {len(m.at_end)} `at_end` outcomes for {self.seeds} seeds")
             unknown = set(m.move.changes) - set(self.params)
             if unknown:
                 raise ValueError(f"move {m.move.key}: parameters {sorted(unknown)} are not in `params`")
@@ -196,6 +211,29 @@ class DatasetLine(_Strict):
 
     def outcome(self, key: str) -> MoveOutcome | None:
         return next((m for m in self.moves if m.move.key == key), None)
+
+    @property
+    def has_end(self) -> bool:
+        return self.end_step is not None and all(m.at_end is not None for m in self.moves)
+
+
+def at_run_end(line: DatasetLine) -> DatasetLine:
+    """The line as if it had been branched to the end of the run: each move's outcomes at ``end_step``,
+    labelled by the same rule as at the horizon (:func:`label_moves`). Pure.
+
+    Raises:
+        DatasetError: the line has no outcomes at the run's end (``generate.py --to-end`` makes them).
+    """
+    if not line.has_end:
+        raise DatasetError(f"{line.family}/{line.run} point {line.point} was branched to its horizon only; "
+                           "generate.py --to-end branches to the run's end")
+    assert line.end_step is not None
+    ends = {m.move.key: list(m.at_end or []) for m in line.moves}
+    per_move, labels = label_moves(ends, higher_is_better=line.higher_is_better, resolution=line.resolution)
+    moves = [MoveOutcome(move=m.move, outcomes=ends[m.move.key], mean=statistics.fmean(ends[m.move.key]),
+                         label=per_move[m.move.key]) for m in line.moves]
+    return line.model_copy(update={"moves": moves, "labels": labels, "horizon": line.end_step - line.step,
+                                   "end_step": None})
 
 
 # --------------------------------------------------------------------------- labels
@@ -247,9 +285,10 @@ def label_moves(
 
 def make_line(
     *, outcomes: dict[str, tuple[Move, Sequence[float]]], ceiling: float, higher_is_better: bool = False,
-    resolution: float = 0.0, **fields: Any,
+    resolution: float = 0.0, at_end: dict[str, Sequence[float]] | None = None, **fields: Any,
 ) -> DatasetLine:
-    """A dataset line from the moves' per-seed outcomes (none counted worse than ``ceiling``), labelled. Pure."""
+    """A dataset line from the moves' per-seed outcomes (none counted worse than ``ceiling``), labelled;
+    ``at_end``: the same branches' outcomes at the run's end (``end_step`` among ``fields``). Pure."""
     worst = max if higher_is_better else min
 
     def cap(x: float) -> float:
@@ -257,8 +296,10 @@ def make_line(
 
     capped = {k: [cap(x) for x in v] for k, (_, v) in outcomes.items()}
     per_move, labels = label_moves(capped, higher_is_better=higher_is_better, resolution=resolution)
+    ends = {k: [cap(x) for x in v] for k, v in (at_end or {}).items()}
     moves = [
-        MoveOutcome(move=mv, outcomes=capped[k], mean=statistics.fmean(capped[k]), label=per_move[k])
+        MoveOutcome(move=mv, outcomes=capped[k], mean=statistics.fmean(capped[k]), label=per_move[k],
+                    at_end=ends.get(k))
         for k, (mv, _) in outcomes.items()
     ]
     return DatasetLine(ceiling=ceiling, higher_is_better=higher_is_better, resolution=resolution, moves=moves,
@@ -572,6 +613,27 @@ def score_dataset(
     )
 
 
+#: When a move is judged: at the branch's horizon (as labelled), or at the end of the run.
+HORIZONS = ("branch", "end")
+
+
+def judged_at(lines: Sequence[DatasetLine], horizon: str) -> list[DatasetLine]:
+    """The lines as judged at ``horizon``: as labelled (``branch``), or at the run's end (``end``: only
+    the lines branched that far, see :func:`at_run_end`). Pure.
+
+    Raises:
+        DatasetError: an unknown horizon, or none of the lines reaches the run's end.
+    """
+    if horizon not in HORIZONS:
+        raise DatasetError(f"horizon must be one of {', '.join(HORIZONS)}, got {horizon!r}")
+    if horizon == "branch":
+        return list(lines)
+    out = [at_run_end(ln) for ln in lines if ln.has_end]
+    if not out:
+        raise DatasetError("none of these lines was branched to the run's end; generate.py --to-end makes them")
+    return out
+
+
 #: Which decision points :func:`select` takes: the main runs' points, the follow-up points, or both.
 POINTS = ("all", "main", "follow-ups")
 
@@ -637,6 +699,7 @@ def format_dataset_reports(reports: Sequence[DatasetReport]) -> str:
 
 __all__ = [
     "BASELINES",
+    "HORIZONS",
     "NOOP",
     "POINTS",
     "Choice",
@@ -649,8 +712,10 @@ __all__ = [
     "MoveOutcome",
     "Rates",
     "applied",
+    "at_run_end",
     "chosen_key",
     "format_dataset_reports",
+    "judged_at",
     "label_moves",
     "line_situation",
     "load_dataset",

@@ -407,6 +407,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "effect, not yet measured), or both (default: %(default)s)",
     )
     p.add_argument(
+        "--horizon",
+        choices=("branch", "end"),
+        default="branch",
+        help="with --dataset: judge moves at the branches' horizon, or at the run's end (only the points "
+        "generate.py --to-end branched that far) (default: %(default)s)",
+    )
+    p.add_argument(
         "--policy",
         default=None,
         help="with --dataset: decide under this preset or policy file instead of each line's own "
@@ -451,13 +458,14 @@ def dataset_command(args: argparse.Namespace) -> int:
         BASELINES,
         DatasetError,
         format_dataset_reports,
+        judged_at,
         load_dataset,
         score_dataset,
         select,
     )
 
     try:
-        lines = select(load_dataset(args.dataset), args.split, args.points)
+        lines = judged_at(select(load_dataset(args.dataset), args.split, args.points), args.horizon)
         if args.policy:
             load_policy(args.policy)  # a bad policy is named before any decision is made
         proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)

@@ -4,7 +4,9 @@ Usage:
     nice -n 19 python benchmarks/counterfactual/generate.py                 # every family, 3 seeds
     nice -n 19 python benchmarks/counterfactual/generate.py --families cartpole --extend
     nice -n 19 python benchmarks/counterfactual/generate.py --families mlp --extend --follow-ups
+    nice -n 19 python benchmarks/counterfactual/generate.py --families mlp --extend --follow-ups --to-end
     python benchmarks/counterfactual/generate.py --families mlp --seeds 2 --out /tmp/mlp.jsonl
+    python benchmarks/counterfactual/generate.py --merge /tmp/a.jsonl.gz /tmp/b.jsonl.gz   # side-by-side processes
 
 Writes benchmarks/counterfactual/dataset.jsonl.gz (one line per decision point; schema in
 atm/watcher/counterfactual.py), rewritten after each decision point. ``--extend`` keeps the lines
@@ -24,7 +26,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from atm.bench.counterfactual import generate
 from atm.bench.counterfactual_families import FAMILIES, recipes
-from atm.watcher.counterfactual import DatasetError, DatasetLine, load_dataset
+from atm.watcher.counterfactual import DatasetError, DatasetLine, load_dataset, write_dataset
 
 DEFAULT_OUT = HERE / "dataset.jsonl.gz"
 
@@ -43,10 +45,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="also branch a follow-up point 2 evaluations after each point where the rules applied a "
                         "remedy, while it is in effect but not yet measured (what limits.settle decides on); "
                         "supervised families")
+    p.add_argument("--to-end", action="store_true",
+                   help="carry every branch on to the run's last step and keep its outcome there too (at_end; "
+                        "atm eval --horizon end scores on it); costs about 3x the branching")
+    p.add_argument("--merge", nargs="+", metavar="FILE", default=None,
+                   help="generate nothing: put the lines of these files (made by processes side by side, each "
+                        "with its own --out) into --out, replacing its lines of the same run and point, and say "
+                        "how many of those kept their outcomes at the horizon")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
     t0 = time.time()
+    if args.merge:
+        return merge(args.out, args.merge)
     try:
         todo = recipes([f for f in args.families.split(",") if f])
     except ValueError as exc:
@@ -69,9 +80,36 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     only = [int(i) for i in args.points.split(",")] if args.points else None
     lines = generate(todo, args.out, policy=args.policy, seeds=args.seeds, keep=keep, only=only,
-                     follow_ups=args.follow_ups, progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
+                     follow_ups=args.follow_ups, to_end=args.to_end, progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
     print(f"{len(lines)} decision points, {sum(len(ln.moves) for ln in lines)} moves -> {args.out} "
           f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+def merge(out: str, files: list[str]) -> int:
+    """Lines of ``files`` into ``out``, in its order (new runs and points after); a replaced line whose
+    outcomes at the horizon changed is named (branches are deterministic: a change means the code or the
+    library changed what a run does)."""
+    try:
+        base = load_dataset(out) if Path(out).exists() else []
+        new = {(ln.run, ln.point): ln for f in files for ln in load_dataset(f)}
+    except DatasetError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    merged, same, changed = [], 0, []
+    for ln in base:
+        repl = new.pop((ln.run, ln.point), None)
+        if repl is not None:
+            if [(m.move.key, m.outcomes) for m in repl.moves] == [(m.move.key, m.outcomes) for m in ln.moves]:
+                same += 1
+            else:
+                changed.append(f"{ln.run}#{ln.point}")
+        merged.append(repl or ln)
+    merged += new.values()
+    write_dataset(merged, out)
+    replaced = same + len(changed)
+    print(f"{len(merged)} lines -> {out}: {replaced} replaced ({same} with the same outcomes at the horizon"
+          + (f"; changed: {', '.join(changed)}" if changed else "") + f"), {len(new)} added")
     return 0
 
 

@@ -4,6 +4,9 @@ Usage:
     python benchmarks/counterfactual/score.py                      # rules + fixed strategies, test and train splits
     python benchmarks/counterfactual/score.py --llm --split test   # the embedded LLM too (seconds per decision)
 
+Points branched on to the run's end (generate.py --to-end) are scored there too ("at the run's end" rows;
+``atm eval --dataset ... --horizon end``), beside the same points at the branch horizon.
+
 Writes benchmarks/results/counterfactual.json and .md and prints the table (the same figures as
 ``atm eval --dataset benchmarks/counterfactual/dataset.jsonl.gz --split test``).
 """
@@ -23,8 +26,10 @@ from _common import write
 
 from atm.watcher.counterfactual import (
     BASELINES,
+    DatasetLine,
     DatasetReport,
     Rates,
+    at_run_end,
     load_dataset,
     rates,
     rates_row,
@@ -61,6 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         for r in reports[split][: len(kinds)]:
             for diag, diag_rates in r.by_diagnosis.items():
                 table.append([split, *rates_row(f"{r.proposer}, diagnosis {diag}", diag_rates)])
+    # The same decisions judged at the run's end, on the points branched that far, beside the same
+    # points at the horizon: does a move that helps over the horizon still help when the run is over?
+    at_end: dict[str, dict[str, object]] = {}
+    end_notes = ""
+    for split in reports:
+        here = [ln for ln in select(lines, split, "main") if ln.has_end]
+        if not here:
+            continue
+        ended = [at_run_end(ln) for ln in here]
+        for label, chosen in ((f"{split}, {len(here)} points at the horizon", here), (f"{split}, the same at the run's end", ended)):
+            rs = [score_dataset(pr, chosen, dataset=shown_name, split=split)
+                  for pr in [make_proposer(k) for k in kinds] + [make() for make in BASELINES.values()]]
+            table += [[label, *rates_row(r.proposer, r.summary)] for r in rs]
+            if "run's end" in label:
+                table += [[label, *rates_row(f"{r.proposer}, family {fam}", fr)]
+                          for r in rs[: len(kinds)] for fam, fr in r.by_family.items()]
+                at_end[split] = {"reports": [r.model_dump(mode="json") for r in rs], "agreement": agreement(here)}
+        ag = agreement(here)
+        end_notes += (f" At the run's end ({split}, {len(here)} points, generate.py --to-end): the horizon's best move is "
+                  f"acceptable there at {ag['best_still_acceptable']:.0%} of points; of {ag['helped']} moves that helped "
+                  f"over the horizon, {ag['helped_then_hurt']} hurt by the end; no-op acceptable at "
+                  f"{ag['noop_acceptable_horizon']:.0%} of points at the horizon, {ag['noop_acceptable_end']:.0%} at the end.")
     families = {split: sorted({ln.family for ln in select(lines, split)}) for split in reports}
     notes = (
         f"Dataset: {shown_name}, {len(lines)} decision points; families by split: {families}. "
@@ -68,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "Regret: the chosen move's mean outcome minus the best move's, in units of the point's noise "
         "(the seeds' pooled spread)."
     )
+    notes += end_notes
     # limits.settle on the follow-up points (a remedy in effect, not yet measured), every split: the
     # rules as they decide under each line's policy, and under the same with settle off.
     follow = [ln for ln in lines if ln.earlier]
@@ -92,12 +120,29 @@ def main(argv: list[str] | None = None) -> int:
     write("counterfactual",
           {"dataset": shown_name, "families": families,
            "reports": {s: [r.model_dump(mode="json") for r in rs] for s, rs in reports.items()},
-           "settle_follow_ups": {k: r.model_dump(mode="json") for k, r in settle.items()}},
+           "settle_follow_ups": {k: r.model_dump(mode="json") for k, r in settle.items()},
+           "at_run_end": at_end},
           table,
           ["split", "proposer", "n", "acceptable", "harmful", "no-op precision", "no-op recall",
            "mean regret (noise units)"],
           notes)
     return 0
+
+
+def agreement(lines: list[DatasetLine]) -> dict[str, float | int]:
+    """How the labels at the horizon hold at the run's end, over lines branched that far. Pure."""
+    ended = [at_run_end(ln) for ln in lines]
+    best_ok = sum(any(k in e.labels.acceptable for k in ln.labels.best) for ln, e in zip(lines, ended))
+    helped = [(m.move.key, e) for ln, e in zip(lines, ended) for m in ln.moves if m.label == "helped"]
+    flipped = sum(e.outcome(k).label == "hurt" for k, e in helped)  # type: ignore[union-attr]
+    return {
+        "points": len(lines),
+        "best_still_acceptable": best_ok / len(lines),
+        "helped": len(helped),
+        "helped_then_hurt": flipped,
+        "noop_acceptable_horizon": sum("noop" in ln.labels.acceptable for ln in lines) / len(lines),
+        "noop_acceptable_end": sum("noop" in e.labels.acceptable for e in ended) / len(lines),
+    }
 
 
 if __name__ == "__main__":

@@ -142,3 +142,53 @@ def test_the_sequence_family_trains_and_its_dropout_knob_reaches_every_encoder_l
     drops = [m for m in job.model.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) >= 6 and all(d.p == 0.3 for d in drops)  # 3 per encoder layer, 2 layers
     assert job.params()["dropout"] == 0.3
+
+
+def test_branches_carried_to_the_run_end_keep_their_horizon_outcome_and_add_the_end(tmp_path) -> None:
+    """--to-end: one branch per seed gives both outcomes; the horizon's are those a horizon-only run
+    gives, and the line judged at the end is labelled from the end's."""
+    from atm.watcher.counterfactual import at_run_end
+
+    recipe = Recipe("linear", "diverging-sgd", "lr_too_high", _diverging_linear,
+                    steps=100, eval_every=10, horizon=20, points=(0.6, 0.9))
+    short = generate([(recipe, "train")], tmp_path / "short.jsonl", seeds=2)
+    out = tmp_path / "end.jsonl"
+    lines = generate([(recipe, "train")], out, seeds=2, to_end=True)
+    assert load_dataset(out) == lines
+    first, last = lines
+    # Point 0 at step 60: the run ends 40 steps on, after the 20-step horizon. Point 1 at step 90: its
+    # horizon already reaches past the end, so nothing more is measured there.
+    assert (first.step, first.end_step, last.step, last.end_step) == (60, 100, 90, None)
+    assert [m.outcomes for m in first.moves] == [m.outcomes for m in short[0].moves]
+    assert first.labels == short[0].labels and last == short[1]
+    noop = first.outcome(NOOP)
+    assert noop.at_end is not None and min(noop.at_end) > max(noop.outcomes), "still diverging at the end"
+    assert first.outcome("stop").at_end == first.outcome("stop").outcomes
+    ended = at_run_end(first)
+    assert ended.horizon == 40 and [m.outcomes for m in ended.moves] == [m.at_end for m in first.moves]
+    assert ended.outcome("stop").label == "helped"
+    assert move_key({"lr": load_policy("lm").params["lr"].max}, None) in ended.labels.harmful
+
+
+def test_lines_made_side_by_side_merge_into_the_dataset_and_unchanged_outcomes_are_checked(tmp_path, capsys) -> None:
+    import runpy
+    from pathlib import Path
+
+    merge = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "counterfactual" / "generate.py"))["merge"]
+    recipe = Recipe("linear", "diverging-sgd", "lr_too_high", _diverging_linear,
+                    steps=100, eval_every=10, horizon=20, points=(0.6, 0.9))
+    base, ends = tmp_path / "base.jsonl.gz", tmp_path / "ends.jsonl"
+    short = generate([(recipe, "train")], base, seeds=2)
+    made = generate([(recipe, "train")], ends, seeds=2, to_end=True)
+    assert merge(str(base), [str(ends)]) == 0
+    assert load_dataset(base) == made
+    assert "2 replaced (2 with the same outcomes at the horizon), 0 added" in capsys.readouterr().out
+    # A line whose horizon outcomes differ is named.
+    moved = made[0].model_copy(update={"moves": [m.model_copy(update={"outcomes": [x + 1 for x in m.outcomes]})
+                                                 for m in made[0].moves]})
+    from atm.watcher.counterfactual import write_dataset
+
+    write_dataset([moved], ends)
+    assert merge(str(base), [str(ends)]) == 0
+    assert "changed: diverging-sgd#0" in capsys.readouterr().out
+    assert short[1] == load_dataset(base)[1]

@@ -217,3 +217,63 @@ def test_the_shipped_dataset_loads_and_the_rules_decisions_on_it_are_its_branche
     assert all(ln.resolution > 0 for ln in lines if ln.family == "arm")
     report = score_dataset(make_proposer("rules"), lines)
     assert report.summary.n == len(lines) and report.summary.unmatched == 0
+
+
+def _with_end(line, ends: dict[str, list[float]], end_step: int = 290):
+    moves = [m.model_copy(update={"at_end": ends[m.move.key]}) for m in line.moves]
+    return line.model_copy(update={"moves": moves, "end_step": end_step})
+
+
+def test_a_line_judged_at_the_run_end_is_labelled_from_its_end_outcomes(tmp_path, capsys) -> None:
+    import argparse
+
+    from atm.watcher.counterfactual import at_run_end, judged_at
+    from atm.watcher.evaluate import add_eval_parser
+
+    # At the horizon a rollback is best; by the run's end the lr cut is, and the rollback no better
+    # than no-op (the run overfits again).
+    ends = {NOOP: [0.90, 0.91, 0.92], "lr=0.0005": [0.70, 0.71, 0.72], "lr=0.002": [1.2, 1.3, 1.1],
+            "stop": [0.77, 0.77, 0.77], "rollback": [0.90, 0.92, 0.91]}
+    line = _with_end(_overfit_line(), ends)
+    ended = at_run_end(line)
+    assert ended.horizon == 100 and ended.end_step is None
+    assert ended.labels.best == ["lr=0.0005"] and "rollback" not in ended.labels.acceptable
+    assert ended.outcome("rollback").label == "neutral" and line.outcome("rollback").label == "helped"
+    assert "lr=0.002" in ended.labels.harmful
+    plain = _overfit_line()
+    assert judged_at([plain, line], "branch") == [plain, line]
+    assert judged_at([plain, line], "end") == [ended], "a line branched to its horizon only is left out"
+    with pytest.raises(DatasetError, match="--to-end"):
+        judged_at([plain], "end")
+    with pytest.raises(DatasetError, match="--to-end"):
+        at_run_end(plain)
+
+    path = write_dataset([line, _overfit_line("train")], tmp_path / "d.jsonl")
+    assert load_dataset(path)[0] == line
+    ap = argparse.ArgumentParser(prog="atm")
+    add_eval_parser(ap.add_subparsers())
+    args = ap.parse_args(["eval", "--dataset", str(path), "--horizon", "end", "--json"])
+    assert args.func(args) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert all(r["summary"]["n"] == 1 for r in reports)
+    # Halving the lr: not acceptable at the horizon (the rollback was far better), the best at the end.
+    halve = next(r for r in reports if r["proposer"] == "always-halve-lr")["decisions"][0]
+    assert halve["move"] == "lr=0.0005" and halve["acceptable"] is True and halve["regret"] == 0
+    assert score_dataset(BASELINES["always-halve-lr"](), [line]).decisions[0].acceptable is False
+    args = ap.parse_args(["eval", "--dataset", str(path), "--split", "train", "--horizon", "end"])
+    assert args.func(args) == 2
+    assert "--to-end" in capsys.readouterr().err
+
+
+def test_the_loader_rejects_end_outcomes_on_some_moves_only_or_without_their_step(tmp_path) -> None:
+    line = _overfit_line()
+    some = line.model_copy(update={"moves": [line.moves[0].model_copy(update={"at_end": [1.0, 1.0, 1.0]}),
+                                             *line.moves[1:]], "end_step": 290})
+    no_step = _with_end(line, {m.move.key: [1.0, 1.0, 1.0] for m in line.moves}).model_copy(update={"end_step": None})
+    early = _with_end(line, {m.move.key: [1.0, 1.0, 1.0] for m in line.moves}, end_step=200)
+    for bad, says in ((some, "every move needs"), (no_step, "need `end_step`"), (early, "not after the horizon")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(bad.model_dump(mode="json")) + "\n")
+        with pytest.raises(DatasetError, match=says) as err:
+            load_dataset(path)
+        assert "bad.jsonl:1:" in str(err.value)
