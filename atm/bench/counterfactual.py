@@ -421,9 +421,17 @@ def recipe_lines(
     finished = {ln.point: ln for ln in done if ln.run == recipe.run}
     lines = []
 
+    def kept(index: int) -> DatasetLine | None:
+        """The finished line of this point, unless it is to be carried on to the run's end now."""
+        old = finished.get(index)
+        if old is not None and to_end and not old.has_end and old.step + old.horizon < recipe.steps:
+            return None
+        return old
+
     def emit(pt: Point, earlier: Sequence[Earlier] = ()) -> None:
-        if pt.index in finished:
-            lines.append(finished[pt.index])
+        old = kept(pt.index)
+        if old is not None:
+            lines.append(old)
             return
         moves = candidate_moves(pol, pt, recipe.run, earlier)
         end = recipe.steps - pt.step if to_end and recipe.steps - pt.step > recipe.horizon else None
@@ -460,8 +468,9 @@ def recipe_lines(
         emit(pt)
         if not (follow_ups and isinstance(recipe, Recipe) and isinstance(job, Job)):
             continue
-        if pt.index + FOLLOW_UP in finished:
-            lines.append(finished[pt.index + FOLLOW_UP])
+        old = kept(pt.index + FOLLOW_UP)
+        if old is not None:
+            lines.append(old)
             continue
         made = follow_up(recipe, job, pt, pol)
         if made is not None:
@@ -510,10 +519,7 @@ def generate(
         write_dataset(kept + lines + [ln for ln in keep if ln.run in names and (ln.run, ln.point) not in made], out)
 
     for recipe, split in recipes:
-        # With to_end, a kept point branched to its horizon only is branched again (unless its horizon
-        # already reaches the run's end).
-        done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds
-                and (not to_end or ln.has_end or ln.step + ln.horizon >= recipe.steps)]
+        done = [ln for ln in keep if ln.run == recipe.run and ln.seeds == seeds]
         if progress is not None and done:
             progress(f"{recipe.family}/{recipe.run}: points {sorted(ln.point for ln in done)} kept from {out}")
         before = len(lines)

@@ -117,6 +117,14 @@ def test_an_interrupted_extend_keeps_every_line_the_file_held(tmp_path) -> None:
     # Extended again without follow-ups, the file keeps the one it has.
     generate([(runs[0], "train")], out, seeds=2, keep=load_dataset(out))
     assert {(ln.run, ln.point) for ln in load_dataset(out)} == held
+    # Carried on to the run's end without follow-ups: the main point is branched again, to the end, and
+    # the follow-up point stays as it was.
+    before = {(ln.run, ln.point): ln for ln in load_dataset(out)}
+    generate([(runs[0], "train")], out, seeds=2, keep=load_dataset(out), to_end=True)
+    after = {(ln.run, ln.point): ln for ln in load_dataset(out)}
+    assert set(after) == held
+    assert after[("first", 0)].has_end and not before[("first", 0)].has_end
+    assert after[("first", 100)] == before[("first", 100)] and after[("second", 0)] == before[("second", 0)]
 
 
 def test_warmup_linear_rises_over_the_warmup_then_decays_linearly_to_five_percent() -> None:
