@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         "atm eval --horizon end scores on it); costs about 3x the branching")
     p.add_argument("--merge", nargs="+", metavar="FILE", default=None,
                    help="generate nothing: put the lines of these files (made by processes side by side, each "
-                        "with its own --out) into --out, replacing its lines of the same run and point, and say "
-                        "how many of those kept their outcomes at the horizon")
+                        "with its own --out) into --out: new runs and points, and outcomes at the run's end for "
+                        "its lines of the same branches")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
@@ -87,29 +87,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge(out: str, files: list[str]) -> int:
-    """Lines of ``files`` into ``out``, in its order (new runs and points after); a replaced line whose
-    outcomes at the horizon changed is named (branches are deterministic: a change means the code or the
-    library changed what a run does)."""
+    """Lines of ``files`` into ``out``: what they measured further (outcomes at the run's end) is added to
+    ``out``'s line of the same run and point when both branched the same moves with the same outcomes at
+    the horizon (branches are deterministic, so they do unless the code changed what a run does); a line
+    whose branches differ (the rules' own combined move changed since) stays as ``out`` has it, and is
+    named. Runs and points ``out`` does not have are added. Among the files, a line with outcomes at the
+    run's end wins over one without."""
     try:
         base = load_dataset(out) if Path(out).exists() else []
-        new = {(ln.run, ln.point): ln for f in files for ln in load_dataset(f)}
+        new: dict[tuple[str, int], DatasetLine] = {}
+        for f in files:
+            for ln in load_dataset(f):
+                have = new.get((ln.run, ln.point))
+                if have is None or ln.has_end or not have.has_end:
+                    new[(ln.run, ln.point)] = ln
     except DatasetError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 2
-    merged, same, changed = [], 0, []
+
+    def branches(ln: DatasetLine) -> list[tuple[str, list[float]]]:
+        return [(m.move.key, m.outcomes) for m in ln.moves]
+
+    merged, ended, differ = [], 0, []
     for ln in base:
         repl = new.pop((ln.run, ln.point), None)
-        if repl is not None:
-            if [(m.move.key, m.outcomes) for m in repl.moves] == [(m.move.key, m.outcomes) for m in ln.moves]:
-                same += 1
-            else:
-                changed.append(f"{ln.run}#{ln.point}")
+        if repl is not None and branches(repl) != branches(ln):
+            differ.append(f"{ln.run}#{ln.point}")
+            repl = None
+        ended += repl is not None and repl.has_end and not ln.has_end
         merged.append(repl or ln)
     merged += new.values()
     write_dataset(merged, out)
-    replaced = same + len(changed)
-    print(f"{len(merged)} lines -> {out}: {replaced} replaced ({same} with the same outcomes at the horizon"
-          + (f"; changed: {', '.join(changed)}" if changed else "") + f"), {len(new)} added")
+    print(f"{len(merged)} lines -> {out}: {ended} given their outcomes at the run's end, {len(new)} added"
+          + (f"; kept as they were, their branches differ: {', '.join(differ)}" if differ else ""))
     return 0
 
 

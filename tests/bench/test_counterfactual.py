@@ -182,21 +182,24 @@ def test_lines_made_side_by_side_merge_into_the_dataset_and_unchanged_outcomes_a
     import runpy
     from pathlib import Path
 
+    from atm.watcher.counterfactual import write_dataset
+
     merge = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "counterfactual" / "generate.py"))["merge"]
     recipe = Recipe("linear", "diverging-sgd", "lr_too_high", _diverging_linear,
                     steps=100, eval_every=10, horizon=20, points=(0.6, 0.9))
-    base, ends = tmp_path / "base.jsonl.gz", tmp_path / "ends.jsonl"
+    base, ends, copy = tmp_path / "base.jsonl.gz", tmp_path / "ends.jsonl", tmp_path / "copy.jsonl"
     short = generate([(recipe, "train")], base, seeds=2)
     made = generate([(recipe, "train")], ends, seeds=2, to_end=True)
-    assert merge(str(base), [str(ends)]) == 0
+    write_dataset(short, copy)
+    # A copy of the base listed after the file with the end outcomes does not undo them.
+    assert merge(str(base), [str(ends), str(copy)]) == 0
     assert load_dataset(base) == made
-    assert "2 replaced (2 with the same outcomes at the horizon), 0 added" in capsys.readouterr().out
-    # A line whose horizon outcomes differ is named.
+    assert "2 lines -> " in (said := capsys.readouterr().out) and "1 given their outcomes at the run's end, 0 added" in said
+    # A line whose branches differ from the file's stays as the file has it, and is named.
+    write_dataset(short, base)
     moved = made[0].model_copy(update={"moves": [m.model_copy(update={"outcomes": [x + 1 for x in m.outcomes]})
                                                  for m in made[0].moves]})
-    from atm.watcher.counterfactual import write_dataset
-
     write_dataset([moved], ends)
     assert merge(str(base), [str(ends)]) == 0
-    assert "changed: diverging-sgd#0" in capsys.readouterr().out
-    assert short[1] == load_dataset(base)[1]
+    assert "their branches differ: diverging-sgd#0" in capsys.readouterr().out
+    assert load_dataset(base) == short
