@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from atm.policies import Policy, Window, load_policy
-from atm.schema import Action, Proposal
+from atm.schema import Action, Diagnosis, Proposal
 from atm.watcher.counterfactual import (
     NOOP,
     DatasetLine,
@@ -236,6 +236,9 @@ class Recipe:
     points: tuple[float, ...] = (0.3, 0.55, 0.8)
     #: The policy whose offer is branched.
     policy: str = "lm"
+    #: The lr in force, as atm's listener charts it in the job's run (its value at the start, then
+    #: whenever it moved by more than 1%; here checked at each evaluation); None: not logged.
+    lr_key: str | None = "atm/lr"
     #: The outcome is a loss: smaller is better.
     higher_is_better: bool = False
     #: A loss can tell any difference.
@@ -260,12 +263,24 @@ class Point:
 
 
 def _log(recipe: Recipe, history: dict[str, list[tuple[int, float]]], step: int, train: dict[str, float],
-         val: float) -> None:
+         val: float, lr: float | None = None) -> None:
     history.setdefault(recipe.train_key, []).append((step, train.get("loss", math.nan)))
     for part, key in recipe.component_keys.items():
         if part in train:
             history.setdefault(key, []).append((step, train[part]))
     history.setdefault(recipe.val_key, []).append((step, val))
+    if lr is not None:
+        _log_lr(recipe, history, step, lr)
+
+
+def _log_lr(recipe: Recipe, history: dict[str, list[tuple[int, float]]], step: int, lr: float) -> None:
+    """The lr in force under ``recipe.lr_key`` when it moved by more than 1% since last logged (as the
+    listener does)."""
+    if recipe.lr_key is None:
+        return
+    pts = history.setdefault(recipe.lr_key, [])
+    if not pts or not math.isclose(pts[-1][1], lr, rel_tol=0.01):
+        pts.append((step, lr))
 
 
 def main_run(recipe: Recipe) -> tuple[Job, list[Point], float]:
@@ -280,10 +295,11 @@ def main_run(recipe: Recipe) -> tuple[Job, list[Point], float]:
     history: dict[str, list[tuple[int, float]]] = {}
     points: list[Point] = []
     best_val, best_state, first = math.inf, job.state(), math.nan
+    _log_lr(recipe, history, 0, job.params()["lr"])
     for e in evals:
         train = job.train(e - job.step)
         val = job.evaluate()
-        _log(recipe, history, e, train, val)
+        _log(recipe, history, e, train, val, job.params()["lr"])
         if math.isnan(first):
             first = val
         if val < best_val:
@@ -342,26 +358,35 @@ def follow_up(recipe: Recipe, job: Job, point: Point, policy: Policy, evals: int
     action = changes.pop("action", None)
     if not changes or action == Action.STOP.value:
         return None
+    return _continued(recipe, job, point, proposal.diagnosis, {k: float(v) for k, v in changes.items()},
+                      action if isinstance(action, str) else None, evals)
+
+
+def _continued(recipe: Recipe, job: Job, point: Point, diagnosis: Diagnosis, changes: dict[str, float],
+               action: str | None, evals: int = 2) -> tuple[Point, Earlier]:
+    """``point``'s run on from there ``evals`` evaluations with ``changes`` (and ``action``) applied."""
     job.load(point.checkpoint)
     if action == Action.ROLLBACK.value:
         job.load(point.best, weights_only=True)
     before = job.params()
-    job.apply({k: float(v) for k, v in changes.items()})
+    job.apply(changes)
     # Its own data order: the branches from the follow-up point then share it up to there.
     job.reseed(7919 * (recipe.seed + 1) + point.index)
     history = copy.deepcopy(point.history)
     best_val = min((v for _, v in history.get(recipe.val_key, []) if math.isfinite(v)), default=math.inf)
     best, step, val = point.best, point.step, point.value
+    # The listener charts what it applied at once (its ack), the step after the point.
+    _log_lr(recipe, history, step + 1, job.params()["lr"])
     for _ in range(evals):
         train = job.train(recipe.eval_every)
         step += recipe.eval_every
         val = job.evaluate()
-        _log(recipe, history, step, train, val)
+        _log(recipe, history, step, train, val, job.params()["lr"])
         if val < best_val:
             best_val, best = val, job.state()
-    earlier = Earlier(step=point.step, effective_step=point.step + 1, diagnosis=proposal.diagnosis,
+    earlier = Earlier(step=point.step, effective_step=point.step + 1, diagnosis=diagnosis,
                       changes={k: (before[k], float(v)) for k, v in changes.items()},
-                      action=Action(action) if isinstance(action, str) else None)
+                      action=Action(action) if action is not None else None)
     return Point(point.index + FOLLOW_UP, step, history, job.params(), job.state(), best, val), earlier
 
 
@@ -386,6 +411,32 @@ def branch_to(job: Branchable, point: Point, move: Move, seed: int, horizons: Se
         job.train(h - done)
         done = h
         out.append(job.evaluate())
+    return out
+
+
+def relog(recipe: Recipe, lines: Sequence[DatasetLine]) -> list[DatasetLine]:
+    """``lines`` of ``recipe``'s run with their history as its main run logs it now (a series added to what
+    the run logs), their branches as they were. Follow-up points are continued from their point with the
+    remedy they carry, whatever the rules would decide there now.
+
+    Raises:
+        ValueError: a series a line held came out different (the run itself changed: branch it again).
+    """
+    torch.set_num_threads(1)  # as the lines were made: more threads sum in another order
+    job, points, _ = main_run(recipe)
+    at = {p.index: p for p in points}
+    out = []
+    for ln in lines:
+        if ln.earlier:
+            e = ln.earlier[-1]
+            pt, _ = _continued(recipe, job, at[ln.point - FOLLOW_UP], e.diagnosis,
+                               {k: new for k, (_, new) in e.changes.items()}, e.action.value if e.action else None)
+        else:
+            pt = at[ln.point]
+        for key, pts in ln.history.items():
+            if pt.step != ln.step or [tuple(p) for p in pt.history.get(key, [])] != [tuple(p) for p in pts]:
+                raise ValueError(f"{ln.run} point {ln.point}: {key} is not what the run logs now; branch it again")
+        out.append(ln.model_copy(update={"history": pt.history}))
     return out
 
 

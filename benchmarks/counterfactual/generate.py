@@ -7,6 +7,7 @@ Usage:
     nice -n 19 python benchmarks/counterfactual/generate.py --families mlp --extend --follow-ups --to-end
     python benchmarks/counterfactual/generate.py --families mlp --seeds 2 --out /tmp/mlp.jsonl
     python benchmarks/counterfactual/generate.py --merge /tmp/a.jsonl.gz /tmp/b.jsonl.gz   # side-by-side processes
+    python benchmarks/counterfactual/generate.py --families mlp --relog   # a series added to what runs log
 
 Writes benchmarks/counterfactual/dataset.jsonl.gz (one line per decision point; schema in
 atm/watcher/counterfactual.py), rewritten after each decision point. ``--extend`` keeps the lines
@@ -24,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from atm.bench.counterfactual import generate
+from atm.bench.counterfactual import Recipe, generate, relog
 from atm.bench.counterfactual_families import FAMILIES, recipes
 from atm.watcher.counterfactual import DatasetError, DatasetLine, load_dataset, write_dataset
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="generate nothing: put the lines of these files (made by processes side by side, each "
                         "with its own --out) into --out: new runs and points, and outcomes at the run's end for "
                         "its lines of the same branches")
+    p.add_argument("--relog", action="store_true",
+                   help="branch nothing: re-run the main runs of these families (supervised) and give their lines "
+                        "in --out the history the runs log now (a series added), checking that every series they "
+                        "held comes out the same")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(r.run for r, _ in todo)}", file=sys.stderr)
             return 2
         todo = [(r, s) for r, s in todo if r.run in wanted]
+    if args.relog:
+        return relog_file(args.out, todo, t0)
     keep: list[DatasetLine] = []
     if args.extend and Path(args.out).exists():
         try:
@@ -83,6 +90,28 @@ def main(argv: list[str] | None = None) -> int:
                      follow_ups=args.follow_ups, to_end=args.to_end, progress=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
     print(f"{len(lines)} decision points, {sum(len(ln.moves) for ln in lines)} moves -> {args.out} "
           f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+def relog_file(out: str, todo: list, t0: float) -> int:
+    try:
+        lines = load_dataset(out)
+    except DatasetError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    done: dict[tuple[str, int], DatasetLine] = {}
+    for recipe, _ in todo:
+        mine = [ln for ln in lines if ln.run == recipe.run]
+        if not isinstance(recipe, Recipe) or not mine:
+            continue
+        try:
+            done.update({(ln.run, ln.point): ln for ln in relog(recipe, mine)})
+        except ValueError as exc:
+            print(f"generate: {exc}", file=sys.stderr)
+            return 1
+        print(f"[{time.time() - t0:6.0f}s] {recipe.family}/{recipe.run}: {len(mine)} lines re-logged", flush=True)
+    write_dataset([done.get((ln.run, ln.point), ln) for ln in lines], out)
+    print(f"{len(done)} of {len(lines)} lines re-logged -> {out}")
     return 0
 
 

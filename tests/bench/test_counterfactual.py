@@ -203,3 +203,41 @@ def test_lines_made_side_by_side_merge_into_the_dataset_and_unchanged_outcomes_a
     assert merge(str(base), [str(ends)]) == 0
     assert "their branches differ: diverging-sgd#0" in capsys.readouterr().out
     assert load_dataset(base) == short
+
+
+def test_relog_gives_old_lines_the_lr_series_the_listener_charts_and_keeps_their_branches(tmp_path) -> None:
+    from dataclasses import replace
+
+    from atm.bench.counterfactual import relog
+
+    silent = Recipe("mlp", "tiny-overfit", "overfitting",
+                    lambda s: mlp_job(n_train=100, opt="adamw", lr=3e-3, width=32, total=140),
+                    steps=120, eval_every=10, horizon=20, points=(0.6,), lr_key=None)
+    lines = generate([(silent, "train")], tmp_path / "d.jsonl", seeds=2, follow_ups=True)
+    assert [ln.point for ln in lines] == [0, 100] and all("atm/lr" not in ln.history for ln in lines)
+    main, fu = relog(replace(silent, lr_key="atm/lr"), lines)
+    for old, new in zip(lines, (main, fu)):
+        assert new.moves == old.moves and new.labels == old.labels and new.earlier == old.earlier
+        assert {k: v for k, v in new.history.items() if k != "atm/lr"} == old.history
+    # A constant lr is charted once, at the start; the follow-up point charts the remedy's lr the step
+    # after its point, as the listener's ack does.
+    assert main.history["atm/lr"] == [(0, 3e-3)]
+    (earlier,) = fu.earlier
+    assert fu.history["atm/lr"] == [(0, 3e-3), (earlier.step + 1, pytest.approx(earlier.changes["lr"][1]))]
+    # A run that no longer logs what a line held is refused: its branches would not be its own.
+    with pytest.raises(ValueError, match="branch it again"):
+        relog(replace(silent, build=lambda s: mlp_job(n_train=100, opt="adamw", lr=1e-3, width=32, total=140)), lines)
+
+
+def test_a_scheduled_lr_is_charted_whenever_it_moved_by_more_than_one_percent() -> None:
+    recipe = Recipe("mlp", "tiny-warmup", "healthy",
+                    lambda s: mlp_job(n_train=100, opt="adamw", lr=3e-3, width=32, total=120,
+                                      schedule="warmup-cosine", warmup=40),
+                    steps=120, eval_every=10, horizon=20, points=(0.9,))
+    _, (point,), _ = main_run(recipe)
+    lr = point.history["atm/lr"]
+    peak = max(range(len(lr)), key=lambda i: lr[i][1])
+    assert lr[0][0] == 0 and lr[0][1] < 3e-4 and 0 < peak < len(lr) - 1 and lr[peak][1] == pytest.approx(3e-3, rel=0.05)
+    assert all(b > a for (_, a), (_, b) in zip(lr[: peak + 1], lr[1 : peak + 1]))
+    assert all(b < a for (_, a), (_, b) in zip(lr[peak:], lr[peak + 1 :]))
+    assert all(abs(b - a) > 0.01 * abs(a) for (_, a), (_, b) in zip(lr, lr[1:]))
