@@ -465,15 +465,21 @@ def dataset_command(args: argparse.Namespace) -> int:
     )
 
     try:
-        lines = judged_at(select(load_dataset(args.dataset), args.split, args.points), args.horizon)
+        lines = select(load_dataset(args.dataset), args.split, args.points)
+        if args.only:
+            picked = [ln for ln in lines if any(o in f"{ln.family}/{ln.run}" for o in args.only)]
+            if not picked:
+                names = sorted({ln.family for ln in lines})
+                raise DatasetError(f"no line of split {args.split!r} matches --only {' '.join(args.only)}; "
+                                   f"its families are {', '.join(names)} (--only family/ or family/run)")
+            lines = picked
+        lines = judged_at(lines, args.horizon)
         if args.policy:
             load_policy(args.policy)  # a bad policy is named before any decision is made
         proposer = make_proposer(args.proposer, llm=args.llm_model, base_url=args.llm_base_url, variant=args.variant)
     except (DatasetError, ValueError) as exc:
         print(f"atm eval: {exc}", file=sys.stderr)
         return 2
-    if args.only:
-        lines = [ln for ln in lines if any(o in f"{ln.family}/{ln.run}" for o in args.only)]
     try:
         reports = [score_dataset(p, lines, dataset=str(args.dataset), split=args.split, policy=args.policy)
                    for p in [proposer, *(make() for make in BASELINES.values())]]

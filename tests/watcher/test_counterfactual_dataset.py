@@ -263,6 +263,10 @@ def test_a_line_judged_at_the_run_end_is_labelled_from_its_end_outcomes(tmp_path
     args = ap.parse_args(["eval", "--dataset", str(path), "--split", "train", "--horizon", "end"])
     assert args.func(args) == 2
     assert "--to-end" in capsys.readouterr().err
+    # --only that matches nothing says so (it printed empty tables), naming the families there are.
+    args = ap.parse_args(["eval", "--dataset", str(path), "--only", "arm/"])
+    assert args.func(args) == 2
+    assert "no line of split 'all' matches --only arm/; its families are toy" in capsys.readouterr().err
 
 
 def test_the_loader_rejects_end_outcomes_on_some_moves_only_or_without_their_step(tmp_path) -> None:
