@@ -137,6 +137,16 @@ class PointSeries(Sequence[tuple[int, float]]):
             del self.values[:excess]
             self.dropped += excess
 
+    def drop_above(self, step: int) -> int:
+        """Remove the newest held points whose step is past ``step`` (a point from outside the job's
+        own steps, :func:`~atm.adapters.mlflow_backend.stray_rows`); returns how many went."""
+        n = 0
+        while self.steps and self.steps[-1] > step:
+            self.steps.pop()
+            self.values.pop()
+            n += 1
+        return n
+
     def sort_by_step(self) -> None:
         """Put the points in step order (stable: points of one step keep their order)."""
         if self.dropped:

@@ -141,6 +141,26 @@ class _RunCache:
     timeline: Timeline = field(default_factory=Timeline)
     #: The run's tags as parsed and checked so far: a poll parses and checks only the new ones.
     messages: MessageMemo = field(default_factory=MessageMemo)
+    #: (key, step) of points left out as stray (:func:`stray_rows`), each said once in the log.
+    strays: set[tuple[str, int]] = field(default_factory=set)
+
+
+def stray_rows(rows: Sequence[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
+    """The rows (step, value, time ms) of one metric that are not where the job is now: past the step of
+    the newest row by time, and logged before it. Pure.
+
+    A job's steps only grow, and one resumed from a checkpoint logs its steps again from there, so a
+    point its later points went back under is not the run's present: another client's point at an
+    odd step (a colleague or a CI bot logging ``val_loss`` at step 1000 of a job at step 5), or an
+    abandoned attempt's tail. Kept, it was the run's latest evaluation for as long as the job stayed
+    below its step: the daemon decided on it, then saw none of the job's evaluations (MLflow's latest
+    point of a metric is its highest step, so nothing looked new). An evaluator that logs its results
+    out of step order loses the later step of each such pair, and the daemon's log says so.
+    """
+    if not rows:
+        return []
+    newest = max(rows, key=lambda r: r[2])
+    return [r for r in rows if r[0] > newest[0] and r[2] < newest[2]]
 
 
 class MlflowBackend:
@@ -205,15 +225,24 @@ class MlflowBackend:
         wanted = None if select is None else set(select(keys))
         moved = False
         last_time = 0.0
+        stuck: list[str] = []
+        #: (step, time ms) of the newest point of each of the job's own keys that moved in this poll.
+        progress: list[tuple[int, int]] = []
         for m in latest:
             last_time = max(last_time, m.timestamp / 1000.0)
             if wanted is not None and m.key not in wanted and not m.key.startswith("atm/"):
                 continue  # not read at all; read from its start if a later poll picks it
             prev = cache.seen.get(m.key)
             if prev is not None and (m.step, m.timestamp) <= prev:
+                stuck.append(m.key)
                 continue
             self._read_new(run_id, m.key, m.step, m.timestamp, cache)
             moved = True
+            if not m.key.startswith("atm/"):
+                progress.append((m.step, m.timestamp))
+        for key in stuck:
+            if not key.startswith("atm/") and self._read_below_latest(run_id, key, cache, progress):
+                moved = True
         msgs = verified(parse_messages(run.data.tags, cache.messages), self.keys.get_or_none(),
                         key_problem=self.keys.problem, run_id=run_id, memo=cache.messages)
         return RunView(
@@ -293,9 +322,12 @@ class MlflowBackend:
                 cache.history[key] = PointSeries(sorted(newest.items()))
                 new = [(ts / 1000.0, s) for s, _, ts in full if ts > prev_ts]
         else:
+            if pts and pts[-1][0] < prev_step:  # the store's latest was left out as stray: read on from ours
+                prev_step = pts[-1][0]
             got = self._window(run_id, key, prev_step + 1, latest_step)
             if got is None:
                 got = [p for p in self._full_history(run_id, key) if p[0] > prev_step]
+            got = self._without_strays(run_id, key, got, cache)
             fresh = sorted(((s, v) for s, v, _ in got), key=lambda p: p[0])
             pts.extend(fresh)
             if fresh and len(pts) > len(fresh) and fresh[0][0] < pts[-len(fresh) - 1][0]:
@@ -310,6 +342,59 @@ class MlflowBackend:
         if not key.startswith("atm/"):
             cache.timeline.add(new)
         cache.seen[key] = (latest_step, latest_ts)
+
+    def _read_below_latest(
+        self, run_id: str, key: str, cache: _RunCache, progress: Sequence[tuple[int, int]]
+    ) -> bool:
+        """Read the points of ``key`` logged under its store-latest point, when the job's other keys
+        moved past the last one held but not up to it; returns whether any came.
+
+        MLflow's latest point of a metric is its highest step, so a point at a step ahead of the job
+        hides every later one below it: nothing looks new. A key whose latest stands still while
+        another key of the run moved into the steps between is read in that window (one read, only
+        while this holds; a job that logs its evaluations at the global step and its training loss
+        at the epoch never does)."""
+        pts = cache.history.get(key)
+        if key in cache.stepless or pts is None or not len(pts):
+            return False
+        top_step, top_ts = cache.seen[key]
+        held = pts[-1][0] if pts[-1][0] < top_step else (pts[-2][0] if len(pts) > 1 else -1)
+        if not any(ts > top_ts and held < step < top_step for step, ts in progress):
+            return False
+        rows = self._window(run_id, key, held + 1, top_step - 1)
+        if rows is None:
+            rows = [r for r in self._full_history(run_id, key) if held < r[0] < top_step]
+        if not rows:
+            return False
+        if pts[-1][0] == top_step:  # the latest is still held: is it past where the job is now?
+            top = (top_step, pts[-1][1], top_ts)
+            if self._without_strays(run_id, key, [*rows, top], cache)[-1] != top:
+                pts.drop_above(held)
+        rows = sorted(rows, key=lambda r: r[0])
+        if pts[-1][0] == top_step:
+            return False  # the points under it are not the job's now: already read, or not stray at all
+        pts.extend((s, v) for s, v, _ in rows)
+        cache.timeline.add([(ts / 1000.0, s) for s, _, ts in rows])
+        return True
+
+    def _without_strays(
+        self, run_id: str, key: str, rows: list[tuple[int, float, int]], cache: _RunCache
+    ) -> list[tuple[int, float, int]]:
+        """``rows`` without the stray ones (:func:`stray_rows`), each said once in the log."""
+        strays = stray_rows(rows)
+        if not strays:
+            return rows
+        for step, value, ts in strays:
+            if (key, step) not in cache.strays:
+                cache.strays.add((key, step))
+                log.warning(
+                    "run %s: %s = %.4g at step %d (logged at %s) is left out: the run logged %s at lower steps "
+                    "after it, so it is not where the job is now (another client writing to this run, or an "
+                    "abandoned attempt's tail); delete it in MLflow if it is a mistake",
+                    run_id, key, value, step, time.strftime("%H:%M:%S", time.localtime(ts / 1000.0)), key,
+                )
+        gone = {(s, ts) for s, _, ts in strays}
+        return [r for r in rows if (r[0], r[2]) not in gone]
 
     def _stepless_tail(
         self, run_id: str, key: str, pts: PointSeries, last_ts: int

@@ -233,3 +233,82 @@ def test_a_mistyped_store_path_is_refused_not_created(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"no MLflow store at .*typo/mlflow.db.*--tracking-uri"):
         MlflowBackend(f"sqlite:///{path}", existing=True)
     assert not path.parent.exists()
+
+
+def test_stray_rows_are_those_past_the_newest_point_and_logged_before_it() -> None:
+    from atm.adapters.mlflow_backend import stray_rows
+
+    job = [(1, 0.9, 100), (2, 0.8, 200), (3, 0.7, 400)]
+    assert stray_rows(job) == []
+    assert stray_rows([*job, (1000, 9.9, 300)]) == [(1000, 9.9, 300)]  # the job went on below it
+    assert stray_rows([*job, (1000, 9.9, 500)]) == []  # the newest point: not known to be stray yet
+    assert stray_rows([]) == []
+
+
+def _job_and_a_second_writer(uri: str) -> tuple[str, object]:
+    """A job logging train and val loss per epoch; another client logs val_loss at step 1004 after
+    epoch 4; the job goes on to epoch 8. Returns the run id and the client."""
+    import time as _time
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    rid = client.create_run(client.create_experiment("second-writer")).info.run_id
+    for epoch in range(1, 5):
+        client.log_metric(rid, "train_loss", 1.0 / epoch, step=epoch)
+        client.log_metric(rid, "val_loss", 1.0 / epoch, step=epoch)
+    _time.sleep(0.01)
+    client.log_metric(rid, "val_loss", 9.99, step=1004)  # the second client
+    return rid, client
+
+
+def test_a_point_logged_ahead_of_the_job_neither_steers_nor_silences_the_reader(
+    mlflow_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Seen on a live run: a second client logged val_loss at step 1004 of a job at epoch 4. The daemon
+    # decided on 9.99 as the latest evaluation, then read none of the job's evaluations (5, 6, ...):
+    # MLflow's latest point of val_loss stayed at step 1004, so nothing looked new.
+    import time as _time
+
+    rid, client = _job_and_a_second_writer(mlflow_uri)
+    backend = MlflowBackend(mlflow_uri)
+    assert backend.poll(rid).history["val_loss"][-1] == (1004, 9.99)  # nothing below it yet: read as it is
+    for epoch in range(5, 9):
+        _time.sleep(0.01)
+        client.log_metric(rid, "train_loss", 1.0 / epoch, step=epoch)
+        client.log_metric(rid, "val_loss", 1.0 / epoch, step=epoch)
+        with caplog.at_level("WARNING", logger="atm.mlflow"):
+            view = backend.poll(rid)
+        assert [s for s, _ in view.history["val_loss"]] == list(range(1, epoch + 1))
+    assert [s for s, _ in view.history["train_loss"]] == list(range(1, 9))
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 1 and "val_loss = 9.99 at step 1004" in said[0]
+    # A reader started afresh (a restarted atm-watch) leaves it out from its first read.
+    fresh = MlflowBackend(mlflow_uri).poll(rid)
+    assert [s for s, _ in fresh.history["val_loss"]] == list(range(1, 9))
+    # The job reaching and passing that step is the run again.
+    for epoch in (1004, 1005):
+        client.log_metric(rid, "val_loss", 0.01, step=epoch)
+    assert backend.poll(rid).history["val_loss"][-2:] == [(1004, 0.01), (1005, 0.01)]
+
+
+def test_evaluations_on_another_step_axis_than_the_training_loss_are_read_once(mlflow_uri: str) -> None:
+    # val_loss at the global step, train_loss at the epoch: train's later points are below val's
+    # latest, which is not a point ahead of the job; no extra read, nothing left out.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    rid = client.create_run(client.create_experiment("two-axes")).info.run_id
+    backend = CountingBackend(mlflow_uri)
+    windows = []
+    real = backend._window
+    backend._window = lambda *a: windows.append(a[2:]) or real(*a)  # type: ignore[method-assign]
+    for epoch in range(1, 6):
+        client.log_metric(rid, "val_loss", 1.0 / epoch, step=epoch * 100)
+        backend.poll(rid)
+        client.log_metric(rid, "train_loss", 1.0 / epoch, step=epoch)
+        view = backend.poll(rid)
+    assert [s for s, _ in view.history["val_loss"]] == [100, 200, 300, 400, 500]
+    assert [s for s, _ in view.history["train_loss"]] == [1, 2, 3, 4, 5]
+    # One read per new point, and one below val's first point (train's step 1 is under val's 100 then).
+    assert len(windows) == 11 and backend.full_reads == 0

@@ -600,3 +600,22 @@ def test_a_job_that_trains_on_after_an_acknowledged_stop_is_told_once(mlflow_uri
     assert [r.status for r in st.records] == [Status.APPLIED]
     told = [r.getMessage() for r in caplog.records if "does not act on stop" in r.getMessage()]
     assert len(told) == 1 and "listener.stop_requested" in told[0]
+
+
+def test_a_decision_on_a_point_past_the_jobs_steps_takes_effect_where_the_job_is() -> None:
+    # Seen on a live run: another client logged val_loss at step 1003 of a job at epoch 4; the daemon
+    # decided on it, the backend then left the point out, and the job applied the change at epoch 4.
+    # Floored at 1003, the change never took effect, and its cooldown held every later decision.
+    from atm.adapters.base import PointSeries, RunView
+    from atm.schema import Change, DecisionRecord
+    from atm.watcher.reconcile import reconcile
+
+    rec = DecisionRecord(run_id="r", seq=1, step=1003, status=Status.PENDING, source="rules",
+                         diagnosis=Diagnosis.OVERFITTING, changes={"lr": Change(old=1e-3, new=5e-4)})
+    view = RunView(run_id="r", name="", status="RUNNING", last_metric_time=0.0, moved=True,
+                   history={"val_loss": PointSeries((s, 1.0) for s in range(1, 7)), "atm/lr": PointSeries([(1003, 5e-4)])},
+                   timeline=[(float(s), s) for s in range(1, 4)] + [(3.5, 1003)] + [(float(s), s) for s in range(4, 7)],
+                   acks={1: Ack(run_id="r", seq=1, status="applied", applied_step=4, applied_at=3.8)})
+    (merged,), changed = reconcile([rec], view)
+    assert changed and merged.status == Status.APPLIED and merged.effective_step == 4
+    assert merged.counts_from(6) == 3  # evaluations 4, 5, 6 count towards its cooldowns
