@@ -507,7 +507,7 @@ def rnn_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: floa
 def rnn_recipes() -> list[Recipe]:
     """Held out: a recurrent model forecasting a noisy signal (MSE on its next steps), names such as
     ``train/loss_epoch``, ``loss/valid`` and ``test/loss``. Runs of 480 steps: an LSTM step costs about 4
-    ms on one CPU thread (4x the factor model's), and each point's branches are carried to the run's end."""
+    ms on one CPU thread (4x the factor model's), and carrying branches to the run's end triples them."""
     f = "rnn"
     return [
         Recipe(f, "rnn-overfit-adamw-const", "overfitting",
