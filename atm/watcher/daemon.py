@@ -42,7 +42,7 @@ from atm.adapters.base import (
     release_history,
 )
 from atm.policies import Policy, blocked
-from atm.schema import Action, DecisionRecord, Status, TelemetrySnapshot
+from atm.schema import Ack, Action, DecisionRecord, Status, TelemetrySnapshot
 from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
 from atm.watcher.decide import decision_context, decision_inputs
@@ -153,6 +153,16 @@ def _newest_eval(telemetry: RunTelemetry) -> int:
     """The step of the run's newest evaluation (of its newest point, while it has none): what a decision considers."""
     evals = telemetry.eval_steps()
     return evals[-1] if evals else telemetry.step()
+
+
+def _stray_ack(seq: int, ack: Ack | None) -> str:
+    """What to say of the job's signed ack for an update this watcher never published. A refusal is
+    the common case: another client wrote an update tag at that number, and the job's listener
+    turned it down; said as tampering, it alarmed more than it told."""
+    if ack is not None and ack.status in ("rejected", "failed"):
+        return (f"the job refused update #{seq}, which this watcher did not publish (another client wrote it to "
+                "the run): nothing was applied")
+    return f"ack #{seq} answers no update this watcher published; ignored"
 
 
 def _clip(text: str, n: int) -> str:
@@ -510,7 +520,7 @@ class Daemon:
         """Say once each message on the run that was not taken, and acks for updates never published;
         the status line counts them. An ack signed with another key for an update of this daemon's
         means the job holds another key: that is said plainly, with the fix, and stays on the status line."""
-        stray = [MessageProblem("", f"ack #{seq} answers no update this watcher published; ignored", "ack", seq)
+        stray = [MessageProblem("", _stray_ack(seq, view.acks.get(seq)), "ack", seq)
                  for seq in unpublished_acks(st.records, view)]
         # The watcher's updates still waiting for the job (one its log missed is rebuilt from the run).
         logged = {r.seq for r in st.records}
