@@ -42,7 +42,7 @@ from atm.adapters.base import (
     release_history,
 )
 from atm.policies import Policy, blocked
-from atm.schema import Ack, Action, DecisionRecord, Status, TelemetrySnapshot
+from atm.schema import Ack, Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot
 from atm.signing import KEY_ENV, KEY_FILE_ENV, KeySource, SigningKey
 from atm.watcher.approval import answers, early, sighting
 from atm.watcher.decide import decision_context, decision_inputs
@@ -52,7 +52,7 @@ from atm.watcher.proposer import Offer, Proposer, ProposalResult
 from atm.watcher.publish import publish
 from atm.watcher.reconcile import foreign_update, own_records, reconcile, unpublished_acks
 from atm.watcher.report import RunStatus, status_fields
-from atm.watcher.rules import RulesProposer, Thresholds, diagnose
+from atm.watcher.rules import RulesProposer, Thresholds, diagnose, stop_problem
 from atm.watcher.schedule import PollSchedule
 from atm.watcher.service import ErrorKind, Hooks
 from atm.watcher.settle import out_of_time, outpaced, settle
@@ -153,6 +153,14 @@ def _newest_eval(telemetry: RunTelemetry) -> int:
     """The step of the run's newest evaluation (of its newest point, while it has none): what a decision considers."""
     evals = telemetry.eval_steps()
     return evals[-1] if evals else telemetry.step()
+
+
+def shown_diagnosis(diagnosis: Diagnosis, evidence: str) -> str:
+    """The status line's diagnosis. A supervised run whose remedies ran out is still overfitting or on a
+    plateau, as its stop decision says (``overfitting -> stop``); "converged" there read as a contradiction.
+    Pure."""
+    problem = stop_problem(diagnosis, evidence) if diagnosis == Diagnosis.CONVERGED else None
+    return (problem or diagnosis).value
 
 
 def _stray_ack(seq: int, ack: Ack | None) -> str:
@@ -600,8 +608,8 @@ class Daemon:
         st.last_considered_step = newest_eval
         snapshot, ctx, offer = decision_inputs(self.policy, view, st.records, now=self.clock(), dry_run=self.dry_run,
                                                telemetry=telemetry)
-        diag, _ = diagnose(snapshot, Thresholds.from_policy(self.policy))
-        self._set(st.run_id, diagnosis=diag.value)
+        diag, evidence = diagnose(snapshot, Thresholds.from_policy(self.policy))
+        self._set(st.run_id, diagnosis=shown_diagnosis(diag, evidence))
         if not offer.choices and not offer.actions:
             # Warm-up, cooldown or budget: nothing the proposer could do. The status says which.
             st.waiting = blocked(self.policy, ctx) or "every parameter is in its cooldown, out of budget or at its bound"

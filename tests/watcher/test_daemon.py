@@ -619,3 +619,16 @@ def test_a_decision_on_a_point_past_the_jobs_steps_takes_effect_where_the_job_is
     (merged,), changed = reconcile([rec], view)
     assert changed and merged.status == Status.APPLIED and merged.effective_step == 4
     assert merged.counts_from(6) == 3  # evaluations 4, 5, 6 count towards its cooldowns
+
+
+def test_the_status_line_names_the_problem_a_stop_ends_not_converged() -> None:
+    # Seen: the status line said "converged" beside the decision "overfitting -> stop".
+    from atm.watcher.daemon import shown_diagnosis
+    from atm.watcher.rules import OVERFIT_STOP_PREFIX, PLATEAU_STOP_PREFIX
+
+    ran_out = f"{OVERFIT_STOP_PREFIX}, best val_loss 0.19 at step 12: keep the best checkpoint. 3 remedies did not help"
+    assert shown_diagnosis(Diagnosis.CONVERGED, ran_out) == "overfitting"
+    assert shown_diagnosis(Diagnosis.CONVERGED, f"{PLATEAU_STOP_PREFIX} after 2 lr cuts") == "plateau"
+    # A task solved is converged; other diagnoses are shown as they are.
+    assert shown_diagnosis(Diagnosis.CONVERGED, "eval/mean_reward 500 (last 3 evaluations 500) reached 475") == "converged"
+    assert shown_diagnosis(Diagnosis.DIVERGENCE, "gradient norm spiked") == "divergence"
