@@ -330,6 +330,16 @@ def _service_note(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader stopped early (`atm eval ... | head`): not a failure of atm's, and Python would print
+        # a traceback for it, then another when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="atm", description="AI Training Manager")
     sub = p.add_subparsers(dest="command", required=True)
 

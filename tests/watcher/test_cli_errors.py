@@ -182,3 +182,18 @@ def test_explain_experiment_explains_each_running_run(mlflow_uri: str, capsys: p
     out = capsys.readouterr().out
     assert f"=== run {first} ===" in out and f"=== run {second} ===" in out
     assert out.count("no listener has attached") == 2
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    # `atm policy schema | head -1`: the pipe closes while atm writes. Python's default was two
+    # tracebacks (the write, then the flush at exit).
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from atm.watcher.cli import main; sys.exit(main())",
+                             "policy", "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before atm has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
