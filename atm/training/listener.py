@@ -343,7 +343,8 @@ class Listener:
         for name, change in update.changes.items():
             knob = self.knobs.get(name)
             if knob is None:
-                errors.append(f"{name}: not registered with atm.listen (known: {', '.join(self.knobs) or 'none'})")
+                errors.append(f"{name}: this job has no such knob, so it was not changed "
+                              f"(its knobs: {', '.join(self.knobs) or 'none'})")
                 continue
             try:
                 knob.set(targets[name])

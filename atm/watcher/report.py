@@ -133,8 +133,11 @@ def clip(text: str, limit: int = CELL_CHARS) -> str:
 
 
 def change_cell(name: str, change: dict[str, float], in_force: dict[str, float]) -> str:
-    """``lr 1e-3→5e-4``, and what the job reported in force after applying it when that differs."""
+    """``lr 1e-3→5e-4``, and what the job reported in force after applying it when that differs, or that
+    the job applied the update without this change (a knob it does not have: the ack names it)."""
     cell = f"{name} {fmt(change['old'])}→{fmt(change['new'])}"
+    if in_force and name not in in_force:
+        return cell + " (not applied)"
     now = in_force.get(name)
     if now is not None and not math.isclose(now, change["new"], rel_tol=0.01):
         cell += f" (in force: {fmt(now)})"

@@ -35,3 +35,26 @@ def test_the_readmes_sb3_logger_snippet_puts_sb3s_metrics_on_the_run(tmp_path: P
     rl = load_policy("rl-ppo")
     assert resolve_roles(rl, sorted(keys))["return"] == "rollout/ep_rew_mean"
     assert "no metrics of its own" not in missing_role_note(rl, sorted(keys))
+
+
+def test_an_off_policy_model_is_offered_lr_alone_and_judged_by_its_return() -> None:
+    """The README's off-policy paragraph: SAC with a learned entropy coefficient and TD3, under the example
+    policy file, are offered lr and nothing else, and none of their train/* rows maps to a role."""
+    from stable_baselines3 import SAC, TD3
+
+    from atm.policies._validator import DecisionContext, available_choices
+    from atm.training.sb3 import sb3_knobs
+
+    text = " ".join(README.read_text().split())
+    assert "An off-policy model (SAC, TD3, DQN) works with the same file and is judged by its return alone" in text
+    policy = load_policy(Path(__file__).resolve().parents[2] / "examples" / "sb3_policy.yaml")
+    for algo in (SAC, TD3):
+        model = algo("MlpPolicy", "Pendulum-v1", buffer_size=100, seed=0, device="cpu")
+        params = {name: float(get()) for name, (get, _) in sb3_knobs(model).items()}
+        ctx = DecisionContext(step=20_000, params=params, eval_steps=tuple(range(2_000, 20_001, 2_000)))
+        assert set(available_choices(policy, ctx)) == {"lr"}, algo.__name__
+    sac_keys = ["rollout/ep_rew_mean", "rollout/ep_len_mean", "eval/mean_reward", "train/actor_loss",
+                "train/critic_loss", "train/ent_coef", "train/ent_coef_loss", "train/learning_rate"]
+    mapped = resolve_roles(load_policy("rl-ppo"), sac_keys)
+    assert mapped["return"] == "eval/mean_reward"
+    assert not {k for k in mapped.values() if k and k.startswith("train/")}, mapped
