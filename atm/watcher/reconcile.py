@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from atm.adapters.base import RunView, names_run
 from atm.schema import Ack, DecisionRecord, Status, Update
 from atm.signing import SigningKey, verify
+from atm.watcher.poll import run_step
 
 #: Reason prefix of an update the run ended before applying.
 EXPIRED = "expired"
@@ -62,7 +63,7 @@ def reconcile(records: Sequence[DecisionRecord], view: RunView) -> tuple[list[De
             # A decision taken on a point past the job's steps (another client's, since left out by the
             # backend) took effect where the job is: floored at its own step, it never took effect, and its
             # cooldowns held every later decision for good.
-            floor, job = rec.step, _job_step(view)
+            floor, job = rec.step, run_step(view)
             if floor > job:  # the job's own step when it applied the change
                 floor = max((s for t, s in view.timeline if t <= rec.applied_at and s <= job), default=0)
             rec.effective_step = step_after(view.timeline, rec.applied_at, floor=floor)
@@ -123,11 +124,6 @@ def foreign_update(records: Sequence[DecisionRecord], updates: Mapping[int, Upda
         elif rec.status in (*PUBLISHED, Status.AWAITING_APPROVAL) and update.created_at != rec.decided_at:
             return update
     return None
-
-
-def _job_step(view: RunView) -> int:
-    """The latest step of the run's own metrics (the listener's ``atm/*`` not counted)."""
-    return max((pts[-1][0] for k, pts in view.history.items() if len(pts) and not k.startswith("atm/")), default=0)
 
 
 def step_after(timeline: Sequence[tuple[float, int]], when: float, floor: int = 0) -> int | None:
