@@ -228,10 +228,8 @@ def at_run_end(line: DatasetLine) -> DatasetLine:
         raise DatasetError(f"{line.family}/{line.run} point {line.point} was branched to its horizon only; "
                            "generate.py --to-end branches to the run's end")
     assert line.end_step is not None
-    ends = {m.move.key: list(m.at_end or []) for m in line.moves}
-    per_move, labels = label_moves(ends, higher_is_better=line.higher_is_better, resolution=line.resolution)
-    moves = [MoveOutcome(move=m.move, outcomes=ends[m.move.key], mean=statistics.fmean(ends[m.move.key]),
-                         label=per_move[m.move.key]) for m in line.moves]
+    moves, labels = _labelled({m.move.key: (m.move, list(m.at_end or [])) for m in line.moves},
+                              higher_is_better=line.higher_is_better, resolution=line.resolution)
     return line.model_copy(update={"moves": moves, "labels": labels, "horizon": line.end_step - line.step,
                                    "end_step": None})
 
@@ -294,16 +292,23 @@ def make_line(
     def cap(x: float) -> float:
         return worst(x, ceiling) if math.isfinite(x) else ceiling
 
-    capped = {k: [cap(x) for x in v] for k, (_, v) in outcomes.items()}
-    per_move, labels = label_moves(capped, higher_is_better=higher_is_better, resolution=resolution)
+    capped = {k: (mv, [cap(x) for x in v]) for k, (mv, v) in outcomes.items()}
     ends = {k: [cap(x) for x in v] for k, v in (at_end or {}).items()}
-    moves = [
-        MoveOutcome(move=mv, outcomes=capped[k], mean=statistics.fmean(capped[k]), label=per_move[k],
-                    at_end=ends.get(k))
-        for k, (mv, _) in outcomes.items()
-    ]
+    moves, labels = _labelled(capped, higher_is_better=higher_is_better, resolution=resolution, at_end=ends)
     return DatasetLine(ceiling=ceiling, higher_is_better=higher_is_better, resolution=resolution, moves=moves,
                        labels=labels, **fields)
+
+
+def _labelled(
+    outcomes: dict[str, tuple[Move, list[float]]], *, higher_is_better: bool, resolution: float,
+    at_end: dict[str, list[float]] | None = None,
+) -> tuple[list[MoveOutcome], Labels]:
+    """The moves with their outcomes, means and labels (:func:`label_moves`), and the line's move sets. Pure."""
+    per_move, labels = label_moves({k: v for k, (_, v) in outcomes.items()}, higher_is_better=higher_is_better,
+                                   resolution=resolution)
+    moves = [MoveOutcome(move=mv, outcomes=v, mean=statistics.fmean(v), label=per_move[k],
+                         at_end=(at_end or {}).get(k)) for k, (mv, v) in outcomes.items()]
+    return moves, labels
 
 
 # --------------------------------------------------------------------------- file
