@@ -26,6 +26,7 @@ from _common import write
 
 from atm.watcher.counterfactual import (
     BASELINES,
+    NOOP,
     DatasetLine,
     DatasetReport,
     Rates,
@@ -75,15 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         if not here:
             continue
         ended = [at_run_end(ln) for ln in here]
-        for label, chosen in ((f"{split}, {len(here)} points at the horizon", here), (f"{split}, the same at the run's end", ended)):
+
+        def scored(chosen: list[DatasetLine], label: str) -> list[DatasetReport]:
             rs = [score_dataset(pr, chosen, dataset=shown_name, split=split)
                   for pr in [make_proposer(k) for k in kinds] + [make() for make in BASELINES.values()]]
-            table += [[label, *rates_row(r.proposer, r.summary)] for r in rs]
-            if "run's end" in label:
-                table += [[label, *rates_row(f"{r.proposer}, family {fam}", fr)]
-                          for r in rs[: len(kinds)] for fam, fr in r.by_family.items()]
-                at_end[split] = {"reports": [r.model_dump(mode="json") for r in rs], "agreement": agreement(here)}
-        ag = agreement(here)
+            table.extend([label, *rates_row(r.proposer, r.summary)] for r in rs)
+            return rs
+
+        scored(here, f"{split}, {len(here)} points at the horizon")
+        label = f"{split}, the same at the run's end"
+        rs = scored(ended, label)
+        table.extend([label, *rates_row(f"{r.proposer}, family {fam}", fr)]
+                     for r in rs[: len(kinds)] for fam, fr in r.by_family.items())
+        ag = agreement(here, ended)
+        at_end[split] = {"reports": [r.model_dump(mode="json") for r in rs], "agreement": ag}
         end_notes += (f" At the run's end ({split}, {len(here)} points, generate.py --to-end): the horizon's best move is "
                   f"acceptable there at {ag['best_still_acceptable']:.0%} of points; of {ag['helped']} moves that helped "
                   f"over the horizon, {ag['helped_then_hurt']} hurt by the end; no-op acceptable at "
@@ -129,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def agreement(lines: list[DatasetLine]) -> dict[str, float | int]:
-    """How the labels at the horizon hold at the run's end, over lines branched that far. Pure."""
-    ended = [at_run_end(ln) for ln in lines]
+def agreement(lines: list[DatasetLine], ended: list[DatasetLine]) -> dict[str, float | int]:
+    """How the labels at the horizon hold at the run's end: ``lines`` and the same judged there
+    (:func:`at_run_end`). Pure."""
     best_ok = sum(any(k in e.labels.acceptable for k in ln.labels.best) for ln, e in zip(lines, ended))
     helped = [(m.move.key, e) for ln, e in zip(lines, ended) for m in ln.moves if m.label == "helped"]
     flipped = sum(e.outcome(k).label == "hurt" for k, e in helped)  # type: ignore[union-attr]
@@ -140,8 +146,8 @@ def agreement(lines: list[DatasetLine]) -> dict[str, float | int]:
         "best_still_acceptable": best_ok / len(lines),
         "helped": len(helped),
         "helped_then_hurt": flipped,
-        "noop_acceptable_horizon": sum("noop" in ln.labels.acceptable for ln in lines) / len(lines),
-        "noop_acceptable_end": sum("noop" in e.labels.acceptable for e in ended) / len(lines),
+        "noop_acceptable_horizon": sum(NOOP in ln.labels.acceptable for ln in lines) / len(lines),
+        "noop_acceptable_end": sum(NOOP in e.labels.acceptable for e in ended) / len(lines),
     }
 
 
