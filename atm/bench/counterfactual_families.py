@@ -498,10 +498,10 @@ class _Forecaster(nn.Module):
 
 def rnn_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, hidden: int = 32,
             schedule: str = "constant", total: int = 600, warmup: int = 0) -> Job:
-    x_tr, y_tr, x_va, y_va = _signals(n_train)
-    model = _Forecaster(x_tr.shape[2], y_tr.shape[1], hidden, dropout)
-    return _indexed_job(model, (x_tr, y_tr, x_va, y_va), F.mse_loss, batch=32, opt=opt, lr=lr, wd=wd,
-                        schedule=schedule, total=total, warmup=warmup)
+    data = _signals(n_train)
+    model = _Forecaster(data[0].shape[2], data[1].shape[1], hidden, dropout)
+    return _indexed_job(model, data, F.mse_loss, batch=32, opt=opt, lr=lr, wd=wd, schedule=schedule, total=total,
+                        warmup=warmup)
 
 
 def rnn_recipes() -> list[Recipe]:

@@ -187,7 +187,7 @@ class DatasetLine(_Strict):
             raise ValueError("`at_end`: every move needs its outcomes at the run's end, or none")
         if all(ends) and self.end_step is None:
             raise ValueError("`at_end` outcomes need `end_step`, the step they were measured at")
-        if self.end_step is not None and self.end_step <= self.step + self.horizon - 1:
+        if self.end_step is not None and self.end_step < self.step + self.horizon:
             raise ValueError(f"`end_step` {self.end_step} is not after the horizon (step {self.step} + {self.horizon})")
         for m in self.moves:
             if len(m.outcomes) != self.seeds:
