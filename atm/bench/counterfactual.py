@@ -41,7 +41,8 @@ Batch = Any
 def schedule_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
     """The lr schedule's factor at ``step`` of ``total``: ``constant``, ``cosine`` (to 5%), ``warmup``
     (linear over ``warmup`` steps, then constant), ``warmup-cosine`` or ``warmup-linear`` (then a
-    linear decay to 5%, the Hugging Face Trainer's default shape). Pure."""
+    linear decay to 5%, the Hugging Face Trainer's default shape), ``step`` (x0.1 at half and at three
+    quarters of ``total``, a StepLR/MultiStepLR shape). Pure."""
     f = 1.0
     if kind.startswith("warmup") and warmup > 0 and step < warmup:
         f = (step + 1) / warmup
@@ -50,8 +51,11 @@ def schedule_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
         f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
     if kind == "warmup-linear":
         f *= 1.0 - 0.95 * t
-    if kind not in ("constant", "cosine", "warmup", "warmup-cosine", "warmup-linear"):
-        raise ValueError(f"unknown lr schedule {kind!r}; choose constant, cosine, warmup, warmup-cosine or warmup-linear")
+    if kind == "step":
+        f *= 0.1 ** sum(step >= m * total for m in (0.5, 0.75))
+    if kind not in ("constant", "cosine", "warmup", "warmup-cosine", "warmup-linear", "step"):
+        raise ValueError(f"unknown lr schedule {kind!r}; choose constant, cosine, warmup, warmup-cosine, "
+                         "warmup-linear or step")
     return f
 
 
