@@ -41,6 +41,8 @@ class Diagnosis(str, enum.Enum):
     HEALTHY = "healthy"
     OVERFITTING = "overfitting"
     PLATEAU = "plateau"
+    #: A supervised loss falling at a steady pace that is not slowing down: the step is too small.
+    LR_TOO_LOW = "lr_too_low"
     DIVERGENCE = "divergence"
     LOSS_IMBALANCE = "loss_imbalance"
     OVER_REGULARIZATION = "over_regularization"

@@ -53,6 +53,7 @@ REMEDY_DIRECTIONS: dict[Diagnosis, dict[str, Direction]] = {
     Diagnosis.OVERFITTING: {"dropout": "up", "weight_decay": "up", "lr": "down"},
     Diagnosis.DIVERGENCE: {"lr": "down", "clip_range": "down", "target_kl": "down"},
     Diagnosis.PLATEAU: {"lr": "down"},
+    Diagnosis.LR_TOO_LOW: {"lr": "up"},
     Diagnosis.OVER_REGULARIZATION: {"dropout": "down", "weight_decay": "down"},
     Diagnosis.LOSS_IMBALANCE: {"loss_weight.": "any"},
     Diagnosis.EXPLORATION_COLLAPSE: {"ent_coef": "up", "clip_range": "up"},

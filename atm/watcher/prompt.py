@@ -33,6 +33,7 @@ _SUPERVISED_DIAGNOSES = (
     Diagnosis.HEALTHY,
     Diagnosis.OVERFITTING,
     Diagnosis.PLATEAU,
+    Diagnosis.LR_TOO_LOW,
     Diagnosis.DIVERGENCE,
     Diagnosis.LOSS_IMBALANCE,
     Diagnosis.OVER_REGULARIZATION,

@@ -47,6 +47,14 @@ THIN_CAP = 256
 #: Recent points of a series kept for looking up its value at a step (the train loss at an
 #: evaluation's step, a metric at an intervention's step); older steps read the thinned points.
 RECENT = 4096
+#: A series value more than this share above the one before it rose (an lr: a warm-up's steps) ...
+RISE_TOL = 0.001
+#: ... and one more than this share away from it jumped (an lr: a step schedule's or a user's cut, a
+#: restart). A cosine's or linear decay's moves, logged whenever the lr moved 1%, are far smaller.
+JUMP_TOL = 0.2
+#: Evaluations since the lr last rose or jumped (or since a restore, or atm's last change) that a pace
+#: is read over: the latest half of them against all of them.
+PACE_MIN_EVALS = 6
 
 
 def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
@@ -191,6 +199,29 @@ def window_improvement(points: Points) -> tuple[float, float]:
     if improvement > 1 and all(v >= 0 for _, v in points):
         improvement = 1.0
     return improvement, ci / scale
+
+
+def pace(first: tuple[int, float], latest: Points) -> tuple[float, float, float] | None:
+    """How fast a loss fell over ``latest`` (its last points) against how fast it fell on average since
+    ``first``, by a least-squares fit through ``latest``; and the relative improvement across ``latest``
+    with its 95% confidence interval's half-width (:func:`window_improvement`). None when the loss did
+    not fall since ``first``. Pure.
+
+    A loss at a well-chosen step size falls fast and then slows (about 0.1-0.5 by this measure over the
+    latest half of a run); one that falls as fast late as early (1 or more) is held back by its step
+    size, not by what is left to learn.
+    """
+    if len(latest) < 3 or latest[-1][0] <= first[0]:
+        return None
+    b = slope(latest)
+    mx = sum(st for st, _ in latest) / len(latest)
+    my = sum(v for _, v in latest) / len(latest)
+    now = my + b * (latest[-1][0] - mx)
+    average = (first[1] - now) / (latest[-1][0] - first[0])
+    if average <= 0:
+        return None
+    improvement, ci = window_improvement(latest)
+    return -b / average, improvement, ci
 
 
 def fitted_change(points: Points) -> float:
@@ -379,6 +410,11 @@ class SeriesState:
         #: The last three usable values and the best of their running means (returns read that way).
         self.last3: deque[float] = deque(maxlen=3)
         self.best_mean3 = -math.inf
+        #: The last step whose value rose above the usable value before it (by more than RISE_TOL), and
+        #: the last whose value moved from it by more than JUMP_TOL either way: read of the lr series,
+        #: the end of a warm-up and a step schedule's (or a user's) cut.
+        self.rise_step: int | None = None
+        self.jump_step: int | None = None
         self._since: SmoothedSince | None = None
 
     def add(self, step: int, value: float) -> None:
@@ -403,6 +439,11 @@ class SeriesState:
             self.best = self.min = self.max = value
             self.best_step = step
         else:
+            prev = self.window[-2][1]
+            if value > prev * (1 + RISE_TOL) if prev >= 0 else value > prev * (1 - RISE_TOL):
+                self.rise_step = step
+            if abs(value - prev) > JUMP_TOL * abs(prev):
+                self.jump_step = step
             self.ema = EMA_ALPHA * value + (1 - EMA_ALPHA) * self.ema
             if self.ema < self.ema_min:
                 self.ema_min, self.ema_min_step = self.ema, step
@@ -448,6 +489,21 @@ class SeriesState:
         since.seen = self.n
         self._since = since
         return since
+
+    def since(self, step: int) -> tuple[int, tuple[int, float] | None]:
+        """How many points were logged at or after ``step``, and the first usable one of them: exact
+        within the recent points; before them, the count is of the distinct steps when they are kept
+        (else of every point) and the point is the first thinned one at or after ``step``."""
+        rec = self.recent
+        if rec and step >= rec[0][0]:
+            i = bisect.bisect_left(rec.steps, step, lo=rec._start())
+            first = next(((s, v) for s, v in rec[i - rec._start():] if _usable(v)), None)
+            return len(rec.steps) - i, first
+        if self.track_steps and self.steps:
+            n = len(self.steps) - bisect.bisect_left(self.steps, step)
+        else:
+            n = self.n
+        return n, next(((s, v) for s, v in self.thin if s >= step), None)
 
     def value_at(self, step: int) -> float | None:
         """The last value logged at or before ``step``: exact within the recent points, read from the
@@ -804,7 +860,8 @@ class RunTelemetry:
         return key, state.higher_is_better, list(state.recent)
 
     def signals(
-        self, series: Mapping[str, SeriesStats], restarted_at: int | None = None, gaps_from: int | None = None
+        self, series: Mapping[str, SeriesStats], restarted_at: int | None = None, gaps_from: int | None = None,
+        changed_at: int | None = None,
     ) -> dict[str, float | bool]:
         """Named signals the rules read and the LLM is shown: gaps, flags, ratios.
 
@@ -812,7 +869,8 @@ class RunTelemetry:
         rollback), if any; trends and the train loss's progress are read from there, not across the
         jump. ``gaps_from``: the step from which the train/val gap's window is read (a rollback, or a
         change of dropout, which acts on the train loss alone and so moves the gap at once);
-        ``restarted_at`` when not given.
+        ``restarted_at`` when not given. ``changed_at``: the step atm's latest applied change took
+        effect at, from which (or from the lr's last rise or jump, if later) the loss's pace is read.
         """
         if gaps_from is None:
             gaps_from = restarted_at
@@ -840,6 +898,7 @@ class RunTelemetry:
                 # improvement larger than this is real progress, not a plateau.
                 if math.isfinite(ci):
                     sig["window_improvement_ci"] = ci
+            sig.update(self._pace_signals(primary, restarted_at, changed_at))
             if train is not None and val is not None and self._gaps is not None:
                 gaps = self._gaps.window(self._series[train.key])
                 if gaps_from is not None:
@@ -897,6 +956,32 @@ class RunTelemetry:
             sig["loss_component_ratio"] = max(vals) / max(min(vals), 1e-12)
         return sig
 
+    def _pace_signals(self, primary: SeriesStats, restarted_at: int | None, changed_at: int | None) -> dict[str, float]:
+        """The primary loss's :func:`pace` since the lr last rose or jumped, the run was restored or atm
+        last changed something, whichever is latest: ``pace``, ``pace_improvement`` (with
+        ``pace_improvement_ci`` when finite), ``pace_evals`` and ``pace_from``. None without an lr
+        series (a warm-up could not be told from the rest) or with fewer than PACE_MIN_EVALS
+        evaluations since. Costs O(log n) lookups and the window, whatever the run's length."""
+        lr_key = self.roles.get("lr")
+        lr = self._series[lr_key] if lr_key is not None else None
+        if lr is None or lr.n == 0:
+            return {}
+        marks = [m for m in (restarted_at, changed_at, lr.rise_step, lr.jump_step) if m is not None]
+        start = max(marks, default=0)
+        state = self._series[primary.key]
+        n, first = state.since(start)
+        if n < PACE_MIN_EVALS or first is None:
+            return {}
+        latest = [(st, v) for st, v in state.window if st >= first[0]][-max(n // 2, 3):]
+        read = pace(first, latest)
+        if read is None:
+            return {}
+        p, improvement, ci = read
+        out = {"pace": p, "pace_improvement": improvement, "pace_evals": float(n), "pace_from": float(first[0])}
+        if math.isfinite(ci):
+            out["pace_improvement_ci"] = ci
+        return out
+
     def effects(self, records: Sequence[DecisionRecord], recent: int) -> list[Effect]:
         """Before/after values of the watched metrics for the last ``recent`` applied interventions, and
         how many evaluations were logged since each took effect."""
@@ -931,13 +1016,16 @@ class RunTelemetry:
         """The snapshot a proposer sees, from what has been folded so far."""
         series = self.series()
         restarts, gap_moves = restart_steps(records)
+        changed = [r.effective_step for r in records if r.status == Status.APPLIED and r.effective_step is not None
+                   and (r.changes or r.action is not None)]
         kw = {} if now is None else {"taken_at": now}
         return TelemetrySnapshot(
             run_id=run_id,
             run_name=run_name,
             step=self.step(series),
             series=series,
-            signals=self.signals(series, max(restarts, default=None), max(restarts + gap_moves, default=None)),
+            signals=self.signals(series, max(restarts, default=None), max(restarts + gap_moves, default=None),
+                                 max(changed, default=None)),
             params=dict(params),
             recent=self.effects(records, recent),
             applied=dict(Counter(r.diagnosis.value for r in records if r.status == Status.APPLIED)),

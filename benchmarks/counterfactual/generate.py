@@ -8,6 +8,7 @@ Usage:
     python benchmarks/counterfactual/generate.py --families mlp --seeds 2 --out /tmp/mlp.jsonl
     python benchmarks/counterfactual/generate.py --merge /tmp/a.jsonl.gz /tmp/b.jsonl.gz   # side-by-side processes
     python benchmarks/counterfactual/generate.py --families mlp --relog   # a series added to what runs log
+    python benchmarks/counterfactual/generate.py --resplit   # lines take the split their family has now
 
 Writes benchmarks/counterfactual/dataset.jsonl.gz (one line per decision point; schema in
 atm/watcher/counterfactual.py), rewritten after each decision point. ``--extend`` keeps the lines
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from atm.bench.counterfactual import Recipe, generate, relog
-from atm.bench.counterfactual_families import FAMILIES, recipes
+from atm.bench.counterfactual_families import FAMILIES, recipes, split_of
 from atm.watcher.counterfactual import DatasetError, DatasetLine, load_dataset, write_dataset
 
 DEFAULT_OUT = HERE / "dataset.jsonl.gz"
@@ -57,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="branch nothing: re-run the main runs of these families (supervised) and give their lines "
                         "in --out the history the runs log now (a series added), checking that every series they "
                         "held comes out the same")
+    p.add_argument("--resplit", action="store_true",
+                   help="branch nothing: give every line in --out the split its family has now (a family a rule "
+                        "was drawn from moves from test to train)")
     p.add_argument("--extend", action="store_true",
                    help="keep the file's other runs and the finished points of these runs")
     args = p.parse_args(argv)
     t0 = time.time()
     if args.merge:
         return merge(args.out, args.merge)
+    if args.resplit:
+        return resplit(args.out)
     try:
         todo = recipes([f for f in args.families.split(",") if f])
     except ValueError as exc:
@@ -112,6 +118,19 @@ def relog_file(out: str, todo: list, t0: float) -> int:
         print(f"[{time.time() - t0:6.0f}s] {recipe.family}/{recipe.run}: {len(mine)} lines re-logged", flush=True)
     write_dataset([done.get((ln.run, ln.point), ln) for ln in lines], out)
     print(f"{len(done)} of {len(lines)} lines re-logged -> {out}")
+    return 0
+
+
+def resplit(out: str) -> int:
+    """Every line of ``out`` in the split its family has now (:func:`split_of`); says which families moved."""
+    try:
+        lines = load_dataset(out)
+    except DatasetError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    moved = sorted({f"{ln.family}: {ln.split} -> {split_of(ln.family)}" for ln in lines if ln.split != split_of(ln.family)})
+    write_dataset([ln.model_copy(update={"split": split_of(ln.family)}) for ln in lines], out)
+    print(f"{len(lines)} lines -> {out}; " + (f"moved {'; '.join(moved)}" if moved else "every family already in its split"))
     return 0
 
 
