@@ -217,10 +217,24 @@ def test_brief_answer_is_flat_and_takes_only_the_remedies_of_the_measured_proble
             model.model_validate_json(bad)
 
 
+def test_brief_answer_for_an_lr_too_low_may_raise_the_lr_and_nothing_else(labelled):
+    sit = labelled("lr_too_low_steady_sgd")
+    evidence = diagnose_for_offer(sit.snapshot, Thresholds.from_policy(sit.policy), sit.offer)
+    assert evidence[0] == Diagnosis.LR_TOO_LOW
+    brief = _brief(sit.snapshot, sit.policy, sit.offer, evidence)
+    model = brief.model(sit.snapshot, sit.policy, sit.offer)
+    assert brief.suggested["moves"] == ["lr up to 0.003"]
+    prop = to_proposal(model.model_validate_json(brief_doc(["lr up to 0.004"], None, "steady fall")))
+    assert prop.diagnosis == Diagnosis.LR_TOO_LOW and prop.changes == {"lr": 0.004}
+    for bad in (brief_doc(["lr down to 0.001"]), brief_doc(["lr up to 0.003"], "stop")):
+        with pytest.raises(ValidationError):
+            model.model_validate_json(bad)
+
+
 def test_brief_suggestion_is_the_rules_choice_and_a_valid_answer(labelled):
     asked = 0
     for name in ("overfit_small_gpt", "plateau_epochs", "divergence_loss_explodes", "imbalance_aux_dominates",
-                 "rl_unsafe_reckless", "rl_converged", "overreg_heavy_dropout"):
+                 "rl_unsafe_reckless", "rl_converged", "overreg_heavy_dropout", "lr_too_low_steady_sgd"):
         sit = labelled(name)
         evidence = diagnose_for_offer(sit.snapshot, Thresholds.from_policy(sit.policy), sit.offer)
         brief = _brief(sit.snapshot, sit.policy, sit.offer, evidence)
