@@ -342,6 +342,14 @@ class Recent(Sequence[tuple[int, float]]):
         k = self._start()
         return zip(self.steps[k:], self.values[k:])
 
+    def since(self, step: int) -> tuple[int, tuple[int, float] | None]:
+        """How many of these points are at or after ``step``, and the first usable one of them. O(log n)
+        to find them, then as many as are unusable in a row."""
+        j = i = bisect.bisect_left(self.steps, step, lo=self._start())
+        while j < len(self.steps) and not _usable(self.values[j]):
+            j += 1
+        return len(self.steps) - i, ((self.steps[j], self.values[j]) if j < len(self.steps) else None)
+
 
 class SmoothedSince:
     """The smoothed curve (:data:`EMA_ALPHA`) of a series' usable points from step ``since`` on, started
@@ -496,9 +504,7 @@ class SeriesState:
         (else of every point) and the point is the first thinned one at or after ``step``."""
         rec = self.recent
         if rec and step >= rec[0][0]:
-            i = bisect.bisect_left(rec.steps, step, lo=rec._start())
-            first = next(((s, v) for s, v in rec[i - rec._start():] if _usable(v)), None)
-            return len(rec.steps) - i, first
+            return rec.since(step)
         if self.track_steps and self.steps:
             n = len(self.steps) - bisect.bisect_left(self.steps, step)
         else:

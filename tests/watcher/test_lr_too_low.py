@@ -93,3 +93,22 @@ def test_no_raise_after_atm_cut_the_lr_for_another_problem_or_after_a_raise_that
     # Read from where the raise took effect: 15 evaluations since step 150's change.
     assert sit.snapshot.signals["pace_from"] == 200
     assert proposal.diagnosis == Diagnosis.LR_TOO_LOW
+
+
+def test_the_pace_folded_poll_by_poll_is_the_pace_read_whole_and_reads_past_the_recent_points() -> None:
+    from atm.watcher.snapshot import RunTelemetry, build_snapshot
+
+    history = _steady(n=40, lr=[(0, 0.002), (1500, 0.004)])
+    whole = build_snapshot("r", LM, history, {"lr": 0.004}).signals
+    assert whole["pace_from"] == 1500 and whole["pace_evals"] == 26
+    polled = RunTelemetry(LM)
+    for end in (500, 1400, 2200, 4000):
+        polled.fold({k: [p for p in pts if p[0] <= end] for k, pts in history.items()})
+    assert {k: v for k, v in polled.snapshot("r", {"lr": 0.004}).signals.items() if k.startswith("pace")} == {
+        k: v for k, v in whole.items() if k.startswith("pace")}
+    # Keeping only the last 8 points of each series, the count since the jump comes from the evaluation
+    # steps and the first point from the thinned ones: the same here, where every point is kept thinned.
+    small = RunTelemetry(LM, recent=8)
+    small.fold(history)
+    sig = small.snapshot("r", {"lr": 0.004}).signals
+    assert sig["pace_from"] == 1500 and sig["pace_evals"] == 26 and sig["pace"] == pytest.approx(whole["pace"])
