@@ -71,7 +71,7 @@ _SIGNAL_ORDER = (
     "loss_component_ratio",
     "nonfinite",
 )
-_PERCENT_SIGNALS = frozenset({"rise_over_best", "window_improvement", "train_rise_over_best"})
+_PERCENT_SIGNALS = frozenset({"rise_over_best", "window_improvement", "train_rise_over_best", "pace_improvement"})
 
 
 def quote(text: str, limit: int = MAX_NAME) -> str:
