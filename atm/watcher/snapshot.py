@@ -20,7 +20,7 @@ import math
 import statistics
 from array import array
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 
 from atm.policies import Policy
 from atm.schema import Action, DecisionRecord, Effect, SeriesStats, Status, TelemetrySnapshot
@@ -77,6 +77,20 @@ def resolve_roles(policy: Policy, keys: Sequence[str]) -> dict[str, str]:
             for k in sorted(fnmatch.filter(keys, cand)):
                 if k not in claimed:
                     out[f"{role}[{k}]"] = k
+    return out
+
+
+def prefer_moving(roles: Mapping[str, str], policy: Policy, history: Mapping[str, Sized]) -> dict[str, str]:
+    """``roles``, but a role read from a key logged once (a job that logs its configured lr at the start)
+    is read from the listener's series of it (``atm/lr``, a later candidate of the same role) once that
+    has two points or more: a value logged once says nothing of a warm-up or a schedule's cut. Pure."""
+    out = dict(roles)
+    for role, key in roles.items():
+        if key.startswith("atm/") or len(history.get(key, ())) > 1:
+            continue
+        listener = next((c for c in policy.metrics.get(role, ()) if c.startswith("atm/") and not _is_pattern(c)), None)
+        if listener is not None and len(history.get(listener, ())) > 1:
+            out[role] = listener
     return out
 
 
@@ -704,6 +718,8 @@ class RunTelemetry:
         self._thin_cap, self._recent = thin_cap, recent
         self.roles: dict[str, str] = {}
         self._keys: frozenset[str] = frozenset()
+        #: Roles as the keys alone resolve them (before :func:`prefer_moving`).
+        self._resolved: dict[str, str] = {}
         self._series: dict[str, SeriesState] = {}
         #: key -> (points folded, first point, last point folded): how a grown series is told from a rewritten one.
         self._folded: dict[str, tuple[int, tuple[int, float], tuple[int, float]]] = {}
@@ -723,10 +739,10 @@ class RunTelemetry:
         """
         keys = frozenset(history)
         if keys != self._keys:
-            self._keys = keys
-            roles = resolve_roles(self.policy, sorted(keys))
-            if roles != self.roles:
-                self._remap(roles)
+            self._keys, self._resolved = keys, resolve_roles(self.policy, sorted(keys))
+        roles = prefer_moving(self._resolved, self.policy, history)
+        if roles != self.roles:
+            self._remap(roles)
         self._any_step = max((int(pts[-1][0]) for pts in history.values() if pts), default=self._any_step)
         gaps = self._gaps
         new: dict[str, list[tuple[int, float]]] = {}

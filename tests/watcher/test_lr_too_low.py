@@ -124,3 +124,21 @@ def test_a_policy_turns_the_raise_off_or_asks_for_a_steadier_fall(tmp_path) -> N
         sit = situation("run-pace", load_policy(str(path)), _steady(), {"lr": 0.002, "weight_decay": 0.0, "dropout": 0.0})
         proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
         assert proposal.diagnosis == Diagnosis.HEALTHY and not proposal.changes, name
+
+
+def test_an_lr_the_job_logs_once_gives_way_to_the_listeners_series_of_it() -> None:
+    # The job logs its configured lr once; its scheduler warms the lr up over 900 steps, which only the
+    # listener's atm/lr shows. The loss fell slowly under the warm-up, then fast, and is slowing as a
+    # good run's does: read from the start, the slow warm-up makes that a fall faster than its average.
+    val = [(100 * (i + 1), 2.0 - (0.01 * (i + 1) if i < 9 else 0.09 + 0.3 * (1 - math.exp(-(i - 8) / 2))))
+           for i in range(14)]
+    history = {"loss": [(10 * (j + 1), val[j // 10][1] - 0.01) for j in range(140)], "val_loss": val,
+               "lr": [(0, 0.002)], "atm/lr": [(100 * i, 0.002 * min(1.0, (i + 1) / 10)) for i in range(10)]}
+    sit, proposal = _decide(history)
+    assert sit.snapshot.series["lr"].key == "atm/lr"
+    assert sit.snapshot.signals["pace_from"] == 900 and sit.snapshot.signals["pace"] < 0.9
+    assert proposal.diagnosis == Diagnosis.HEALTHY and not proposal.changes
+    # A job that logs its lr as it moves keeps its own series.
+    history["lr"] = history["atm/lr"]
+    sit, _ = _decide(history)
+    assert sit.snapshot.series["lr"].key == "lr"
