@@ -512,6 +512,11 @@ def _warming_up(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) ->
     if lr is None or rise <= t.warmup_lr_rise or lr.slope <= 0 or lr.latest < lr.max * (1 - 1e-9):
         return ""
     interval = (primary.last_step - primary.first_step) / max(primary.n - 1, 1)
+    if lr.key.startswith("atm/"):
+        # The listener logs the lr on a clock (every 3 s, when it moved), not at evaluations: a job that
+        # evaluates every 0.3 s sees it every 10 evaluations. Seen: a digits MLP's 30-epoch warm-up cut
+        # at epoch 23 as overfitting, its lr last charted at epoch 18. Its own spacing says how often.
+        interval = max(interval, (lr.last_step - lr.first_step) / max(lr.n - 1, 1))
     if lr.last_step < primary.last_step - 1.5 * interval:
         return ""
     since = float(sig.get("lr_window_from", math.inf))

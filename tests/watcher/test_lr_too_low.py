@@ -1,4 +1,5 @@
-"""The lr-too-low reading: a loss's pace since the lr settled, and the rule that raises the lr on it."""
+"""The lr as the rules read it: a warm-up the listener charts, a loss's pace since the lr settled, and the
+rule that raises the lr on that pace."""
 
 from __future__ import annotations
 
@@ -142,3 +143,19 @@ def test_an_lr_the_job_logs_once_gives_way_to_the_listeners_series_of_it() -> No
     history["lr"] = history["atm/lr"]
     sit, _ = _decide(history)
     assert sit.snapshot.series["lr"].key == "lr"
+
+
+def test_a_warm_up_the_listener_charts_every_few_evaluations_is_still_a_warm_up() -> None:
+    # A fast job (an evaluation every 0.3 s): the listener's atm/lr, logged every 3 s while the
+    # scheduler moves it, last charted the rising lr 5 evaluations before the decision.
+    rng = random.Random(1)
+    val = [(e, 2.3 * math.exp(-e / 6) + 0.1 + 0.002 * e + rng.gauss(0, 0.002)) for e in range(1, 24)]
+    train = [(e, 2.3 * math.exp(-e / 6) + 0.02 - 0.001 * e) for e in range(1, 24)]
+    warm = [(0, 0.0017), (7, 0.02), (18, 0.0383)]
+    sit, proposal = _decide({"train_loss": train, "val_loss": val, "atm/lr": warm})
+    assert proposal.diagnosis == Diagnosis.HEALTHY and "warm-up" in proposal.rationale
+    # The same lr charted last 30 evaluations ago: the warm-up is over, the rules read the run again.
+    ended = [(s - 30, v) for s, v in warm]
+    later = [(s + 30, v) for s, v in val]
+    sit, proposal = _decide({"train_loss": [(s + 30, v) for s, v in train], "val_loss": later, "atm/lr": ended})
+    assert "warm-up" not in proposal.rationale
