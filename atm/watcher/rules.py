@@ -501,6 +501,11 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 
+def _spacing(st: SeriesStats) -> float:
+    """The mean number of steps between a series' points."""
+    return (st.last_step - st.first_step) / max(st.n - 1, 1)
+
+
 def _warming_up(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) -> str:
     """Non-empty (the evidence) while the job's own schedule is still raising the lr: a warm-up, whose
     rising lr makes the losses noisy and slow by design. Nothing but divergence is answered then.
@@ -511,12 +516,12 @@ def _warming_up(snap: TelemetrySnapshot, primary: SeriesStats, t: Thresholds) ->
     rise = float(sig.get("lr_window_rise", 0.0))
     if lr is None or rise <= t.warmup_lr_rise or lr.slope <= 0 or lr.latest < lr.max * (1 - 1e-9):
         return ""
-    interval = (primary.last_step - primary.first_step) / max(primary.n - 1, 1)
+    interval = _spacing(primary)
     if lr.key.startswith("atm/"):
         # The listener logs the lr on a clock (every 3 s, when it moved), not at evaluations: a job that
         # evaluates every 0.3 s sees it every 10 evaluations. Seen: a digits MLP's 30-epoch warm-up cut
         # at epoch 23 as overfitting, its lr last charted at epoch 18. Its own spacing says how often.
-        interval = max(interval, (lr.last_step - lr.first_step) / max(lr.n - 1, 1))
+        interval = max(interval, _spacing(lr))
     if lr.last_step < primary.last_step - 1.5 * interval:
         return ""
     since = float(sig.get("lr_window_from", math.inf))

@@ -227,15 +227,12 @@ def pace(first: tuple[int, float], latest: Points) -> tuple[float, float, float]
     """
     if len(latest) < 3 or latest[-1][0] <= first[0]:
         return None
-    b = slope(latest)
-    mx = sum(st for st, _ in latest) / len(latest)
-    my = sum(v for _, v in latest) / len(latest)
-    now = my + b * (latest[-1][0] - mx)
+    now = fitted_start(latest) + fitted_change(latest)  # the fitted line at the latest step
     average = (first[1] - now) / (latest[-1][0] - first[0])
     if average <= 0:
         return None
     improvement, ci = window_improvement(latest)
-    return -b / average, improvement, ci
+    return -slope(latest) / average, improvement, ci
 
 
 def fitted_change(points: Points) -> float:

@@ -116,13 +116,12 @@ def test_the_pace_folded_poll_by_poll_is_the_pace_read_whole_and_reads_past_the_
 
 
 def test_a_policy_turns_the_raise_off_or_asks_for_a_steadier_fall(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from atm.watcher.decide import offline_situation as situation
-
     for name, text in (("off.yaml", "extends: lm\nthresholds: {lr_low_pace: .inf}\n"),
                        ("strict.yaml", "extends: lm\nthresholds: {lr_low_significance: 100}\n")):
         path = tmp_path / name
         path.write_text(text)
-        sit = situation("run-pace", load_policy(str(path)), _steady(), {"lr": 0.002, "weight_decay": 0.0, "dropout": 0.0})
+        sit = offline_situation("run-pace", load_policy(str(path)), _steady(),
+                                {"lr": 0.002, "weight_decay": 0.0, "dropout": 0.0})
         proposal = RulesProposer().propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal
         assert proposal.diagnosis == Diagnosis.HEALTHY and not proposal.changes, name
 
