@@ -658,21 +658,27 @@ def lost_progress(ema: float, best: float, best_step: int, worst: float) -> dict
             "train_smoothed": ema, "train_smoothed_best": best, "train_smoothed_worst": worst}
 
 
-def gap_window_signals(gaps: Points, scale: float) -> dict[str, float]:
+def gap_window_signals(gaps: Points, scale: float, vals: Points = ()) -> dict[str, float]:
     """The train/val gap over the trailing window of evaluations, relative to ``scale`` (the val loss's
     best): its mean and fitted change across the window, each with the half-width of its 95% confidence
-    interval. Train and val moving apart (the gap widening beyond its noise) is the sign of a model
-    starting to memorise; a gap below zero throughout (train worse than val) that of a regulariser
-    that costs the training loss more than it is worth. Empty with fewer than four gaps (a remedy
-    wants more than a line through three points)."""
+    interval; and val loss's own fitted fall over the same steps (of ``vals``, its trailing values).
+    Train and val moving apart (the gap widening beyond its noise) is the sign of a model starting to
+    memorise, when little of train's fall (val's fall plus the widening) still reaches val; a gap below
+    zero throughout (train worse than val) that of a regulariser that costs the training loss more
+    than it is worth. Empty with fewer than four gaps (a remedy wants more than a line through three
+    points). Pure."""
     if len(gaps) < 4:
         return {}
     mean, mean_ci_ = mean_ci([g for _, g in gaps])
     change, change_ci = fitted_change_ci(gaps)
     if not (math.isfinite(mean_ci_) and math.isfinite(change_ci)):
         return {}
-    return {"gap_mean": mean / scale, "gap_mean_ci": mean_ci_ / scale,
-            "gap_trend": change / scale, "gap_trend_ci": change_ci / scale, "gap_evals": float(len(gaps))}
+    out = {"gap_mean": mean / scale, "gap_mean_ci": mean_ci_ / scale,
+           "gap_trend": change / scale, "gap_trend_ci": change_ci / scale, "gap_evals": float(len(gaps))}
+    same = [(s, v) for s, v in vals if s >= gaps[0][0]]
+    if len(same) >= 3:
+        out["gap_val_fall"] = -fitted_change(same) / scale
+    return out
 
 
 #: Distinct steps a run logs before a missing evaluation metric is taken to be missing for good (a
@@ -922,7 +928,7 @@ class RunTelemetry:
                 gaps = self._gaps.window(self._series[train.key])
                 if gaps_from is not None:
                     gaps = [(st, g) for st, g in gaps if st >= gaps_from]
-                sig.update(gap_window_signals(gaps, scale))
+                sig.update(gap_window_signals(gaps, scale, list(self._series[val.key].window)))
         if train is not None and train.n >= 3 and not train.nonfinite:
             t = self._series[train.key]
             if restarted_at is None:

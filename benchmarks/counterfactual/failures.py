@@ -29,6 +29,7 @@ from atm.watcher.counterfactual import (
     line_situation,
     load_dataset,
     score_choice,
+    judged_at,
     select,
 )
 from atm.watcher.proposers import make_proposer
@@ -40,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
     p.add_argument("--points", default="all", choices=POINTS,
                    help="the main runs' points, the follow-up points (an earlier remedy in effect), or both")
+    p.add_argument("--horizon", default="branch", choices=("branch", "end"),
+                   help="judge the moves at the branches' horizon, or at the run's end (the points branched that far)")
     p.add_argument("--proposer", default="rules")
     p.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
     p.add_argument("--all", action="store_true", help="every decision, not only the failures")
     args = p.parse_args(argv)
     proposer = make_proposer(args.proposer)
     wrong = 0
-    lines = [ln for ln in select(load_dataset(args.dataset), args.split, args.points) if not args.family or ln.family in args.family]
+    lines = [ln for ln in judged_at(select(load_dataset(args.dataset), args.split, args.points), args.horizon)
+             if not args.family or ln.family in args.family]
     for line in lines:
         sit = line_situation(line, load_policy(line.policy))
         proposal = proposer.propose(sit.snapshot, sit.policy, sit.ctx, sit.offer).proposal

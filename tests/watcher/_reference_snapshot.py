@@ -176,7 +176,8 @@ def derive_signals(
             tail = gaps[-WINDOW:]
             if gaps_from is not None:
                 tail = [(st, g) for st, g in tail if st >= gaps_from]
-            sig.update(gap_window_signals(tail, scale))
+            vals = [(st, v) for st, v in by_key[val.key] if _usable(v)][-WINDOW:]
+            sig.update(gap_window_signals(tail, scale, vals))
     if train is not None and train.n >= 3 and not train.nonfinite:
         # Share of all progress made so far that was lost again: 0 at the best, 1 back at the worst.
         # Relative to the range, not to the best value, so a loss near 0 wobbling is not "divergence";
