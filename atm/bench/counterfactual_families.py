@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: Families held out for testing: never used to tune a proposer. A family a rule was drawn from trains from
 #: then on: ``seq`` (its first scoring showed the dropout detector misreading label noise), ``mf`` and
 #: ``rnn`` (their first scorings showed no move for an lr too small); ``tab`` and ``ae`` replaced them.
-TEST_FAMILIES = ("aux", "cnn", "arm", "tab", "ae")
+TEST_FAMILIES = ("aux", "cnn", "arm", "tab", "ae", "txt")
 
 
 def _opt(name: str, model: nn.Module, lr: float, wd: float) -> torch.optim.Optimizer:
@@ -647,6 +647,72 @@ def ae_recipes() -> list[Recipe]:
     ]
 
 
+# --------------------------------------------------------------------------- bag-of-words text classifier
+
+
+@lru_cache(maxsize=4)
+def _documents(n_train: int, seed: int = 23, vocab: int = 3000, length: int = 40, classes: int = 4,
+               topical: float = 0.2, flip: float = 0.1) -> tuple[torch.Tensor, ...]:
+    """Documents of ``length`` words from a Zipfian vocabulary of ``vocab`` words, a share ``topical`` of
+    each drawn from its class's own 150 words instead; a fraction ``flip`` of labels (train and
+    validation alike) replaced by a random class. A large embedding table learns a small set's rare
+    words by heart. ``n_train`` documents to train on, 2000 to validate on."""
+    g = torch.Generator().manual_seed(seed)
+    base = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float32) ** 1.1
+    topics = torch.stack([torch.randperm(vocab, generator=g)[:150] for _ in range(classes)])
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, classes, (n,), generator=g)
+        words = torch.multinomial(base, n * length, replacement=True, generator=g).view(n, length)
+        pick = topics[y][torch.arange(n)[:, None], torch.randint(0, 150, (n, length), generator=g)]
+        words = torch.where(torch.rand(n, length, generator=g) < topical, pick, words)
+        noisy = torch.rand(n, generator=g) < flip
+        return words, torch.where(noisy, torch.randint(0, classes, (n,), generator=g), y)
+
+    x_tr, y_tr = make(n_train)
+    x_va, y_va = make(2000)
+    return x_tr, y_tr, x_va, y_va
+
+
+class _BagOfWords(nn.Module):
+    """Mean of the words' embeddings, then an MLP (fastText with a hidden layer)."""
+
+    def __init__(self, vocab: int, dim: int, width: int, classes: int, dropout: float) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.emb(x))
+
+
+def txt_job(*, n_train: int, opt: str, lr: float, wd: float = 0.0, dropout: float = 0.0, dim: int = 64,
+            width: int = 64, schedule: str = "constant", total: int = 600, warmup: int = 0) -> Job:
+    data = _documents(n_train)
+    return _indexed_job(_BagOfWords(3000, dim, width, 4, dropout), data, F.cross_entropy, batch=32, opt=opt,
+                        lr=lr, wd=wd, schedule=schedule, total=total, warmup=warmup)
+
+
+def txt_recipes() -> list[Recipe]:
+    """Held out: a bag-of-words text classifier with an embedding table (cross-entropy), Adam at a
+    constant lr as most scripts leave it, names such as ``training_loss`` and ``test_loss``."""
+    f = "txt"
+    return [
+        Recipe(f, "txt-overfit-adam-const", "overfitting",
+               lambda s: txt_job(n_train=300, opt="adam", lr=3e-3, dim=128, width=128, total=600),
+               steps=600, eval_every=20, horizon=100, train_key="training_loss", val_key="test_loss"),
+        Recipe(f, "txt-healthy-adam-const", "healthy",
+               lambda s: txt_job(n_train=6000, opt="adam", lr=1e-3, total=800),
+               steps=800, eval_every=40, horizon=160, train_key="train_loss", val_key="val_loss"),
+        Recipe(f, "txt-healthy-sgd-warmup-cosine", "healthy",
+               lambda s: txt_job(n_train=6000, opt="sgd", lr=0.5, schedule="warmup-cosine", warmup=80, total=800),
+               steps=700, eval_every=35, horizon=140, train_key="train/loss", val_key="validation/loss"),
+        Recipe(f, "txt-lr-too-high-rmsprop", "lr_too_high",
+               lambda s: txt_job(n_train=6000, opt="rmsprop", lr=2e-2, total=600),
+               steps=600, eval_every=25, horizon=100, train_key="loss/train", val_key="loss/val"),
+    ]
+
+
 def cartpole_recipes() -> list[RLRecipe]:
     from atm.bench.counterfactual_rl import cartpole_recipes as make
 
@@ -662,7 +728,7 @@ def arm_recipes() -> list[RLRecipe]:
 FAMILIES: dict[str, Callable[[], Sequence[BranchRecipe]]] = {
     "mlp": mlp_recipes, "aux": aux_recipes, "cnn": cnn_recipes, "charlm": charlm_recipes,
     "wordlm": wordlm_recipes, "seq": seq_recipes, "mf": mf_recipes, "rnn": rnn_recipes, "tab": tab_recipes,
-    "ae": ae_recipes, "cartpole": cartpole_recipes,
+    "ae": ae_recipes, "txt": txt_recipes, "cartpole": cartpole_recipes,
     "arm": arm_recipes,
 }
 
@@ -686,6 +752,6 @@ def recipes(families: list[str] | None = None) -> list[tuple[BranchRecipe, str]]
 
 __all__ = [
     "FAMILIES", "TEST_FAMILIES", "ae_job", "aux_job", "charlm_job", "cnn_job", "mf_job", "mlp_job", "recipes", "rnn_job",
-    "seq_job", "split_of", "tab_job", "wordlm_job",
+    "seq_job", "split_of", "tab_job", "txt_job", "wordlm_job",
 ]
 
