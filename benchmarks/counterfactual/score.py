@@ -2,12 +2,12 @@
 
 Usage:
     python benchmarks/counterfactual/score.py                      # rules + fixed strategies, test and train splits
-    python benchmarks/counterfactual/score.py --llm --split test   # the embedded LLM too (seconds per decision)
+    python benchmarks/counterfactual/score.py --llm --split test --name counterfactual_llm_test   # the embedded LLM too
 
 Points branched on to the run's end (generate.py --to-end) are scored there too ("at the run's end" rows;
 ``atm eval --dataset ... --horizon end``), beside the same points at the branch horizon.
 
-Writes benchmarks/results/counterfactual.json and .md and prints the table (the same figures as
+Writes benchmarks/results/counterfactual.json and .md (or ``--name``'s) and prints the table (the same figures as
 ``atm eval --dataset benchmarks/counterfactual/dataset.jsonl.gz --split test``).
 """
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", action="append", choices=("test", "train", "all"),
                    help="repeatable (default: test and train)")
     p.add_argument("--llm", action="store_true", help="also score the embedded LLM proposer")
+    p.add_argument("--name", default="counterfactual",
+                   help="results file name in benchmarks/results/, without .json/.md (default: %(default)s)")
     args = p.parse_args(argv)
     lines = load_dataset(args.dataset)
     shown = Path(args.dataset).resolve()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                   "on the branch that applied it (generate.py --follow-ups); 'stacked': another remedy for the same "
                   "problem before the first could be measured (divergence, where settle does not wait, not counted); "
                   f"without settle: {NO_SETTLE.relative_to(HERE.parent.parent)}.")
-    write("counterfactual",
+    write(args.name,
           {"dataset": shown_name, "families": families,
            "reports": {s: [r.model_dump(mode="json") for r in rs] for s, rs in reports.items()},
            "settle_follow_ups": {k: r.model_dump(mode="json") for k, r in settle.items()},
