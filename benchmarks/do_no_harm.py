@@ -1,0 +1,146 @@
+"""First, do no harm: healthy jobs under atm against the same jobs alone, closed loop, as a user runs them.
+
+A user's script (``benchmarks/jobs/digits_job.py``: an MLP on scikit-learn's digits, logging train and
+val loss to MLflow once an epoch) runs in several healthy configurations a user might leave it in:
+Adam at its default lr and at a smaller one, SGD with momentum, plain SGD at a small lr, SGD under a
+30-epoch warm-up. For each configuration and seed it runs twice, side by side: alone, and with atm's
+listener while ``atm-watch --proposer rules`` (the CLI, in its own process) watches the run. Each has
+its own local MLflow store. The figure is the managed run's final val loss over its twin's: above 1
+is harm. The jobs are deterministic given the seed; what atm changes is the only difference.
+
+    python benchmarks/do_no_harm.py [--seeds 3] [--configs adam-1e-3,sgd-0.01] [--epochs 120]
+
+Writes benchmarks/results/do_no_harm.json and .md and prints the table (about 1 min a pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import write
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "benchmarks" / "jobs" / "digits_job.py"
+BIN = Path(sys.executable).parent
+
+#: Healthy configurations: name -> the job's arguments.
+CONFIGS: dict[str, list[str]] = {
+    "adam-1e-3": ["--optimizer", "adam", "--lr", "1e-3"],
+    "adam-3e-4": ["--optimizer", "adam", "--lr", "3e-4"],
+    "sgd-momentum-0.05": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"],
+    "sgd-0.01": ["--optimizer", "sgd", "--lr", "0.01"],
+    "sgd-momentum-warmup": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--warmup-epochs", "30"],
+}
+
+
+def _exe(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def _final(out: str) -> float:
+    line = next((ln for ln in out.splitlines() if ln.startswith("FINAL ")), None)
+    if line is None:
+        raise SystemExit(f"the job printed no FINAL line:\n{out[-2000:]}")
+    return float(line.split()[1])
+
+
+def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dict[str, Any]:
+    """The configuration alone and managed, side by side, each in its own store."""
+    base = [sys.executable, str(JOB), *CONFIGS[config], "--seed", str(seed), "--epochs", str(epochs)]
+    alone_uri, managed_uri = (f"sqlite:///{tmp / f'{config}-{seed}-{arm}.db'}" for arm in ("alone", "managed"))
+    alone = subprocess.Popen([*base, "--tracking-uri", alone_uri, "--name", f"{config}-alone"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    managed = subprocess.Popen([*base, "--tracking-uri", managed_uri, "--name", f"{config}-managed", "--managed"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert managed.stdout is not None
+    first = ""
+    for line in managed.stdout:  # MLflow's own log lines come first on a new store
+        first += line
+        if line.startswith("RUN "):
+            break
+    else:
+        alone.kill()
+        raise SystemExit(f"the managed job did not start a run:\n{first[-2000:]}")
+    rid = first.splitlines()[-1].split()[1]
+    watch = subprocess.Popen([_exe("atm-watch"), "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
+                              "--policy", "lm", "--proposer", "rules", "--interval", str(interval)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out_managed = first + managed.communicate()[0]
+    out_alone = alone.communicate()[0]
+    time.sleep(2 * interval)  # the daemon's last poll sees the run end
+    watch.terminate()
+    watch.wait(30)
+    hist = subprocess.run([_exe("atm"), "history", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
+                           "--json"], capture_output=True, text=True)
+    records = json.loads(hist.stdout) if hist.returncode == 0 and hist.stdout.strip().startswith("[") else []
+    fa, fm = _final(out_alone), _final(out_managed)
+    return {
+        "config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa,
+        "decisions": [
+            {"step": r["step"], "status": r["status"], "diagnosis": r["diagnosis"], "action": r["action"],
+             "changes": {k: [c["old"], c["new"]] for k, c in r["changes"].items()}, "effect": r.get("effect")}
+            for r in records
+        ],
+    }
+
+
+def _decisions(r: dict[str, Any]) -> str:
+    applied = [d for d in r["decisions"] if d["status"] == "applied"]
+    if not applied:
+        return "none"
+    return "; ".join(f"{d['diagnosis']} @{d['step']}: " + (", ".join(f"{k} {a:g}->{b:g}" for k, (a, b) in d["changes"].items())
+                                                             or (d["action"] or "")) for d in applied)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
+    args = p.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"do_no_harm: unknown configurations {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    runs: list[dict[str, Any]] = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        for config in configs:
+            for seed in range(args.seeds):
+                r = pair(Path(d), config, seed, args.epochs, args.interval)
+                runs.append(r)
+                print(f"[{time.time() - t0:5.0f}s] {config:20s} seed {seed}: managed {r['managed']:.4f}, alone "
+                      f"{r['alone']:.4f} ({r['ratio']:.3f}x); {_decisions(r)}", flush=True)
+    rows = []
+    for config in configs:
+        mine = [r for r in runs if r["config"] == config]
+        ratios = [r["ratio"] for r in mine]
+        rows.append([config, f"{statistics.fmean(r['alone'] for r in mine):.4f}",
+                     f"{statistics.fmean(r['managed'] for r in mine):.4f}",
+                     f"{statistics.fmean(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})",
+                     f"{max(ratios):.3f}", f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in mine)}"])
+    all_ratios = [r["ratio"] for r in runs]
+    rows.append(["all", "", "", f"{statistics.fmean(all_ratios):.3f}", f"{max(all_ratios):.3f}",
+                 f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in runs)}"])
+    write("do_no_harm", {"runs": runs, "epochs": args.epochs, "interval_s": args.interval, "seeds": args.seeds}, rows,
+          ["configuration", "final val loss alone", "managed", "managed / alone (per seed)", "worst", "changes applied"],
+          notes=(f"Job: benchmarks/jobs/digits_job.py, {args.epochs} epochs, one evaluation an epoch, 0.25 s between "
+                 f"epochs; seeds 0-{args.seeds - 1} (the model's initialisation); `atm-watch --proposer rules --policy lm "
+                 f"--interval {args.interval:g}`. Above 1 the managed run ended worse than alone. "
+                 f"Command: `python benchmarks/do_no_harm.py --seeds {args.seeds}`."))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""A user's training script, as people write them: an MLP on scikit-learn's digits (bundled with it, no
+download), one optimizer, train and val loss logged to MLflow once an epoch. With ``--managed`` it adds
+atm's two lines (``import atm``; ``atm.listen(optimizer, scheduler=...)``); otherwise it is untouched.
+
+    python benchmarks/jobs/digits_job.py --tracking-uri sqlite:///runs.db --optimizer adam --lr 1e-3 [--managed]
+
+Prints ``RUN <id>`` when the run starts and ``FINAL <val loss> <lr>`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlflow
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--name", default="digits")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=int, default=0, help="a linear warm-up by LambdaLR (0: none)")
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0, help="the model's initialisation and nothing else")
+    p.add_argument("--epoch-sleep", type=float, default=0.25,
+                   help="seconds between epochs: an epoch here takes milliseconds, a real job's minutes")
+    p.add_argument("--managed", action="store_true", help="add atm's listener")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = perm[:1300], perm[1300:]
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    if args.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda e: min(1.0, (e + 1) / args.warmup_epochs))
+             if args.warmup_epochs else None)
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("digits")
+    with mlflow.start_run(run_name=args.name) as run:
+        print("RUN", run.info.run_id, flush=True)
+        mlflow.log_params({"optimizer": args.optimizer, "lr": args.lr, "momentum": args.momentum})
+        if args.managed:
+            import atm
+
+            atm.listen(opt, scheduler=sched)
+        val = float("nan")
+        for epoch in range(1, args.epochs + 1):
+            model.train()
+            total = 0.0
+            for i in range(0, len(tr), 64):
+                idx = tr[i:i + 64]
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            model.eval()
+            with torch.no_grad():
+                val = float(nn.functional.cross_entropy(model(x[va]), y[va]))
+            mlflow.log_metrics({"train_loss": total / len(tr), "val_loss": val}, step=epoch)
+            if sched is not None:
+                sched.step()
+            time.sleep(args.epoch_sleep)
+        print("FINAL", val, opt.param_groups[0]["lr"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
