@@ -8,9 +8,12 @@ listener while ``atm-watch --proposer rules`` (the CLI, in its own process) watc
 its own local MLflow store. The figure is the managed run's final val loss over its twin's: above 1
 is harm. The jobs are deterministic given the seed; what atm changes is the only difference.
 
-    python benchmarks/do_no_harm.py [--seeds 3] [--configs adam-1e-3,sgd-0.01] [--epochs 120]
+    python benchmarks/do_no_harm.py [--seeds 3] [--configs adam-1e-3,sgd-0.01] [--epochs 120] [--full]
 
-Writes benchmarks/results/do_no_harm.json and .md and prints the table (about 1 min a pair).
+With ``--full`` the managed job is the README's full integration (rollback to its best weights offered;
+on ``stop`` it restores them and ends, and its final is the restored model's): stops are measured too.
+Writes benchmarks/results/do_no_harm.json and .md (``do_no_harm_full`` with --full) and prints the
+table (about 1 min a pair).
 """
 
 from __future__ import annotations
@@ -53,13 +56,14 @@ def _final(out: str) -> float:
     return float(line.split()[1])
 
 
-def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dict[str, Any]:
+def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: bool = False) -> dict[str, Any]:
     """The configuration alone and managed, side by side, each in its own store."""
     base = [sys.executable, str(JOB), *CONFIGS[config], "--seed", str(seed), "--epochs", str(epochs)]
     alone_uri, managed_uri = (f"sqlite:///{tmp / f'{config}-{seed}-{arm}.db'}" for arm in ("alone", "managed"))
     alone = subprocess.Popen([*base, "--tracking-uri", alone_uri, "--name", f"{config}-alone"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    managed = subprocess.Popen([*base, "--tracking-uri", managed_uri, "--name", f"{config}-managed", "--managed"],
+    managed = subprocess.Popen([*base, "--tracking-uri", managed_uri, "--name", f"{config}-managed", "--managed",
+                                *(["--full"] if full else [])],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert managed.stdout is not None
     first = ""
@@ -83,8 +87,9 @@ def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dic
                            "--json"], capture_output=True, text=True)
     records = json.loads(hist.stdout) if hist.returncode == 0 and hist.stdout.strip().startswith("[") else []
     fa, fm = _final(out_alone), _final(out_managed)
+    stopped = next((int(ln.split()[1]) for ln in out_managed.splitlines() if ln.startswith("STOPPED ")), None)
     return {
-        "config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa,
+        "config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa, "stopped_at": stopped,
         "decisions": [
             {"step": r["step"], "status": r["status"], "diagnosis": r["diagnosis"], "action": r["action"],
              "changes": {k: [c["old"], c["new"]] for k, c in r["changes"].items()}, "effect": r.get("effect")}
@@ -107,6 +112,8 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
+    p.add_argument("--full", action="store_true",
+                   help="the managed job offers rollback and acts on stop (restoring its best weights)")
     args = p.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -118,10 +125,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         for config in configs:
             for seed in range(args.seeds):
-                r = pair(Path(d), config, seed, args.epochs, args.interval)
+                r = pair(Path(d), config, seed, args.epochs, args.interval, args.full)
                 runs.append(r)
                 print(f"[{time.time() - t0:5.0f}s] {config:20s} seed {seed}: managed {r['managed']:.4f}, alone "
-                      f"{r['alone']:.4f} ({r['ratio']:.3f}x); {_decisions(r)}", flush=True)
+                      f"{r['alone']:.4f} ({r['ratio']:.3f}x); {_decisions(r)}"
+                      + (f"; stopped at epoch {r['stopped_at']}" if r["stopped_at"] else ""), flush=True)
     rows = []
     for config in configs:
         mine = [r for r in runs if r["config"] == config]
@@ -129,16 +137,23 @@ def main() -> int:
         rows.append([config, f"{statistics.fmean(r['alone'] for r in mine):.4f}",
                      f"{statistics.fmean(r['managed'] for r in mine):.4f}",
                      f"{statistics.fmean(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})",
-                     f"{max(ratios):.3f}", f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in mine)}"])
+                     f"{max(ratios):.3f}", f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in mine)}",
+                     ", ".join(str(r["stopped_at"]) for r in mine if r["stopped_at"]) or "none"])
     all_ratios = [r["ratio"] for r in runs]
     rows.append(["all", "", "", f"{statistics.fmean(all_ratios):.3f}", f"{max(all_ratios):.3f}",
-                 f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in runs)}"])
-    write("do_no_harm", {"runs": runs, "epochs": args.epochs, "interval_s": args.interval, "seeds": args.seeds}, rows,
-          ["configuration", "final val loss alone", "managed", "managed / alone (per seed)", "worst", "changes applied"],
+                 f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in runs)}",
+                 f"{sum(1 for r in runs if r['stopped_at'])} of {len(runs)}"])
+    write("do_no_harm_full" if args.full else "do_no_harm",
+          {"runs": runs, "epochs": args.epochs, "interval_s": args.interval, "seeds": args.seeds, "full": args.full}, rows,
+          ["configuration", "final val loss alone", "managed", "managed / alone (per seed)", "worst", "decisions applied",
+           "stopped at epoch"],
           notes=(f"Job: benchmarks/jobs/digits_job.py, {args.epochs} epochs, one evaluation an epoch, 0.25 s between "
                  f"epochs; seeds 0-{args.seeds - 1} (the model's initialisation); `atm-watch --proposer rules --policy lm "
-                 f"--interval {args.interval:g}`. Above 1 the managed run ended worse than alone. "
-                 f"Command: `python benchmarks/do_no_harm.py --seeds {args.seeds}`."))
+                 f"--interval {args.interval:g}`. "
+                 + ("The managed job offers rollback to its best weights and on stop restores them and ends. " if args.full
+                    else "The managed job has atm's two lines only (it neither rolls back nor stops). ")
+                 + "Above 1 the managed run ended worse than alone. "
+                 f"Command: `python benchmarks/do_no_harm.py --seeds {args.seeds}{' --full' if args.full else ''}`."))
     return 0
 
 

@@ -1,6 +1,8 @@
 """A user's training script, as people write them: an MLP on scikit-learn's digits (bundled with it, no
 download), one optimizer, train and val loss logged to MLflow once an epoch. With ``--managed`` it adds
 atm's two lines (``import atm``; ``atm.listen(optimizer, scheduler=...)``); otherwise it is untouched.
+With ``--full`` too, it also does what the README's full integration does: it keeps its best weights,
+offers ``rollback`` to them, and on ``stop`` restores them and ends.
 
     python benchmarks/jobs/digits_job.py --tracking-uri sqlite:///runs.db --optimizer adam --lr 1e-3 [--managed]
 
@@ -10,6 +12,7 @@ Prints ``RUN <id>`` when the run starts and ``FINAL <val loss> <lr>`` at the end
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import mlflow
@@ -31,6 +34,8 @@ def main() -> None:
     p.add_argument("--epoch-sleep", type=float, default=0.25,
                    help="seconds between epochs: an epoch here takes milliseconds, a real job's minutes")
     p.add_argument("--managed", action="store_true", help="add atm's listener")
+    p.add_argument("--full", action="store_true",
+                   help="with --managed: offer rollback to the best weights, and on stop restore them and end")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -51,10 +56,16 @@ def main() -> None:
     with mlflow.start_run(run_name=args.name) as run:
         print("RUN", run.info.run_id, flush=True)
         mlflow.log_params({"optimizer": args.optimizer, "lr": args.lr, "momentum": args.momentum})
+        best_val, best_state = float("inf"), copy.deepcopy(model.state_dict())
+
+        def restore_best() -> None:
+            model.load_state_dict(best_state)
+
+        listener = None
         if args.managed:
             import atm
 
-            atm.listen(opt, scheduler=sched)
+            listener = atm.listen(opt, scheduler=sched, actions={"rollback": restore_best} if args.full else None)
         val = float("nan")
         for epoch in range(1, args.epochs + 1):
             model.train()
@@ -70,8 +81,15 @@ def main() -> None:
             with torch.no_grad():
                 val = float(nn.functional.cross_entropy(model(x[va]), y[va]))
             mlflow.log_metrics({"train_loss": total / len(tr), "val_loss": val}, step=epoch)
+            if val < best_val:
+                best_val, best_state = val, copy.deepcopy(model.state_dict())
             if sched is not None:
                 sched.step()
+            if args.full and listener is not None and listener.stop_requested:
+                restore_best()  # what early stopping with restore would do
+                val = best_val
+                print("STOPPED", epoch, flush=True)
+                break
             time.sleep(args.epoch_sleep)
         print("FINAL", val, opt.param_groups[0]["lr"], flush=True)
 
