@@ -583,7 +583,9 @@ def _val_rising(snap: TelemetrySnapshot, t: Thresholds) -> bool:
 def _moving_apart(snap: TelemetrySnapshot, t: Thresholds) -> str:
     """Non-empty (the evidence) when train and val loss move apart before val loss turns: the gap (val
     above train) widened across the window by more than ``apart_gap_growth`` of the val loss and beyond
-    its own noise. Memorisation has begun; a smaller step slows it while the model still generalises."""
+    its own noise, and less than ``apart_transfer`` of train's fall over it reached val (a healthy run's
+    gap widens too, while val keeps most of what train gains). Memorisation has begun; a smaller step
+    slows it while the model still generalises."""
     sig, val = snap.signals, snap.series.get("val_loss")
     if val is None or "train_loss" not in snap.series or _val_rising(snap, t):
         return ""
