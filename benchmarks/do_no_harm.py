@@ -32,7 +32,8 @@ from _common import write
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "benchmarks" / "jobs" / "digits_job.py"
-BIN = Path(sys.executable).parent
+#: The atm CLI of this interpreter (``atm-watch`` is ``atm watch``), whatever is on PATH.
+ATM = [sys.executable, "-m", "atm.watcher.cli"]
 
 #: Healthy configurations: name -> the job's arguments.
 CONFIGS: dict[str, list[str]] = {
@@ -42,11 +43,6 @@ CONFIGS: dict[str, list[str]] = {
     "sgd-0.01": ["--optimizer", "sgd", "--lr", "0.01"],
     "sgd-momentum-warmup": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--warmup-epochs", "30"],
 }
-
-
-def _exe(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
 
 
 def _final(out: str) -> float:
@@ -75,17 +71,22 @@ def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: 
         alone.kill()
         raise SystemExit(f"the managed job did not start a run:\n{first[-2000:]}")
     rid = first.splitlines()[-1].split()[1]
-    watch = subprocess.Popen([_exe("atm-watch"), "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
-                              "--policy", "lm", "--proposer", "rules", "--interval", str(interval)],
+    watch = subprocess.Popen([*ATM, "watch", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
+                              "--policy", "lm", "--proposer", "rules", "--interval", str(interval), "--no-table"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out_managed = first + managed.communicate()[0]
     out_alone = alone.communicate()[0]
-    time.sleep(2 * interval)  # the daemon's last poll sees the run end
-    watch.terminate()
-    watch.wait(30)
-    hist = subprocess.run([_exe("atm"), "history", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
-                           "--json"], capture_output=True, text=True)
-    records = json.loads(hist.stdout) if hist.returncode == 0 and hist.stdout.strip().startswith("[") else []
+    try:
+        watch.wait(60)  # atm-watch ends with the run it watches, after its last poll
+    except subprocess.TimeoutExpired:
+        watch.kill()
+        raise SystemExit(f"atm-watch did not end within 60 s of run {rid} ending") from None
+    hist = subprocess.run([*ATM, "history", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri, "--json"],
+                          capture_output=True, text=True)
+    if hist.returncode != 0:
+        # Without the decisions a ratio away from 1 would go unexplained: no figure rather than a wrong one.
+        raise SystemExit(f"atm history failed on run {rid} (exit {hist.returncode}): {hist.stderr[-2000:]}")
+    records = json.loads(hist.stdout)
     fa, fm = _final(out_alone), _final(out_managed)
     stopped = next((int(ln.split()[1]) for ln in out_managed.splitlines() if ln.startswith("STOPPED ")), None)
     return {

@@ -30,13 +30,13 @@ def _load():
 
 @pytest.mark.slow
 def test_the_job_alone_is_deterministic_given_its_seed(tmp_path: Path) -> None:
-    finals = []
+    bench, finals = _load(), []
     for i in range(2):
         out = subprocess.run([sys.executable, str(BENCH / "jobs" / "digits_job.py"), "--tracking-uri",
                               f"sqlite:///{tmp_path / f'{i}.db'}", "--epochs", "4", "--epoch-sleep", "0", "--seed", "1"],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        finals.append(_load()._final(out.stdout))
+        finals.append(bench._final(out.stdout))
     assert finals[0] == finals[1] and math.isfinite(finals[0])
 
 
