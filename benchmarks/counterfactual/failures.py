@@ -22,14 +22,15 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from atm.policies import load_policy
 from atm.watcher.counterfactual import (
+    HORIZONS,
     NOOP,
     POINTS,
     applied,
     chosen_key,
+    judged_at,
     line_situation,
     load_dataset,
     score_choice,
-    judged_at,
     select,
 )
 from atm.watcher.proposers import make_proposer
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", choices=("train", "test", "all"))
     p.add_argument("--points", default="all", choices=POINTS,
                    help="the main runs' points, the follow-up points (an earlier remedy in effect), or both")
-    p.add_argument("--horizon", default="branch", choices=("branch", "end"),
+    p.add_argument("--horizon", default="branch", choices=HORIZONS,
                    help="judge the moves at the branches' horizon, or at the run's end (the points branched that far)")
     p.add_argument("--proposer", default="rules")
     p.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
