@@ -52,51 +52,63 @@ def _final(out: str) -> float:
     return float(line.split()[1])
 
 
-def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: bool = False) -> dict[str, Any]:
-    """The configuration alone and managed, side by side, each in its own store."""
-    base = [sys.executable, str(JOB), *CONFIGS[config], "--seed", str(seed), "--epochs", str(epochs)]
-    alone_uri, managed_uri = (f"sqlite:///{tmp / f'{config}-{seed}-{arm}.db'}" for arm in ("alone", "managed"))
-    alone = subprocess.Popen([*base, "--tracking-uri", alone_uri, "--name", f"{config}-alone"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    managed = subprocess.Popen([*base, "--tracking-uri", managed_uri, "--name", f"{config}-managed", "--managed",
-                                *(["--full"] if full else [])],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert managed.stdout is not None
+def start(tmp: Path, job_args: list[str], label: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """The digits job with ``job_args`` in its own store under ``tmp``: the process and its store's URI."""
+    uri = f"sqlite:///{tmp / f'{label}.db'}"
+    proc = subprocess.Popen([sys.executable, str(JOB), *job_args, "--tracking-uri", uri, "--name", label, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, uri
+
+
+def watched(proc: subprocess.Popen, uri: str, interval: float, others: list[subprocess.Popen]) -> tuple[str, list[dict[str, Any]]]:
+    """Watch the managed job ``proc`` with ``atm-watch --proposer rules`` until it ends: its output and
+    the decisions from ``atm history --json``. ``others`` are killed if it never starts a run."""
+    assert proc.stdout is not None
     first = ""
-    for line in managed.stdout:  # MLflow's own log lines come first on a new store
+    for line in proc.stdout:  # MLflow's own log lines come first on a new store
         first += line
         if line.startswith("RUN "):
             break
     else:
-        alone.kill()
+        for o in others:
+            o.kill()
         raise SystemExit(f"the managed job did not start a run:\n{first[-2000:]}")
     rid = first.splitlines()[-1].split()[1]
-    watch = subprocess.Popen([*ATM, "watch", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri,
+    watch = subprocess.Popen([*ATM, "watch", "--backend", "mlflow", "--run", rid, "--tracking-uri", uri,
                               "--policy", "lm", "--proposer", "rules", "--interval", str(interval), "--no-table"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    out_managed = first + managed.communicate()[0]
-    out_alone = alone.communicate()[0]
+    out = first + proc.communicate()[0]
     try:
         watch.wait(60)  # atm-watch ends with the run it watches, after its last poll
     except subprocess.TimeoutExpired:
         watch.kill()
         raise SystemExit(f"atm-watch did not end within 60 s of run {rid} ending") from None
-    hist = subprocess.run([*ATM, "history", "--backend", "mlflow", "--run", rid, "--tracking-uri", managed_uri, "--json"],
+    hist = subprocess.run([*ATM, "history", "--backend", "mlflow", "--run", rid, "--tracking-uri", uri, "--json"],
                           capture_output=True, text=True)
     if hist.returncode != 0:
         # Without the decisions a ratio away from 1 would go unexplained: no figure rather than a wrong one.
         raise SystemExit(f"atm history failed on run {rid} (exit {hist.returncode}): {hist.stderr[-2000:]}")
-    records = json.loads(hist.stdout)
+    return out, [
+        {"step": r["step"], "status": r["status"], "diagnosis": r["diagnosis"], "action": r["action"],
+         "changes": {k: [c["old"], c["new"]] for k, c in r["changes"].items()}, "effect": r.get("effect")}
+        for r in json.loads(hist.stdout)
+    ]
+
+
+def stopped_at(out: str) -> int | None:
+    return next((int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("STOPPED ")), None)
+
+
+def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: bool = False) -> dict[str, Any]:
+    """The configuration alone and managed, side by side, each in its own store."""
+    job = [*CONFIGS[config], "--seed", str(seed), "--epochs", str(epochs)]
+    alone, _ = start(tmp, job, f"{config}-{seed}-alone")
+    managed, uri = start(tmp, job, f"{config}-{seed}-managed", "--managed", *(["--full"] if full else []))
+    out_managed, decisions = watched(managed, uri, interval, [alone])
+    out_alone = alone.communicate()[0]
     fa, fm = _final(out_alone), _final(out_managed)
-    stopped = next((int(ln.split()[1]) for ln in out_managed.splitlines() if ln.startswith("STOPPED ")), None)
-    return {
-        "config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa, "stopped_at": stopped,
-        "decisions": [
-            {"step": r["step"], "status": r["status"], "diagnosis": r["diagnosis"], "action": r["action"],
-             "changes": {k: [c["old"], c["new"]] for k, c in r["changes"].items()}, "effect": r.get("effect")}
-            for r in records
-        ],
-    }
+    return {"config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa,
+            "stopped_at": stopped_at(out_managed), "decisions": decisions}
 
 
 def _decisions(r: dict[str, Any]) -> str:
