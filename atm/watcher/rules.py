@@ -282,7 +282,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
     learning = bool(warming) and ((val is not None and val.steps_since_best == 0)
                                   or (val is None and float(sig.get("train_lost_progress", 1.0)) <= 0.0))
     if (float(sig.get("grad_norm_ratio", 0.0)) > t.grad_spike and not learning
-            and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss")):
+            and not _recovering(snap, Diagnosis.DIVERGENCE, "train_loss", t)):
         return Diagnosis.DIVERGENCE, f"gradient norm spiked to {float(sig['grad_norm_ratio']):.1f}x its recent mean"
     if warming:
         return Diagnosis.HEALTHY, warming
@@ -292,7 +292,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
             return Diagnosis.OVER_REGULARIZATION, dropout_cost
         rise = float(sig.get("rise_over_best", 0.0))
         if _val_rising(snap, t):
-            recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
+            recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss", t)
             if recovering:
                 return Diagnosis.HEALTHY, recovering
             exhausted = _remedies_exhausted(snap, val, t) or _no_remedy_helped(snap, val, "val_loss", Diagnosis.OVERFITTING, t)
@@ -313,7 +313,7 @@ def diagnose(snap: TelemetrySnapshot, t: Thresholds = Thresholds()) -> tuple[Dia
         return Diagnosis.LOSS_IMBALANCE, f"largest loss component is {ratio:.0f}x the smallest"
     apart = _moving_apart(snap, t)
     if apart:
-        recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss")
+        recovering = _recovering(snap, Diagnosis.OVERFITTING, "val_loss", t)
         return (Diagnosis.HEALTHY, recovering) if recovering else (Diagnosis.OVERFITTING, apart)
     if "window_improvement" not in sig:
         # Fewer than 3 evaluations since the run went on from a restored checkpoint: no trend to read
@@ -487,10 +487,12 @@ def _entropy_drop(snap: TelemetrySnapshot) -> tuple[float, str] | None:
     return None
 
 
-def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str:
+def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str, t: Thresholds) -> str:
     """Non-empty when the last intervention answered ``diagnosis`` and ``role`` got no worse since.
 
     Gives a remedy time to work instead of stacking another on top while the metric recovers.
+    Not once the remedy has had ``remedy_evals`` evaluations and the val loss's trend since (the
+    window, from a restore on) is rising beyond its noise: the problem is back.
     """
     last = next((e for e in reversed(snap.recent) if e.diagnosis == diagnosis), None)
     if last is None or not snap.recent or snap.recent[-1].seq != last.seq or role not in last.before_after:
@@ -505,6 +507,14 @@ def _recovering(snap: TelemetrySnapshot, diagnosis: Diagnosis, role: str) -> str
         # again: the problem is back, though still short of where it was decided. A rollback makes
         # this common: val loss drops at once to the old best, then climbs again for many evaluations.
         return ""
+    if role == "val_loss" and _had_time(last, t):
+        # Better than when it was decided is no cap on how long to wait: a revert decided at a val loss the
+        # change it undid had made 10x worse, then a rollback, and val climbed from the restored 0.080 to
+        # 0.103 over 100 evaluations, still "better than 0.75", each read as recovering (a digits MLP,
+        # Adam at 0.02); its overfitting was never answered again and the run ended 1.5x its early stop.
+        improvement = float(snap.signals.get("window_improvement", 0.0))
+        if improvement + float(snap.signals.get("window_improvement_ci", math.inf)) < 0:
+            return ""
     return f"{role} {fmt(before)} -> {fmt(now)} since intervention #{last.seq}: giving it time to work"
 
 
@@ -869,6 +879,17 @@ def remedy_with_notes(
         if fresh and len(fresh) < len(moves):
             escalated = (f"#{last.seq} ({', '.join(sorted(tried))}) was neutral", fresh)
         moves = fresh + [m for m in moves if _target(m.param, policy) in tried]
+    hurt = _hurt_moves(snap, diagnosis, policy)
+    if hurt and diagnosis != Diagnosis.DIVERGENCE:
+        # A remedy measured hurt was set back; proposing it again starts the same cycle (seen: lr halved
+        # with weight decay 0 -> 0.05, hurt, set back, overfitting again, the same remedy again, eight
+        # times in one run). Divergence keeps its lr cut: there is no other answer to it.
+        kept = [m for m in moves if (_target(m.param, policy), m.direction) not in hurt]
+        if len(kept) < len(moves):
+            seqs = sorted({seq for seq in hurt.values()})
+            notes.append(f"not again what hurt under {', '.join(f'#{q}' for q in seqs)} ("
+                         + ", ".join(f"{name} {d}" for (name, d) in sorted(hurt)) + ")")
+            moves = kept
     changes: dict[str, float] = {}
     groups_moved: set[str] = set()
     for mv in moves:
@@ -913,6 +934,19 @@ def remedy_with_notes(
         moves is _RL_RUNAWAY and bool(_goal_fell(snap)))
     action = Action.ROLLBACK if rollback and Action.ROLLBACK in offer.actions else None
     return changes, action, notes
+
+
+def _hurt_moves(snap: TelemetrySnapshot, diagnosis: Diagnosis, policy: Policy) -> dict[tuple[str, Direction], int]:
+    """The moves (parameter or group, direction) of this problem's recent remedies measured ``hurt``,
+    each with the remedy's seq."""
+    out: dict[tuple[str, Direction], int] = {}
+    for e in snap.recent:
+        if e.diagnosis != diagnosis or e.outcome is None or e.outcome.label != EffectLabel.HURT:
+            continue
+        for name, change in e.changes.items():
+            if change.new != change.old:
+                out[(_target(name, policy), "up" if change.new > change.old else "down")] = e.seq
+    return out
 
 
 def group_members(name: str, policy: Policy) -> list[str]:

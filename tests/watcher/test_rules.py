@@ -826,3 +826,62 @@ def test_remedies_that_alternate_between_overfitting_and_plateau_end_in_a_stop_w
     better = concat(val[:-7], [1.15, 1.1, 1.08, 1.09, 1.1, 1.12, 1.14])
     progress = make_history({"train_loss": train, "val_loss": better}, every=20)
     assert diagnose(build_snapshot("r", lm, progress, params, remedies))[0] != Diagnosis.CONVERGED
+
+
+def _reverted_remedy_run(after: list[float]):
+    """The digits MLP under Adam at 0.02 (benchmarks/sick_jobs.py): val at its best 0.070 at epoch 15,
+    then rising; #1 (lr halved, weight decay 0 -> 0.05, rollback) made it 10x worse and was measured
+    hurt; #2 set it back with a rollback and was measured helped; ``after`` is val from epoch 21 on."""
+    from atm.schema import EffectLabel, Outcome
+    from atm.testing import concat, make_record
+
+    val = concat(decay(15, 2.0, 0.070, rate=4.0), [0.072, 0.076, 0.081, 0.080], [0.80, 0.90, 0.94, 0.75], after)
+    train = decay(len(val), 2.2, 0.001, rate=4.0)
+    history = make_history({"train_loss": train, "val_loss": val}, every=1)
+
+    def outcome(label: EffectLabel) -> Outcome:
+        return Outcome(label=label, metric="val_loss", evals=3)
+
+    cut = make_record(1, 19, changes={"lr": (0.02, 0.01), "weight_decay": (0.0, 0.05)}, action=Action.ROLLBACK,
+                      applied_step=20).model_copy(update={"effect": outcome(EffectLabel.HURT)})
+    back = make_record(2, 23, changes={"lr": (0.01, 0.02), "weight_decay": (0.05, 0.0)}, action=Action.ROLLBACK,
+                       applied_step=24).model_copy(update={"effect": outcome(EffectLabel.HELPED), "reverts": 1})
+    return history, [cut, back]
+
+
+def test_a_climb_after_a_revert_is_not_read_as_recovering_for_ever() -> None:
+    # Seen in benchmarks/sick_jobs.py: after the revert's rollback val climbed from 0.080 to 0.103 over
+    # 100 epochs, each evaluation "0.75 -> 0.09 since intervention #2: giving it time to work" (better
+    # than when the revert was decided), so the overfitting was never answered again.
+    lm = load_policy("lm")
+    climb = [0.080 + 0.0008 * i for i in range(30)]
+    history, records = _reverted_remedy_run(climb)
+    params = {"lr": 0.02, "weight_decay": 0.0}
+    diagnosis, evidence = diagnose(build_snapshot("r", lm, history, params, records))
+    # Two remedies, the last (the revert, with its rollback) brought no new best: early stopping's answer.
+    assert diagnosis == Diagnosis.CONVERGED and "no new best" in evidence, evidence
+    # Three evaluations after the revert, though climbing, it is still given time.
+    short, _ = _reverted_remedy_run(climb[:2])
+    assert diagnose(build_snapshot("r", lm, short, params, records))[0] == Diagnosis.HEALTHY
+
+
+def test_a_remedy_measured_hurt_and_set_back_is_not_proposed_again() -> None:
+    # The same run in a job that cannot stop: another remedy, but not the one that hurt (seen: lr halved
+    # with weight decay from 0 to 0.05, hurt, set back, proposed again, eight times in one run).
+    lm = load_policy("lm")
+    no_stop = lm.model_copy(update={"actions": {k: v for k, v in lm.actions.items() if k != Action.STOP}})
+    history, records = _reverted_remedy_run([0.080 + 0.0008 * i for i in range(30)])
+    params = {"lr": 0.02, "weight_decay": 0.0}
+    snap = build_snapshot("r", no_stop, history, params, records)
+    ctx = DecisionContext(step=53, params=params, history=records, eval_steps=[s for s, _ in history["val_loss"]])
+    proposal = RulesProposer().propose(snap, no_stop, ctx, _offer(no_stop, ctx)).proposal
+    assert proposal.diagnosis == Diagnosis.OVERFITTING
+    assert "lr" not in proposal.changes and "weight_decay" not in proposal.changes, proposal
+    assert proposal.action == Action.ROLLBACK
+    assert "not again what hurt under #1 (lr down, weight_decay up)" in proposal.rationale
+    # Without the hurt record, the same run gets the usual remedy: the exclusion is what decides.
+    fresh = [r.model_copy(update={"effect": None, "reverts": None}) for r in records[:1]]
+    snap = build_snapshot("r", no_stop, history, params, fresh)
+    ctx = DecisionContext(step=53, params=params, history=fresh, eval_steps=[s for s, _ in history["val_loss"]])
+    again = RulesProposer().propose(snap, no_stop, ctx, _offer(no_stop, ctx)).proposal
+    assert again.changes.get("lr") == 0.01, again
