@@ -395,6 +395,9 @@ class ListenerInfo(_Message):
     run_id: str
     knobs: list[str]
     values: dict[str, float]
+    #: Knobs that are a weight decay added to the gradient (an L2 penalty: torch.optim.SGD, Adam,
+    #: RMSprop), not decoupled from it (AdamW). Empty from listeners that do not tell.
+    l2_knobs: list[str] = Field(default_factory=list)
     actions: list[str] = Field(default_factory=list)
     apply_mode: str
     pid: int

@@ -57,6 +57,10 @@ class Knob:
     #: keeps the change against what moves the value (an lr knob that scales the scheduler it was
     #: given): that driver's own moves, steep early in a warm-up, are not an undo.
     read_back: bool = True
+    #: A weight decay the optimizer adds to the gradient (an L2 penalty: torch.optim.SGD, Adam, RMSprop),
+    #: not one it applies to the weights apart from it (AdamW). Announced, so that the manager does not
+    #: move it from 0 to values that suit decoupled decay only.
+    l2: bool = False
 
 
 def attr(obj: Any, name: str) -> Knob:
@@ -559,6 +563,7 @@ class Listener:
             run_id=self.channel.run_id,
             knobs=sorted(self.knobs),
             values=values,
+            l2_knobs=sorted(n for n, k in self.knobs.items() if k.l2),
             actions=sorted({*self.actions, Action.STOP.value}),
             apply_mode=self.apply_mode,
             pid=os.getpid(),

@@ -94,11 +94,35 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
     for key in ("weight_decay", "momentum"):
         if key in groups()[0]:
             which = decayed if key == "weight_decay" else groups
-            knobs[key] = Knob(get=_getter(which, key), set=_group_setter(which, key))
+            knobs[key] = Knob(get=_getter(which, key), set=_group_setter(which, key),
+                              l2=key == "weight_decay" and l2_weight_decay(optimizer))
     if "betas" in groups()[0]:
         for i, name in enumerate(("beta1", "beta2")):
             knobs[name] = Knob(get=lambda i=i: float(groups()[0]["betas"][i]), set=_beta_setter(groups, i))
     return knobs
+
+
+#: Optimizers whose ``weight_decay`` is decoupled from the gradient (applied to the weights directly).
+_DECOUPLED = ("AdamW", "Lion", "Adafactor", "LAMB", "Lamb")
+
+
+def l2_weight_decay(optimizer: Any) -> bool:
+    """Whether the optimizer adds its ``weight_decay`` to the gradient, an L2 penalty (torch.optim.SGD,
+    Adam, RMSprop, Adagrad, and NAdam or RAdam unless ``decoupled_weight_decay=True``), rather than
+    decaying the weights apart from it (AdamW). An L2 penalty passes through the optimizer's scaling:
+    under Adam, 0.05 shrinks each weight by up to the lr every step once the loss's gradient is small,
+    where AdamW's 0.05 shrinks it by lr x 0.05. Unknown optimizers count as decoupled (as before)."""
+    if any(g.get("decoupled_weight_decay") for g in optimizer.param_groups):
+        return False
+    names = {c.__name__ for c in type(optimizer).__mro__}
+    if names & set(_DECOUPLED):
+        return False
+    import torch
+
+    coupled = tuple(c for c in (getattr(torch.optim, n, None) for n in
+                                ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD"))
+                    if c is not None)
+    return isinstance(optimizer, coupled) and not isinstance(optimizer, torch.optim.AdamW)
 
 
 def _nested(scheduler: Any) -> list[Any]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from atm.adapters.base import RunView
-from atm.policies import DecisionContext, Policy, available_actions, available_choices, max_factor
+from atm.policies import DecisionContext, Policy, available_actions, available_choices, l2_choices, max_factor
 from atm.schema import Action, DecisionRecord, Diagnosis, Status, TelemetrySnapshot, in_force
 from atm.watcher.poll import run_step
 from atm.watcher.proposer import Offer
@@ -74,7 +74,7 @@ def decision_inputs(
         # The job was told to stop and goes on: asking again would only use up the budget.
         allowed.discard(Action.STOP.value)
     offer = Offer(
-        choices=available_choices(policy, ctx),
+        choices=l2_choices(available_choices(policy, ctx), params, view.listener.l2_knobs if view.listener else ()),
         actions=[a for a in available_actions(policy, ctx) if a.value in allowed],
     )
     return snapshot, ctx, offer

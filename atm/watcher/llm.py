@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atm.policies import DecisionContext, Policy
-from atm.schema import Action, Diagnosis, Proposal, TelemetrySnapshot
+from atm.schema import Action, DecisionRecord, Diagnosis, Proposal, TelemetrySnapshot
 from atm.watcher.llm_answer import brief_model, has_choice, response_model, to_proposal
 from atm.watcher.llm_variants import (
     DEFAULT_VARIANT,
@@ -85,11 +85,12 @@ def _nearest(moves: list[Move], params: dict[str, float], keep: set[str]) -> lis
     return [m for m in moves if m.label in chosen]
 
 
-def _brief(snapshot: TelemetrySnapshot, policy: Policy, offer: Offer, problem: tuple[Diagnosis, str]) -> _Brief:
+def _brief(snapshot: TelemetrySnapshot, policy: Policy, offer: Offer, problem: tuple[Diagnosis, str],
+           history: Sequence[DecisionRecord] = ()) -> _Brief:
     diagnosis = problem[0]
     allowed = remedy_moves(diagnosis, offered_moves(offer, snapshot.params), snapshot, policy)
     actions = [a for a in offer.actions if a in REMEDY_ACTIONS.get(diagnosis, ())]
-    changes, action = remedy(diagnosis, snapshot, policy, offer)
+    changes, action = remedy(diagnosis, snapshot, policy, offer, history)
     labels = {(m.param, m.value): m.label for m in allowed}
     picked = [labels[(p, v)] for p, v in changes.items() if (p, v) in labels][: policy.limits.max_changes]
     allowed = _nearest(allowed, snapshot.params, set(picked))
@@ -239,7 +240,7 @@ class LLMProposer:
         only = evidence[0] if (self.variant.anchored and evidence is not None) else None
         max_tokens = None
         if self.variant.brief and evidence is not None:
-            brief = _brief(snapshot, policy, offer, evidence)
+            brief = _brief(snapshot, policy, offer, evidence, ctx.history)
             msgs = self._brief_messages(snapshot, policy, brief)
             model = brief.model(snapshot, policy, offer)
             max_tokens = BRIEF_MAX_TOKENS

@@ -8,12 +8,14 @@ list of moves, taken from the offer (what the policy allows right now) until the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
 from atm.policies import DecisionContext, ParamRule, Policy, undo_value, unsettled
-from atm.schema import Action, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, TelemetrySnapshot, fmt
+from atm.schema import (
+    Action, DecisionRecord, Diagnosis, Effect, EffectLabel, Proposal, SeriesStats, Status, TelemetrySnapshot, fmt,
+)
 from atm.watcher.effect import hurt_unanswered
 from atm.watcher.proposer import Offer, ProposalResult
 from atm.watcher.snapshot import HIGHER_IS_BETTER, WINDOW, is_rl
@@ -161,7 +163,7 @@ class RulesProposer:
             # One remedy at a time for a problem: the next one waits until this one's effect is known.
             proposal = Proposal(diagnosis=diagnosis, rationale=f"{evidence}; {waiting}")
             return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
-        changes, action, notes = remedy_with_notes(diagnosis, snapshot, policy, offer)
+        changes, action, notes = remedy_with_notes(diagnosis, snapshot, policy, offer, ctx.history)
         rationale = evidence
         if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
             rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
@@ -836,18 +838,22 @@ def _rl_stall_moves(snap: TelemetrySnapshot, t: Thresholds) -> list[Move]:
 
 
 def remedy(
-    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
+    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer,
+    history: Sequence[DecisionRecord] = (),
 ) -> tuple[dict[str, float], Action | None]:
-    """The changes (and action) that answer ``diagnosis``, restricted to the offer."""
-    changes, action, _ = remedy_with_notes(diagnosis, snap, policy, offer)
+    """The changes (and action) that answer ``diagnosis``, restricted to the offer; ``history``: the
+    run's decision records, whose remedies measured hurt are not repeated."""
+    changes, action, _ = remedy_with_notes(diagnosis, snap, policy, offer, history)
     return changes, action
 
 
 def remedy_with_notes(
-    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer
+    diagnosis: Diagnosis, snap: TelemetrySnapshot, policy: Policy, offer: Offer,
+    history: Sequence[DecisionRecord] = (),
 ) -> tuple[dict[str, float], Action | None, list[str]]:
     """:func:`remedy`, and notes for the rationale: moves escalated past a remedy measured neutral (the
-    ones made), parameters not moved for being at the policy's bound or at the last value it offers."""
+    ones made), moves left out for having hurt, parameters not moved for being at the policy's bound or
+    at the last value it offers."""
     notes: list[str] = []
     rl = is_rl(snap)
     if diagnosis == Diagnosis.CONVERGED:
@@ -879,7 +885,7 @@ def remedy_with_notes(
         if fresh and len(fresh) < len(moves):
             escalated = (f"#{last.seq} ({', '.join(sorted(tried))}) was neutral", fresh)
         moves = fresh + [m for m in moves if _target(m.param, policy) in tried]
-    hurt = _hurt_moves(snap, diagnosis, policy)
+    hurt = _hurt_moves(history, diagnosis, policy)
     if hurt and diagnosis != Diagnosis.DIVERGENCE:
         # A remedy measured hurt was set back; proposing it again starts the same cycle (seen: lr halved
         # with weight decay 0 -> 0.05, hurt, set back, overfitting again, the same remedy again, eight
@@ -936,16 +942,22 @@ def remedy_with_notes(
     return changes, action, notes
 
 
-def _hurt_moves(snap: TelemetrySnapshot, diagnosis: Diagnosis, policy: Policy) -> dict[tuple[str, Direction], int]:
-    """The moves (parameter or group, direction) of this problem's recent remedies measured ``hurt``,
-    each with the remedy's seq."""
+#: How many of the run's latest applied decisions a remedy measured hurt is remembered over. The
+#: snapshot's ``recent`` (3) is too short: a revert and two rollbacks later the same remedy came back.
+HURT_MEMORY = 8
+
+
+def _hurt_moves(history: Sequence[DecisionRecord], diagnosis: Diagnosis, policy: Policy) -> dict[tuple[str, Direction], int]:
+    """The moves (parameter or group, direction) of this problem's remedies measured ``hurt`` among the
+    run's last :data:`HURT_MEMORY` applied decisions, each with the remedy's seq."""
     out: dict[tuple[str, Direction], int] = {}
-    for e in snap.recent:
-        if e.diagnosis != diagnosis or e.outcome is None or e.outcome.label != EffectLabel.HURT:
+    applied = [r for r in history if r.status == Status.APPLIED][-HURT_MEMORY:]
+    for r in applied:
+        if r.diagnosis != diagnosis or r.effect is None or r.effect.label != EffectLabel.HURT:
             continue
-        for name, change in e.changes.items():
+        for name, change in r.changes.items():
             if change.new != change.old:
-                out[(_target(name, policy), "up" if change.new > change.old else "down")] = e.seq
+                out[(_target(name, policy), "up" if change.new > change.old else "down")] = r.seq
     return out
 
 

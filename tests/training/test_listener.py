@@ -502,3 +502,23 @@ def test_a_run_id_the_tracker_does_not_know_is_said_so(caplog):
             lst.close()
     msg = next(r.getMessage() for r in caplog.records if "has no run" in r.getMessage())
     assert "'abc'" in msg and "check the run_id" in msg and "not reachable" not in msg
+
+
+@pytest.mark.parametrize("make, l2", [
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), True),
+    (lambda p: torch.optim.Adam(p, lr=1e-3), True),
+    (lambda p: torch.optim.RMSprop(p, lr=1e-3), True),
+    (lambda p: torch.optim.AdamW(p, lr=1e-3), False),
+    (lambda p: torch.optim.NAdam(p, lr=1e-3, decoupled_weight_decay=True), False),
+])
+def test_the_listener_says_which_weight_decay_is_an_l2_penalty(make, l2) -> None:
+    # The manager offers a weight decay from 0 only at L2 scale to these (atm.policies.l2_choices).
+    model = nn.Linear(3, 1)
+    ch = FakeChannel()
+    lst = atm.listen(make(model.parameters()), channel=ch, poll_interval=0.01)
+    try:
+        wait_for(lambda: ch.infos)
+        assert "weight_decay" in ch.infos[0].knobs
+        assert ch.infos[0].l2_knobs == (["weight_decay"] if l2 else [])
+    finally:
+        lst.close()

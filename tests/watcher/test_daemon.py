@@ -632,3 +632,34 @@ def test_the_status_line_names_the_problem_a_stop_ends_not_converged() -> None:
     # A task solved is converged; other diagnoses are shown as they are.
     assert shown_diagnosis(Diagnosis.CONVERGED, "eval/mean_reward 500 (last 3 evaluations 500) reached 475") == "converged"
     assert shown_diagnosis(Diagnosis.DIVERGENCE, "gradient norm spiked") == "divergence"
+
+
+def test_a_weight_decay_that_is_an_l2_penalty_is_offered_at_its_scale_and_the_user_is_told() -> None:
+    # Seen in benchmarks/sick_jobs.py: torch.optim.Adam, weight decay 0 -> 0.05 (the lm preset's value for
+    # AdamW) took val loss from 0.08 to 0.94 in three epochs.
+    from atm.adapters.base import RunView
+    from atm.policies import l2_choices
+    from atm.testing import make_history
+    from atm.watcher.decide import decision_inputs
+    from atm.watcher.poll import listener_notes
+
+    lm = load_policy("lm")
+    history = make_history({"train_loss": [1.0 / (i + 1) for i in range(12)], "val_loss": [1.0 / (i + 1) for i in range(12)]})
+
+    def offer(values: dict[str, float], l2: list[str]) -> tuple[dict[str, list[float]], list[str]]:
+        info = ListenerInfo(run_id="r", knobs=list(values), values=values, actions=[], apply_mode="auto", pid=1,
+                            started_at=0.0, l2_knobs=l2)
+        view = RunView(run_id="r", name="r", status="RUNNING", history=history, last_metric_time=0.0, moved=False,
+                       listener=info)
+        return decision_inputs(lm, view, [])[2].choices, listener_notes(lm, view)
+
+    decoupled, quiet = offer({"lr": 1e-3, "weight_decay": 0.0}, [])
+    assert decoupled["weight_decay"] == [0.01, 0.05, 0.1] and quiet == []
+    coupled, notes = offer({"lr": 1e-3, "weight_decay": 0.0}, ["weight_decay"])
+    assert "weight_decay" not in coupled and coupled["lr"] == decoupled["lr"]
+    assert any("weight_decay is an L2 penalty" in n and "torch.optim.AdamW" in n for n in notes), notes
+    # From a value: moves up to twice it, none to the preset's decoupled values.
+    sgd, _ = offer({"lr": 0.1, "weight_decay": 5e-4}, ["weight_decay"])
+    assert sgd["weight_decay"] and max(sgd["weight_decay"]) <= 1e-3 and min(sgd["weight_decay"]) < 5e-4
+    # The pure part, with a policy that offers L2-scale values from 0.
+    assert l2_choices({"weight_decay": [1e-4, 1e-3, 0.01]}, {"weight_decay": 0.0}, ["weight_decay"]) == {"weight_decay": [1e-4, 1e-3]}

@@ -879,6 +879,17 @@ def test_a_remedy_measured_hurt_and_set_back_is_not_proposed_again() -> None:
     assert "lr" not in proposal.changes and "weight_decay" not in proposal.changes, proposal
     assert proposal.action == Action.ROLLBACK
     assert "not again what hurt under #1 (lr down, weight_decay up)" in proposal.rationale
+    # Remembered beyond the snapshot's last 3 effects: after two rollbacks of its own, still not again.
+    from atm.testing import make_record
+
+    later = records + [make_record(3 + i, 40 + 5 * i, action=Action.ROLLBACK, applied_step=41 + 5 * i) for i in range(2)]
+    snap = build_snapshot("r", no_stop, history, params, later)
+    assert [e.seq for e in snap.recent] == [2, 3, 4]
+    ctx = DecisionContext(step=53, params=params, history=later, eval_steps=[s for s, _ in history["val_loss"]])
+    offer = _offer(no_stop, ctx)
+    assert "lr" in offer.choices and "weight_decay" in offer.choices  # allowed, so the memory is what holds them back
+    proposal = RulesProposer().propose(snap, no_stop, ctx, offer).proposal
+    assert proposal.diagnosis == Diagnosis.OVERFITTING and not proposal.changes, proposal
     # Without the hurt record, the same run gets the usual remedy: the exclusion is what decides.
     fresh = [r.model_copy(update={"effect": None, "reverts": None}) for r in records[:1]]
     snap = build_snapshot("r", no_stop, history, params, fresh)
