@@ -398,6 +398,9 @@ class ListenerInfo(_Message):
     #: Knobs that are a weight decay added to the gradient (an L2 penalty: torch.optim.SGD, Adam,
     #: RMSprop), not decoupled from it (AdamW). Empty from listeners that do not tell.
     l2_knobs: list[str] = Field(default_factory=list)
+    #: Knobs a schedule moves (an LR scheduler on the optimizer). The listener logs their values every
+    #: few seconds, so a schedule's first seconds show as one point. Empty from listeners that do not tell.
+    scheduled_knobs: list[str] = Field(default_factory=list)
     actions: list[str] = Field(default_factory=list)
     apply_mode: str
     pid: int

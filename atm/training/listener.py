@@ -61,6 +61,9 @@ class Knob:
     #: not one it applies to the weights apart from it (AdamW). Announced, so that the manager does not
     #: move it from 0 to values that suit decoupled decay only.
     l2: bool = False
+    #: Whether a schedule moves this knob (an LR scheduler on the optimizer): announced, so that the
+    #: manager does not read a schedule's first seconds, one logged point, as a value that stays put.
+    scheduled: Callable[[], bool] | None = None
 
 
 def attr(obj: Any, name: str) -> Knob:
@@ -564,6 +567,7 @@ class Listener:
             knobs=sorted(self.knobs),
             values=values,
             l2_knobs=sorted(n for n, k in self.knobs.items() if k.l2),
+            scheduled_knobs=sorted(n for n, k in self.knobs.items() if k.scheduled is not None and k.scheduled()),
             actions=sorted({*self.actions, Action.STOP.value}),
             apply_mode=self.apply_mode,
             pid=os.getpid(),

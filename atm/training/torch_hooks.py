@@ -87,7 +87,7 @@ def optimizer_knobs(optimizer: Any, scheduler: Any = None, no_decay: Sequence[in
     # knows the likely cause of an undone lr change.
     knobs["lr"] = Knob(get=lambda: float(groups()[0]["lr"]), set=scale_lr,
                        undo_note=lambda b, a, n: undone_note(b, a, n, scheduler is None and _has_scheduler(optimizer)),
-                       read_back=scheduler is None)
+                       read_back=scheduler is None, scheduled=lambda: scheduler is not None or _has_scheduler(optimizer))
     def decayed() -> list[dict[str, Any]]:
         return [g for i, g in enumerate(groups()) if i not in fixed]
 

@@ -69,6 +69,8 @@ def decision_inputs(
     params = dict(view.listener.values) if view.listener else {}
     ctx = decision_context(policy, view, records, params, dry_run=dry_run, telemetry=telemetry)
     snapshot = telemetry.snapshot(view.run_id, params, records, run_name=view.name, now=now)
+    if view.listener is not None and "lr" in view.listener.scheduled_knobs:
+        snapshot.signals["lr_scheduled"] = True
     allowed = set(view.listener.actions) if view.listener else set()
     if any(r.action == Action.STOP and r.status == Status.APPLIED for r in records):
         # The job was told to stop and goes on: asking again would only use up the budget.

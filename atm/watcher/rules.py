@@ -562,11 +562,18 @@ def _lr_too_low(snap: TelemetrySnapshot, t: Thresholds) -> str:
     the eighth. Not read without an lr series (a warm-up could not be told from it), within
     ``PACE_MIN_EVALS`` evaluations of the lr's last rise or jump, of a restore or of atm's last
     change, after atm answered overfitting, divergence or a plateau in this run (their remedies cut
-    the lr or stop short of it), nor after an earlier raise that was not measured helped."""
+    the lr or stop short of it), nor after an earlier raise that was not measured helped, nor while a
+    schedule moves the lr (``lr_scheduled``, from the listener) and fewer than 3 of its points are logged."""
     sig, val = snap.signals, snap.series.get("val_loss")
     if val is None or "train_loss" not in snap.series or "pace" not in sig or val.steps_since_best > 0:
         return ""
     if any(snap.applied.get(d.value, 0) for d in _LR_CUT_BY):
+        return ""
+    lr = snap.series.get("lr")
+    if sig.get("lr_scheduled") and (lr is None or lr.n < 3):
+        # A schedule moves the lr and too little of it is logged to tell a warm-up from a constant lr: the
+        # listener checks every 3 s, so a job evaluating 4 times a second showed its warm-up as one point,
+        # and the start of a 30-epoch warm-up was read as a slow run and raised 1.5x (3 seeds of 3).
         return ""
     last = next((e for e in reversed(snap.recent) if e.diagnosis == Diagnosis.LR_TOO_LOW), None)
     if last is not None and (last.outcome is None or last.outcome.label != EffectLabel.HELPED):

@@ -522,3 +522,18 @@ def test_the_listener_says_which_weight_decay_is_an_l2_penalty(make, l2) -> None
         assert ch.infos[0].l2_knobs == (["weight_decay"] if l2 else [])
     finally:
         lst.close()
+
+
+def test_the_listener_says_when_a_schedule_moves_the_lr() -> None:
+    # The rules do not read a scheduled lr logged once as a constant one (lr_too_low).
+    for sched in (None, "given", "attached"):
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        s = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: min(1.0, (e + 1) / 30)) if sched else None
+        ch = FakeChannel()
+        lst = atm.listen(opt, scheduler=s if sched == "given" else None, channel=ch, poll_interval=0.01)
+        try:
+            wait_for(lambda: ch.infos)
+            assert ch.infos[0].scheduled_knobs == ([] if sched is None else ["lr"]), sched
+        finally:
+            lst.close()

@@ -663,3 +663,22 @@ def test_a_weight_decay_that_is_an_l2_penalty_is_offered_at_its_scale_and_the_us
     assert sgd["weight_decay"] and max(sgd["weight_decay"]) <= 1e-3 and min(sgd["weight_decay"]) < 5e-4
     # The pure part, with a policy that offers L2-scale values from 0.
     assert l2_choices({"weight_decay": [1e-4, 1e-3, 0.01]}, {"weight_decay": 0.0}, ["weight_decay"]) == {"weight_decay": [1e-4, 1e-3]}
+
+
+def test_the_listeners_word_that_a_schedule_moves_the_lr_reaches_the_snapshot() -> None:
+    from atm.adapters.base import RunView
+    from atm.testing import make_history
+    from atm.watcher.decide import decision_inputs
+
+    lm = load_policy("lm")
+    history = make_history({"train_loss": [1.0 / (i + 1) for i in range(12)], "val_loss": [1.0 / (i + 1) for i in range(12)]})
+
+    def signals(scheduled: list[str]) -> dict:
+        info = ListenerInfo(run_id="r", knobs=["lr"], values={"lr": 0.1}, actions=[], apply_mode="auto", pid=1,
+                            started_at=0.0, scheduled_knobs=scheduled)
+        view = RunView(run_id="r", name="r", status="RUNNING", history=history, last_metric_time=0.0, moved=False,
+                       listener=info)
+        return decision_inputs(lm, view, [])[0].signals
+
+    assert signals(["lr"]).get("lr_scheduled") is True
+    assert "lr_scheduled" not in signals([])

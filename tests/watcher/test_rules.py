@@ -896,3 +896,15 @@ def test_a_remedy_measured_hurt_and_set_back_is_not_proposed_again() -> None:
     ctx = DecisionContext(step=53, params=params, history=fresh, eval_steps=[s for s, _ in history["val_loss"]])
     again = RulesProposer().propose(snap, no_stop, ctx, _offer(no_stop, ctx)).proposal
     assert again.changes.get("lr") == 0.01, again
+
+
+def test_a_scheduled_lr_logged_once_is_no_evidence_of_a_slow_run() -> None:
+    # Seen in benchmarks/do_no_harm.py: a 30-epoch warm-up in a job evaluating 4 times a second; the
+    # listener's lr check every 3 s left one atm/lr point, and lr_too_low raised the warm-up's start 1.5x.
+    sit = situation(load_scenario(Path(__file__).parents[1] / "scenarios" / "lr_too_low_steady_sgd.yaml"))
+    snap = sit.snapshot
+    assert snap.series["lr"].n < 3
+    assert diagnose(snap)[0] == Diagnosis.LR_TOO_LOW  # a constant lr, logged once: read
+    scheduled = snap.model_copy(update={"signals": {**snap.signals, "lr_scheduled": True}})
+    diagnosis, evidence = diagnose(scheduled)
+    assert diagnosis == Diagnosis.HEALTHY, evidence  # a schedule might be raising it: not read
