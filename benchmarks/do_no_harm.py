@@ -111,12 +111,24 @@ def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: 
             "stopped_at": stopped_at(out_managed), "decisions": decisions}
 
 
-def _decisions(r: dict[str, Any]) -> str:
+def decisions(r: dict[str, Any]) -> str:
+    """The applied decisions of a run, one line: diagnosis, step, changes and action."""
     applied = [d for d in r["decisions"] if d["status"] == "applied"]
     if not applied:
         return "none"
-    return "; ".join(f"{d['diagnosis']} @{d['step']}: " + (", ".join(f"{k} {a:g}->{b:g}" for k, (a, b) in d["changes"].items())
-                                                             or (d["action"] or "")) for d in applied)
+    return "; ".join(f"{d['diagnosis']} @{d['step']}: " + ", ".join(
+        [f"{k} {a:g}->{b:g}" for k, (a, b) in d["changes"].items()] + ([d["action"]] if d["action"] else []))
+        for d in applied)
+
+
+def chosen(text: str, known: dict[str, list[str]], prog: str) -> list[str]:
+    """The configurations named in ``--configs`` (comma-separated); exits 2 naming the known ones otherwise."""
+    configs = [c for c in text.split(",") if c]
+    unknown = [c for c in configs if c not in known]
+    if unknown:
+        print(f"{prog}: unknown configurations {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+        raise SystemExit(2)
+    return configs
 
 
 def main() -> int:
@@ -128,11 +140,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true",
                    help="the managed job offers rollback and acts on stop (restoring its best weights)")
     args = p.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"do_no_harm: unknown configurations {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
+    configs = chosen(args.configs, CONFIGS, "do_no_harm")
     runs: list[dict[str, Any]] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
@@ -141,7 +149,7 @@ def main() -> int:
                 r = pair(Path(d), config, seed, args.epochs, args.interval, args.full)
                 runs.append(r)
                 print(f"[{time.time() - t0:5.0f}s] {config:20s} seed {seed}: managed {r['managed']:.4f}, alone "
-                      f"{r['alone']:.4f} ({r['ratio']:.3f}x); {_decisions(r)}"
+                      f"{r['alone']:.4f} ({r['ratio']:.3f}x); {decisions(r)}"
                       + (f"; stopped at epoch {r['stopped_at']}" if r["stopped_at"] else ""), flush=True)
     rows = []
     for config in configs:

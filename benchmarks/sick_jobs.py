@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from _common import write
-from do_no_harm import _final, start, stopped_at, watched
+from do_no_harm import _final, chosen, decisions, start, stopped_at, watched
 
 from atm.training.workloads.tinystories.train import early_stop_with_restore
 
@@ -85,15 +84,6 @@ def trio(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dic
     }
 
 
-def _decisions(r: dict[str, Any]) -> str:
-    applied = [d for d in r["decisions"] if d["status"] == "applied"]
-    if not applied:
-        return "none"
-    return "; ".join(f"{d['diagnosis']} @{d['step']}: " + ", ".join(
-        [f"{k} {a:g}->{b:g}" for k, (a, b) in d["changes"].items()] + ([d["action"]] if d["action"] else []))
-        for d in applied)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -101,11 +91,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
     args = p.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"sick_jobs: unknown configurations {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
+    configs = chosen(args.configs, CONFIGS, "sick_jobs")
     runs: list[dict[str, Any]] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
@@ -115,7 +101,7 @@ def main() -> int:
                 runs.append(r)
                 print(f"[{time.time() - t0:5.0f}s] {config:22s} seed {seed}: managed {r['managed']:.4f}, alone "
                       f"{r['alone']:.4f}, plateau {r['plateau']:.4f}, early stop {r['early_stop']:.4f} "
-                      f"({r['ratio_alone']:.3f}x alone, {r['ratio_usual']:.3f}x the better usual); {_decisions(r)}"
+                      f"({r['ratio_alone']:.3f}x alone, {r['ratio_usual']:.3f}x the better usual); {decisions(r)}"
                       + (f"; stopped at epoch {r['stopped_at']}" if r["stopped_at"] else ""), flush=True)
     rows = []
     for config in configs:

@@ -4,7 +4,6 @@ alone is deterministic given its seed."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -12,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench._load import benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 
 def _load():
-    sys.path.insert(0, str(BENCH))  # the benchmark imports its neighbour _common
-    try:
-        spec = importlib.util.spec_from_file_location("do_no_harm", BENCH / "do_no_harm.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return benchmark("do_no_harm")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ with early stopping replayed on the alone run's curve."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -12,21 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench._load import benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 JOB = BENCH / "jobs" / "digits_job.py"
 
 
 def _load():
-    sys.path.insert(0, str(BENCH))  # the benchmark imports its neighbours _common and do_no_harm
-    try:
-        spec = importlib.util.spec_from_file_location("sick_jobs", BENCH / "sick_jobs.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return benchmark("sick_jobs")
 
 
 def test_the_job_refuses_two_schedulers_and_says_which(tmp_path: Path) -> None:
