@@ -165,7 +165,9 @@ class RulesProposer:
             return ProposalResult(proposal=proposal, source=self.name, audit={"evidence": evidence})
         changes, action, notes = remedy_with_notes(diagnosis, snapshot, policy, offer, ctx.history)
         rationale = evidence
-        if not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA):
+        held_back = any(n.startswith(HURT_NOTE) for n in notes)
+        if (not changes and action is None and diagnosis not in (Diagnosis.HEALTHY, Diagnosis.INSUFFICIENT_DATA)
+                and not held_back):
             rationale += "; no allowed move is available right now (cooldown, budget or bounds)"
         if notes:
             rationale += "; " + "; ".join(notes)
@@ -900,7 +902,7 @@ def remedy_with_notes(
         kept = [m for m in moves if (_target(m.param, policy), m.direction) not in hurt]
         if len(kept) < len(moves):
             seqs = sorted({seq for seq in hurt.values()})
-            notes.append(f"not again what hurt under {', '.join(f'#{q}' for q in seqs)} ("
+            notes.append(f"{HURT_NOTE} {', '.join(f'#{q}' for q in seqs)} ("
                          + ", ".join(f"{name} {d}" for (name, d) in sorted(hurt)) + ")")
             moves = kept
     changes: dict[str, float] = {}
@@ -952,6 +954,8 @@ def remedy_with_notes(
 #: How many of the run's latest applied decisions a remedy measured hurt is remembered over. The
 #: snapshot's ``recent`` (3) is too short: a revert and two rollbacks later the same remedy came back.
 HURT_MEMORY = 8
+#: How the rationale's note on moves left out for having hurt begins.
+HURT_NOTE = "not again what hurt under"
 
 
 def _hurt_moves(history: Sequence[DecisionRecord], diagnosis: Diagnosis, policy: Policy) -> dict[tuple[str, Direction], int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -908,3 +909,29 @@ def test_a_scheduled_lr_logged_once_is_no_evidence_of_a_slow_run() -> None:
     scheduled = snap.model_copy(update={"signals": {**snap.signals, "lr_scheduled": True}})
     diagnosis, evidence = diagnose(scheduled)
     assert diagnosis == Diagnosis.HEALTHY, evidence  # a schedule might be raising it: not read
+
+
+def test_an_onset_cut_that_hurt_is_not_repeated_and_the_rationale_says_why_nothing_moves() -> None:
+    # The onset answer is an lr cut alone; once it hurt, nothing is left to do for that problem, and
+    # "no allowed move (cooldown, budget or bounds)" would send the user looking for the wrong cause.
+    from atm.schema import EffectLabel, Outcome
+    from atm.testing import make_record
+
+    lm = load_policy("lm")
+    val = decay(9, 2.4, 1.7, rate=1.5, noise=0.01, seed=3)  # the onset curves above
+    train = decay(9, 2.3, 0.3, rate=1.2, noise=0.01, seed=4)
+    history = make_history({"train/loss": train, "val/loss": val}, every=25)
+    params = {"lr": 3e-3, "weight_decay": 0.0, "dropout": 0.0}
+    cut = make_record(1, 25, changes={"lr": (3e-3, 1.5e-3)}, applied_step=26).model_copy(
+        update={"effect": Outcome(label=EffectLabel.HURT, metric="val/loss")})
+    back = make_record(2, 50, changes={"lr": (1.5e-3, 3e-3)}, applied_step=51).model_copy(
+        update={"effect": Outcome(label=EffectLabel.HELPED, metric="val/loss"), "reverts": 1})
+    # The run's records hold #1 and #2; the snapshot's last effects no longer do (as after later
+    # decisions), so the run reads as onset again, not as recovering from #2.
+    sit = offline_situation("r", lm, history, params)
+    ctx = dataclasses.replace(sit.ctx, history=[cut, back])
+    assert "lr" in sit.offer.choices  # the lr may move: the memory is what holds it back
+    p = RulesProposer().propose(sit.snapshot, lm, ctx, sit.offer).proposal
+    assert p.diagnosis == Diagnosis.OVERFITTING and not p.changes and p.action is None, p.rationale
+    assert "not again what hurt under #1 (lr down)" in p.rationale
+    assert "no allowed move" not in p.rationale
