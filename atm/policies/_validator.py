@@ -175,13 +175,15 @@ def available_choices(policy: Policy, ctx: DecisionContext) -> dict[str, list[fl
 
 #: The largest weight decay offered from 0 to a knob the job's optimizer applies as an L2 penalty.
 L2_FROM_ZERO_MAX = 1e-3
+#: ... and from a value above 0, the largest factor it may be multiplied by.
+L2_MAX_FACTOR = 2.0
 
 
 def l2_choices(choices: Mapping[str, list[float]], params: Mapping[str, float],
                l2_knobs: Sequence[str]) -> dict[str, list[float]]:
     """The offer's values without the ones too large for a weight decay that is an L2 penalty
     (:attr:`atm.schema.ListenerInfo.l2_knobs`): from 0, none above :data:`L2_FROM_ZERO_MAX`; from a
-    value, none above twice it. Pure.
+    value, none above :data:`L2_MAX_FACTOR` times it. Pure.
 
     A policy's weight decay values (the lm preset's 0.01, 0.05, 0.1) are decoupled decay's (AdamW).
     Added to the gradient under Adam they pass through its normalisation: seen on a digits MLP under
@@ -192,7 +194,7 @@ def l2_choices(choices: Mapping[str, list[float]], params: Mapping[str, float],
         if name not in out or name not in params:
             continue
         now = params[name]
-        cap = L2_FROM_ZERO_MAX if now == 0 else 2 * now
+        cap = L2_FROM_ZERO_MAX if now == 0 else L2_MAX_FACTOR * now
         kept = [v for v in out[name] if v <= cap * (1 + 1e-9)]
         if kept:
             out[name] = kept

@@ -122,7 +122,7 @@ def l2_weight_decay(optimizer: Any) -> bool:
     coupled = tuple(c for c in (getattr(torch.optim, n, None) for n in
                                 ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD"))
                     if c is not None)
-    return isinstance(optimizer, coupled) and not isinstance(optimizer, torch.optim.AdamW)
+    return isinstance(optimizer, coupled)  # AdamW, an Adam subclass, was answered by its name above
 
 
 def _nested(scheduler: Any) -> list[Any]:

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 
 from atm.adapters.base import RunView, metric_keys
-from atm.policies import AUX_ROLES, L2_FROM_ZERO_MAX, Policy
+from atm.policies import AUX_ROLES, L2_FROM_ZERO_MAX, L2_MAX_FACTOR, Policy
 from atm.schema import fmt
 from atm.watcher.snapshot import MISSING_METRIC_AFTER, judge_by_return, missing_role_note, resolve_roles
 
@@ -85,7 +85,7 @@ def listener_notes(policy: Policy, view: RunView) -> list[str]:
         if name in policy.params:
             notes.append(f"{name} is an L2 penalty in this job's optimizer (added to the gradient, as torch.optim.Adam and "
                          "SGD do), where the policy's values suit decoupled weight decay (AdamW): the manager moves it "
-                         f"by at most 2x, and from 0 to no more than {fmt(L2_FROM_ZERO_MAX)}. For decoupled decay use "
+                         f"by at most {fmt(L2_MAX_FACTOR)}x, and from 0 to no more than {fmt(L2_FROM_ZERO_MAX)}. For decoupled decay use "
                          "torch.optim.AdamW")
     for name, value in sorted(view.listener.values.items()):
         rule = policy.params.get(name)

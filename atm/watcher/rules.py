@@ -894,14 +894,14 @@ def remedy_with_notes(
         if fresh and len(fresh) < len(moves):
             escalated = (f"#{last.seq} ({', '.join(sorted(tried))}) was neutral", fresh)
         moves = fresh + [m for m in moves if _target(m.param, policy) in tried]
-    hurt = _hurt_moves(history, diagnosis, policy)
-    if hurt and diagnosis != Diagnosis.DIVERGENCE:
+    hurt = _hurt_moves(history, diagnosis, policy) if diagnosis != Diagnosis.DIVERGENCE else {}
+    if hurt:
         # A remedy measured hurt was set back; proposing it again starts the same cycle (seen: lr halved
         # with weight decay 0 -> 0.05, hurt, set back, overfitting again, the same remedy again, eight
         # times in one run). Divergence keeps its lr cut: there is no other answer to it.
         kept = [m for m in moves if (_target(m.param, policy), m.direction) not in hurt]
         if len(kept) < len(moves):
-            seqs = sorted({seq for seq in hurt.values()})
+            seqs = sorted(set(hurt.values()))
             notes.append(f"{HURT_NOTE} {', '.join(f'#{q}' for q in seqs)} ("
                          + ", ".join(f"{name} {d}" for (name, d) in sorted(hurt)) + ")")
             moves = kept
