@@ -104,21 +104,35 @@ def pair(tmp: Path, config: str, seed: int, epochs: int, interval: float, full: 
     job = [*CONFIGS[config], "--seed", str(seed), "--epochs", str(epochs)]
     alone, _ = start(tmp, job, f"{config}-{seed}-alone")
     managed, uri = start(tmp, job, f"{config}-{seed}-managed", "--managed", *(["--full"] if full else []))
-    out_managed, decisions = watched(managed, uri, interval, [alone])
+    out_managed, records = watched(managed, uri, interval, [alone])
     out_alone = alone.communicate()[0]
     fa, fm = _final(out_alone), _final(out_managed)
     return {"config": config, "seed": seed, "alone": fa, "managed": fm, "ratio": fm / fa,
-            "stopped_at": stopped_at(out_managed), "decisions": decisions}
+            "stopped_at": stopped_at(out_managed), "decisions": records}
+
+
+def applied(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's decisions that the job applied."""
+    return [d for d in r["decisions"] if d["status"] == "applied"]
 
 
 def decisions(r: dict[str, Any]) -> str:
     """The applied decisions of a run, one line: diagnosis, step, changes and action."""
-    applied = [d for d in r["decisions"] if d["status"] == "applied"]
-    if not applied:
+    if not applied(r):
         return "none"
     return "; ".join(f"{d['diagnosis']} @{d['step']}: " + ", ".join(
         [f"{k} {a:g}->{b:g}" for k, (a, b) in d["changes"].items()] + ([d["action"]] if d["action"] else []))
-        for d in applied)
+        for d in applied(r))
+
+
+def arguments(doc: str, known: dict[str, list[str]], epochs: int) -> argparse.ArgumentParser:
+    """The options the closed-loop benchmarks share: seeds, configurations, epochs, polling interval."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--configs", default=",".join(known), help="comma-separated (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
+    return p
 
 
 def chosen(text: str, known: dict[str, list[str]], prog: str) -> list[str]:
@@ -132,11 +146,7 @@ def chosen(text: str, known: dict[str, list[str]], prog: str) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
+    p = arguments(__doc__, CONFIGS, epochs=120)
     p.add_argument("--full", action="store_true",
                    help="the managed job offers rollback and acts on stop (restoring its best weights)")
     args = p.parse_args()
@@ -158,11 +168,11 @@ def main() -> int:
         rows.append([config, f"{statistics.fmean(r['alone'] for r in mine):.4f}",
                      f"{statistics.fmean(r['managed'] for r in mine):.4f}",
                      f"{statistics.fmean(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})",
-                     f"{max(ratios):.3f}", f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in mine)}",
+                     f"{max(ratios):.3f}", f"{sum(len(applied(r)) for r in mine)}",
                      ", ".join(str(r["stopped_at"]) for r in mine if r["stopped_at"]) or "none"])
     all_ratios = [r["ratio"] for r in runs]
     rows.append(["all", "", "", f"{statistics.fmean(all_ratios):.3f}", f"{max(all_ratios):.3f}",
-                 f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in runs)}",
+                 f"{sum(len(applied(r)) for r in runs)}",
                  f"{sum(1 for r in runs if r['stopped_at'])} of {len(runs)}"])
     write("do_no_harm_full" if args.full else "do_no_harm",
           {"runs": runs, "epochs": args.epochs, "interval_s": args.interval, "seeds": args.seeds, "full": args.full}, rows,

@@ -23,7 +23,6 @@ and seed).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import write
-from do_no_harm import _final, chosen, decisions, start, stopped_at, watched
+from do_no_harm import _final, applied, arguments, chosen, decisions, start, stopped_at, watched
 
 from atm.training.workloads.tinystories.train import early_stop_with_restore
 
@@ -68,7 +67,7 @@ def trio(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dic
     alone, _ = start(tmp, job, f"{config}-{seed}-alone")
     plateau, _ = start(tmp, job, f"{config}-{seed}-plateau", "--plateau")
     managed, uri = start(tmp, job, f"{config}-{seed}-managed", "--managed", "--full")
-    out_managed, decisions = watched(managed, uri, interval, [alone, plateau])
+    out_managed, records = watched(managed, uri, interval, [alone, plateau])
     out_alone, out_plateau = alone.communicate()[0], plateau.communicate()[0]
     val = curve(out_alone)
     if not val:
@@ -80,17 +79,12 @@ def trio(tmp: Path, config: str, seed: int, epochs: int, interval: float) -> dic
         "config": config, "seed": seed, "alone": fa, "managed": fm, "plateau": fp,
         "early_stop": early.final_val_loss, "early_stop_epoch": early.stop_step if early.stopped else None,
         "best_alone": min(v for _, v in val), "ratio_alone": fm / fa, "ratio_usual": fm / best_usual,
-        "stopped_at": stopped_at(out_managed), "decisions": decisions,
+        "stopped_at": stopped_at(out_managed), "decisions": records,
     }
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--interval", type=float, default=1.0, help="atm-watch's polling interval, seconds")
-    args = p.parse_args()
+    args = arguments(__doc__, CONFIGS, epochs=150).parse_args()
     configs = chosen(args.configs, CONFIGS, "sick_jobs")
     runs: list[dict[str, Any]] = []
     t0 = time.time()
@@ -114,7 +108,7 @@ def main() -> int:
         rows.append([config, mean("alone"), mean("early_stop"), mean("plateau"), mean("managed"),
                      f"{statistics.fmean(r['ratio_alone'] for r in mine):.3f}",
                      f"{statistics.fmean(usual):.3f} ({', '.join(f'{x:.3f}' for x in usual)})",
-                     f"{sum(len([d for d in r['decisions'] if d['status'] == 'applied']) for r in mine) / len(mine):.1f}",
+                     f"{sum(len(applied(r)) for r in mine) / len(mine):.1f}",
                      ", ".join(str(r["stopped_at"]) for r in mine if r["stopped_at"]) or "none"])
     rows.append(["all", "", "", "", "", f"{statistics.fmean(r['ratio_alone'] for r in runs):.3f}",
                  f"{statistics.fmean(r['ratio_usual'] for r in runs):.3f} (worst {max(r['ratio_usual'] for r in runs):.3f})",
